@@ -1,0 +1,201 @@
+"""Shared BatchNormalization half of the fused BN -> ReLU -> linear layers."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+from keras import constraints, initializers, regularizers
+
+from keras_blpa import quantizer, unit
+
+_SUPPORTED_DTYPES = ("float16", "bfloat16", "float32")
+
+
+class BNReLUBase(keras.layers.Layer):
+    """Base class: BN parameters and statistics, bits/naive, training logic.
+
+    Subclasses build the linear map's weights in `_build_linear(input_shape)`
+    and return a `unit.LinearMap` from `_linear_map()`.
+    """
+
+    def __init__(
+        self,
+        bits: int | None = 4,
+        naive: bool = False,
+        momentum: float = 0.99,
+        epsilon: float = 1e-3,
+        center: bool = True,
+        scale: bool = True,
+        beta_initializer="zeros",
+        gamma_initializer="ones",
+        moving_mean_initializer="zeros",
+        moving_variance_initializer="ones",
+        beta_regularizer=None,
+        gamma_regularizer=None,
+        beta_constraint=None,
+        gamma_constraint=None,
+        data_format: str | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        quantizer.check_bits(bits)
+        if naive and bits is None:
+            raise ValueError(
+                "`naive=True` quantizes the forward pass and needs `bits` of 4 "
+                "or 8; received bits=None."
+            )
+        data_format = data_format or keras.config.image_data_format()
+        if data_format != "channels_last":
+            raise ValueError(
+                f"`data_format={data_format!r}` is not supported: fused BLPA "
+                "layers need channels_last inputs (NHWC). Transpose the input "
+                "or set keras.config.set_image_data_format('channels_last')."
+            )
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"`momentum` must be in [0, 1]; received {momentum}.")
+        if epsilon <= 0:
+            raise ValueError(f"`epsilon` must be positive; received {epsilon}.")
+        if self.dtype_policy.compute_dtype not in _SUPPORTED_DTYPES:
+            raise ValueError(
+                f"Unsupported dtype policy {self.dtype_policy.name!r}: fused "
+                f"BLPA layers compute in one of {_SUPPORTED_DTYPES}."
+            )
+        self.bits = bits
+        self.naive = bool(naive)
+        self.momentum = float(momentum)
+        self.epsilon = float(epsilon)
+        self.center = center
+        self.scale = scale
+        self.data_format = data_format
+        self.beta_initializer = initializers.get(beta_initializer)
+        self.gamma_initializer = initializers.get(gamma_initializer)
+        self.moving_mean_initializer = initializers.get(moving_mean_initializer)
+        self.moving_variance_initializer = initializers.get(moving_variance_initializer)
+        self.beta_regularizer = regularizers.get(beta_regularizer)
+        self.gamma_regularizer = regularizers.get(gamma_regularizer)
+        self.beta_constraint = constraints.get(beta_constraint)
+        self.gamma_constraint = constraints.get(gamma_constraint)
+        self.supports_masking = False
+
+    # Rank and channel checks shared by build and call.
+    def _check_input_shape(self, shape) -> int:
+        raise NotImplementedError
+
+    def build(self, input_shape):
+        channels = self._check_input_shape(input_shape)
+        # BN weights stay float32 under mixed precision, as in Keras's BN.
+        if self.scale:
+            self.gamma = self.add_weight(
+                shape=(channels,),
+                name="gamma",
+                initializer=self.gamma_initializer,
+                regularizer=self.gamma_regularizer,
+                constraint=self.gamma_constraint,
+                autocast=False,
+            )
+        if self.center:
+            self.beta = self.add_weight(
+                shape=(channels,),
+                name="beta",
+                initializer=self.beta_initializer,
+                regularizer=self.beta_regularizer,
+                constraint=self.beta_constraint,
+                autocast=False,
+            )
+        self.moving_mean = self.add_weight(
+            shape=(channels,),
+            name="moving_mean",
+            initializer=self.moving_mean_initializer,
+            trainable=False,
+            autocast=False,
+        )
+        self.moving_variance = self.add_weight(
+            shape=(channels,),
+            name="moving_variance",
+            initializer=self.moving_variance_initializer,
+            trainable=False,
+            autocast=False,
+        )
+        self._build_linear(input_shape)
+
+    def _build_linear(self, input_shape) -> None:
+        raise NotImplementedError
+
+    def _linear_map(self) -> unit.LinearMap:
+        raise NotImplementedError
+
+    def _bias(self):
+        return None
+
+    def _prepare_input(self, inputs):
+        """Hook: reshape the input before the unit (Dense flattens)."""
+        return inputs
+
+    def _finish_output(self, outputs, inputs):
+        return outputs
+
+    def call(self, inputs, training=None):
+        self._check_input_shape(inputs.shape)
+        if inputs.dtype.name not in _SUPPORTED_DTYPES:
+            raise ValueError(
+                f"Unsupported input dtype {inputs.dtype.name}: {self.name} "
+                f"takes one of {_SUPPORTED_DTYPES}; cast the input first."
+            )
+        x = tf.cast(self._prepare_input(inputs), self.compute_dtype)
+        channels = x.shape[-1]
+        gamma = tf.convert_to_tensor(self.gamma) if self.scale else tf.ones([channels])
+        beta = tf.convert_to_tensor(self.beta) if self.center else tf.zeros([channels])
+        kernel = tf.cast(self.kernel, self.compute_dtype)
+        bias = self._bias()
+        if bias is not None:
+            bias = tf.cast(bias, self.compute_dtype)
+        options = dict(
+            linear=self._linear_map(), bits=self.bits, naive=self.naive, epsilon=self.epsilon
+        )
+        if training and self.trainable:
+            out, mean, variance = unit.bn_relu_linear(x, gamma, beta, kernel, bias, **options)
+            self.moving_mean.assign(
+                self.moving_mean * self.momentum + mean * (1.0 - self.momentum)
+            )
+            self.moving_variance.assign(
+                self.moving_variance * self.momentum + variance * (1.0 - self.momentum)
+            )
+        else:
+            out = unit.bn_relu_linear_inference(
+                x,
+                tf.convert_to_tensor(self.moving_mean),
+                tf.convert_to_tensor(self.moving_variance),
+                gamma,
+                beta,
+                kernel,
+                bias,
+                **options,
+            )
+        return self._finish_output(out, inputs)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "bits": self.bits,
+                "naive": self.naive,
+                "momentum": self.momentum,
+                "epsilon": self.epsilon,
+                "center": self.center,
+                "scale": self.scale,
+                "beta_initializer": initializers.serialize(self.beta_initializer),
+                "gamma_initializer": initializers.serialize(self.gamma_initializer),
+                "moving_mean_initializer": initializers.serialize(
+                    self.moving_mean_initializer
+                ),
+                "moving_variance_initializer": initializers.serialize(
+                    self.moving_variance_initializer
+                ),
+                "beta_regularizer": regularizers.serialize(self.beta_regularizer),
+                "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
+                "beta_constraint": constraints.serialize(self.beta_constraint),
+                "gamma_constraint": constraints.serialize(self.gamma_constraint),
+                "data_format": self.data_format,
+            }
+        )
+        return config

@@ -1,0 +1,200 @@
+"""BNReLUConv2D: BatchNormalization -> ReLU -> Conv2D as one BLPA unit."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+from keras import constraints, initializers, regularizers
+from keras.src.ops.operation_utils import compute_conv_output_shape
+from keras.src.utils.argument_validation import standardize_tuple
+
+from keras_blpa.layers.base import BNReLUBase
+
+
+class _Conv2DMap:
+    """Conv2D and its two backprop ops, so the backward never reruns the forward."""
+
+    def __init__(self, strides, padding, dilation_rate):
+        self.strides = [1, *strides, 1]
+        self.padding = padding.upper()
+        self.dilations = [1, *dilation_rate, 1]
+
+    def forward(self, a, kernel):
+        return tf.nn.conv2d(
+            a, kernel, self.strides, self.padding, dilations=self.dilations
+        )
+
+    def grad_kernel(self, a, g, kernel):
+        return tf.raw_ops.Conv2DBackpropFilter(
+            input=a,
+            filter_sizes=tf.shape(kernel),
+            out_backprop=g,
+            strides=self.strides,
+            padding=self.padding,
+            dilations=self.dilations,
+        )
+
+    def grad_input(self, kernel, g, a_shape):
+        return tf.raw_ops.Conv2DBackpropInput(
+            input_sizes=a_shape,
+            filter=kernel,
+            out_backprop=g,
+            strides=self.strides,
+            padding=self.padding,
+            dilations=self.dilations,
+        )
+
+
+@keras.saving.register_keras_serializable(package="keras_blpa")
+class BNReLUConv2D(BNReLUBase):
+    """BatchNormalization -> ReLU -> Conv2D with low-precision saved activations.
+
+    Forward (training), per channel `c` of the input `x`:
+
+        xhat = (x - mean_c) / sqrt(var_c + epsilon)
+        a    = relu(gamma_c * xhat + beta_c)
+        out  = conv2d(a, kernel) + bias
+
+    at full precision. For the backward pass the layer keeps only a
+    `bits`-bit code of `xhat` (packed two per byte at 4 bits) whose grid is
+    aligned to the ReLU threshold, so the ReLU mask is exact; the BN input and
+    the ReLU output are freed. `bits=None` keeps `xhat` exactly: gradients
+    equal those of the stock layers, with one tensor saved instead of several.
+    With `training=False` it computes exactly the stock layers' inference.
+
+    Example:
+
+    >>> x = keras.random.normal((2, 8, 8, 16))
+    >>> layer = BNReLUConv2D(32, 3, bits=4)
+    >>> layer(x, training=True).shape
+    TensorShape([2, 8, 8, 32])
+
+    Args:
+      filters: number of output channels.
+      kernel_size: int or pair, the convolution window.
+      strides: int or pair.
+      padding: "same" or "valid" (case-insensitive).
+      bits: 4 or 8 (BLPA), or None (exact `xhat`, no quantization).
+      naive: quantize in the forward pass too (the paper's baseline); the
+        approximation then also applies with `training=False`.
+      dilation_rate: int or pair.
+      use_bias: whether the convolution adds a bias.
+      kernel_initializer, bias_initializer, kernel_regularizer,
+      bias_regularizer, activity_regularizer, kernel_constraint,
+      bias_constraint: as in `keras.layers.Conv2D`.
+      momentum, epsilon, center, scale, beta_initializer, gamma_initializer,
+      moving_mean_initializer, moving_variance_initializer, beta_regularizer,
+      gamma_regularizer, beta_constraint, gamma_constraint: as in
+        `keras.layers.BatchNormalization` (same defaults).
+      data_format: only "channels_last" is supported.
+    """
+
+    def __init__(
+        self,
+        filters: int,
+        kernel_size,
+        strides=1,
+        padding: str = "same",
+        bits: int | None = 4,
+        naive: bool = False,
+        dilation_rate=1,
+        use_bias: bool = True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
+        **kwargs,
+    ):
+        super().__init__(bits=bits, naive=naive, **kwargs)
+        if not isinstance(filters, int) or filters <= 0:
+            raise ValueError(
+                f"`filters` must be a positive integer; received filters={filters!r}."
+            )
+        padding = str(padding).lower()
+        if padding not in ("same", "valid"):
+            raise ValueError(
+                f"`padding` must be 'same' or 'valid'; received padding={padding!r}."
+            )
+        self.filters = filters
+        self.kernel_size = standardize_tuple(kernel_size, 2, "kernel_size")
+        self.strides = standardize_tuple(strides, 2, "strides")
+        self.dilation_rate = standardize_tuple(dilation_rate, 2, "dilation_rate")
+        if max(self.strides) > 1 and max(self.dilation_rate) > 1:
+            raise ValueError(
+                "`strides` > 1 together with `dilation_rate` > 1 is not "
+                f"supported; received strides={strides}, dilation_rate={dilation_rate}."
+            )
+        self.padding = padding
+        self.use_bias = use_bias
+        self.kernel_initializer = initializers.get(kernel_initializer)
+        self.bias_initializer = initializers.get(bias_initializer)
+        self.kernel_regularizer = regularizers.get(kernel_regularizer)
+        self.bias_regularizer = regularizers.get(bias_regularizer)
+        self.kernel_constraint = constraints.get(kernel_constraint)
+        self.bias_constraint = constraints.get(bias_constraint)
+
+    def _check_input_shape(self, shape) -> int:
+        if len(shape) != 4:
+            raise ValueError(
+                f"{self.__class__.__name__} expects a 4-D input (batch, height, "
+                f"width, channels); received an input of shape {tuple(shape)}."
+            )
+        if shape[-1] is None:
+            raise ValueError("The channel (last) axis of the input must be defined.")
+        return int(shape[-1])
+
+    def _build_linear(self, input_shape):
+        self.kernel = self.add_weight(
+            shape=(*self.kernel_size, int(input_shape[-1]), self.filters),
+            name="kernel",
+            initializer=self.kernel_initializer,
+            regularizer=self.kernel_regularizer,
+            constraint=self.kernel_constraint,
+        )
+        if self.use_bias:
+            self.bias = self.add_weight(
+                shape=(self.filters,),
+                name="bias",
+                initializer=self.bias_initializer,
+                regularizer=self.bias_regularizer,
+                constraint=self.bias_constraint,
+            )
+
+    def _linear_map(self):
+        return _Conv2DMap(self.strides, self.padding, self.dilation_rate)
+
+    def _bias(self):
+        return self.bias if self.use_bias else None
+
+    def compute_output_shape(self, input_shape):
+        return compute_conv_output_shape(
+            input_shape,
+            self.filters,
+            self.kernel_size,
+            strides=self.strides,
+            padding=self.padding,
+            data_format="channels_last",
+            dilation_rate=self.dilation_rate,
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "filters": self.filters,
+                "kernel_size": self.kernel_size,
+                "strides": self.strides,
+                "padding": self.padding,
+                "dilation_rate": self.dilation_rate,
+                "use_bias": self.use_bias,
+                "kernel_initializer": initializers.serialize(self.kernel_initializer),
+                "bias_initializer": initializers.serialize(self.bias_initializer),
+                "kernel_regularizer": regularizers.serialize(self.kernel_regularizer),
+                "bias_regularizer": regularizers.serialize(self.bias_regularizer),
+                "kernel_constraint": constraints.serialize(self.kernel_constraint),
+                "bias_constraint": constraints.serialize(self.bias_constraint),
+            }
+        )
+        return config

@@ -1,0 +1,171 @@
+"""BNReLUDense: BatchNormalization -> ReLU -> (global average pool) -> Dense."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+from keras import constraints, initializers, regularizers
+
+from keras_blpa.layers.base import BNReLUBase
+
+
+class _DenseMap:
+    """`a @ kernel` on 2-D `a`, or on the spatial mean of 4-D `a` (pooling)."""
+
+    def __init__(self, pooled: bool):
+        self.pooled = pooled
+
+    def _pool(self, a):
+        return tf.reduce_mean(a, axis=[1, 2]) if self.pooled else a
+
+    def forward(self, a, kernel):
+        return tf.matmul(self._pool(a), kernel)
+
+    def grad_kernel(self, a, g, kernel):
+        return tf.matmul(self._pool(a), g, transpose_a=True)
+
+    def grad_input(self, kernel, g, a_shape):
+        g_a = tf.matmul(g, kernel, transpose_b=True)
+        if not self.pooled:
+            return g_a
+        area = tf.cast(a_shape[1] * a_shape[2], g_a.dtype)
+        return tf.broadcast_to((g_a / area)[:, None, None, :], a_shape)
+
+
+@keras.saving.register_keras_serializable(package="keras_blpa")
+class BNReLUDense(BNReLUBase):
+    """BatchNormalization -> ReLU -> Dense with low-precision saved activations.
+
+    Forward (training), per feature `c` of the input `x`:
+
+        xhat = (x - mean_c) / sqrt(var_c + epsilon)
+        a    = relu(gamma_c * xhat + beta_c)
+        out  = a @ kernel + bias            (pooling=None)
+        out  = mean_hw(a) @ kernel + bias   (pooling="avg", 4-D input)
+
+    Statistics are taken over every axis but the last, as in
+    `keras.layers.BatchNormalization`. Only a `bits`-bit code of `xhat` is kept
+    for the backward pass (see `BNReLUConv2D`). `pooling="avg"` makes the layer
+    a pre-activation ResNet's classifier head (BN -> ReLU -> global average
+    pool -> Dense).
+
+    Example:
+
+    >>> x = keras.random.normal((4, 8, 8, 64))
+    >>> BNReLUDense(10, pooling="avg")(x, training=True).shape
+    TensorShape([4, 10])
+
+    Args:
+      units: output size.
+      bits: 4 or 8 (BLPA), or None (exact `xhat`).
+      naive: quantize in the forward pass too (the paper's baseline).
+      pooling: None, or "avg" to global-average-pool a 4-D input first.
+      use_bias, kernel_initializer, bias_initializer, kernel_regularizer,
+      bias_regularizer, activity_regularizer, kernel_constraint,
+      bias_constraint: as in `keras.layers.Dense`.
+      momentum, epsilon, center, scale and the BN initializers, regularizers
+        and constraints: as in `keras.layers.BatchNormalization`.
+    """
+
+    def __init__(
+        self,
+        units: int,
+        bits: int | None = 4,
+        naive: bool = False,
+        pooling: str | None = None,
+        use_bias: bool = True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
+        **kwargs,
+    ):
+        super().__init__(bits=bits, naive=naive, **kwargs)
+        if not isinstance(units, int) or units <= 0:
+            raise ValueError(f"`units` must be a positive integer; received units={units!r}.")
+        if pooling not in (None, "avg"):
+            raise ValueError(f"`pooling` must be None or 'avg'; received pooling={pooling!r}.")
+        self.units = units
+        self.pooling = pooling
+        self.use_bias = use_bias
+        self.kernel_initializer = initializers.get(kernel_initializer)
+        self.bias_initializer = initializers.get(bias_initializer)
+        self.kernel_regularizer = regularizers.get(kernel_regularizer)
+        self.bias_regularizer = regularizers.get(bias_regularizer)
+        self.kernel_constraint = constraints.get(kernel_constraint)
+        self.bias_constraint = constraints.get(bias_constraint)
+
+    def _check_input_shape(self, shape) -> int:
+        if self.pooling == "avg" and len(shape) != 4:
+            raise ValueError(
+                f"{self.__class__.__name__} with pooling='avg' expects a 4-D input "
+                f"(batch, height, width, channels); received shape {tuple(shape)}."
+            )
+        if len(shape) < 2:
+            raise ValueError(
+                f"{self.__class__.__name__} expects an input of rank >= 2; "
+                f"received shape {tuple(shape)}."
+            )
+        if shape[-1] is None:
+            raise ValueError("The feature (last) axis of the input must be defined.")
+        return int(shape[-1])
+
+    def _build_linear(self, input_shape):
+        self.kernel = self.add_weight(
+            shape=(int(input_shape[-1]), self.units),
+            name="kernel",
+            initializer=self.kernel_initializer,
+            regularizer=self.kernel_regularizer,
+            constraint=self.kernel_constraint,
+        )
+        if self.use_bias:
+            self.bias = self.add_weight(
+                shape=(self.units,),
+                name="bias",
+                initializer=self.bias_initializer,
+                regularizer=self.bias_regularizer,
+                constraint=self.bias_constraint,
+            )
+
+    def _linear_map(self):
+        return _DenseMap(pooled=self.pooling == "avg")
+
+    def _bias(self):
+        return self.bias if self.use_bias else None
+
+    def _prepare_input(self, inputs):
+        # BN statistics over all leading axes equal those of the flattened rows.
+        if self.pooling is None and inputs.shape.rank > 2:
+            return tf.reshape(inputs, [-1, inputs.shape[-1]])
+        return inputs
+
+    def _finish_output(self, outputs, inputs):
+        if self.pooling is None and inputs.shape.rank > 2:
+            return tf.reshape(
+                outputs, tf.concat([tf.shape(inputs)[:-1], [self.units]], axis=0)
+            )
+        return outputs
+
+    def compute_output_shape(self, input_shape):
+        if self.pooling == "avg":
+            return (input_shape[0], self.units)
+        return (*input_shape[:-1], self.units)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "units": self.units,
+                "pooling": self.pooling,
+                "use_bias": self.use_bias,
+                "kernel_initializer": initializers.serialize(self.kernel_initializer),
+                "bias_initializer": initializers.serialize(self.bias_initializer),
+                "kernel_regularizer": regularizers.serialize(self.kernel_regularizer),
+                "bias_regularizer": regularizers.serialize(self.bias_regularizer),
+                "kernel_constraint": constraints.serialize(self.kernel_constraint),
+                "bias_constraint": constraints.serialize(self.bias_constraint),
+            }
+        )
+        return config

@@ -1,0 +1,210 @@
+"""Sign-preserving low-bit quantizer for BN-normalized activations (pure TF).
+
+Everything here is plain TensorFlow so that it runs eagerly, inside
+`tf.function`, and under XLA (`jit_compile=True`, TPU). The compiled custom op
+(`custom_ops/`) implements the same arithmetic and must stay bit-exact with it.
+
+Grid. With `b` bits there are `n = 2**b` bins of width `w = 6 / n` over a
+window of six standard deviations in normalized units (`xhat`). A channel's
+ReLU threshold in those units is `t = -beta / gamma`. When `-3 < t < 3` the
+grid is shifted by less than one bin so that `t` falls on a bin edge `k`
+(`1 <= k <= n - 1`): codes on one side of `k` mean "ReLU on", codes on the
+other "ReLU off", so the mask rebuilt from a code is exact. Encoding also
+clamps each code onto the side that the forward pass's own `y > 0` says, so
+float rounding at the threshold and values outside the window can never flip
+the mask. A threshold outside the window (or `gamma == 0`) means the whole
+window is on one side: those channels keep the centered grid `[-3, 3)`, so an
+always-on channel still gets a good `xhat` for the BN backward, and their mask
+is a per-channel constant (exact for every value inside the window).
+
+Decoding returns the bin centre, within half a bin of the true value inside
+the window. 4-bit codes are packed two per byte (element `2j` in the low
+nibble), 8-bit codes one per byte, over the flattened tensor whose last axis
+is the channel axis.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import tensorflow as tf
+
+WINDOW = 6.0
+SUPPORTED_BITS = (4, 8)
+
+
+class QuantParams(NamedTuple):
+    """Per-channel grid parameters, all float32 of shape `[C]`.
+
+    lo: lower edge of the grid in normalized units.
+    k: index of the bin edge at the ReLU threshold; codes `>= k` are on
+      when `flip == 0`. Constant channels use `k = 0` (on) or `k = n` (off).
+    flip: 1.0 where gamma < 0 (codes `< k` are on), else 0.0.
+    aligned: 1.0 where the threshold lies inside the window (mask exact for
+      every value), 0.0 for constant-mask channels.
+    """
+
+    lo: tf.Tensor
+    k: tf.Tensor
+    flip: tf.Tensor
+    aligned: tf.Tensor
+
+
+def check_bits(bits: int | None, allow_none: bool = True) -> None:
+    """Raises a ValueError naming `bits` unless it is 4, 8 (or None)."""
+    allowed = SUPPORTED_BITS + ((None,) if allow_none else ())
+    if isinstance(bits, bool) or bits not in allowed:
+        raise ValueError(
+            f"`bits` must be one of {allowed}; received bits={bits!r}. Use "
+            "bits=4 or bits=8 for BLPA, or bits=None to keep exact activations."
+        )
+
+
+def bin_width(bits: int) -> float:
+    """Width of one bin in normalized units: 6 / 2**bits."""
+    return WINDOW / (1 << bits)
+
+
+def quantizer_params(gamma: tf.Tensor, beta: tf.Tensor, bits: int) -> QuantParams:
+    """Computes the threshold-aligned grid of each channel from BN's gamma and beta.
+
+    Args:
+      gamma: BN scale, shape `[C]` (any float dtype; computed in float32).
+      beta: BN offset, shape `[C]`.
+      bits: 4 or 8.
+
+    Returns:
+      A `QuantParams` of float32 `[C]` tensors.
+    """
+    check_bits(bits, allow_none=False)
+    n = float(1 << bits)
+    w = bin_width(bits)
+    gamma = tf.cast(gamma, tf.float32)
+    beta = tf.cast(beta, tf.float32)
+    nonzero = tf.not_equal(gamma, 0.0)
+    t = -beta / tf.where(nonzero, gamma, 1.0)
+    half = WINDOW / 2
+    aligned = nonzero & (t > -half) & (t < half)
+    t_in = tf.where(aligned, t, 0.0)
+    k_aligned = tf.clip_by_value(tf.round((t_in + half) / w), 1.0, n - 1.0)
+    lo = tf.where(aligned, t_in - k_aligned * w, -half)
+    # Constant channels: on everywhere in the window iff y(xhat=0) = beta > 0.
+    k_const = tf.where(beta > 0.0, 0.0, n)
+    k = tf.where(aligned, k_aligned, k_const)
+    flip = tf.cast(aligned & (gamma < 0.0), tf.float32)
+    return QuantParams(lo, k, flip, tf.cast(aligned, tf.float32))
+
+
+def _channel_count(x: tf.Tensor) -> int:
+    c = x.shape[-1]
+    if c is None:
+        raise ValueError("The channel (last) axis must have a static size.")
+    return int(c)
+
+
+def encode_codes(
+    xhat: tf.Tensor, on: tf.Tensor, params: QuantParams, bits: int
+) -> tf.Tensor:
+    """Unpacked integer codes (float32 values in `[0, n)`) for `xhat`.
+
+    `on` is the forward pass's ReLU mask `y > 0`; the code is clamped onto the
+    matching side of the threshold edge so that `decode` rebuilds it exactly.
+    """
+    n = float(1 << bits)
+    inv_w = 1.0 / bin_width(bits)
+    u = tf.floor((xhat - params.lo) * inv_w)
+    u = tf.clip_by_value(tf.where(tf.math.is_nan(u), 0.0, u), 0.0, n - 1.0)
+    # Side ranges: [k, n-1] and [0, k-1]; unaligned channels are unconstrained.
+    hi_side_on = params.flip < 0.5
+    want_hi = tf.equal(on, hi_side_on)
+    aligned = params.aligned > 0.5
+    lower = tf.where(aligned & want_hi, params.k, 0.0)
+    upper = tf.where(aligned & ~want_hi, params.k - 1.0, n - 1.0)
+    return tf.minimum(tf.maximum(u, lower), upper)
+
+
+def pack(codes: tf.Tensor, bits: int) -> tf.Tensor:
+    """Packs float or integer codes into a flat uint8 tensor."""
+    flat = tf.reshape(tf.cast(codes, tf.uint8), [-1])
+    if bits == 8:
+        return flat
+    size = tf.size(flat)
+    flat = tf.pad(flat, [[0, size % 2]])
+    pairs = tf.reshape(flat, [-1, 2])
+    return tf.bitwise.bitwise_or(
+        pairs[:, 0], tf.bitwise.left_shift(pairs[:, 1], tf.constant(4, tf.uint8))
+    )
+
+
+def unpack(packed: tf.Tensor, shape: tf.TensorShape | list, bits: int) -> tf.Tensor:
+    """Inverse of `pack`: uint8 codes of the given shape."""
+    if bits == 8:
+        return tf.reshape(packed, shape)
+    low = tf.bitwise.bitwise_and(packed, tf.constant(15, tf.uint8))
+    high = tf.bitwise.right_shift(packed, tf.constant(4, tf.uint8))
+    flat = tf.reshape(tf.stack([low, high], axis=1), [-1])
+    size = tf.reduce_prod(shape)
+    return tf.reshape(flat[:size], shape)
+
+
+def encode(xhat: tf.Tensor, on: tf.Tensor, params: QuantParams, bits: int) -> tf.Tensor:
+    """Quantizes normalized activations and packs them.
+
+    Args:
+      xhat: float32 normalized activations `(x - mean) / std`, channels last.
+      on: bool, the ReLU mask `gamma * xhat + beta > 0` of the forward pass.
+      params: from `quantizer_params`.
+      bits: 4 or 8.
+
+    Returns:
+      Flat uint8 tensor of `ceil(size * bits / 8)` bytes.
+    """
+    check_bits(bits, allow_none=False)
+    _channel_count(xhat)
+    return pack(encode_codes(xhat, on, params, bits), bits)
+
+
+def decode(
+    packed: tf.Tensor, params: QuantParams, shape: tf.TensorShape | list, bits: int
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Rebuilds `(xhat, mask)` from packed codes.
+
+    Args:
+      packed: output of `encode`.
+      params: the `QuantParams` used to encode.
+      shape: shape of the encoded tensor (channels last).
+      bits: 4 or 8.
+
+    Returns:
+      float32 bin centres (within half a bin of `xhat` inside the window) and
+      the bool ReLU mask, both of `shape`.
+    """
+    check_bits(bits, allow_none=False)
+    q = tf.cast(unpack(packed, shape, bits), tf.float32)
+    xhat = (q + 0.5) * bin_width(bits) + params.lo
+    mask = tf.not_equal(q >= params.k, params.flip > 0.5)
+    return xhat, mask
+
+
+def bn_relu_encode(
+    x: tf.Tensor,
+    mean: tf.Tensor,
+    inv_std: tf.Tensor,
+    gamma: tf.Tensor,
+    beta: tf.Tensor,
+    params: QuantParams,
+    bits: int,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Fused forward of one unit: normalize, ReLU and quantize.
+
+    All inputs float32; per-channel tensors of shape `[C]`.
+
+    Returns:
+      `(a, packed)`: the exact ReLU output `max(gamma * xhat + beta, 0)` and
+      the packed codes of `xhat`.
+    """
+    xhat = (x - mean) * inv_std
+    y = xhat * gamma + beta
+    on = y > 0.0
+    a = tf.where(on, y, 0.0)
+    return a, encode(xhat, on, params, bits)

@@ -1,0 +1,149 @@
+"""The BN -> ReLU -> linear unit with BLPA's memory-saving custom gradient.
+
+`bn_relu_linear` is the one place where the method lives: the forward pass
+runs at full precision; the gradient function keeps only the packed codes of
+`xhat` (or `xhat` itself when `bits=None`), the per-channel statistics and the
+weights. The linear map (convolution or dense) is pluggable.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import tensorflow as tf
+
+from keras_blpa import quantizer
+
+
+class LinearMap(Protocol):
+    """What a unit needs from its linear map `out = W * a` (no bias)."""
+
+    def forward(self, a: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor: ...
+
+    def grad_kernel(self, a: tf.Tensor, g: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor: ...
+
+    def grad_input(self, kernel: tf.Tensor, g: tf.Tensor, a_shape: tf.Tensor) -> tf.Tensor: ...
+
+
+def _relu_from(xhat, mask, gamma, beta):
+    return tf.where(mask, xhat * gamma + beta, 0.0)
+
+
+def bn_relu_linear(
+    x: tf.Tensor,
+    gamma: tf.Tensor,
+    beta: tf.Tensor,
+    kernel: tf.Tensor,
+    bias: tf.Tensor | None,
+    *,
+    linear: LinearMap,
+    bits: int | None,
+    naive: bool,
+    epsilon: float,
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Training-mode forward of BN (batch statistics) -> ReLU -> linear.
+
+    Args:
+      x: input, channels last, in the compute dtype.
+      gamma, beta: float32 `[C]` (ones / zeros when BN has no scale / center).
+      kernel: the linear map's kernel in the compute dtype.
+      bias: `[units]` in the compute dtype, or None.
+      linear: the linear map.
+      bits: 4, 8 or None (keep `xhat` exactly).
+      naive: quantize in the forward pass too (the paper's baseline).
+      epsilon: BN's epsilon.
+
+    Returns:
+      `(out, mean, variance)`; the batch moments are float32 `[C]` and carry
+      no gradient (for the moving-average update).
+    """
+    axes = list(range(x.shape.rank - 1))
+    compute_dtype = x.dtype
+
+    def unit(*inputs):
+        # Stop the outer tape from recording (and keeping alive) the forward's
+        # full-precision intermediates in eager mode.
+        x, gamma, beta, kernel = (tf.stop_gradient(t) for t in inputs[:4])
+        x32 = tf.cast(x, tf.float32)
+        mean, variance = tf.nn.moments(x32, axes)
+        inv_std = tf.math.rsqrt(variance + epsilon)
+        x_shape = tf.shape(x)
+        if bits is None:
+            saved = (x32 - mean) * inv_std
+            a = tf.nn.relu(saved * gamma + beta)
+        else:
+            params = quantizer.quantizer_params(gamma, beta, bits)
+            a, saved = quantizer.bn_relu_encode(
+                x32, mean, inv_std, gamma, beta, params, bits
+            )
+            if naive:
+                a = _relu_from(*quantizer.decode(saved, params, x_shape, bits), gamma, beta)
+        out = linear.forward(tf.cast(a, compute_dtype), kernel)
+        if bias is not None:
+            out = tf.nn.bias_add(out, tf.stop_gradient(inputs[4]))
+        count = tf.cast(tf.reduce_prod(x_shape[:-1]), tf.float32)
+
+        def grad(g, *_unused_moment_grads):
+            # Decode only once the upstream gradient exists, so that graph
+            # executors cannot run it early and hold the result.
+            with tf.control_dependencies([g]):
+                if bits is None:
+                    xhat = tf.identity(saved)
+                    mask = xhat * gamma + beta > 0.0
+                else:
+                    xhat, mask = quantizer.decode(saved, params, x_shape, bits)
+            a_approx = tf.cast(_relu_from(xhat, mask, gamma, beta), compute_dtype)
+            d_kernel = linear.grad_kernel(a_approx, g, kernel)
+            del a_approx
+            g_a = linear.grad_input(kernel, g, x_shape)
+            g_y = tf.where(mask, tf.cast(g_a, tf.float32), 0.0)
+            del g_a
+            d_beta = tf.reduce_sum(g_y, axes)
+            d_gamma = tf.reduce_sum(g_y * xhat, axes)
+            g_x = (gamma * inv_std) * (
+                g_y - d_beta / count - xhat * (d_gamma / count)
+            )
+            grads = [tf.cast(g_x, compute_dtype), d_gamma, d_beta, d_kernel]
+            if bias is not None:
+                d_bias = tf.reduce_sum(tf.cast(g, tf.float32), list(range(g.shape.rank - 1)))
+                grads.append(tf.cast(d_bias, inputs[4].dtype))
+            return grads
+
+        return (out, mean, variance), grad
+
+    inputs = [x, gamma, beta, kernel] + ([bias] if bias is not None else [])
+    out, mean, variance = tf.custom_gradient(unit)(*inputs)
+    return out, tf.stop_gradient(mean), tf.stop_gradient(variance)
+
+
+def bn_relu_linear_inference(
+    x: tf.Tensor,
+    mean: tf.Tensor,
+    variance: tf.Tensor,
+    gamma: tf.Tensor,
+    beta: tf.Tensor,
+    kernel: tf.Tensor,
+    bias: tf.Tensor | None,
+    *,
+    linear: LinearMap,
+    bits: int | None,
+    naive: bool,
+    epsilon: float,
+) -> tf.Tensor:
+    """Forward with given statistics (inference): plain ops, plain autodiff.
+
+    Only `naive=True` quantizes here: its approximation is part of the model.
+    """
+    x32 = tf.cast(x, tf.float32)
+    inv_std = tf.math.rsqrt(variance + epsilon)
+    if naive and bits is not None:
+        params = quantizer.quantizer_params(gamma, beta, bits)
+        _, packed = quantizer.bn_relu_encode(x32, mean, inv_std, gamma, beta, params, bits)
+        xhat, mask = quantizer.decode(packed, params, tf.shape(x), bits)
+        a = _relu_from(xhat, mask, gamma, beta)
+    else:
+        a = tf.nn.relu((x32 - mean) * inv_std * gamma + beta)
+    out = linear.forward(tf.cast(a, x.dtype), kernel)
+    if bias is not None:
+        out = tf.nn.bias_add(out, bias)
+    return out
