@@ -14,6 +14,11 @@ import tensorflow as tf
 
 from keras_blpa import quantizer
 
+try:  # Internal API, used only to save memory in eager mode.
+    from tensorflow.python.eager import record as _record
+except ImportError:  # pragma: no cover - other TF versions
+    _record = None
+
 
 class LinearMap(Protocol):
     """What a unit needs from its linear map `out = W * a` (no bias)."""
@@ -95,7 +100,10 @@ def bn_relu_linear(
             a_approx = tf.cast(_relu_from(xhat, mask, gamma, beta), compute_dtype)
             d_kernel = linear.grad_kernel(a_approx, g, kernel)
             del a_approx
-            g_a = linear.grad_input(kernel, g, x_shape)
+            # Sequence the two big backprops so that their working sets (and
+            # those of neighbouring units) do not overlap.
+            with tf.control_dependencies([d_kernel]):
+                g_a = linear.grad_input(kernel, g, x_shape)
             g_y = tf.where(mask, tf.cast(g_a, tf.float32), 0.0)
             del g_a
             d_beta = tf.reduce_sum(g_y, axes)
@@ -106,13 +114,20 @@ def bn_relu_linear(
             grads = [tf.cast(g_x, compute_dtype), d_gamma, d_beta, d_kernel]
             if bias is not None:
                 d_bias = tf.reduce_sum(tf.cast(g, tf.float32), list(range(g.shape.rank - 1)))
-                grads.append(tf.cast(d_bias, inputs[4].dtype))
+                grads.append(tf.cast(d_bias, compute_dtype))
             return grads
 
         return (out, mean, variance), grad
 
     inputs = [x, gamma, beta, kernel] + ([bias] if bias is not None else [])
-    out, mean, variance = tf.custom_gradient(unit)(*inputs)
+    if tf.executing_eagerly() and _record is not None:
+        # Eager `tf.custom_gradient` keeps the forward's result alive on the
+        # tape (one full-precision tensor per unit); record the same
+        # forward/gradient pair directly so that only `grad`'s captures stay.
+        (out, mean, variance), grad = unit(*inputs)
+        _record.record_operation("BNReLULinear", [out], inputs, grad)
+    else:
+        out, mean, variance = tf.custom_gradient(unit)(*inputs)
     return out, tf.stop_gradient(mean), tf.stop_gradient(variance)
 
 
