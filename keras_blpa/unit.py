@@ -12,7 +12,7 @@ from typing import Protocol
 
 import tensorflow as tf
 
-from keras_blpa import quantizer
+from keras_blpa import quantizer, xla
 
 try:  # Internal API, used only to save memory in eager mode.
     from tensorflow.python.eager import record as _record
@@ -83,7 +83,12 @@ def bn_relu_linear(
             )
             if naive:
                 a = _relu_from(*quantizer.decode(saved, params, x_shape, bits), gamma, beta)
-        out = linear.forward(tf.cast(a, compute_dtype), kernel)
+        # Finish encoding before the linear map so that graph executors cannot
+        # defer the encoder (and keep its float32 inputs alive); under XLA a
+        # barrier makes the codes materialize instead of being fused away.
+        saved, a = xla.optimization_barrier(saved, a)
+        with tf.control_dependencies([saved]):
+            out = linear.forward(tf.cast(a, compute_dtype), kernel)
         if bias is not None:
             out = tf.nn.bias_add(out, tf.stop_gradient(inputs[4]))
         count = tf.cast(tf.reduce_prod(x_shape[:-1]), tf.float32)
@@ -91,12 +96,13 @@ def bn_relu_linear(
         def grad(g, *_unused_moment_grads):
             # Decode only once the upstream gradient exists, so that graph
             # executors cannot run it early and hold the result.
+            saved_now, g = xla.optimization_barrier(xla.after(saved, g), g)
             with tf.control_dependencies([g]):
                 if bits is None:
-                    xhat = tf.identity(saved)
+                    xhat = tf.identity(saved_now)
                     mask = xhat * gamma + beta > 0.0
                 else:
-                    xhat, mask = quantizer.decode(saved, params, x_shape, bits)
+                    xhat, mask = quantizer.decode(saved_now, params, x_shape, bits)
             a_approx = tf.cast(_relu_from(xhat, mask, gamma, beta), compute_dtype)
             d_kernel = linear.grad_kernel(a_approx, g, kernel)
             del a_approx
