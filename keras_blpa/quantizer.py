@@ -25,6 +25,7 @@ is the channel axis.
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import tensorflow as tf
@@ -53,7 +54,8 @@ class QuantParams(NamedTuple):
 def check_bits(bits: int | None, allow_none: bool = True) -> None:
     """Raises a ValueError naming `bits` unless it is 4, 8 (or None)."""
     allowed = SUPPORTED_BITS + ((None,) if allow_none else ())
-    if isinstance(bits, bool) or bits not in allowed:
+    is_int = isinstance(bits, numbers.Integral) and not isinstance(bits, bool)
+    if not (bits is None and allow_none) and not (is_int and bits in SUPPORTED_BITS):
         raise ValueError(
             f"`bits` must be one of {allowed}; received bits={bits!r}. Use "
             "bits=4 or bits=8 for BLPA, or bits=None to keep exact activations."

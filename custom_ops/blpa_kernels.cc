@@ -1,0 +1,485 @@
+// CPU kernels (and, with GOOGLE_CUDA, the GPU OpKernels that call the
+// launchers of blpa_kernels.cu.cc) for the ops registered in blpa_ops.cc.
+//
+// The per-element math is in blpa_kernels.h, shared with the CUDA kernels.
+// The CPU path splits the flat tensor into fixed blocks run on TF's intra-op
+// thread pool; inside a block, elements are visited in runs of whole channel
+// periods so the inner loops index contiguous parameter arrays and vectorize.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <vector>
+
+#include "blpa_kernels.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/tensor.h"
+#include "tensorflow/core/framework/tensor_shape.h"
+#include "tensorflow/core/framework/types.h"
+
+#if GOOGLE_CUDA
+#define EIGEN_USE_GPU
+#include "unsupported/Eigen/CXX11/Tensor"
+#endif
+
+namespace blpa {
+namespace {
+
+using ::tensorflow::DEVICE_CPU;
+using ::tensorflow::OpKernel;
+using ::tensorflow::OpKernelConstruction;
+using ::tensorflow::OpKernelContext;
+using ::tensorflow::Tensor;
+using ::tensorflow::TensorShape;
+
+// Elements per work item. Even, so a 4-bit byte never straddles two items.
+constexpr int64_t kBlock = int64_t{1} << 14;
+// Parameter runs are at least this long, so small channel counts still give
+// long vectorizable inner loops.
+constexpr int64_t kMinPeriod = 256;
+
+// GCC builds an AVX2 clone next to the baseline one and picks at load time;
+// the library stays loadable on any x86-64 CPU. No FMA: avx2 does not imply
+// it, and -ffp-contract=off forbids contraction anyway.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && \
+    !defined(__CUDACC__)
+#define BLPA_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define BLPA_CPU_CLONES
+#endif
+
+// Per-channel parameters repeated to a period P (a multiple of C, >= kMinPeriod
+// unless C is larger), so that element i uses entry (i % C) + j * C.
+class Periodic {
+ public:
+  Periodic(const std::vector<const float*>& params, int64_t channels)
+      : channels_(channels) {
+    const int64_t reps =
+        channels >= kMinPeriod ? 1 : (kMinPeriod + channels - 1) / channels;
+    period_ = channels * reps;
+    for (const float* p : params) {
+      if (reps == 1) {
+        ptrs_.push_back(p);
+        continue;
+      }
+      storage_.emplace_back(period_);
+      float* dst = storage_.back().data();
+      for (int64_t r = 0; r < reps; ++r) {
+        std::memcpy(dst + r * channels, p, channels * sizeof(float));
+      }
+      ptrs_.push_back(dst);
+    }
+  }
+  int64_t channels() const { return channels_; }
+  int64_t period() const { return period_; }
+  const float* operator[](size_t i) const { return ptrs_[i]; }
+
+ private:
+  int64_t channels_;
+  int64_t period_ = 0;
+  std::vector<std::vector<float>> storage_;
+  std::vector<const float*> ptrs_;
+};
+
+// Calls fn(offset_in_block, param_offset, length) over [begin, end) in runs
+// that stay inside one parameter period.
+template <typename Fn>
+inline void ForEachRun(const Periodic& p, int64_t begin, int64_t end, Fn fn) {
+  int64_t i = begin;
+  int64_t off = begin % p.channels();
+  while (i < end) {
+    const int64_t len = std::min(p.period() - off, end - i);
+    fn(i - begin, off, len);
+    i += len;
+    off = 0;
+  }
+}
+
+// ---- encode -----------------------------------------------------------------
+
+BLPA_CPU_CLONES
+void EncodeBlock(const EncodeArgs& args, const Periodic& p, int64_t begin,
+                 int64_t end) {
+  const Grid g = MakeGrid(args.bits);
+  alignas(64) uint8_t buffer[kBlock];
+  uint8_t* codes = args.bits == 8 ? args.packed + begin : buffer;
+  const float* __restrict x = args.x + begin;
+  float* __restrict a = args.a + begin;
+  ForEachRun(p, begin, end, [&](int64_t o, int64_t c, int64_t len) {
+    const float* __restrict mean = p[0] + c;
+    const float* __restrict inv_std = p[1] + c;
+    const float* __restrict gamma = p[2] + c;
+    const float* __restrict beta = p[3] + c;
+    const float* __restrict lo = p[4] + c;
+    const float* __restrict k = p[5] + c;
+    const float* __restrict flip = p[6] + c;
+    const float* __restrict aligned = p[7] + c;
+    const float* __restrict xs = x + o;
+    float* __restrict as = a + o;
+    uint8_t* __restrict cs = codes + o;
+    for (int64_t t = 0; t < len; ++t) {
+      as[t] = EncodeOne(xs[t], mean[t], inv_std[t], gamma[t], beta[t], lo[t],
+                        k[t], flip[t], aligned[t], g, &cs[t]);
+    }
+  });
+  if (args.bits == 4) {
+    const int64_t count = end - begin;
+    const int64_t pairs = count / 2;
+    uint8_t* __restrict out = args.packed + begin / 2;
+    const uint8_t* __restrict in = buffer;
+    for (int64_t j = 0; j < pairs; ++j) {
+      out[j] = PackPair(in[2 * j], in[2 * j + 1]);
+    }
+    // Odd total count: the last element pads its byte with a zero nibble.
+    if (count & 1) out[pairs] = PackPair(in[count - 1], 0);
+  }
+}
+
+// ---- decode -----------------------------------------------------------------
+
+// Unpacks codes of [begin, end) into `codes`, or returns the packed bytes
+// themselves for 8 bits.
+inline const uint8_t* UnpackBlock(const DecodeArgs& args, int64_t begin,
+                                  int64_t end, uint8_t* __restrict codes) {
+  if (args.bits == 8) return args.packed + begin;
+  const int64_t count = end - begin;
+  const uint8_t* __restrict in = args.packed + begin / 2;
+  for (int64_t j = 0; j < count / 2; ++j) {
+    codes[2 * j] = LowNibble(in[j]);
+    codes[2 * j + 1] = HighNibble(in[j]);
+  }
+  if (count & 1) codes[count - 1] = LowNibble(in[count / 2]);
+  return codes;
+}
+
+BLPA_CPU_CLONES
+void DecodeBlock(const DecodeArgs& args, const Periodic& p, int64_t begin,
+                 int64_t end) {
+  const Grid g = MakeGrid(args.bits);
+  alignas(64) uint8_t buffer[kBlock];
+  const uint8_t* codes = UnpackBlock(args, begin, end, buffer);
+  float* __restrict xhat = args.xhat + begin;
+  bool* __restrict mask = args.mask + begin;
+  ForEachRun(p, begin, end, [&](int64_t o, int64_t c, int64_t len) {
+    const float* __restrict lo = p[0] + c;
+    const float* __restrict k = p[1] + c;
+    const float* __restrict flip = p[2] + c;
+    const uint8_t* __restrict cs = codes + o;
+    float* __restrict xs = xhat + o;
+    bool* __restrict ms = mask + o;
+    for (int64_t t = 0; t < len; ++t) {
+      xs[t] = DecodeOne(cs[t], lo[t], k[t], flip[t], g, &ms[t]);
+    }
+  });
+}
+
+BLPA_CPU_CLONES
+void DecodeReluBlock(const DecodeArgs& args, const Periodic& p, int64_t begin,
+                     int64_t end) {
+  const Grid g = MakeGrid(args.bits);
+  alignas(64) uint8_t buffer[kBlock];
+  const uint8_t* codes = UnpackBlock(args, begin, end, buffer);
+  float* __restrict a = args.a + begin;
+  ForEachRun(p, begin, end, [&](int64_t o, int64_t c, int64_t len) {
+    const float* __restrict lo = p[0] + c;
+    const float* __restrict k = p[1] + c;
+    const float* __restrict flip = p[2] + c;
+    const float* __restrict gamma = p[3] + c;
+    const float* __restrict beta = p[4] + c;
+    const uint8_t* __restrict cs = codes + o;
+    float* __restrict as = a + o;
+    for (int64_t t = 0; t < len; ++t) {
+      as[t] = DecodeReluOne(cs[t], lo[t], k[t], flip[t], gamma[t], beta[t], g);
+    }
+  });
+}
+
+// Runs block_fn(begin, end) over [0, n) in kBlock pieces on the intra-op pool.
+void ParallelBlocks(OpKernelContext* ctx, int64_t n,
+                    const std::function<void(int64_t, int64_t)>& block_fn) {
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  auto run = [&](int64_t first, int64_t last) {
+    for (int64_t b = first; b < last; ++b) {
+      block_fn(b * kBlock, std::min(n, (b + 1) * kBlock));
+    }
+  };
+  if (blocks <= 1) {
+    run(0, blocks);
+    return;
+  }
+  // Cost in cycles per block: a few per element, enough to split any >1 blocks.
+  ctx->device()->tensorflow_cpu_worker_threads()->workers->ParallelFor(
+      blocks, kBlock * 8, run);
+}
+
+// ---- shared validation ------------------------------------------------------
+
+int64_t ByteCount(int64_t n, int bits) { return bits == 8 ? n : (n + 1) / 2; }
+
+void GetBitsAttr(OpKernelConstruction* ctx, int* bits) {
+  OP_REQUIRES_OK(ctx, ctx->GetAttr("bits", bits));
+  OP_REQUIRES(ctx, *bits == 4 || *bits == 8,
+              absl::InvalidArgumentError("bits must be 4 or 8"));
+}
+
+// Checks that inputs [first, last) are vectors of `channels` elements.
+absl::Status CheckChannelInputs(OpKernelContext* ctx, int first, int last,
+                                int64_t channels) {
+  for (int i = first; i < last; ++i) {
+    const Tensor& t = ctx->input(i);
+    if (t.dims() != 1 || t.dim_size(0) != channels) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "per-channel input ", i, " must have shape [", channels,
+          "] (the last axis), got ", t.shape().DebugString()));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// Validates the encode inputs; fills args except the output pointers.
+absl::Status PrepareEncode(OpKernelContext* ctx, int bits, EncodeArgs* args) {
+  const Tensor& x = ctx->input(0);
+  if (x.dims() < 1) {
+    return absl::InvalidArgumentError("x must have rank >= 1 (channels last)");
+  }
+  const int64_t channels = x.dim_size(x.dims() - 1);
+  TF_RETURN_IF_ERROR(CheckChannelInputs(ctx, 1, 9, channels));
+  args->x = x.flat<float>().data();
+  const float** params[] = {&args->mean, &args->inv_std, &args->gamma,
+                            &args->beta, &args->lo,      &args->k,
+                            &args->flip, &args->aligned};
+  for (int i = 0; i < 8; ++i) *params[i] = ctx->input(i + 1).flat<float>().data();
+  args->n = x.NumElements();
+  args->channels = channels;
+  args->bits = bits;
+  return absl::OkStatus();
+}
+
+// Validates the decode inputs (shape input at `shape_index`, per-channel
+// inputs 1..shape_index-1); fills args except the output pointers.
+absl::Status PrepareDecode(OpKernelContext* ctx, int bits, int shape_index,
+                           TensorShape* shape, DecodeArgs* args) {
+  const Tensor& shape_t = ctx->input(shape_index);
+  if (shape_t.dims() != 1 || shape_t.NumElements() < 1) {
+    return absl::InvalidArgumentError(
+        "shape must be a non-empty vector (channels last)");
+  }
+  // MakeShape rejects negative sizes and element-count overflow.
+  if (shape_t.dtype() == tensorflow::DT_INT32) {
+    TF_RETURN_IF_ERROR(tensorflow::TensorShapeUtils::MakeShape(
+        shape_t.flat<int32_t>().data(), shape_t.NumElements(), shape));
+  } else {
+    TF_RETURN_IF_ERROR(tensorflow::TensorShapeUtils::MakeShape(
+        shape_t.flat<int64_t>().data(), shape_t.NumElements(), shape));
+  }
+  const int64_t channels = shape->dim_size(shape->dims() - 1);
+  TF_RETURN_IF_ERROR(CheckChannelInputs(ctx, 1, shape_index, channels));
+  const Tensor& packed = ctx->input(0);
+  const int64_t n = shape->num_elements();
+  if (packed.dims() != 1 || packed.dim_size(0) != ByteCount(n, bits)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "packed must be a vector of ", ByteCount(n, bits), " bytes for shape ",
+        shape->DebugString(), " at ", bits, " bits, got ",
+        packed.shape().DebugString()));
+  }
+  args->packed = packed.flat<uint8_t>().data();
+  args->lo = ctx->input(1).flat<float>().data();
+  args->k = ctx->input(2).flat<float>().data();
+  args->flip = ctx->input(3).flat<float>().data();
+  if (shape_index == 6) {
+    args->gamma = ctx->input(4).flat<float>().data();
+    args->beta = ctx->input(5).flat<float>().data();
+  }
+  args->n = n;
+  args->channels = channels;
+  args->bits = bits;
+  return absl::OkStatus();
+}
+
+// ---- CPU OpKernels ----------------------------------------------------------
+
+class EncodeCpuOp : public OpKernel {
+ public:
+  explicit EncodeCpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    GetBitsAttr(ctx, &bits_);
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    EncodeArgs args{};
+    OP_REQUIRES_OK(ctx, PrepareEncode(ctx, bits_, &args));
+    Tensor* a = nullptr;
+    Tensor* packed = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ctx->input(0).shape(), &a));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(
+                            1, TensorShape({ByteCount(args.n, bits_)}), &packed));
+    if (args.n == 0) return;
+    args.a = a->flat<float>().data();
+    args.packed = packed->flat<uint8_t>().data();
+    const Periodic p({args.mean, args.inv_std, args.gamma, args.beta, args.lo,
+                      args.k, args.flip, args.aligned},
+                     args.channels);
+    ParallelBlocks(ctx, args.n, [&](int64_t begin, int64_t end) {
+      EncodeBlock(args, p, begin, end);
+    });
+  }
+
+ private:
+  int bits_;
+};
+
+class DecodeCpuOp : public OpKernel {
+ public:
+  explicit DecodeCpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    GetBitsAttr(ctx, &bits_);
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    DecodeArgs args{};
+    TensorShape shape;
+    OP_REQUIRES_OK(ctx, PrepareDecode(ctx, bits_, 4, &shape, &args));
+    Tensor* xhat = nullptr;
+    Tensor* mask = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &xhat));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, shape, &mask));
+    if (args.n == 0) return;
+    args.xhat = xhat->flat<float>().data();
+    args.mask = mask->flat<bool>().data();
+    const Periodic p({args.lo, args.k, args.flip}, args.channels);
+    ParallelBlocks(ctx, args.n, [&](int64_t begin, int64_t end) {
+      DecodeBlock(args, p, begin, end);
+    });
+  }
+
+ private:
+  int bits_;
+};
+
+class DecodeReluCpuOp : public OpKernel {
+ public:
+  explicit DecodeReluCpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    GetBitsAttr(ctx, &bits_);
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    DecodeArgs args{};
+    TensorShape shape;
+    OP_REQUIRES_OK(ctx, PrepareDecode(ctx, bits_, 6, &shape, &args));
+    Tensor* a = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &a));
+    if (args.n == 0) return;
+    args.a = a->flat<float>().data();
+    const Periodic p({args.lo, args.k, args.flip, args.gamma, args.beta},
+                     args.channels);
+    ParallelBlocks(ctx, args.n, [&](int64_t begin, int64_t end) {
+      DecodeReluBlock(args, p, begin, end);
+    });
+  }
+
+ private:
+  int bits_;
+};
+
+REGISTER_KERNEL_BUILDER(Name("BlpaBnReluEncode").Device(DEVICE_CPU),
+                        EncodeCpuOp);
+REGISTER_KERNEL_BUILDER(Name("BlpaDecode").Device(DEVICE_CPU), DecodeCpuOp);
+REGISTER_KERNEL_BUILDER(Name("BlpaDecodeRelu").Device(DEVICE_CPU),
+                        DecodeReluCpuOp);
+
+// ---- GPU OpKernels ----------------------------------------------------------
+
+#if GOOGLE_CUDA
+
+using ::tensorflow::DEVICE_GPU;
+
+void* OpStream(OpKernelContext* ctx) {
+  return static_cast<void*>(ctx->eigen_device<Eigen::GpuDevice>().stream());
+}
+
+absl::Status LaunchStatus(const char* error) {
+  if (error == nullptr) return absl::OkStatus();
+  return absl::InternalError(absl::StrCat("BLPA CUDA kernel failed: ", error));
+}
+
+class EncodeGpuOp : public OpKernel {
+ public:
+  explicit EncodeGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    GetBitsAttr(ctx, &bits_);
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    EncodeArgs args{};
+    OP_REQUIRES_OK(ctx, PrepareEncode(ctx, bits_, &args));
+    Tensor* a = nullptr;
+    Tensor* packed = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ctx->input(0).shape(), &a));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(
+                            1, TensorShape({ByteCount(args.n, bits_)}), &packed));
+    if (args.n == 0) return;
+    args.a = a->flat<float>().data();
+    args.packed = packed->flat<uint8_t>().data();
+    OP_REQUIRES_OK(ctx, LaunchStatus(LaunchEncodeGpu(args, OpStream(ctx))));
+  }
+
+ private:
+  int bits_;
+};
+
+class DecodeGpuOp : public OpKernel {
+ public:
+  explicit DecodeGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    GetBitsAttr(ctx, &bits_);
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    DecodeArgs args{};
+    TensorShape shape;
+    OP_REQUIRES_OK(ctx, PrepareDecode(ctx, bits_, 4, &shape, &args));
+    Tensor* xhat = nullptr;
+    Tensor* mask = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &xhat));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, shape, &mask));
+    if (args.n == 0) return;
+    args.xhat = xhat->flat<float>().data();
+    args.mask = mask->flat<bool>().data();
+    OP_REQUIRES_OK(ctx, LaunchStatus(LaunchDecodeGpu(args, OpStream(ctx))));
+  }
+
+ private:
+  int bits_;
+};
+
+class DecodeReluGpuOp : public OpKernel {
+ public:
+  explicit DecodeReluGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    GetBitsAttr(ctx, &bits_);
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    DecodeArgs args{};
+    TensorShape shape;
+    OP_REQUIRES_OK(ctx, PrepareDecode(ctx, bits_, 6, &shape, &args));
+    Tensor* a = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &a));
+    if (args.n == 0) return;
+    args.a = a->flat<float>().data();
+    OP_REQUIRES_OK(ctx, LaunchStatus(LaunchDecodeReluGpu(args, OpStream(ctx))));
+  }
+
+ private:
+  int bits_;
+};
+
+// The shape input is read on the host to size the outputs.
+REGISTER_KERNEL_BUILDER(Name("BlpaBnReluEncode").Device(DEVICE_GPU),
+                        EncodeGpuOp);
+REGISTER_KERNEL_BUILDER(
+    Name("BlpaDecode").Device(DEVICE_GPU).HostMemory("shape"), DecodeGpuOp);
+REGISTER_KERNEL_BUILDER(
+    Name("BlpaDecodeRelu").Device(DEVICE_GPU).HostMemory("shape"),
+    DecodeReluGpuOp);
+
+#endif  // GOOGLE_CUDA
+
+}  // namespace
+}  // namespace blpa

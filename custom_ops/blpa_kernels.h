@@ -1,0 +1,153 @@
+// Per-element arithmetic of the BLPA quantizer, shared by the CPU kernels, the
+// CUDA kernels and gpu_selftest.cu so that every backend runs the same code.
+//
+// It must stay bit-exact with keras_blpa/quantizer.py: every float operation
+// is float32, in the same order, separately rounded. Build with
+// -ffp-contract=off (g++) and --fmad=false (nvcc) so no FMA is formed.
+//
+// This header includes nothing from TensorFlow (the GPU self-test builds
+// without it).
+
+#ifndef KERAS_BLPA_CUSTOM_OPS_BLPA_KERNELS_H_
+#define KERAS_BLPA_CUSTOM_OPS_BLPA_KERNELS_H_
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define BLPA_HD __host__ __device__ __forceinline__
+#else
+#define BLPA_HD inline __attribute__((always_inline))
+#endif
+
+namespace blpa {
+
+// Grid constants for `bits` (4 or 8). Computed on the host and passed by value.
+struct Grid {
+  float w;      // 6 / n, exact in float32
+  float inv_w;  // float32(1.0 / (6.0 / n)): Python computes it in double
+  float top;    // n - 1
+};
+
+inline Grid MakeGrid(int bits) {
+  const double n = static_cast<double>(1 << bits);
+  Grid g;
+  g.w = static_cast<float>(6.0 / n);
+  g.inv_w = static_cast<float>(1.0 / (6.0 / n));
+  g.top = static_cast<float>(n - 1.0);
+  return g;
+}
+
+// tf.maximum / tf.minimum: a NaN in either argument gives NaN.
+BLPA_HD float TfMax(float a, float b) {
+  return ((a != a) | (b != b)) ? a + b : (a > b ? a : b);
+}
+BLPA_HD float TfMin(float a, float b) {
+  return ((a != a) | (b != b)) ? a + b : (a < b ? a : b);
+}
+
+// tf.cast(float32 -> uint8) for the values it can meet here: integers in
+// [0, 255] (and NaN -> 0, which x86's and CUDA's conversions agree on only
+// after the explicit check).
+BLPA_HD uint8_t CodeToByte(float q) {
+  return q != q ? uint8_t{0} : static_cast<uint8_t>(static_cast<int32_t>(q));
+}
+
+// quantizer.encode_codes for one element. `on` is the forward ReLU mask.
+BLPA_HD uint8_t EncodeCode(float xhat, bool on, float lo, float k, float flip,
+                           float aligned, const Grid& g) {
+  // TF: u = clip(where(isnan(floor(v)), 0, floor(v)), 0, n-1). Clipping first
+  // (NaN -> 0) and then truncating gives the same integer for every input,
+  // including +-Inf, and truncation vectorizes without SSE4.1's floor.
+  float v = (xhat - lo) * g.inv_w;
+  v = v > 0.0f ? v : 0.0f;
+  v = v < g.top ? v : g.top;
+  const float u = static_cast<float>(static_cast<int32_t>(v));
+  const bool hi_side_on = flip < 0.5f;
+  const bool want_hi = on == hi_side_on;
+  const bool al = aligned > 0.5f;
+  const float lower = (al && want_hi) ? k : 0.0f;
+  const float upper = (al && !want_hi) ? k - 1.0f : g.top;
+  return CodeToByte(TfMin(TfMax(u, lower), upper));
+}
+
+// quantizer.bn_relu_encode for one element: returns `a`, writes the code.
+BLPA_HD float EncodeOne(float x, float mean, float inv_std, float gamma,
+                        float beta, float lo, float k, float flip,
+                        float aligned, const Grid& g, uint8_t* code) {
+  const float xhat = (x - mean) * inv_std;
+  const float y = xhat * gamma + beta;
+  const bool on = y > 0.0f;
+  *code = EncodeCode(xhat, on, lo, k, flip, aligned, g);
+  return on ? y : 0.0f;
+}
+
+// 4-bit packing as in quantizer.pack: element 2j in the low nibble.
+BLPA_HD uint8_t PackPair(uint8_t low, uint8_t high) {
+  return static_cast<uint8_t>(low | static_cast<uint8_t>(high << 4));
+}
+BLPA_HD uint8_t LowNibble(uint8_t b) { return b & 15; }
+BLPA_HD uint8_t HighNibble(uint8_t b) { return b >> 4; }
+
+// quantizer.decode for one element: returns xhat (bin centre), writes mask.
+BLPA_HD float DecodeOne(uint8_t code, float lo, float k, float flip,
+                        const Grid& g, bool* mask) {
+  const float q = static_cast<float>(code);
+  *mask = (q >= k) != (flip > 0.5f);
+  return (q + 0.5f) * g.w + lo;
+}
+
+// Fused decode + BN affine + ReLU: where(mask, xhat * gamma + beta, 0).
+BLPA_HD float DecodeReluOne(uint8_t code, float lo, float k, float flip,
+                            float gamma, float beta, const Grid& g) {
+  bool mask;
+  const float xhat = DecodeOne(code, lo, k, flip, g, &mask);
+  const float y = xhat * gamma + beta;
+  return mask ? y : 0.0f;
+}
+
+// Arguments of one encode over `n` elements with `channels` channels (channel
+// of flat element i is i % channels). Device pointers for the GPU launchers.
+struct EncodeArgs {
+  const float* x;
+  const float* mean;
+  const float* inv_std;
+  const float* gamma;
+  const float* beta;
+  const float* lo;
+  const float* k;
+  const float* flip;
+  const float* aligned;
+  int64_t n;
+  int64_t channels;
+  int bits;
+  float* a;         // [n]
+  uint8_t* packed;  // [n] (8 bits) or [(n + 1) / 2] (4 bits)
+};
+
+// Arguments of one decode. gamma/beta/a are for the fused decode + ReLU,
+// xhat/mask for the plain decode; unused pointers may be null.
+struct DecodeArgs {
+  const uint8_t* packed;
+  const float* lo;
+  const float* k;
+  const float* flip;
+  const float* gamma;
+  const float* beta;
+  int64_t n;
+  int64_t channels;
+  int bits;
+  float* xhat;
+  bool* mask;
+  float* a;
+};
+
+// CUDA launchers (blpa_kernels.cu.cc). `stream` is a cudaStream_t; they
+// return nullptr on success, else the CUDA error string. Kept free of CUDA and
+// TensorFlow types so that g++ and nvcc see the same declarations.
+const char* LaunchEncodeGpu(const EncodeArgs& args, void* stream);
+const char* LaunchDecodeGpu(const DecodeArgs& args, void* stream);
+const char* LaunchDecodeReluGpu(const DecodeArgs& args, void* stream);
+
+}  // namespace blpa
+
+#endif  // KERAS_BLPA_CUSTOM_OPS_BLPA_KERNELS_H_

@@ -1,0 +1,147 @@
+// Op registrations for the BLPA quantizer (kernels in blpa_kernels.cc).
+//
+// Semantics are those of keras_blpa/quantizer.py; the Python wrappers live in
+// keras_blpa/custom_op.py. Per-channel tensors have shape [C], C being the
+// last (channel) axis of the activations.
+
+#include <cstdint>
+
+#include "tensorflow/core/framework/common_shape_fns.h"
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/shape_inference.h"
+
+namespace {
+
+using ::tensorflow::shape_inference::DimensionHandle;
+using ::tensorflow::shape_inference::InferenceContext;
+using ::tensorflow::shape_inference::ShapeHandle;
+
+// Merges the [C] shapes of inputs [first, last) and returns the common C.
+absl::Status ChannelDim(InferenceContext* c, int first, int last,
+                        DimensionHandle* channels) {
+  *channels = c->UnknownDim();
+  for (int i = first; i < last; ++i) {
+    ShapeHandle s;
+    TF_RETURN_IF_ERROR(c->WithRank(c->input(i), 1, &s));
+    TF_RETURN_IF_ERROR(c->Merge(*channels, c->Dim(s, 0), channels));
+  }
+  return absl::OkStatus();
+}
+
+// Number of bytes that hold `elements` codes of `bits` bits.
+DimensionHandle PackedBytes(InferenceContext* c, DimensionHandle elements,
+                            int bits) {
+  if (!c->ValueKnown(elements)) return c->UnknownDim();
+  const int64_t n = c->Value(elements);
+  return c->MakeDim(bits == 8 ? n : (n + 1) / 2);
+}
+
+absl::Status GetBits(InferenceContext* c, int* bits) {
+  TF_RETURN_IF_ERROR(c->GetAttr("bits", bits));
+  if (*bits != 4 && *bits != 8) {
+    return absl::InvalidArgumentError("bits must be 4 or 8");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+REGISTER_OP("BlpaBnReluEncode")
+    .Input("x: float")
+    .Input("mean: float")
+    .Input("inv_std: float")
+    .Input("gamma: float")
+    .Input("beta: float")
+    .Input("lo: float")
+    .Input("k: float")
+    .Input("flip: float")
+    .Input("aligned: float")
+    .Output("a: float")
+    .Output("packed: uint8")
+    .Attr("bits: int")
+    .SetShapeFn([](InferenceContext* c) -> absl::Status {
+      int bits;
+      TF_RETURN_IF_ERROR(GetBits(c, &bits));
+      ShapeHandle x;
+      TF_RETURN_IF_ERROR(c->WithRankAtLeast(c->input(0), 1, &x));
+      DimensionHandle channels;
+      TF_RETURN_IF_ERROR(ChannelDim(c, 1, 9, &channels));
+      DimensionHandle last;
+      TF_RETURN_IF_ERROR(c->Merge(c->Dim(x, -1), channels, &last));
+      TF_RETURN_IF_ERROR(c->ReplaceDim(x, -1, last, &x));
+      c->set_output(0, x);
+      DimensionHandle elements = c->NumElements(x);
+      c->set_output(1, c->Vector(PackedBytes(c, elements, bits)));
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+Fused BN-normalize, ReLU and quantize (quantizer.bn_relu_encode).
+
+xhat = (x - mean) * inv_std; y = xhat * gamma + beta; a = y > 0 ? y : 0;
+packed = the codes of xhat on the grid (lo, k, flip, aligned), 4-bit codes two
+per byte (element 2j in the low nibble), 8-bit codes one per byte.
+)doc");
+
+REGISTER_OP("BlpaDecode")
+    .Input("packed: uint8")
+    .Input("lo: float")
+    .Input("k: float")
+    .Input("flip: float")
+    .Input("shape: Tshape")
+    .Output("xhat: float")
+    .Output("mask: bool")
+    .Attr("bits: int")
+    .Attr("Tshape: {int32, int64} = DT_INT32")
+    .SetShapeFn([](InferenceContext* c) -> absl::Status {
+      int bits;
+      TF_RETURN_IF_ERROR(GetBits(c, &bits));
+      ShapeHandle unused;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 1, &unused));
+      DimensionHandle channels;
+      TF_RETURN_IF_ERROR(ChannelDim(c, 1, 4, &channels));
+      ShapeHandle out;
+      TF_RETURN_IF_ERROR(c->MakeShapeFromShapeTensor(4, &out));
+      TF_RETURN_IF_ERROR(c->WithRankAtLeast(out, 1, &out));
+      DimensionHandle last;
+      TF_RETURN_IF_ERROR(c->Merge(c->Dim(out, -1), channels, &last));
+      TF_RETURN_IF_ERROR(c->ReplaceDim(out, -1, last, &out));
+      c->set_output(0, out);
+      c->set_output(1, out);
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+Rebuilds (xhat, mask) from packed codes (quantizer.decode).
+
+xhat = (q + 0.5) * w + lo (the bin centre), mask = (q >= k) != (flip > 0.5).
+)doc");
+
+REGISTER_OP("BlpaDecodeRelu")
+    .Input("packed: uint8")
+    .Input("lo: float")
+    .Input("k: float")
+    .Input("flip: float")
+    .Input("gamma: float")
+    .Input("beta: float")
+    .Input("shape: Tshape")
+    .Output("a: float")
+    .Attr("bits: int")
+    .Attr("Tshape: {int32, int64} = DT_INT32")
+    .SetShapeFn([](InferenceContext* c) -> absl::Status {
+      int bits;
+      TF_RETURN_IF_ERROR(GetBits(c, &bits));
+      ShapeHandle unused;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 1, &unused));
+      DimensionHandle channels;
+      TF_RETURN_IF_ERROR(ChannelDim(c, 1, 6, &channels));
+      ShapeHandle out;
+      TF_RETURN_IF_ERROR(c->MakeShapeFromShapeTensor(6, &out));
+      TF_RETURN_IF_ERROR(c->WithRankAtLeast(out, 1, &out));
+      DimensionHandle last;
+      TF_RETURN_IF_ERROR(c->Merge(c->Dim(out, -1), channels, &last));
+      TF_RETURN_IF_ERROR(c->ReplaceDim(out, -1, last, &out));
+      c->set_output(0, out);
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+Decode fused with the BN affine map and ReLU: where(mask, xhat * gamma + beta, 0).
+)doc");

@@ -1,0 +1,16 @@
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _float32_policy_and_seed():
+    keras.mixed_precision.set_global_policy("float32")
+    keras.utils.set_random_seed(1234)
+    np.random.seed(1234)
+    yield
+    keras.mixed_precision.set_global_policy("float32")

@@ -1,0 +1,87 @@
+"""Stock Keras equivalents of the fused layers, with weights copied across."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import keras_blpa
+
+
+def randomize_bn(layer, channels, rng):
+    """Non-trivial gamma (some negative), beta and moving statistics."""
+    if layer.scale:
+        layer.gamma.assign(rng.normal(1.0, 0.7, channels).astype("float32"))
+    if layer.center:
+        layer.beta.assign(rng.normal(0.0, 0.5, channels).astype("float32"))
+    layer.moving_mean.assign(rng.normal(0.0, 0.3, channels).astype("float32"))
+    layer.moving_variance.assign(rng.uniform(0.5, 2.0, channels).astype("float32"))
+
+
+class StockUnit:
+    """BatchNormalization -> ReLU -> [pool] -> Conv2D/Dense mirroring a fused layer."""
+
+    def __init__(self, fused, input_shape):
+        cfg = fused.get_config()
+        self.bn = keras.layers.BatchNormalization(
+            momentum=cfg["momentum"], epsilon=cfg["epsilon"], center=cfg["center"],
+            scale=cfg["scale"],
+        )
+        if isinstance(fused, keras_blpa.BNReLUConv2D):
+            self.linear = keras.layers.Conv2D(
+                cfg["filters"], cfg["kernel_size"], strides=cfg["strides"],
+                padding=cfg["padding"], dilation_rate=cfg["dilation_rate"],
+                use_bias=cfg["use_bias"],
+            )
+            self.pool = None
+        else:
+            self.linear = keras.layers.Dense(cfg["units"], use_bias=cfg["use_bias"])
+            self.pool = (
+                keras.layers.GlobalAveragePooling2D() if cfg["pooling"] == "avg" else None
+            )
+        self.bn.build(input_shape)
+        for name in ("gamma", "beta", "moving_mean", "moving_variance"):
+            if hasattr(fused, name):
+                getattr(self.bn, name).assign(getattr(fused, name))
+        linear_in = list(input_shape)
+        if self.pool is not None:
+            linear_in = [input_shape[0], input_shape[-1]]
+        self.linear.build(tuple(linear_in))
+        self.linear.kernel.assign(fused.kernel)
+        if cfg["use_bias"]:
+            self.linear.bias.assign(fused.bias)
+
+    def __call__(self, x, training):
+        a = tf.nn.relu(self.bn(x, training=training))
+        if self.pool is not None:
+            a = self.pool(a)
+        return self.linear(a)
+
+    @property
+    def weights(self):
+        w = []
+        if self.bn.scale:
+            w.append(self.bn.gamma)
+        if self.bn.center:
+            w.append(self.bn.beta)
+        w.append(self.linear.kernel)
+        if self.linear.use_bias:
+            w.append(self.linear.bias)
+        return w
+
+
+def fused_weights(layer):
+    w = []
+    if layer.scale:
+        w.append(layer.gamma)
+    if layer.center:
+        w.append(layer.beta)
+    w.append(layer.kernel)
+    if layer.use_bias:
+        w.append(layer.bias)
+    return w
+
+
+def cosine(a, b):
+    a = np.ravel(np.asarray(a, "float64"))
+    b = np.ravel(np.asarray(b, "float64"))
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
