@@ -41,7 +41,8 @@ constexpr int64_t kMinPeriod = 256;
 
 // GCC builds an AVX2 clone next to the baseline one and picks at load time;
 // the library stays loadable on any x86-64 CPU. No FMA: avx2 does not imply
-// it, and -ffp-contract=off forbids contraction anyway.
+// it, and -ffp-contract=off forbids contraction anyway. (The loops also need
+// -fno-trapping-math to if-convert; it changes no result.)
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && \
     !defined(__CUDACC__)
 #define BLPA_CPU_CLONES __attribute__((target_clones("avx2", "default")))
@@ -96,102 +97,107 @@ inline void ForEachRun(const Periodic& p, int64_t begin, int64_t end, Fn fn) {
   }
 }
 
-// ---- encode -----------------------------------------------------------------
+// ---- inner loops ------------------------------------------------------------
+// One run of elements whose parameters are contiguous. Plain pointer/value
+// arguments (no closures) so GCC vectorizes them; each has an AVX2 clone.
 
 BLPA_CPU_CLONES
-void EncodeBlock(const EncodeArgs& args, const Periodic& p, int64_t begin,
-                 int64_t end) {
-  const Grid g = MakeGrid(args.bits);
-  alignas(64) uint8_t buffer[kBlock];
-  uint8_t* codes = args.bits == 8 ? args.packed + begin : buffer;
-  const float* __restrict x = args.x + begin;
-  float* __restrict a = args.a + begin;
-  ForEachRun(p, begin, end, [&](int64_t o, int64_t c, int64_t len) {
-    const float* __restrict mean = p[0] + c;
-    const float* __restrict inv_std = p[1] + c;
-    const float* __restrict gamma = p[2] + c;
-    const float* __restrict beta = p[3] + c;
-    const float* __restrict lo = p[4] + c;
-    const float* __restrict k = p[5] + c;
-    const float* __restrict flip = p[6] + c;
-    const float* __restrict aligned = p[7] + c;
-    const float* __restrict xs = x + o;
-    float* __restrict as = a + o;
-    uint8_t* __restrict cs = codes + o;
-    for (int64_t t = 0; t < len; ++t) {
-      as[t] = EncodeOne(xs[t], mean[t], inv_std[t], gamma[t], beta[t], lo[t],
-                        k[t], flip[t], aligned[t], g, &cs[t]);
-    }
-  });
-  if (args.bits == 4) {
-    const int64_t count = end - begin;
-    const int64_t pairs = count / 2;
-    uint8_t* __restrict out = args.packed + begin / 2;
-    const uint8_t* __restrict in = buffer;
-    for (int64_t j = 0; j < pairs; ++j) {
-      out[j] = PackPair(in[2 * j], in[2 * j + 1]);
-    }
-    // Odd total count: the last element pads its byte with a zero nibble.
-    if (count & 1) out[pairs] = PackPair(in[count - 1], 0);
+void EncodeRun(const float* __restrict x, const float* __restrict mean,
+               const float* __restrict inv_std, const float* __restrict gamma,
+               const float* __restrict beta, const float* __restrict lo,
+               const float* __restrict k, const float* __restrict flip,
+               const float* __restrict aligned, int64_t len, Grid g,
+               float* __restrict a, uint8_t* __restrict codes) {
+  for (int64_t t = 0; t < len; ++t) {
+    a[t] = EncodeOne(x[t], mean[t], inv_std[t], gamma[t], beta[t], lo[t], k[t],
+                     flip[t], aligned[t], g, &codes[t]);
   }
 }
 
-// ---- decode -----------------------------------------------------------------
+BLPA_CPU_CLONES
+void PackRun(const uint8_t* __restrict codes, int64_t count,
+             uint8_t* __restrict out) {
+  const int64_t pairs = count / 2;
+  for (int64_t j = 0; j < pairs; ++j) {
+    out[j] = PackPair(codes[2 * j], codes[2 * j + 1]);
+  }
+  // Odd total count: the last element pads its byte with a zero nibble.
+  if (count & 1) out[pairs] = PackPair(codes[count - 1], 0);
+}
 
-// Unpacks codes of [begin, end) into `codes`, or returns the packed bytes
-// themselves for 8 bits.
-inline const uint8_t* UnpackBlock(const DecodeArgs& args, int64_t begin,
-                                  int64_t end, uint8_t* __restrict codes) {
-  if (args.bits == 8) return args.packed + begin;
-  const int64_t count = end - begin;
-  const uint8_t* __restrict in = args.packed + begin / 2;
+BLPA_CPU_CLONES
+void UnpackRun(const uint8_t* __restrict in, int64_t count,
+               uint8_t* __restrict codes) {
   for (int64_t j = 0; j < count / 2; ++j) {
     codes[2 * j] = LowNibble(in[j]);
     codes[2 * j + 1] = HighNibble(in[j]);
   }
   if (count & 1) codes[count - 1] = LowNibble(in[count / 2]);
-  return codes;
 }
 
 BLPA_CPU_CLONES
+void DecodeRun(const uint8_t* __restrict codes, const float* __restrict lo,
+               const float* __restrict k, const float* __restrict flip,
+               int64_t len, Grid g, float* __restrict xhat,
+               bool* __restrict mask) {
+  for (int64_t t = 0; t < len; ++t) {
+    xhat[t] = DecodeOne(codes[t], lo[t], k[t], flip[t], g, &mask[t]);
+  }
+}
+
+BLPA_CPU_CLONES
+void DecodeReluRun(const uint8_t* __restrict codes, const float* __restrict lo,
+                   const float* __restrict k, const float* __restrict flip,
+                   const float* __restrict gamma, const float* __restrict beta,
+                   int64_t len, Grid g, float* __restrict a) {
+  for (int64_t t = 0; t < len; ++t) {
+    a[t] = DecodeReluOne(codes[t], lo[t], k[t], flip[t], gamma[t], beta[t], g);
+  }
+}
+
+// ---- blocks -----------------------------------------------------------------
+
+void EncodeBlock(const EncodeArgs& args, const Periodic& p, int64_t begin,
+                 int64_t end) {
+  const Grid g = MakeGrid(args.bits);
+  alignas(64) uint8_t buffer[kBlock];
+  uint8_t* codes = args.bits == 8 ? args.packed + begin : buffer;
+  ForEachRun(p, begin, end, [&](int64_t o, int64_t c, int64_t len) {
+    EncodeRun(args.x + begin + o, p[0] + c, p[1] + c, p[2] + c, p[3] + c,
+              p[4] + c, p[5] + c, p[6] + c, p[7] + c, len, g,
+              args.a + begin + o, codes + o);
+  });
+  if (args.bits == 4) PackRun(buffer, end - begin, args.packed + begin / 2);
+}
+
+// Codes of [begin, end): unpacked into `buffer`, or the packed bytes
+// themselves for 8 bits.
+const uint8_t* BlockCodes(const DecodeArgs& args, int64_t begin, int64_t end,
+                          uint8_t* buffer) {
+  if (args.bits == 8) return args.packed + begin;
+  UnpackRun(args.packed + begin / 2, end - begin, buffer);
+  return buffer;
+}
+
 void DecodeBlock(const DecodeArgs& args, const Periodic& p, int64_t begin,
                  int64_t end) {
   const Grid g = MakeGrid(args.bits);
   alignas(64) uint8_t buffer[kBlock];
-  const uint8_t* codes = UnpackBlock(args, begin, end, buffer);
-  float* __restrict xhat = args.xhat + begin;
-  bool* __restrict mask = args.mask + begin;
+  const uint8_t* codes = BlockCodes(args, begin, end, buffer);
   ForEachRun(p, begin, end, [&](int64_t o, int64_t c, int64_t len) {
-    const float* __restrict lo = p[0] + c;
-    const float* __restrict k = p[1] + c;
-    const float* __restrict flip = p[2] + c;
-    const uint8_t* __restrict cs = codes + o;
-    float* __restrict xs = xhat + o;
-    bool* __restrict ms = mask + o;
-    for (int64_t t = 0; t < len; ++t) {
-      xs[t] = DecodeOne(cs[t], lo[t], k[t], flip[t], g, &ms[t]);
-    }
+    DecodeRun(codes + o, p[0] + c, p[1] + c, p[2] + c, len, g,
+              args.xhat + begin + o, args.mask + begin + o);
   });
 }
 
-BLPA_CPU_CLONES
 void DecodeReluBlock(const DecodeArgs& args, const Periodic& p, int64_t begin,
                      int64_t end) {
   const Grid g = MakeGrid(args.bits);
   alignas(64) uint8_t buffer[kBlock];
-  const uint8_t* codes = UnpackBlock(args, begin, end, buffer);
-  float* __restrict a = args.a + begin;
+  const uint8_t* codes = BlockCodes(args, begin, end, buffer);
   ForEachRun(p, begin, end, [&](int64_t o, int64_t c, int64_t len) {
-    const float* __restrict lo = p[0] + c;
-    const float* __restrict k = p[1] + c;
-    const float* __restrict flip = p[2] + c;
-    const float* __restrict gamma = p[3] + c;
-    const float* __restrict beta = p[4] + c;
-    const uint8_t* __restrict cs = codes + o;
-    float* __restrict as = a + o;
-    for (int64_t t = 0; t < len; ++t) {
-      as[t] = DecodeReluOne(cs[t], lo[t], k[t], flip[t], gamma[t], beta[t], g);
-    }
+    DecodeReluRun(codes + o, p[0] + c, p[1] + c, p[2] + c, p[3] + c, p[4] + c,
+                  len, g, args.a + begin + o);
   });
 }
 

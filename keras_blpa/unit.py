@@ -21,13 +21,22 @@ except ImportError:  # pragma: no cover - other TF versions
 
 
 class LinearMap(Protocol):
-    """What a unit needs from its linear map `out = W * a` (no bias)."""
+    """What a unit needs from its linear map `outputs = W(a)`.
 
-    def forward(self, a: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor: ...
+    A map may have several heads reading the same `a` (a conv and a
+    projection shortcut): `weights` and `grads` are lists, one entry per
+    weight tensor and per output respectively. The map owns its biases.
+    """
 
-    def grad_kernel(self, a: tf.Tensor, g: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor: ...
+    def forward(self, a: tf.Tensor, weights: list[tf.Tensor]) -> list[tf.Tensor]: ...
 
-    def grad_input(self, kernel: tf.Tensor, g: tf.Tensor, a_shape: tf.Tensor) -> tf.Tensor: ...
+    def grad_weights(
+        self, a: tf.Tensor, grads: list[tf.Tensor], weights: list[tf.Tensor]
+    ) -> list[tf.Tensor]: ...
+
+    def grad_input(
+        self, weights: list[tf.Tensor], grads: list[tf.Tensor], a_shape: tf.Tensor
+    ) -> tf.Tensor: ...
 
 
 def _relu_from(xhat, mask, gamma, beta):
@@ -38,29 +47,27 @@ def bn_relu_linear(
     x: tf.Tensor,
     gamma: tf.Tensor,
     beta: tf.Tensor,
-    kernel: tf.Tensor,
-    bias: tf.Tensor | None,
+    weights: list[tf.Tensor],
     *,
     linear: LinearMap,
     bits: int | None,
     naive: bool,
     epsilon: float,
-) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+) -> tuple[list[tf.Tensor], tf.Tensor, tf.Tensor]:
     """Training-mode forward of BN (batch statistics) -> ReLU -> linear.
 
     Args:
       x: input, channels last, in the compute dtype.
       gamma, beta: float32 `[C]` (ones / zeros when BN has no scale / center).
-      kernel: the linear map's kernel in the compute dtype.
-      bias: `[units]` in the compute dtype, or None.
+      weights: the linear map's weights (kernels, biases) in the compute dtype.
       linear: the linear map.
       bits: 4, 8 or None (keep `xhat` exactly).
       naive: quantize in the forward pass too (the paper's baseline).
       epsilon: BN's epsilon.
 
     Returns:
-      `(out, mean, variance)`; the batch moments are float32 `[C]` and carry
-      no gradient (for the moving-average update).
+      `(outputs, mean, variance)`: the linear map's outputs, and the batch
+      moments (float32 `[C]`, no gradient) for the moving-average update.
     """
     axes = list(range(x.shape.rank - 1))
     compute_dtype = x.dtype
@@ -68,7 +75,7 @@ def bn_relu_linear(
     def unit(*inputs):
         # Stop the outer tape from recording (and keeping alive) the forward's
         # full-precision intermediates in eager mode.
-        x, gamma, beta, kernel = (tf.stop_gradient(t) for t in inputs[:4])
+        x, gamma, beta, *weights = (tf.stop_gradient(t) for t in inputs)
         x32 = tf.cast(x, tf.float32)
         mean, variance = tf.nn.moments(x32, axes)
         inv_std = tf.math.rsqrt(variance + epsilon)
@@ -88,28 +95,29 @@ def bn_relu_linear(
         # barrier makes the codes materialize instead of being fused away.
         saved, a = xla.optimization_barrier(saved, a)
         with tf.control_dependencies([saved]):
-            out = linear.forward(tf.cast(a, compute_dtype), kernel)
-        if bias is not None:
-            out = tf.nn.bias_add(out, tf.stop_gradient(inputs[4]))
+            outputs = linear.forward(tf.cast(a, compute_dtype), weights)
         count = tf.cast(tf.reduce_prod(x_shape[:-1]), tf.float32)
 
-        def grad(g, *_unused_moment_grads):
+        def grad(*upstream):
+            grads = list(upstream[: len(outputs)])  # moment gradients are ignored
             # Decode only once the upstream gradient exists, so that graph
-            # executors cannot run it early and hold the result.
-            saved_now, g = xla.optimization_barrier(xla.after(saved, g), g)
-            with tf.control_dependencies([g]):
+            # executors (and XLA) cannot run it early and hold the result.
+            saved_now, *grads = xla.optimization_barrier(
+                xla.after(saved, grads[0]), *grads
+            )
+            with tf.control_dependencies(grads):
                 if bits is None:
                     xhat = tf.identity(saved_now)
                     mask = xhat * gamma + beta > 0.0
                 else:
                     xhat, mask = quantizer.decode(saved_now, params, x_shape, bits)
             a_approx = tf.cast(_relu_from(xhat, mask, gamma, beta), compute_dtype)
-            d_kernel = linear.grad_kernel(a_approx, g, kernel)
+            d_weights = linear.grad_weights(a_approx, grads, weights)
             del a_approx
-            # Sequence the two big backprops so that their working sets (and
-            # those of neighbouring units) do not overlap.
-            with tf.control_dependencies([d_kernel]):
-                g_a = linear.grad_input(kernel, g, x_shape)
+            # Sequence the big backprops so that their working sets (and those
+            # of neighbouring units) do not overlap.
+            with tf.control_dependencies(d_weights):
+                g_a = linear.grad_input(weights, grads, x_shape)
             g_y = tf.where(mask, tf.cast(g_a, tf.float32), 0.0)
             del g_a
             d_beta = tf.reduce_sum(g_y, axes)
@@ -117,24 +125,21 @@ def bn_relu_linear(
             g_x = (gamma * inv_std) * (
                 g_y - d_beta / count - xhat * (d_gamma / count)
             )
-            grads = [tf.cast(g_x, compute_dtype), d_gamma, d_beta, d_kernel]
-            if bias is not None:
-                d_bias = tf.reduce_sum(tf.cast(g, tf.float32), list(range(g.shape.rank - 1)))
-                grads.append(tf.cast(d_bias, compute_dtype))
-            return grads
+            return [tf.cast(g_x, compute_dtype), d_gamma, d_beta, *d_weights]
 
-        return (out, mean, variance), grad
+        return (*outputs, mean, variance), grad
 
-    inputs = [x, gamma, beta, kernel] + ([bias] if bias is not None else [])
+    inputs = [x, gamma, beta, *weights]
     if tf.executing_eagerly() and _record is not None:
         # Eager `tf.custom_gradient` keeps the forward's result alive on the
         # tape (one full-precision tensor per unit); record the same
         # forward/gradient pair directly so that only `grad`'s captures stay.
-        (out, mean, variance), grad = unit(*inputs)
-        _record.record_operation("BNReLULinear", [out], inputs, grad)
+        results, grad = unit(*inputs)
+        _record.record_operation("BNReLULinear", list(results[:-2]), inputs, grad)
     else:
-        out, mean, variance = tf.custom_gradient(unit)(*inputs)
-    return out, tf.stop_gradient(mean), tf.stop_gradient(variance)
+        results = tf.custom_gradient(unit)(*inputs)
+    *outputs, mean, variance = results
+    return outputs, tf.stop_gradient(mean), tf.stop_gradient(variance)
 
 
 def bn_relu_linear_inference(
@@ -143,14 +148,13 @@ def bn_relu_linear_inference(
     variance: tf.Tensor,
     gamma: tf.Tensor,
     beta: tf.Tensor,
-    kernel: tf.Tensor,
-    bias: tf.Tensor | None,
+    weights: list[tf.Tensor],
     *,
     linear: LinearMap,
     bits: int | None,
     naive: bool,
     epsilon: float,
-) -> tf.Tensor:
+) -> list[tf.Tensor]:
     """Forward with given statistics (inference): plain ops, plain autodiff.
 
     Only `naive=True` quantizes here: its approximation is part of the model.
@@ -164,7 +168,4 @@ def bn_relu_linear_inference(
         a = _relu_from(xhat, mask, gamma, beta)
     else:
         a = tf.nn.relu((x32 - mean) * inv_std * gamma + beta)
-    out = linear.forward(tf.cast(a, x.dtype), kernel)
-    if bias is not None:
-        out = tf.nn.bias_add(out, bias)
-    return out
+    return linear.forward(tf.cast(a, x.dtype), weights)

@@ -305,3 +305,51 @@ def test_bad_arguments_raise_clear_errors(make, match):
 def test_bad_inputs_raise_clear_errors(layer, x, match):
     with pytest.raises(ValueError, match=match):
         layer()(tf.constant(x), training=True)
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_projection_head_matches_stock_shared_preactivation(bits):
+    rng = np.random.default_rng(11)
+    shape = (3, 8, 8, 6)
+    layer = keras_blpa.BNReLUConv2D(
+        4, 1, bits=bits, use_bias=False, projection_filters=10, projection_strides=2
+    )
+    layer.build(shape)
+    randomize_bn(layer, 6, rng)
+    bn = keras.layers.BatchNormalization()
+    bn.build(shape)
+    for name in ("gamma", "beta", "moving_mean", "moving_variance"):
+        getattr(bn, name).assign(getattr(layer, name))
+    main = keras.layers.Conv2D(4, 1, use_bias=False)
+    shortcut = keras.layers.Conv2D(10, 1, strides=2, use_bias=False)
+    main.build(shape)
+    shortcut.build(shape)
+    main.kernel.assign(layer.kernel)
+    shortcut.kernel.assign(layer.projection_kernel)
+
+    def stock(x, training):
+        a = tf.nn.relu(bn(x, training=training))
+        return [main(a), shortcut(a)]
+
+    x = _conv_input(rng, shape)
+    for training in (True, False):
+        for o, r in zip(layer(x, training=training), stock(x, training)):
+            np.testing.assert_allclose(o, r, rtol=1e-4, atol=1e-4)
+    assert [tuple(o.shape) for o in layer(x)] == [(3, 8, 8, 4), (3, 4, 4, 10)]
+    assert layer.compute_output_shape(shape) == [(3, 8, 8, 4), (3, 4, 4, 10)]
+
+    def grads(fn, weights):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            out, short = fn(x, True)
+            loss = _loss(out) + _loss(short)
+        return tape.gradient(loss, [x, *weights])
+
+    ours = grads(lambda x, t: layer(x, training=t),
+                 [layer.gamma, layer.beta, layer.kernel, layer.projection_kernel])
+    ref = grads(stock, [bn.gamma, bn.beta, main.kernel, shortcut.kernel])
+    for a, b in zip(ours, ref):
+        if bits is None:
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
+        else:
+            assert cosine(a, b) >= COSINE_FLOOR[4]

@@ -124,15 +124,17 @@ class BNReLUBase(keras.layers.Layer):
     def _linear_map(self) -> unit.LinearMap:
         raise NotImplementedError
 
-    def _bias(self):
-        return None
+    def _linear_weights(self) -> list:
+        """The linear map's weights, in the order its `LinearMap` expects."""
+        raise NotImplementedError
 
     def _prepare_input(self, inputs):
         """Hook: reshape the input before the unit (Dense flattens)."""
         return inputs
 
-    def _finish_output(self, outputs, inputs):
-        return outputs
+    def _finish_outputs(self, outputs: list, inputs):
+        """Hook: the layer's return value from the linear map's outputs."""
+        return outputs[0]
 
     def call(self, inputs, training=None):
         self._check_input_shape(inputs.shape)
@@ -145,15 +147,12 @@ class BNReLUBase(keras.layers.Layer):
         channels = x.shape[-1]
         gamma = tf.convert_to_tensor(self.gamma) if self.scale else tf.ones([channels])
         beta = tf.convert_to_tensor(self.beta) if self.center else tf.zeros([channels])
-        kernel = tf.cast(self.kernel, self.compute_dtype)
-        bias = self._bias()
-        if bias is not None:
-            bias = tf.cast(bias, self.compute_dtype)
+        weights = [tf.cast(w, self.compute_dtype) for w in self._linear_weights()]
         options = dict(
             linear=self._linear_map(), bits=self.bits, naive=self.naive, epsilon=self.epsilon
         )
         if training and self.trainable:
-            out, mean, variance = unit.bn_relu_linear(x, gamma, beta, kernel, bias, **options)
+            outputs, mean, variance = unit.bn_relu_linear(x, gamma, beta, weights, **options)
             self.moving_mean.assign(
                 self.moving_mean * self.momentum + mean * (1.0 - self.momentum)
             )
@@ -161,17 +160,16 @@ class BNReLUBase(keras.layers.Layer):
                 self.moving_variance * self.momentum + variance * (1.0 - self.momentum)
             )
         else:
-            out = unit.bn_relu_linear_inference(
+            outputs = unit.bn_relu_linear_inference(
                 x,
                 tf.convert_to_tensor(self.moving_mean),
                 tf.convert_to_tensor(self.moving_variance),
                 gamma,
                 beta,
-                kernel,
-                bias,
+                weights,
                 **options,
             )
-        return self._finish_output(out, inputs)
+        return self._finish_outputs(outputs, inputs)
 
     def get_config(self):
         config = super().get_config()

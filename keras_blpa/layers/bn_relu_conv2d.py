@@ -12,37 +12,59 @@ from keras_blpa.layers.base import BNReLUBase
 
 
 class _Conv2DMap:
-    """Conv2D and its two backprop ops, so the backward never reruns the forward."""
+    """Conv2D (+ bias) and an optional 1x1 projection head reading the same `a`.
 
-    def __init__(self, strides, padding, dilation_rate):
+    Weights: `[kernel, bias?, projection_kernel?]`. The backward uses the conv
+    backprop ops, so it never reruns the forward convolution.
+    """
+
+    def __init__(self, strides, padding, dilation_rate, use_bias, projection_strides):
         self.strides = [1, *strides, 1]
         self.padding = padding.upper()
         self.dilations = [1, *dilation_rate, 1]
-
-    def forward(self, a, kernel):
-        return tf.nn.conv2d(
-            a, kernel, self.strides, self.padding, dilations=self.dilations
+        self.use_bias = use_bias
+        self.projection_strides = (
+            None if projection_strides is None else [1, *projection_strides, 1]
         )
 
-    def grad_kernel(self, a, g, kernel):
-        return tf.raw_ops.Conv2DBackpropFilter(
-            input=a,
-            filter_sizes=tf.shape(kernel),
-            out_backprop=g,
-            strides=self.strides,
-            padding=self.padding,
-            dilations=self.dilations,
-        )
+    def _heads(self, weights):
+        """(kernel, strides, padding, dilations) per output."""
+        heads = [(weights[0], self.strides, self.padding, self.dilations)]
+        if self.projection_strides is not None:
+            heads.append((weights[-1], self.projection_strides, "VALID", [1, 1, 1, 1]))
+        return heads
 
-    def grad_input(self, kernel, g, a_shape):
-        return tf.raw_ops.Conv2DBackpropInput(
-            input_sizes=a_shape,
-            filter=kernel,
-            out_backprop=g,
-            strides=self.strides,
-            padding=self.padding,
-            dilations=self.dilations,
-        )
+    def forward(self, a, weights):
+        outputs = [
+            tf.nn.conv2d(a, k, s, p, dilations=d) for k, s, p, d in self._heads(weights)
+        ]
+        if self.use_bias:
+            outputs[0] = tf.nn.bias_add(outputs[0], weights[1])
+        return outputs
+
+    def grad_weights(self, a, grads, weights):
+        d_kernels = [
+            tf.raw_ops.Conv2DBackpropFilter(
+                input=a, filter_sizes=tf.shape(k), out_backprop=g, strides=s,
+                padding=p, dilations=d,
+            )
+            for (k, s, p, d), g in zip(self._heads(weights), grads)
+        ]
+        if self.use_bias:
+            axes = list(range(grads[0].shape.rank - 1))
+            d_bias = tf.reduce_sum(tf.cast(grads[0], tf.float32), axes)
+            d_kernels.insert(1, tf.cast(d_bias, weights[1].dtype))
+        return d_kernels
+
+    def grad_input(self, weights, grads, a_shape):
+        g_a = None
+        for (k, s, p, d), g in zip(self._heads(weights), grads):
+            term = tf.raw_ops.Conv2DBackpropInput(
+                input_sizes=a_shape, filter=k, out_backprop=g, strides=s, padding=p,
+                dilations=d,
+            )
+            g_a = term if g_a is None else g_a + term
+        return g_a
 
 
 @keras.saving.register_keras_serializable(package="keras_blpa")
@@ -87,6 +109,12 @@ class BNReLUConv2D(BNReLUBase):
       gamma_regularizer, beta_constraint, gamma_constraint: as in
         `keras.layers.BatchNormalization` (same defaults).
       data_format: only "channels_last" is supported.
+      projection_filters: if set, the layer also returns a bias-free 1x1
+        convolution of the same BN-ReLU output with this many filters (a
+        pre-activation ResNet's projection shortcut), as `[out, shortcut]`;
+        both heads share one saved code, so the shortcut keeps no
+        full-precision copy of the activation.
+      projection_strides: strides of the projection (default: `strides`).
     """
 
     def __init__(
@@ -105,9 +133,23 @@ class BNReLUConv2D(BNReLUBase):
         bias_regularizer=None,
         kernel_constraint=None,
         bias_constraint=None,
+        projection_filters: int | None = None,
+        projection_strides=None,
         **kwargs,
     ):
         super().__init__(bits=bits, naive=naive, **kwargs)
+        if projection_filters is not None and (
+            not isinstance(projection_filters, int) or projection_filters <= 0
+        ):
+            raise ValueError(
+                "`projection_filters` must be None or a positive integer; received "
+                f"projection_filters={projection_filters!r}."
+            )
+        self.projection_filters = projection_filters
+        self.projection_strides = standardize_tuple(
+            strides if projection_strides is None else projection_strides,
+            2, "projection_strides",
+        )
         if not isinstance(filters, int) or filters <= 0:
             raise ValueError(
                 f"`filters` must be a positive integer; received filters={filters!r}."
@@ -153,6 +195,14 @@ class BNReLUConv2D(BNReLUBase):
             regularizer=self.kernel_regularizer,
             constraint=self.kernel_constraint,
         )
+        if self.projection_filters:
+            self.projection_kernel = self.add_weight(
+                shape=(1, 1, int(input_shape[-1]), self.projection_filters),
+                name="projection_kernel",
+                initializer=self.kernel_initializer,
+                regularizer=self.kernel_regularizer,
+                constraint=self.kernel_constraint,
+            )
         if self.use_bias:
             self.bias = self.add_weight(
                 shape=(self.filters,),
@@ -163,12 +213,31 @@ class BNReLUConv2D(BNReLUBase):
             )
 
     def _linear_map(self):
-        return _Conv2DMap(self.strides, self.padding, self.dilation_rate)
+        return _Conv2DMap(
+            self.strides, self.padding, self.dilation_rate, self.use_bias,
+            self.projection_strides if self.projection_filters else None,
+        )
 
-    def _bias(self):
-        return self.bias if self.use_bias else None
+    def _linear_weights(self):
+        weights = [self.kernel] + ([self.bias] if self.use_bias else [])
+        if self.projection_filters:
+            weights.append(self.projection_kernel)
+        return weights
+
+    def _finish_outputs(self, outputs, inputs):
+        return outputs if self.projection_filters else outputs[0]
 
     def compute_output_shape(self, input_shape):
+        main = self._main_output_shape(input_shape)
+        if not self.projection_filters:
+            return main
+        projection = compute_conv_output_shape(
+            input_shape, self.projection_filters, (1, 1),
+            strides=self.projection_strides, padding="valid", data_format="channels_last",
+        )
+        return [main, projection]
+
+    def _main_output_shape(self, input_shape):
         return compute_conv_output_shape(
             input_shape,
             self.filters,
@@ -195,6 +264,8 @@ class BNReLUConv2D(BNReLUBase):
                 "bias_regularizer": regularizers.serialize(self.bias_regularizer),
                 "kernel_constraint": constraints.serialize(self.kernel_constraint),
                 "bias_constraint": constraints.serialize(self.bias_constraint),
+                "projection_filters": self.projection_filters,
+                "projection_strides": self.projection_strides,
             }
         )
         return config

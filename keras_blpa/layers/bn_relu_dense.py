@@ -10,22 +10,31 @@ from keras_blpa.layers.base import BNReLUBase
 
 
 class _DenseMap:
-    """`a @ kernel` on 2-D `a`, or on the spatial mean of 4-D `a` (pooling)."""
+    """`a @ kernel (+ bias)` on 2-D `a`, or on the spatial mean of 4-D `a`.
 
-    def __init__(self, pooled: bool):
+    Weights: `[kernel, bias?]`.
+    """
+
+    def __init__(self, pooled: bool, use_bias: bool):
         self.pooled = pooled
+        self.use_bias = use_bias
 
     def _pool(self, a):
         return tf.reduce_mean(a, axis=[1, 2]) if self.pooled else a
 
-    def forward(self, a, kernel):
-        return tf.matmul(self._pool(a), kernel)
+    def forward(self, a, weights):
+        out = tf.matmul(self._pool(a), weights[0])
+        return [tf.nn.bias_add(out, weights[1]) if self.use_bias else out]
 
-    def grad_kernel(self, a, g, kernel):
-        return tf.matmul(self._pool(a), g, transpose_a=True)
+    def grad_weights(self, a, grads, weights):
+        d_weights = [tf.matmul(self._pool(a), grads[0], transpose_a=True)]
+        if self.use_bias:
+            d_bias = tf.reduce_sum(tf.cast(grads[0], tf.float32), 0)
+            d_weights.append(tf.cast(d_bias, weights[1].dtype))
+        return d_weights
 
-    def grad_input(self, kernel, g, a_shape):
-        g_a = tf.matmul(g, kernel, transpose_b=True)
+    def grad_input(self, weights, grads, a_shape):
+        g_a = tf.matmul(grads[0], weights[0], transpose_b=True)
         if not self.pooled:
             return g_a
         area = tf.cast(a_shape[1] * a_shape[2], g_a.dtype)
@@ -130,10 +139,10 @@ class BNReLUDense(BNReLUBase):
             )
 
     def _linear_map(self):
-        return _DenseMap(pooled=self.pooling == "avg")
+        return _DenseMap(pooled=self.pooling == "avg", use_bias=self.use_bias)
 
-    def _bias(self):
-        return self.bias if self.use_bias else None
+    def _linear_weights(self):
+        return [self.kernel] + ([self.bias] if self.use_bias else [])
 
     def _prepare_input(self, inputs):
         # BN statistics over all leading axes equal those of the flattened rows.
@@ -141,12 +150,12 @@ class BNReLUDense(BNReLUBase):
             return tf.reshape(inputs, [-1, inputs.shape[-1]])
         return inputs
 
-    def _finish_output(self, outputs, inputs):
+    def _finish_outputs(self, outputs, inputs):
         if self.pooling is None and inputs.shape.rank > 2:
             return tf.reshape(
-                outputs, tf.concat([tf.shape(inputs)[:-1], [self.units]], axis=0)
+                outputs[0], tf.concat([tf.shape(inputs)[:-1], [self.units]], axis=0)
             )
-        return outputs
+        return outputs[0]
 
     def compute_output_shape(self, input_shape):
         if self.pooling == "avg":
