@@ -1,8 +1,8 @@
 """keras_blpa: Backprop with Low-Precision Approximate Activations for Keras 3."""
 
-from keras_blpa import layers, ops
+from keras_blpa import layers, models, ops
 from keras_blpa.layers import BNReLUConv2D, BNReLUDense
 
 __version__ = "0.1.0"
 
-__all__ = ["BNReLUConv2D", "BNReLUDense", "layers", "ops", "__version__"]
+__all__ = ["BNReLUConv2D", "BNReLUDense", "layers", "models", "ops", "__version__"]

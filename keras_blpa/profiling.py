@@ -2,8 +2,12 @@
 
 Peak memory of a training step grows linearly with the batch size; its slope
 is the activation memory per sample (weights, optimizer slots and constant
-working buffers drop out). Each variant must be measured in a fresh process:
-`python -m keras_blpa.profiling --variant 4` prints one JSON line.
+working buffers drop out). Each configuration is measured in a fresh process:
+`python -m keras_blpa.profiling --variant 4` prints one JSON line, and
+`measure_in_subprocess` does that from Python.
+
+Variants: "stock" (stock Keras layers), "none" (fused, bits=None), "8" and
+"4" (BLPA), "naive8" / "naive4" (naive quantization).
 """
 
 from __future__ import annotations
@@ -11,37 +15,68 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 
-VARIANTS = ("stock", "none", "8", "4")
+VARIANTS = ("stock", "none", "8", "4", "naive8", "naive4")
+MODELS = ("stack", "cifar")
+
+
+def variant_options(variant: str) -> dict:
+    """`bits`, `naive` and `stock` keyword arguments of a variant name."""
+    if variant not in VARIANTS:
+        raise ValueError(f"`variant` must be one of {VARIANTS}; received {variant!r}.")
+    if variant == "stock":
+        return dict(bits=None, naive=False, stock=True)
+    if variant == "none":
+        return dict(bits=None, naive=False, stock=False)
+    naive = variant.startswith("naive")
+    return dict(bits=int(variant.removeprefix("naive")), naive=naive, stock=False)
 
 
 def conv_stack(
     variant: str, depth: int = 20, channels: int = 32, size: int = 32, classes: int = 10
 ):
-    """A plain stack of `depth` BN -> ReLU -> 3x3 conv units plus a linear head.
-
-    `variant` is "stock" (keras BatchNormalization, ReLU, Conv2D layers) or
-    "none" / "8" / "4" (BNReLUConv2D with bits=None / 8 / 4).
-    """
+    """A plain stack of `depth` BN -> ReLU -> 3x3 conv units plus a linear head."""
     import keras
 
     from keras_blpa.layers import BNReLUConv2D
 
-    if variant not in VARIANTS:
-        raise ValueError(f"`variant` must be one of {VARIANTS}; received {variant!r}.")
+    options = variant_options(variant)
     inputs = keras.Input((size, size, channels))
     x = inputs
     for _ in range(depth):
-        if variant == "stock":
+        if options["stock"]:
             x = keras.layers.BatchNormalization()(x)
             x = keras.layers.ReLU()(x)
             x = keras.layers.Conv2D(channels, 3, padding="same")(x)
         else:
-            bits = None if variant == "none" else int(variant)
-            x = BNReLUConv2D(channels, 3, bits=bits)(x)
+            x = BNReLUConv2D(channels, 3, bits=options["bits"], naive=options["naive"])(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
     outputs = keras.layers.Dense(classes)(x)
     return keras.Model(inputs, outputs)
+
+
+def build_model(
+    model: str = "stack",
+    variant: str = "4",
+    depth: int = 20,
+    width: float = 1.0,
+    channels: int = 32,
+    size: int = 32,
+    classes: int = 10,
+):
+    """The model of a measurement: "stack" (`conv_stack`) or "cifar" (ResNet)."""
+    if model == "stack":
+        return conv_stack(variant, depth, channels, size, classes)
+    if model == "cifar":
+        from keras_blpa.models import preact_resnet_cifar
+
+        return preact_resnet_cifar(
+            depth, width=width, classes=classes, input_shape=(size, size, channels),
+            **variant_options(variant),
+        )
+    raise ValueError(f"`model` must be one of {MODELS}; received {model!r}.")
 
 
 def peak_step_memory(model, batch_size: int, jit_compile: bool = False) -> int:
@@ -64,39 +99,53 @@ def peak_step_memory(model, batch_size: int, jit_compile: bool = False) -> int:
     return tf.config.experimental.get_memory_info("CPU:0")["peak"]
 
 
-def per_sample_slope(
-    variant: str, batch_sizes=(8, 24), jit_compile: bool = False, **stack_kwargs
-) -> dict:
+def per_sample_slope(batch_sizes=(8, 40), jit_compile: bool = False, **model_kwargs) -> dict:
     """Peak memory at each batch size and the slope in MiB per sample."""
-    model = conv_stack(variant, **stack_kwargs)
+    model = build_model(**model_kwargs)
     peaks = [peak_step_memory(model, b, jit_compile) for b in batch_sizes]
     slope = (peaks[-1] - peaks[0]) / (batch_sizes[-1] - batch_sizes[0])
     return {
-        "variant": variant,
+        **model_kwargs,
         "batch_sizes": list(batch_sizes),
         "peak_bytes": peaks,
         "mib_per_sample": slope / 2**20,
         "jit_compile": jit_compile,
+        "params": model.count_params(),
     }
+
+
+def measure_in_subprocess(batch_sizes=(8, 40), jit_compile: bool = False, **model_kwargs) -> dict:
+    """`per_sample_slope` in a fresh Python process (allocator state matters)."""
+    args = [sys.executable, "-m", "keras_blpa.profiling",
+            "--batch-sizes", *map(str, batch_sizes)]
+    for key, value in model_kwargs.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    if jit_compile:
+        args.append("--jit-compile")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run(args, capture_output=True, text=True, env=env)
+    if result.returncode:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=MODELS, default="stack")
     parser.add_argument("--variant", choices=VARIANTS, required=True)
     parser.add_argument("--depth", type=int, default=20)
+    parser.add_argument("--width", type=float, default=1.0)
     parser.add_argument("--channels", type=int, default=32)
     parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--batch-sizes", type=int, nargs=2, default=(8, 24))
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--batch-sizes", type=int, nargs=2, default=(8, 40))
     parser.add_argument("--jit-compile", action="store_true")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     result = per_sample_slope(
-        args.variant,
-        tuple(args.batch_sizes),
-        args.jit_compile,
-        depth=args.depth,
-        channels=args.channels,
-        size=args.size,
+        tuple(args.batch_sizes), args.jit_compile, model=args.model, variant=args.variant,
+        depth=args.depth, width=args.width, channels=args.channels, size=args.size,
+        classes=args.classes,
     )
     print(json.dumps(result))
 
