@@ -1,0 +1,78 @@
+"""Train a pre-activation ResNet-152 (or 50/101) on ImageNet with BLPA.
+
+Data: tensorflow-datasets `imagenet2012`, which needs the ILSVRC 2012
+archives (ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar) in `--manual-dir`.
+Recipe: SGD momentum 0.9, weight decay 1e-4, learning rate 0.1 x batch/256
+divided by 10 at 50% and 75% of training; random resized crops and flips.
+Reports top-1 and top-5 validation accuracy.
+
+    python examples/train_imagenet.py --manual-dir ~/imagenet --depth 152 --bits 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+
+from keras_blpa import datasets, training  # noqa: E402
+from keras_blpa.models import preact_resnet_imagenet  # noqa: E402
+
+TRAIN_IMAGES = 1_281_167
+
+
+def bits_arg(value: str):
+    return None if value.lower() in ("none", "exact") else int(value)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--manual-dir", required=True, help="folder with the ILSVRC 2012 tars")
+    p.add_argument("--data-dir", default=None, help="tfds data directory")
+    p.add_argument("--depth", type=int, default=152, choices=[50, 101, 152])
+    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--bits", type=bits_arg, default=4, help="4, 8 or none (exact)")
+    p.add_argument("--naive", action="store_true")
+    p.add_argument("--stock", action="store_true")
+    p.add_argument("--epochs", type=int, default=90)
+    p.add_argument("--steps-per-epoch", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--jit-compile", action="store_true")
+    p.add_argument("--out", default="runs/imagenet")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    train, val, classes = datasets.imagenet(
+        args.manual_dir, args.batch_size, args.image_size, args.data_dir
+    )
+    model = preact_resnet_imagenet(
+        args.depth, width=args.width, classes=classes, bits=args.bits, naive=args.naive,
+        stock=args.stock, input_shape=(args.image_size, args.image_size, 3),
+    )
+    steps = args.steps_per_epoch or TRAIN_IMAGES // args.batch_size
+    optimizer = keras.optimizers.SGD(
+        training.step_schedule(0.1 * args.batch_size / 256, steps, args.epochs),
+        momentum=0.9, weight_decay=args.weight_decay,
+    )
+    model.compile(
+        optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy", keras.metrics.SparseTopKCategoricalAccuracy(5, name="top5")],
+        jit_compile=args.jit_compile,
+    )
+    print(f"{model.name}: {model.count_params():,} parameters")
+    summary = training.fit_and_summarize(
+        model, train, val, args.epochs, args.out, steps_per_epoch=args.steps_per_epoch,
+        extra={"bits": args.bits, "naive": args.naive},
+    )
+    return summary
+
+
+if __name__ == "__main__":
+    main()
