@@ -19,7 +19,7 @@ import subprocess
 import sys
 
 VARIANTS = ("stock", "none", "8", "4", "naive8", "naive4")
-MODELS = ("stack", "cifar")
+MODELS = ("stack", "residual_stack", "projection_stack", "cifar")
 
 
 def variant_options(variant: str) -> dict:
@@ -35,9 +35,19 @@ def variant_options(variant: str) -> dict:
 
 
 def conv_stack(
-    variant: str, depth: int = 20, channels: int = 32, size: int = 32, classes: int = 10
+    variant: str,
+    depth: int = 20,
+    channels: int = 32,
+    size: int = 32,
+    classes: int = 10,
+    shortcut: str | None = None,
 ):
-    """A plain stack of `depth` BN -> ReLU -> 3x3 conv units plus a linear head."""
+    """A stack of `depth` BN -> ReLU -> 3x3 conv units plus a linear head.
+
+    `shortcut`: None (plain stack), "identity" (`x + unit(x)`) or "projection"
+    (`unit(x) + conv1x1(relu(bn(x)))`, the 1x1 conv reading the unit's own
+    activation: the fused layer's projection head).
+    """
     import keras
 
     from keras_blpa.layers import BNReLUConv2D
@@ -47,11 +57,21 @@ def conv_stack(
     x = inputs
     for _ in range(depth):
         if options["stock"]:
-            x = keras.layers.BatchNormalization()(x)
-            x = keras.layers.ReLU()(x)
-            x = keras.layers.Conv2D(channels, 3, padding="same")(x)
+            a = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))
+            out = keras.layers.Conv2D(channels, 3, padding="same")(a)
+            if shortcut == "projection":
+                short = keras.layers.Conv2D(channels, 1, use_bias=False)(a)
         else:
-            x = BNReLUConv2D(channels, 3, bits=options["bits"], naive=options["naive"])(x)
+            layer = BNReLUConv2D(
+                channels, 3, bits=options["bits"], naive=options["naive"],
+                projection_filters=channels if shortcut == "projection" else None,
+            )
+            out = layer(x)
+            if shortcut == "projection":
+                out, short = out
+        if shortcut == "identity":
+            short = x
+        x = out if shortcut is None else keras.layers.Add()([out, short])
     x = keras.layers.GlobalAveragePooling2D()(x)
     outputs = keras.layers.Dense(classes)(x)
     return keras.Model(inputs, outputs)
@@ -66,9 +86,12 @@ def build_model(
     size: int = 32,
     classes: int = 10,
 ):
-    """The model of a measurement: "stack" (`conv_stack`) or "cifar" (ResNet)."""
-    if model == "stack":
-        return conv_stack(variant, depth, channels, size, classes)
+    """The model of a measurement: a `conv_stack` ("stack", "residual_stack",
+    "projection_stack") or "cifar" (`preact_resnet_cifar`)."""
+    if model.endswith("stack"):
+        shortcut = {"stack": None, "residual_stack": "identity",
+                    "projection_stack": "projection"}[model]
+        return conv_stack(variant, depth, channels, size, classes, shortcut)
     if model == "cifar":
         from keras_blpa.models import preact_resnet_cifar
 

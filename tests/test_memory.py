@@ -29,3 +29,19 @@ def test_exact_mode_keeps_less_than_stock(slopes):
 
 def test_fewer_bits_keep_less(slopes):
     assert slopes["4"] <= slopes["8"] < slopes["none"]
+
+
+def test_projection_head_keeps_no_full_precision_copy():
+    """A projection shortcut reading the unit's activation shares its 4-bit code.
+
+    Ten units with a 1x1 projection head against ten with an identity
+    shortcut: a full-precision copy of each activation would add
+    10 x 128 KiB = 1.25 MiB per sample.
+    """
+    identity = measure_in_subprocess(model="residual_stack", variant="4", depth=10)
+    projection = measure_in_subprocess(model="projection_stack", variant="4", depth=10)
+    stock = measure_in_subprocess(model="projection_stack", variant="stock", depth=10)
+    print("MiB/sample identity, projection, stock-projection:",
+          identity["mib_per_sample"], projection["mib_per_sample"], stock["mib_per_sample"])
+    assert projection["mib_per_sample"] - identity["mib_per_sample"] < 0.4
+    assert projection["mib_per_sample"] < stock["mib_per_sample"] / 2
