@@ -37,47 +37,71 @@ inline Grid MakeGrid(int bits) {
   return g;
 }
 
-// tf.maximum / tf.minimum: a NaN in either argument gives NaN.
-BLPA_HD float TfMax(float a, float b) {
-  return ((a != a) | (b != b)) ? a + b : (a > b ? a : b);
-}
-BLPA_HD float TfMin(float a, float b) {
-  return ((a != a) | (b != b)) ? a + b : (a < b ? a : b);
+// Allowed code range [lower, upper] on one side of the ReLU threshold
+// (quantizer.encode_codes): codes must say "on" iff the forward's y > 0.
+struct Bounds {
+  float lower;
+  float upper;
+};
+
+// Bounds of a channel for elements whose forward mask is `on`. Depends only
+// on per-channel values, so the CPU precomputes it per channel and the GPU
+// calls it per element: the same function either way.
+BLPA_HD Bounds SideBounds(bool on, float k, float flip, float aligned,
+                          const Grid& g) {
+  const bool hi_side_on = flip < 0.5f;
+  const bool want_hi = on == hi_side_on;
+  const bool al = aligned > 0.5f;
+  Bounds b;
+  b.lower = (al && want_hi) ? k : 0.0f;
+  b.upper = (al && !want_hi) ? k - 1.0f : g.top;
+  // TF: tf.maximum/tf.minimum propagate a NaN bound (only a NaN k makes one)
+  // and tf.cast(NaN -> uint8) gives 0. The range [0, 0] gives that same 0 for
+  // every u, so the per-element code needs no NaN checks.
+  if ((b.lower != b.lower) | (b.upper != b.upper)) {
+    b.lower = 0.0f;
+    b.upper = 0.0f;
+  }
+  return b;
 }
 
-// tf.cast(float32 -> uint8) for the values it can meet here: integers in
-// [0, 255] (and NaN -> 0, which x86's and CUDA's conversions agree on only
-// after the explicit check).
-BLPA_HD uint8_t CodeToByte(float q) {
-  return q != q ? uint8_t{0} : static_cast<uint8_t>(static_cast<int32_t>(q));
-}
-
-// quantizer.encode_codes for one element. `on` is the forward ReLU mask.
-BLPA_HD uint8_t EncodeCode(float xhat, bool on, float lo, float k, float flip,
-                           float aligned, const Grid& g) {
+// The code of xhat, clamped into `b` (u = clip(floor((xhat - lo) / w))).
+BLPA_HD uint8_t ClampedCode(float xhat, float lo, Bounds b, const Grid& g) {
   // TF: u = clip(where(isnan(floor(v)), 0, floor(v)), 0, n-1). Clipping first
   // (NaN -> 0) and then truncating gives the same integer for every input,
   // including +-Inf, and truncation vectorizes without SSE4.1's floor.
   float v = (xhat - lo) * g.inv_w;
   v = v > 0.0f ? v : 0.0f;
   v = v < g.top ? v : g.top;
-  const float u = static_cast<float>(static_cast<int32_t>(v));
-  const bool hi_side_on = flip < 0.5f;
-  const bool want_hi = on == hi_side_on;
-  const bool al = aligned > 0.5f;
-  const float lower = (al && want_hi) ? k : 0.0f;
-  const float upper = (al && !want_hi) ? k - 1.0f : g.top;
-  return CodeToByte(TfMin(TfMax(u, lower), upper));
+  float q = static_cast<float>(static_cast<int32_t>(v));
+  // tf.minimum(tf.maximum(u, lower), upper); neither side can be NaN here.
+  q = q > b.lower ? q : b.lower;
+  q = q < b.upper ? q : b.upper;
+  // tf.cast(float32 -> uint8): the conversion through int32, as TF's.
+  return static_cast<uint8_t>(static_cast<int32_t>(q));
 }
 
-// quantizer.bn_relu_encode for one element: returns `a`, writes the code.
+// quantizer.bn_relu_encode for one element with precomputed per-side bounds:
+// returns `a`, writes the code.
+BLPA_HD float EncodeOneBounded(float x, float mean, float inv_std, float gamma,
+                               float beta, float lo, Bounds on_bounds,
+                               Bounds off_bounds, const Grid& g,
+                               uint8_t* code) {
+  const float xhat = (x - mean) * inv_std;
+  const float y = xhat * gamma + beta;
+  const bool on = y > 0.0f;
+  *code = ClampedCode(xhat, lo, on ? on_bounds : off_bounds, g);
+  return on ? y : 0.0f;
+}
+
+// The same from the raw grid parameters (what the CUDA kernel calls).
 BLPA_HD float EncodeOne(float x, float mean, float inv_std, float gamma,
                         float beta, float lo, float k, float flip,
                         float aligned, const Grid& g, uint8_t* code) {
   const float xhat = (x - mean) * inv_std;
   const float y = xhat * gamma + beta;
   const bool on = y > 0.0f;
-  *code = EncodeCode(xhat, on, lo, k, flip, aligned, g);
+  *code = ClampedCode(xhat, lo, SideBounds(on, k, flip, aligned, g), g);
   return on ? y : 0.0f;
 }
 

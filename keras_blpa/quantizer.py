@@ -210,3 +210,40 @@ def bn_relu_encode(
     on = y > 0.0
     a = tf.where(on, y, 0.0)
     return a, encode(xhat, on, params, bits)
+
+
+def relu_bn_backward(
+    g_a: tf.Tensor, xhat: tf.Tensor, mask: tf.Tensor, gamma: tf.Tensor, inv_std: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Backward of `a = relu(gamma * xhat + beta)`, `xhat` from batch statistics.
+
+    Args:
+      g_a: float32 gradient w.r.t. `a`, channels last.
+      xhat: float32 normalized input (exact or decoded), same shape.
+      mask: bool ReLU mask, same shape.
+      gamma, inv_std: float32 `[C]`; `inv_std = 1 / sqrt(var + epsilon)`.
+
+    Returns:
+      `(g_x, d_gamma, d_beta)`: the input gradient (float32, shape of `g_a`)
+      and the `[C]` parameter gradients.
+    """
+    axes = list(range(g_a.shape.rank - 1))
+    count = tf.cast(tf.reduce_prod(tf.shape(g_a)[:-1]), tf.float32)
+    g_y = tf.where(mask, g_a, 0.0)
+    d_beta = tf.reduce_sum(g_y, axes)
+    d_gamma = tf.reduce_sum(g_y * xhat, axes)
+    g_x = (gamma * inv_std) * (g_y - d_beta / count - xhat * (d_gamma / count))
+    return g_x, d_gamma, d_beta
+
+
+def decode_bn_backward(
+    g_a: tf.Tensor,
+    packed: tf.Tensor,
+    params: QuantParams,
+    gamma: tf.Tensor,
+    inv_std: tf.Tensor,
+    bits: int,
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """`relu_bn_backward` with `xhat` and the mask decoded from packed codes."""
+    xhat, mask = decode(packed, params, tf.shape(g_a), bits)
+    return relu_bn_backward(g_a, xhat, mask, gamma, inv_std)

@@ -1,0 +1,311 @@
+"""Maximum batch size and time per sample under a memory budget (the paper's table).
+
+For each pre-activation ResNet depth and variant, a fresh worker process finds
+the largest batch whose training step (`train_on_batch`, SGD) fits in the
+budget, by binary search on measured peak memory (`get_memory_info`: CPU here,
+GPU:0 where one is visible), seeded by the linear fit of peak memory against
+batch size. It then times the step per sample at that batch and at one common
+batch. Variants:
+
+  stock        stock Keras layers
+  recompute    stock, each residual block under `tf.recompute_grad`
+  remat-full   stock built under `keras.RematScope(mode="full")`
+  remat-act    stock built under `keras.RematScope(mode="activations")`
+  none         fused layers, bits=None (exact)
+  8, 4         BLPA 8-bit, 4-bit
+  ...+xla      the same with `jit_compile=True`
+
+Output: a markdown table (depths by variants), a PNG of peak memory against
+batch size per variant, and the raw figures as JSON.
+
+    python benchmarks/max_batch.py --depths 164 254 --budget-mib 2048 \\
+        --out benchmarks/results/cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+import keras
+import tensorflow as tf
+
+VARIANTS = ("stock", "recompute", "remat-full", "remat-act", "none", "8", "4")
+
+
+def _device() -> str:
+    return "GPU:0" if tf.config.list_physical_devices("GPU") else "CPU:0"
+
+
+class RecomputedBottleneck(keras.layers.Layer):
+    """Stock pre-activation bottleneck whose forward is recomputed in the backward.
+
+    (Its BN moving statistics update twice per step, in the forward and in
+    the recomputation: fine for measuring memory and time.)
+    """
+
+    def __init__(self, planes, strides, **kwargs):
+        super().__init__(**kwargs)
+        self.planes, self.strides = planes, strides
+
+    def build(self, shape):
+        out = 4 * self.planes
+        self.project = self.strides != 1 or shape[-1] != out
+        self.bns = [keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5)
+                    for _ in range(3)]
+        conv = dict(use_bias=False, padding="same")
+        self.convs = [keras.layers.Conv2D(self.planes, 1, **conv),
+                      keras.layers.Conv2D(self.planes, 3, strides=self.strides, **conv),
+                      keras.layers.Conv2D(out, 1, **conv)]
+        h = shape
+        for bn, conv_layer in zip(self.bns, self.convs):
+            bn.build(h)
+            conv_layer.build(h)
+            h = conv_layer.compute_output_shape(h)
+        if self.project:
+            self.proj = keras.layers.Conv2D(out, 1, strides=self.strides, use_bias=False)
+            self.proj.build(shape)
+
+    def call(self, x, training=None):
+        def block(x):
+            a = tf.nn.relu(self.bns[0](x, training=training))
+            shortcut = self.proj(a) if self.project else x
+            h = self.convs[0](a)
+            h = self.convs[1](tf.nn.relu(self.bns[1](h, training=training)))
+            h = self.convs[2](tf.nn.relu(self.bns[2](h, training=training)))
+            return h + shortcut
+
+        return tf.recompute_grad(block)(x) if training else block(x)
+
+
+def build(variant: str, depth: int, classes: int = 10):
+    """The ResNet of a variant (the stock variants share one architecture)."""
+    from keras_blpa.models import preact_resnet_cifar
+
+    if variant in ("none", "8", "4"):
+        bits = None if variant == "none" else int(variant)
+        return preact_resnet_cifar(depth, bits=bits, classes=classes)
+    if variant == "stock":
+        return preact_resnet_cifar(depth, stock=True, classes=classes)
+    if variant.startswith("remat"):
+        mode = "full" if variant == "remat-full" else "activations"
+        with keras.RematScope(mode=mode):
+            return preact_resnet_cifar(depth, stock=True, classes=classes)
+    if variant == "recompute":
+        n = (depth - 2) // 9
+        inputs = keras.Input((32, 32, 3))
+        x = keras.layers.Conv2D(16, 3, padding="same", use_bias=False)(inputs)
+        for planes, strides in ((16, 1), (32, 2), (64, 2)):
+            for block in range(n):
+                x = RecomputedBottleneck(planes, strides if block == 0 else 1)(x)
+        x = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))
+        x = keras.layers.GlobalAveragePooling2D()(x)
+        return keras.Model(inputs, keras.layers.Dense(classes)(x))
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+def worker(depth: int, variant: str, jit: bool, budget: int, common: int, repeats: int) -> dict:
+    """Runs in a fresh process: binary search of the max batch, then timings."""
+    import numpy as np
+
+    device = _device()
+    model = build(variant, depth)
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy", jit_compile=jit)
+    rng = np.random.default_rng(0)
+    peaks: dict[int, int] = {}
+
+    def step(batch: int, times: int = 1) -> float:
+        x = rng.normal(size=(batch, 32, 32, 3)).astype("float32")
+        y = rng.integers(0, 10, batch).astype("int32")
+        model.train_on_batch(x, y)  # warm-up / compile for this shape
+        tf.config.experimental.reset_memory_stats(device)
+        start = time.perf_counter()
+        for _ in range(times):
+            model.train_on_batch(x, y)
+        elapsed = (time.perf_counter() - start) / times
+        peaks[batch] = tf.config.experimental.get_memory_info(device)["peak"]
+        return elapsed
+
+    def fits(batch: int) -> bool:
+        if batch not in peaks:
+            step(batch)
+        return peaks[batch] <= budget
+
+    b0, b1 = 4, 16
+    step(b0), step(b1)
+    slope = (peaks[b1] - peaks[b0]) / (b1 - b0)
+    guess = max(1, int((budget - (peaks[b0] - slope * b0)) / slope))
+    lo, hi = 0, None
+    for candidate in (guess, int(guess * 0.93), int(guess * 1.07) + 1):
+        if candidate < 1:
+            continue
+        if fits(candidate):
+            lo = max(lo, candidate)
+        else:
+            hi = candidate if hi is None else min(hi, candidate)
+    if lo == 0 and hi is not None:  # the guess overshot a lot: halve down
+        while hi > 1 and not fits(hi // 2):
+            hi //= 2
+        lo = hi // 2
+    while hi is None:  # the guess undershot a lot: double up
+        candidate = lo * 2
+        if fits(candidate):
+            lo = candidate
+        else:
+            hi = candidate
+    while hi - lo > max(1, lo // 50):  # binary search to 2%
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    result = {
+        "depth": depth, "variant": variant, "jit_compile": jit, "device": device,
+        "budget_bytes": budget, "max_batch": lo,
+        "mib_per_sample": slope / 2**20,
+        "peaks": {str(k): v for k, v in sorted(peaks.items())},
+    }
+    if lo >= 1:
+        result["ms_per_sample_at_max"] = 1e3 * step(lo, repeats) / lo
+    if common <= lo:
+        result["common_batch"] = common
+        result["ms_per_sample_at_common"] = 1e3 * step(common, repeats) / common
+    return result
+
+
+def run_worker(args, depth, variant, jit) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--depths", str(depth),
+           "--variants", variant, "--budget-mib", str(args.budget_mib),
+           "--common-batch", str(args.common_batch), "--repeats", str(args.repeats)]
+    if jit:
+        cmd.append("--xla")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    start = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                          timeout=args.timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode or not lines:
+        error = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        return {"depth": depth, "variant": variant, "jit_compile": jit, "error": error}
+    result = json.loads(lines[-1])
+    result["wall_seconds"] = time.time() - start
+    return result
+
+
+def label(r) -> str:
+    return r["variant"] + ("+xla" if r["jit_compile"] else "")
+
+
+def table(results: list[dict], budget_mib: float) -> str:
+    depths = sorted({r["depth"] for r in results})
+    labels = list(dict.fromkeys(label(r) for r in results))
+    by = {(r["depth"], label(r)): r for r in results}
+    lines = [f"Max batch size within {budget_mib:g} MiB (time per sample, ms, at that batch;"
+             " ratio to stock)", "",
+             "| variant | " + " | ".join(f"ResNet-{d}" for d in depths) + " |",
+             "|---|" + "---|" * len(depths)]
+    for lab in labels:
+        cells = []
+        for d in depths:
+            r = by.get((d, lab))
+            stock = by.get((d, "stock" + ("+xla" if lab.endswith("+xla") else "")))
+            if r is None:
+                cells.append("-")
+            elif "error" in r:
+                cells.append(f"fails: {r['error'][:80]}")
+            else:
+                ratio = ""
+                if stock and stock.get("max_batch"):
+                    ratio = f", {r['max_batch'] / stock['max_batch']:.1f}x"
+                ms = r.get("ms_per_sample_at_max")
+                cells.append(f"{r['max_batch']} ({'-' if ms is None else f'{ms:.1f}'}{ratio})")
+        lines.append(f"| {lab} | " + " | ".join(cells) + " |")
+    lines += ["", "Time per sample at the common batch (ms):", "",
+              "| variant | " + " | ".join(f"ResNet-{d}" for d in depths) + " |",
+              "|---|" + "---|" * len(depths)]
+    for lab in labels:
+        cells = []
+        for d in depths:
+            r = by.get((d, lab)) or {}
+            ms = r.get("ms_per_sample_at_common")
+            cells.append("-" if ms is None else f"{ms:.2f} (batch {r['common_batch']})")
+        lines.append(f"| {lab} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    depths = sorted({r["depth"] for r in results})
+    fig, axes = plt.subplots(1, len(depths), figsize=(6 * len(depths), 4.5), squeeze=False)
+    for ax, d in zip(axes[0], depths):
+        for r in results:
+            if r["depth"] != d or "peaks" not in r:
+                continue
+            pts = sorted((int(b), p / 2**20) for b, p in r["peaks"].items())
+            ax.plot(*zip(*pts), marker="o", label=label(r))
+        ax.axhline(results[0].get("budget_bytes", 0) / 2**20, color="k", ls="--", lw=0.8)
+        ax.set(title=f"Pre-activation ResNet-{d}", xlabel="batch size",
+               ylabel="peak training-step memory (MiB)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--depths", type=int, nargs="+", default=[164])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--xla", action="store_true", help="(worker) jit_compile=True")
+    p.add_argument("--jit", choices=["off", "on", "both"], default="both")
+    p.add_argument("--budget-mib", type=float, default=2048)
+    p.add_argument("--common-batch", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--timeout", type=int, default=3600)
+    p.add_argument("--out", default="benchmarks/results/cpu")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        try:
+            result = worker(args.depths[0], args.variants[0], args.xla,
+                            int(args.budget_mib * 2**20), args.common_batch, args.repeats)
+        except Exception as e:  # noqa: BLE001 - reported in the table
+            traceback.print_exc()
+            result = {"depth": args.depths[0], "variant": args.variants[0],
+                      "jit_compile": args.xla, "error": f"{type(e).__name__}: {e}"[:300]}
+        print(json.dumps(result))
+        return
+    os.makedirs(args.out, exist_ok=True)
+    jits = {"off": [False], "on": [True], "both": [False, True]}[args.jit]
+    results = []
+    raw = os.path.join(args.out, "max_batch.json")
+    for depth in args.depths:
+        for jit in jits:
+            for variant in args.variants:
+                if jit and variant.startswith("remat"):
+                    continue
+                r = run_worker(args, depth, variant, jit)
+                print(json.dumps({k: v for k, v in r.items() if k != "peaks"}), flush=True)
+                results.append(r)
+                with open(raw, "w") as f:
+                    json.dump({"command": " ".join(sys.argv), "results": results}, f, indent=1)
+    md = table(results, args.budget_mib)
+    print(md)
+    with open(os.path.join(args.out, "max_batch.md"), "w") as f:
+        f.write(f"Command: `python {' '.join(sys.argv)}`\n\n{md}\n")
+    plot(results, os.path.join(args.out, "max_batch.png"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""Throughput of BLPA encode/decode: compiled op vs pure TF vs XLA vs a plain copy.
+
+All rates are GB/s of fp32 activations (the size of `x` for encode, of the
+decoded `xhat` for decode), measured in the same process:
+
+- op:   the compiled custom op (keras_blpa.custom_op), one eager op call;
+- tf:   the pure-TF quantizer (keras_blpa.quantizer) in a tf.function;
+- xla:  the same under tf.function(jit_compile=True);
+  (tf and xla include the tf.function call overhead, printed as `fn_call_us`;
+  it dominates at 1 MiB on slow machines);
+- copy: memory-copy references, `x * 1.0` in eager TF (a real read + write of
+  fp32) and numpy `copyto` into a preallocated array.
+
+Encode reads 4 B and writes 4 B (+0.5 or 1 B of codes) per element; decode
+reads 0.5 or 1 B and writes 5 B (xhat + bool mask), so "copy" is the natural
+ceiling for both.
+
+    python benchmarks/pack_bench.py                       # 1..256 MiB, 4 and 8 bits
+    python benchmarks/pack_bench.py --sizes-mib 1,4,16,64,256 --bits 4,8 --out r.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from keras_blpa import custom_op, quantizer  # noqa: E402
+
+CHANNELS = 64
+
+
+def _sync() -> None:
+    # CPU eager/tf.function calls are synchronous; GPUs need an explicit sync.
+    sync = getattr(getattr(tf.test, "experimental", None), "sync_devices", None)
+    if sync is not None and tf.config.list_logical_devices("GPU"):
+        sync()
+
+
+def _best(fn: Callable[[], object], min_time: float, min_reps: int) -> float:
+    """Seconds of the fastest of at least `min_reps` calls (after one warm-up)."""
+    fn()
+    _sync()
+    best = float("inf")
+    reps = 0
+    start = time.perf_counter()
+    while reps < min_reps or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        fn()
+        _sync()
+        best = min(best, time.perf_counter() - t0)
+        reps += 1
+    return best
+
+
+def _rate(fn: Callable[[], object], nbytes: int, min_time: float, min_reps: int) -> float:
+    """GB/s moving `nbytes` per call."""
+    return nbytes / _best(fn, min_time, min_reps) / 1e9
+
+
+def _inputs(mib: int, bits: int):
+    n = mib * (1 << 20) // 4
+    x = tf.random.normal([n // CHANNELS, CHANNELS], seed=1)
+    rng = np.random.default_rng(0)
+    gamma = tf.constant(rng.normal(size=CHANNELS).astype(np.float32))
+    beta = tf.constant(rng.normal(size=CHANNELS).astype(np.float32))
+    mean = tf.reduce_mean(x, axis=0)
+    inv_std = tf.math.rsqrt(tf.math.reduce_variance(x, axis=0) + 1e-3)
+    params = quantizer.quantizer_params(gamma, beta, bits)
+    return x, mean, inv_std, gamma, beta, params
+
+
+def bench_size(mib: int, bits: int, min_time: float, min_reps: int, use_op: bool) -> dict:
+    x, mean, inv_std, gamma, beta, params = _inputs(mib, bits)
+    nbytes = int(x.shape.num_elements()) * 4
+    shape = x.shape
+
+    def encode_with(mod):
+        def f(x):
+            return mod.bn_relu_encode(x, mean, inv_std, gamma, beta, params, bits)
+
+        return f
+
+    def decode_with(mod):
+        def f(packed):
+            return mod.decode(packed, params, shape, bits)
+
+        return f
+
+    impls = {
+        "tf": (tf.function(encode_with(quantizer)), tf.function(decode_with(quantizer))),
+        "xla": (
+            tf.function(encode_with(quantizer), jit_compile=True),
+            tf.function(decode_with(quantizer), jit_compile=True),
+        ),
+    }
+    if use_op:
+        # A single op needs no graph: calling it eagerly skips tf.function's overhead.
+        impls = {"op": (encode_with(custom_op), decode_with(custom_op)), **impls}
+    _, packed = quantizer.bn_relu_encode(x, mean, inv_std, gamma, beta, params, bits)
+
+    row: dict = {"size_mib": mib, "bits": bits, "elements": int(x.shape.num_elements())}
+    for name, (enc, dec) in impls.items():
+        row[f"encode_{name}"] = _rate(lambda e=enc: e(x), nbytes, min_time, min_reps)
+        row[f"decode_{name}"] = _rate(lambda d=dec: d(packed), nbytes, min_time, min_reps)
+
+    row["copy_tf"] = _rate(lambda: x * 1.0, nbytes, min_time, min_reps)
+    src = x.numpy()
+    dst = np.empty_like(src)
+    row["copy_np"] = _rate(lambda: np.copyto(dst, src), nbytes, min_time, min_reps)
+    return row
+
+
+COLUMNS = [
+    ("size_mib", "MiB"),
+    ("bits", "bits"),
+    ("encode_op", "enc op"),
+    ("encode_tf", "enc TF"),
+    ("encode_xla", "enc XLA"),
+    ("decode_op", "dec op"),
+    ("decode_tf", "dec TF"),
+    ("decode_xla", "dec XLA"),
+    ("copy_tf", "copy TF"),
+    ("copy_np", "copy np"),
+]
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| " + " | ".join(title for _, title in COLUMNS) + " |",
+        "|" + "|".join("---:" for _ in COLUMNS) + "|",
+    ]
+    for row in rows:
+        cells = []
+        for key, _ in COLUMNS:
+            value = row.get(key)
+            if value is None:
+                cells.append("n/a")
+            elif isinstance(value, float):
+                cells.append(f"{value:.2f}")
+            else:
+                cells.append(str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes-mib", default="1,4,16,64,256", help="comma-separated fp32 sizes")
+    parser.add_argument("--bits", default="4,8", help="comma-separated: 4, 8 or 4,8")
+    parser.add_argument("--min-time", type=float, default=0.3, help="seconds per measurement")
+    parser.add_argument("--min-reps", type=int, default=3)
+    parser.add_argument("--out", default="out/pack_bench.json", help="JSON results path")
+    args = parser.parse_args(argv)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        use_op = custom_op.is_available()
+    if not use_op:
+        reason = custom_op.load_error() or "disabled"
+        print(f"custom op unavailable ({reason}); op columns are n/a", file=sys.stderr)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+
+    rows = []
+    for bits in (int(b) for b in args.bits.split(",")):
+        for mib in (int(s) for s in args.sizes_mib.split(",")):
+            row = bench_size(mib, bits, args.min_time, args.min_reps, use_op)
+            rows.append(row)
+            print(f"done {mib} MiB, {bits} bits", file=sys.stderr, flush=True)
+
+    trivial = tf.function(lambda x: x)
+    fn_call_us = 1e6 * _best(lambda: trivial(tf.constant(0.0)), 0.2, 20)
+    devices = [d.name for d in tf.config.list_logical_devices()]
+    meta = {
+        "tensorflow": tf.__version__,
+        "devices": devices,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "custom_op": use_op,
+        "unit": "GB/s of fp32 activations (1e9 bytes/s)",
+        "channels": CHANNELS,
+        "fn_call_us": fn_call_us,
+    }
+    table = markdown(rows)
+    print(
+        f"TF {tf.__version__}, {os.cpu_count()} CPUs, devices {devices}; GB/s of fp32; "
+        f"tf.function call overhead {fn_call_us:.0f} us\n"
+    )
+    print(table)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

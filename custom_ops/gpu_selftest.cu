@@ -1,0 +1,435 @@
+// Standalone GPU self-test of the BLPA CUDA kernels (no TensorFlow needed).
+//
+// Runs the very kernels of blpa_kernels.cu.cc (included below) on random data
+// and compares them bit for bit with the same per-element functions of
+// blpa_kernels.h run on the host. On the host it also checks those functions
+// (both the GPU's and the CPU kernels' formulation) against a
+// straight-from-the-spec reference of quantizer.py (floor, isnan, TF's
+// NaN-propagating min/max).
+// Covers odd sizes (4-bit padding), channel counts 1..1000, bits 4 and 8,
+// gamma < 0, gamma == 0, thresholds far outside the window, NaN/Inf inputs,
+// every byte value for the decoders and a non-default stream.
+//
+// Build and run (nvcc 13, any GPU of sm_75 or newer; -arch=native picks it):
+//   nvcc -std=c++17 -O3 --fmad=false -Xcompiler -ffp-contract=off
+//        -arch=native -o gpu_selftest custom_ops/gpu_selftest.cu && ./gpu_selftest
+// Prints "N passed, M failed"; exits 1 on any mismatch, 2 if CUDA fails.
+// `--host-only` runs just the host-vs-spec checks (no GPU needed); `--large`
+// adds a case past 2^31 elements (64-bit indices; ~25 GB of GPU memory).
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "blpa_kernels.cu.cc"
+
+namespace {
+
+using blpa::DecodeArgs;
+using blpa::EncodeArgs;
+using blpa::Grid;
+
+int g_passed = 0;
+int g_failed = 0;
+
+#define CUDA_CHECK(expr)                                                    \
+  do {                                                                      \
+    cudaError_t err_ = (expr);                                              \
+    if (err_ != cudaSuccess) {                                              \
+      std::fprintf(stderr, "CUDA error %s at %s:%d: %s\n", #expr, __FILE__, \
+                   __LINE__, cudaGetErrorString(err_));                     \
+      std::exit(2);                                                         \
+    }                                                                       \
+  } while (0)
+
+void Report(const std::string& name, int64_t mismatches, int64_t total) {
+  if (mismatches == 0) {
+    ++g_passed;
+  } else {
+    ++g_failed;
+    std::printf("FAIL %s: %lld of %lld differ\n", name.c_str(),
+                static_cast<long long>(mismatches),
+                static_cast<long long>(total));
+  }
+}
+
+uint32_t Bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+// Bit-exact float comparison; any NaN equals any NaN (payloads differ
+// between x86 and CUDA, and TF does not promise them either).
+bool SameFloat(float a, float b) {
+  if (std::isnan(a) || std::isnan(b)) return std::isnan(a) && std::isnan(b);
+  return Bits(a) == Bits(b);
+}
+
+template <typename T>
+struct DeviceBuffer {
+  T* ptr = nullptr;
+  explicit DeviceBuffer(size_t n) { CUDA_CHECK(cudaMalloc(&ptr, (n ? n : 1) * sizeof(T))); }
+  ~DeviceBuffer() { cudaFree(ptr); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+};
+
+template <typename T>
+T* Upload(DeviceBuffer<T>& dev, const std::vector<T>& host) {
+  if (!host.empty()) {
+    CUDA_CHECK(cudaMemcpy(dev.ptr, host.data(), host.size() * sizeof(T),
+                          cudaMemcpyHostToDevice));
+  }
+  return dev.ptr;
+}
+
+template <typename T>
+std::vector<T> Download(const T* dev, size_t n) {
+  std::vector<T> host(n);
+  if (n) {
+    CUDA_CHECK(cudaMemcpy(host.data(), dev, n * sizeof(T), cudaMemcpyDeviceToHost));
+  }
+  return host;
+}
+
+// quantizer.quantizer_params, float32 arithmetic in TF's order.
+struct Params {
+  std::vector<float> lo, k, flip, aligned;
+};
+
+Params QuantizerParams(const std::vector<float>& gamma,
+                       const std::vector<float>& beta, int bits) {
+  const float n = static_cast<float>(1 << bits);
+  const float w = static_cast<float>(6.0 / (1 << bits));
+  Params p;
+  for (size_t c = 0; c < gamma.size(); ++c) {
+    const bool nonzero = gamma[c] != 0.0f;
+    const float t = -beta[c] / (nonzero ? gamma[c] : 1.0f);
+    const bool al = nonzero && t > -3.0f && t < 3.0f;
+    const float t_in = al ? t : 0.0f;
+    float ka = std::nearbyint((t_in + 3.0f) / w);  // tf.round: half to even
+    ka = std::fmin(std::fmax(ka, 1.0f), n - 1.0f);
+    p.lo.push_back(al ? t_in - ka * w : -3.0f);
+    p.k.push_back(al ? ka : (beta[c] > 0.0f ? 0.0f : n));
+    p.flip.push_back(al && gamma[c] < 0.0f ? 1.0f : 0.0f);
+    p.aligned.push_back(al ? 1.0f : 0.0f);
+  }
+  return p;
+}
+
+// Independent reference of quantizer.encode_codes, written from the spec.
+float TfMaxRef(float a, float b) {
+  return (std::isnan(a) || std::isnan(b)) ? std::numeric_limits<float>::quiet_NaN()
+                                          : (a > b ? a : b);
+}
+float TfMinRef(float a, float b) {
+  return (std::isnan(a) || std::isnan(b)) ? std::numeric_limits<float>::quiet_NaN()
+                                          : (a < b ? a : b);
+}
+uint8_t SpecCode(float xhat, bool on, float lo, float k, float flip,
+                 float aligned, int bits) {
+  const float top = static_cast<float>((1 << bits) - 1);
+  const float inv_w = static_cast<float>(1.0 / (6.0 / (1 << bits)));
+  volatile float prod = (xhat - lo) * inv_w;  // volatile: no contraction
+  float u = std::floor(prod);
+  if (std::isnan(u)) u = 0.0f;
+  u = TfMaxRef(TfMinRef(u, top), 0.0f);  // tf.clip_by_value
+  const bool want_hi = on == (flip < 0.5f);
+  const bool al = aligned > 0.5f;
+  const float lower = (al && want_hi) ? k : 0.0f;
+  const float upper = (al && !want_hi) ? k - 1.0f : top;
+  const float q = TfMinRef(TfMaxRef(u, lower), upper);
+  return std::isnan(q) ? 0 : static_cast<uint8_t>(static_cast<int32_t>(q));
+}
+
+struct Case {
+  std::string name;
+  int64_t n;
+  int64_t channels;
+  int bits;
+  bool specials;  // NaN/Inf/huge/denormal inputs and odd parameters
+};
+
+void RunCase(const Case& tc, std::mt19937& rng, cudaStream_t stream, bool device) {
+  const int64_t n = tc.n;
+  const int64_t C = tc.channels;
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::uniform_real_distribution<float> uniform(0.0f, 1.0f);
+
+  std::vector<float> x(n), mean(C), inv_std(C), gamma(C), beta(C);
+  for (auto& v : x) v = 2.5f * normal(rng);
+  for (int64_t c = 0; c < C; ++c) {
+    mean[c] = 0.3f * normal(rng);
+    inv_std[c] = 0.5f + 1.5f * uniform(rng);
+    gamma[c] = normal(rng);
+    beta[c] = normal(rng);
+    switch (c % 7) {  // gamma < 0, gamma == 0, thresholds far outside
+      case 1: gamma[c] = -std::fabs(gamma[c]); break;
+      case 2: gamma[c] = 0.0f; break;
+      case 3: beta[c] = 50.0f * std::fabs(gamma[c]) + 1.0f; break;    // always on
+      case 4: beta[c] = -50.0f * std::fabs(gamma[c]) - 1.0f; break;   // always off
+      case 5: gamma[c] = 0.0f; beta[c] = -beta[c] * beta[c]; break;   // off, beta <= 0
+      default: break;
+    }
+  }
+  if (tc.specials) {
+    const float specials[] = {std::numeric_limits<float>::quiet_NaN(),
+                              std::numeric_limits<float>::infinity(),
+                              -std::numeric_limits<float>::infinity(),
+                              3.0e38f, -3.0e38f, 1.0e-40f, -0.0f, 0.0f};
+    for (int64_t i = 0; i < n; i += 3) x[i] = specials[(i / 3) % 8];
+    if (C > 2) {
+      mean[0] = std::numeric_limits<float>::quiet_NaN();
+      inv_std[1] = std::numeric_limits<float>::infinity();
+    }
+  }
+  // Elements on the threshold (y rounds to either side of 0) and nudged by one
+  // ulp: there the side clamp of the code decides.
+  for (int64_t i = 1; i < n; i += 5) {
+    const int64_t c = i % C;
+    const float t = -beta[c] / (gamma[c] != 0.0f ? gamma[c] : 1.0f);
+    float v = mean[c] + t / inv_std[c];
+    if (i % 3 == 1) v = std::nextafter(v, 1e30f);
+    if (i % 3 == 2) v = std::nextafter(v, -1e30f);
+    x[i] = v;
+  }
+  Params p = QuantizerParams(gamma, beta, tc.bits);
+  if (tc.specials && C > 6) {
+    p.k[6] = std::numeric_limits<float>::quiet_NaN();  // NaN propagation
+    p.aligned[6] = 1.0f;
+  }
+  const Grid g = blpa::MakeGrid(tc.bits);
+  const int64_t bytes = tc.bits == 8 ? n : (n + 1) / 2;
+
+  // ---- host: same functions, and the spec reference
+  std::vector<float> a_host(n);
+  std::vector<uint8_t> codes(n), spec_codes(n), packed_host(bytes, 0);
+  int64_t spec_mismatch = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t c = i % C;
+    a_host[i] = blpa::EncodeOne(x[i], mean[c], inv_std[c], gamma[c], beta[c],
+                                p.lo[c], p.k[c], p.flip[c], p.aligned[c], g,
+                                &codes[i]);
+    // The CPU kernels' formulation: bounds precomputed per channel.
+    uint8_t code_cpu;
+    const float a_cpu = blpa::EncodeOneBounded(
+        x[i], mean[c], inv_std[c], gamma[c], beta[c], p.lo[c],
+        blpa::SideBounds(true, p.k[c], p.flip[c], p.aligned[c], g),
+        blpa::SideBounds(false, p.k[c], p.flip[c], p.aligned[c], g), g, &code_cpu);
+    if (code_cpu != codes[i] || !SameFloat(a_cpu, a_host[i])) ++spec_mismatch;
+    volatile float xhat = (x[i] - mean[c]) * inv_std[c];
+    volatile float prod = xhat * gamma[c];
+    const float y = prod + beta[c];
+    const bool on = y > 0.0f;
+    spec_codes[i] = SpecCode(xhat, on, p.lo[c], p.k[c], p.flip[c], p.aligned[c], tc.bits);
+    const float a_spec = on ? y : 0.0f;
+    if (spec_codes[i] != codes[i] || !SameFloat(a_spec, a_host[i])) ++spec_mismatch;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    if (tc.bits == 8) {
+      packed_host[i] = codes[i];
+    } else {
+      packed_host[i / 2] |= static_cast<uint8_t>((i & 1) ? codes[i] << 4 : codes[i]);
+    }
+  }
+  Report(tc.name + " host-vs-spec", spec_mismatch, n);
+  if (!device) return;
+
+  // ---- device encode
+  DeviceBuffer<float> d_x(n), d_a(n), d_mean(C), d_inv(C), d_gamma(C), d_beta(C);
+  DeviceBuffer<float> d_lo(C), d_k(C), d_flip(C), d_al(C);
+  DeviceBuffer<uint8_t> d_packed(bytes);
+  CUDA_CHECK(cudaMemset(d_packed.ptr, 0xAB, bytes ? bytes : 1));  // catch unwritten bytes
+  EncodeArgs ea{};
+  ea.x = Upload(d_x, x);
+  ea.mean = Upload(d_mean, mean);
+  ea.inv_std = Upload(d_inv, inv_std);
+  ea.gamma = Upload(d_gamma, gamma);
+  ea.beta = Upload(d_beta, beta);
+  ea.lo = Upload(d_lo, p.lo);
+  ea.k = Upload(d_k, p.k);
+  ea.flip = Upload(d_flip, p.flip);
+  ea.aligned = Upload(d_al, p.aligned);
+  ea.n = n;
+  ea.channels = C;
+  ea.bits = tc.bits;
+  ea.a = d_a.ptr;
+  ea.packed = d_packed.ptr;
+  if (const char* err = blpa::LaunchEncodeGpu(ea, stream)) {
+    std::fprintf(stderr, "encode launch failed: %s\n", err);
+    std::exit(2);
+  }
+  CUDA_CHECK(cudaStreamSynchronize(stream));
+  const std::vector<float> a_dev = Download(d_a.ptr, n);
+  const std::vector<uint8_t> packed_dev = Download(d_packed.ptr, bytes);
+  int64_t bad = 0;
+  for (int64_t i = 0; i < bytes; ++i) bad += packed_dev[i] != packed_host[i];
+  Report(tc.name + " encode codes", bad, bytes);
+  bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad += !SameFloat(a_dev[i], a_host[i]);
+  Report(tc.name + " encode a", bad, n);
+
+  // ---- device decode / decode_relu on every byte value, not only encoder output
+  std::vector<uint8_t> random_packed(bytes);
+  for (int64_t i = 0; i < bytes; ++i) random_packed[i] = static_cast<uint8_t>(rng() & 0xFF);
+  if (tc.specials && C > 6) p.k[6] = 3.0f;  // keep NaN out of the float outputs
+  Upload(d_k, p.k);
+  for (int pass = 0; pass < 2; ++pass) {
+    const std::vector<uint8_t>& src = pass == 0 ? packed_host : random_packed;
+    const std::string tag = pass == 0 ? " decode(encoded)" : " decode(random)";
+    Upload(d_packed, src);
+    DeviceBuffer<float> d_xhat(n), d_relu(n);
+    DeviceBuffer<bool> d_mask(n);
+    DecodeArgs da{};
+    da.packed = d_packed.ptr;
+    da.lo = d_lo.ptr;
+    da.k = d_k.ptr;
+    da.flip = d_flip.ptr;
+    da.gamma = d_gamma.ptr;
+    da.beta = d_beta.ptr;
+    da.n = n;
+    da.channels = C;
+    da.bits = tc.bits;
+    da.xhat = d_xhat.ptr;
+    da.mask = d_mask.ptr;
+    da.a = d_relu.ptr;
+    const char* err = blpa::LaunchDecodeGpu(da, stream);
+    if (err == nullptr) err = blpa::LaunchDecodeReluGpu(da, stream);
+    if (err != nullptr) {
+      std::fprintf(stderr, "decode launch failed: %s\n", err);
+      std::exit(2);
+    }
+    CUDA_CHECK(cudaStreamSynchronize(stream));
+    const std::vector<float> xhat_dev = Download(d_xhat.ptr, n);
+    const std::vector<bool> mask_dev = [&] {
+      std::vector<uint8_t> raw(n);
+      if (n) CUDA_CHECK(cudaMemcpy(raw.data(), d_mask.ptr, n, cudaMemcpyDeviceToHost));
+      return std::vector<bool>(raw.begin(), raw.end());
+    }();
+    const std::vector<float> relu_dev = Download(d_relu.ptr, n);
+    int64_t bad_x = 0, bad_m = 0, bad_r = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t c = i % C;
+      const uint8_t b = src[tc.bits == 8 ? i : i / 2];
+      const uint8_t code =
+          tc.bits == 8 ? b : ((i & 1) ? blpa::HighNibble(b) : blpa::LowNibble(b));
+      bool mask;
+      const float xhat = blpa::DecodeOne(code, p.lo[c], p.k[c], p.flip[c], g, &mask);
+      const float relu = blpa::DecodeReluOne(code, p.lo[c], p.k[c], p.flip[c],
+                                             gamma[c], beta[c], g);
+      bad_x += !SameFloat(xhat_dev[i], xhat);
+      bad_m += mask_dev[i] != mask;
+      bad_r += !SameFloat(relu_dev[i], relu);
+    }
+    Report(tc.name + tag + " xhat", bad_x, n);
+    Report(tc.name + tag + " mask", bad_m, n);
+    Report(tc.name + tag + " relu", bad_r, n);
+  }
+}
+
+// Effective bandwidth of the kernels on a large input (fp32 bytes per second).
+void Bandwidth(cudaStream_t stream) {
+  const int64_t n = int64_t{64} << 20;  // 256 MiB of fp32
+  const int64_t C = 64;
+  DeviceBuffer<float> d_x(n), d_a(n), d_par(8 * C), d_xhat(n);
+  DeviceBuffer<uint8_t> d_packed(n);
+  DeviceBuffer<bool> d_mask(n);
+  CUDA_CHECK(cudaMemset(d_x.ptr, 0, n * sizeof(float)));
+  CUDA_CHECK(cudaMemset(d_par.ptr, 0, 8 * C * sizeof(float)));
+  cudaEvent_t start, stop;
+  CUDA_CHECK(cudaEventCreate(&start));
+  CUDA_CHECK(cudaEventCreate(&stop));
+  for (int bits : {4, 8}) {
+    EncodeArgs ea{d_x.ptr, d_par.ptr, d_par.ptr + C, d_par.ptr + 2 * C,
+                  d_par.ptr + 3 * C, d_par.ptr + 4 * C, d_par.ptr + 5 * C,
+                  d_par.ptr + 6 * C, d_par.ptr + 7 * C, n, C, bits, d_a.ptr,
+                  d_packed.ptr};
+    DecodeArgs da{d_packed.ptr, d_par.ptr, d_par.ptr + C, d_par.ptr + 2 * C,
+                  d_par.ptr + 3 * C, d_par.ptr + 4 * C, n, C, bits, d_xhat.ptr,
+                  d_mask.ptr, d_a.ptr};
+    for (int which = 0; which < 3; ++which) {
+      float ms_total = 0.0f;
+      const int reps = 10;
+      for (int r = -1; r < reps; ++r) {  // r = -1: warm-up
+        CUDA_CHECK(cudaEventRecord(start, stream));
+        const char* err = which == 0   ? blpa::LaunchEncodeGpu(ea, stream)
+                          : which == 1 ? blpa::LaunchDecodeGpu(da, stream)
+                                       : blpa::LaunchDecodeReluGpu(da, stream);
+        if (err != nullptr) {
+          std::fprintf(stderr, "launch failed: %s\n", err);
+          std::exit(2);
+        }
+        CUDA_CHECK(cudaEventRecord(stop, stream));
+        CUDA_CHECK(cudaEventSynchronize(stop));
+        float ms;
+        CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+        if (r >= 0) ms_total += ms;
+      }
+      const char* names[] = {"encode", "decode", "decode_relu"};
+      std::printf("bandwidth %-11s bits=%d: %.1f GB/s of fp32 activations\n",
+                  names[which], bits,
+                  n * 4.0 / (ms_total / reps * 1e-3) / 1e9);
+    }
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  bool host_only = false, large = false;
+  for (int i = 1; i < argc; ++i) {
+    host_only |= std::string(argv[i]) == "--host-only";
+    large |= std::string(argv[i]) == "--large";
+  }
+  cudaStream_t stream = nullptr;
+  if (!host_only) {
+    int count = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+      std::fprintf(stderr, "no CUDA device available (use --host-only)\n");
+      return 2;
+    }
+    cudaDeviceProp prop;  // the selftest is built with this nvcc: layouts agree
+    CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+    std::printf("device: %s (sm_%d%d)\n", prop.name, prop.major, prop.minor);
+    CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  }
+  std::mt19937 rng(1234);
+  std::vector<Case> cases;
+  const int64_t sizes[] = {0, 1, 2, 3, 7, 111, 1001, 4096 * 37 + 1, (1 << 20) + 3};
+  const int64_t channel_counts[] = {1, 3, 37, 64, 1000};
+  for (int bits : {4, 8}) {
+    for (int64_t C : channel_counts) {
+      for (int64_t size : sizes) {
+        const int64_t n = (size / C) * C + (size % 2 ? C : 0);  // whole rows
+        for (bool specials : {false, true}) {
+          cases.push_back({"bits=" + std::to_string(bits) + " C=" + std::to_string(C) +
+                               " n=" + std::to_string(n) + (specials ? " specials" : ""),
+                           n, C, bits, specials});
+        }
+      }
+    }
+  }
+  // Past 2^31 elements the kernels switch to 64-bit indices.
+  if (large && !host_only) {
+    cases.push_back({"bits=4 C=37 n=2^31+37 (64-bit index)", (int64_t{1} << 31) / 37 * 37 + 37 * 3,
+                     37, 4, false});
+  }
+  for (const Case& tc : cases) RunCase(tc, rng, stream, !host_only);
+  if (!host_only) {
+    Bandwidth(stream);
+    CUDA_CHECK(cudaStreamDestroy(stream));
+  }
+  std::printf("%d passed, %d failed\n", g_passed, g_failed);
+  return g_failed == 0 ? 0 : 1;
+}
