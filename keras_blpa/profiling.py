@@ -103,19 +103,22 @@ def build_model(
 
 
 def peak_step_memory(model, batch_size: int, jit_compile: bool = False) -> int:
-    """Peak CPU memory (bytes) of one `train_on_batch` after a warm-up step."""
+    """Peak CPU memory (bytes) of one `train_on_batch` after warm-up steps.
+
+    The model is compiled afresh, so the step is traced for this batch size
+    with static shapes, as `model.fit` does for a fixed batch size (a
+    function retraced for several sizes generalizes the batch dimension and
+    can schedule differently).
+    """
     import numpy as np
     import tensorflow as tf
 
-    if not model.compiled:
-        model.compile(
-            optimizer="sgd",
-            loss="sparse_categorical_crossentropy",
-            jit_compile=jit_compile,
-        )
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy",
+                  jit_compile=jit_compile)
     shape = (batch_size, *model.input_shape[1:])
     x = np.random.default_rng(0).normal(size=shape).astype("float32")
     y = np.zeros((batch_size,), "int32")
+    model.train_on_batch(x, y)
     model.train_on_batch(x, y)
     tf.config.experimental.reset_memory_stats("CPU:0")
     model.train_on_batch(x, y)

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import tensorflow as tf
 
-from keras_blpa import quantizer, xla
+from keras_blpa import custom_op, quantizer, xla
 
 try:  # Internal API, used only to save memory in eager mode.
     from tensorflow.python.eager import record as _record
@@ -37,10 +37,6 @@ class LinearMap(Protocol):
     def grad_input(
         self, weights: list[tf.Tensor], grads: list[tf.Tensor], a_shape: tf.Tensor
     ) -> tf.Tensor: ...
-
-
-def _relu_from(xhat, mask, gamma, beta):
-    return tf.where(mask, xhat * gamma + beta, 0.0)
 
 
 def bn_relu_linear(
@@ -85,18 +81,17 @@ def bn_relu_linear(
             a = tf.nn.relu(saved * gamma + beta)
         else:
             params = quantizer.quantizer_params(gamma, beta, bits)
-            a, saved = quantizer.bn_relu_encode(
+            a, saved = custom_op.bn_relu_encode(
                 x32, mean, inv_std, gamma, beta, params, bits
             )
             if naive:
-                a = _relu_from(*quantizer.decode(saved, params, x_shape, bits), gamma, beta)
+                a = custom_op.decode_relu(saved, params, gamma, beta, x_shape, bits)
         # Finish encoding before the linear map so that graph executors cannot
         # defer the encoder (and keep its float32 inputs alive); under XLA a
         # barrier makes the codes materialize instead of being fused away.
         saved, a = xla.optimization_barrier(saved, a)
         with tf.control_dependencies([saved]):
             outputs = linear.forward(tf.cast(a, compute_dtype), weights)
-        count = tf.cast(tf.reduce_prod(x_shape[:-1]), tf.float32)
 
         def grad(*upstream):
             grads = list(upstream[: len(outputs)])  # moment gradients are ignored
@@ -109,22 +104,28 @@ def bn_relu_linear(
                 if bits is None:
                     xhat = tf.identity(saved_now)
                     mask = xhat * gamma + beta > 0.0
+                    a_approx = tf.where(mask, xhat * gamma + beta, 0.0)
                 else:
-                    xhat, mask = quantizer.decode(saved_now, params, x_shape, bits)
-            a_approx = tf.cast(_relu_from(xhat, mask, gamma, beta), compute_dtype)
+                    a_approx = custom_op.decode_relu(
+                        saved_now, params, gamma, beta, x_shape, bits
+                    )
+            a_approx = tf.cast(a_approx, compute_dtype)
             d_weights = linear.grad_weights(a_approx, grads, weights)
             del a_approx
             # Sequence the big backprops so that their working sets (and those
             # of neighbouring units) do not overlap.
             with tf.control_dependencies(d_weights):
-                g_a = linear.grad_input(weights, grads, x_shape)
-            g_y = tf.where(mask, tf.cast(g_a, tf.float32), 0.0)
-            del g_a
-            d_beta = tf.reduce_sum(g_y, axes)
-            d_gamma = tf.reduce_sum(g_y * xhat, axes)
-            g_x = (gamma * inv_std) * (
-                g_y - d_beta / count - xhat * (d_gamma / count)
-            )
+                g_a = tf.cast(linear.grad_input(weights, grads, x_shape), tf.float32)
+            # With static shapes nothing else ties the second decode to g_a.
+            with tf.control_dependencies([g_a]):
+                if bits is None:
+                    g_x, d_gamma, d_beta = quantizer.relu_bn_backward(
+                        g_a, xhat, mask, gamma, inv_std
+                    )
+                else:
+                    g_x, d_gamma, d_beta = quantizer.decode_bn_backward(
+                        g_a, saved_now, params, gamma, inv_std, bits
+                    )
             return [tf.cast(g_x, compute_dtype), d_gamma, d_beta, *d_weights]
 
         return (*outputs, mean, variance), grad
@@ -163,9 +164,8 @@ def bn_relu_linear_inference(
     inv_std = tf.math.rsqrt(variance + epsilon)
     if naive and bits is not None:
         params = quantizer.quantizer_params(gamma, beta, bits)
-        _, packed = quantizer.bn_relu_encode(x32, mean, inv_std, gamma, beta, params, bits)
-        xhat, mask = quantizer.decode(packed, params, tf.shape(x), bits)
-        a = _relu_from(xhat, mask, gamma, beta)
+        _, packed = custom_op.bn_relu_encode(x32, mean, inv_std, gamma, beta, params, bits)
+        a = custom_op.decode_relu(packed, params, gamma, beta, tf.shape(x), bits)
     else:
         a = tf.nn.relu((x32 - mean) * inv_std * gamma + beta)
     return linear.forward(tf.cast(a, x.dtype), weights)
