@@ -1,0 +1,83 @@
+"""Activation memory per sample, measured, with the breakdown of what it holds.
+
+For a stack of BN -> ReLU -> 3x3 conv units (default: 20 units, 32 channels,
+32x32) or a pre-activation ResNet, each variant runs in a fresh process
+(`keras_blpa.profiling`): the slope of peak training-step memory against
+batch size. The breakdown sets that slope against the bytes the saved
+activations need in theory (4 bytes per element for bits=None, bits/8 for
+BLPA); the remainder is transient working memory of the backward pass.
+
+    python benchmarks/activation_memory.py
+    python benchmarks/activation_memory.py --jit-compile
+    python benchmarks/activation_memory.py --model cifar --depth 164 --channels 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from keras_blpa.profiling import build_model, measure_in_subprocess
+
+BYTES_PER_ELEMENT = {"none": 4.0, "8": 1.0, "4": 0.5}
+
+
+def saved_elements(model) -> int:
+    """Elements of the inputs of all fused units, per sample."""
+    from keras_blpa.layers.base import BNReLUBase
+
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, BNReLUBase):
+            shape = layer.input.shape[1:]
+            n = 1
+            for d in shape:
+                n *= d
+            total += n
+    return total
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="stack", choices=["stack", "cifar"])
+    p.add_argument("--depth", type=int, default=20)
+    p.add_argument("--channels", type=int, default=32)
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--variants", nargs="+", default=["stock", "none", "8", "4"])
+    p.add_argument("--batch-sizes", type=int, nargs=2, default=(8, 40))
+    p.add_argument("--jit-compile", action="store_true")
+    p.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = p.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    spec = dict(model=args.model, depth=args.depth, channels=args.channels, size=args.size)
+    elements = saved_elements(build_model(variant="4", **spec))
+    rows = []
+    for variant in args.variants:
+        r = measure_in_subprocess(batch_sizes=tuple(args.batch_sizes),
+                                  jit_compile=args.jit_compile, variant=variant, **spec)
+        saved = elements * BYTES_PER_ELEMENT.get(variant, float("nan")) / 2**20
+        rows.append({"variant": variant, "mib_per_sample": r["mib_per_sample"],
+                     "saved_mib_per_sample": saved,
+                     "transient_mib_per_sample": r["mib_per_sample"] - saved})
+    stock = next((r["mib_per_sample"] for r in rows if r["variant"] == "stock"), None)
+    print(f"{args.model}, depth {args.depth}, jit_compile={args.jit_compile}, "
+          f"batch {args.batch_sizes[0]} -> {args.batch_sizes[1]} (MiB per sample)\n")
+    print("| variant | measured | saved activations (theory) | transient | vs stock |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        ratio = f"{stock / r['mib_per_sample']:.1f}x less" if stock else "-"
+        if r["variant"] in BYTES_PER_ELEMENT:
+            saved = f"{r['saved_mib_per_sample']:.3f}"
+            transient = f"{r['transient_mib_per_sample']:.3f}"
+        else:
+            saved = transient = "-"
+        print(f"| {r['variant']} | {r['mib_per_sample']:.3f} | {saved} | {transient} | {ratio} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"spec": spec, "jit_compile": args.jit_compile, "rows": rows}, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
