@@ -13,7 +13,10 @@ decoded `xhat` for decode), measured in the same process:
 
 Encode reads 4 B and writes 4 B (+0.5 or 1 B of codes) per element; decode
 reads 0.5 or 1 B and writes 5 B (xhat + bool mask), so "copy" is the natural
-ceiling for both.
+ceiling for both. The backward columns (`bwd`) time `decode_bn_backward`
+(fused decode + ReLU/BN backward: per-channel sums, then the input gradient)
+in GB/s of the fp32 upstream gradient; it reads that gradient twice and the
+codes twice and writes the input gradient, so its ceiling is about 2/3 of copy.
 
     python benchmarks/pack_bench.py                       # 1..256 MiB, 4 and 8 bits
     python benchmarks/pack_bench.py --sizes-mib 1,4,16,64,256 --bits 4,8 --out r.json
@@ -98,22 +101,38 @@ def bench_size(mib: int, bits: int, min_time: float, min_reps: int, use_op: bool
 
         return f
 
+    def backward_with(mod):
+        def f(g_a, packed):
+            return mod.decode_bn_backward(g_a, packed, params, gamma, inv_std, bits)
+
+        return f
+
     impls = {
-        "tf": (tf.function(encode_with(quantizer)), tf.function(decode_with(quantizer))),
+        "tf": (
+            tf.function(encode_with(quantizer)),
+            tf.function(decode_with(quantizer)),
+            tf.function(backward_with(quantizer)),
+        ),
         "xla": (
             tf.function(encode_with(quantizer), jit_compile=True),
             tf.function(decode_with(quantizer), jit_compile=True),
+            tf.function(backward_with(quantizer), jit_compile=True),
         ),
     }
     if use_op:
         # A single op needs no graph: calling it eagerly skips tf.function's overhead.
-        impls = {"op": (encode_with(custom_op), decode_with(custom_op)), **impls}
+        impls = {
+            "op": (encode_with(custom_op), decode_with(custom_op), backward_with(custom_op)),
+            **impls,
+        }
     _, packed = quantizer.bn_relu_encode(x, mean, inv_std, gamma, beta, params, bits)
+    g_a = tf.random.normal(x.shape, seed=2)
 
     row: dict = {"size_mib": mib, "bits": bits, "elements": int(x.shape.num_elements())}
-    for name, (enc, dec) in impls.items():
+    for name, (enc, dec, bwd) in impls.items():
         row[f"encode_{name}"] = _rate(lambda e=enc: e(x), nbytes, min_time, min_reps)
         row[f"decode_{name}"] = _rate(lambda d=dec: d(packed), nbytes, min_time, min_reps)
+        row[f"backward_{name}"] = _rate(lambda b=bwd: b(g_a, packed), nbytes, min_time, min_reps)
 
     row["copy_tf"] = _rate(lambda: x * 1.0, nbytes, min_time, min_reps)
     src = x.numpy()
@@ -131,6 +150,9 @@ COLUMNS = [
     ("decode_op", "dec op"),
     ("decode_tf", "dec TF"),
     ("decode_xla", "dec XLA"),
+    ("backward_op", "bwd op"),
+    ("backward_tf", "bwd TF"),
+    ("backward_xla", "bwd XLA"),
     ("copy_tf", "copy TF"),
     ("copy_np", "copy np"),
 ]

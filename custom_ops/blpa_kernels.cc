@@ -162,6 +162,63 @@ void DecodeReluRun(const uint8_t* __restrict codes, const float* __restrict lo,
   }
 }
 
+// Pass 1 of the BN backward: adds g_y and g_y * xhat of each element to its
+// own slot of accumulators (one per parameter-period entry, so slots are
+// distinct within a run and the loop vectorizes). Acc is float for short
+// per-block partial sums (flushed into double), or double.
+template <typename Acc>
+inline void BnSumsLoop(const uint8_t* __restrict codes,
+                       const float* __restrict g_a, const float* __restrict lo,
+                       const float* __restrict k, const float* __restrict flip,
+                       int64_t len, Grid g, Acc* __restrict sum_b,
+                       Acc* __restrict sum_g) {
+  for (int64_t t = 0; t < len; ++t) {
+    float xhat;
+    const float g_y = MaskedGradOne(codes[t], g_a[t], lo[t], k[t], flip[t], g, &xhat);
+    sum_b[t] += static_cast<Acc>(g_y);
+    sum_g[t] += static_cast<Acc>(g_y * xhat);
+  }
+}
+
+BLPA_CPU_CLONES
+void BnSumsRun(const uint8_t* __restrict codes, const float* __restrict g_a,
+               const float* __restrict lo, const float* __restrict k,
+               const float* __restrict flip, int64_t len, Grid g,
+               float* __restrict sum_b, float* __restrict sum_g) {
+  BnSumsLoop(codes, g_a, lo, k, flip, len, g, sum_b, sum_g);
+}
+
+BLPA_CPU_CLONES
+void BnSumsRun(const uint8_t* __restrict codes, const float* __restrict g_a,
+               const float* __restrict lo, const float* __restrict k,
+               const float* __restrict flip, int64_t len, Grid g,
+               double* __restrict sum_b, double* __restrict sum_g) {
+  BnSumsLoop(codes, g_a, lo, k, flip, len, g, sum_b, sum_g);
+}
+
+// Adds float partial sums into double ones and clears them.
+BLPA_CPU_CLONES
+void FlushSums(float* __restrict part, int64_t len, double* __restrict sum) {
+  for (int64_t t = 0; t < len; ++t) {
+    sum[t] += static_cast<double>(part[t]);
+    part[t] = 0.0f;
+  }
+}
+
+// Pass 2 of the BN backward: the input gradient.
+BLPA_CPU_CLONES
+void BnBackwardRun(const uint8_t* __restrict codes, const float* __restrict g_a,
+                   const float* __restrict lo, const float* __restrict k,
+                   const float* __restrict flip, const float* __restrict scale,
+                   const float* __restrict mean_dbeta,
+                   const float* __restrict mean_dgamma, int64_t len, Grid g,
+                   float* __restrict g_x) {
+  for (int64_t t = 0; t < len; ++t) {
+    g_x[t] = BnBackwardOne(codes[t], g_a[t], lo[t], k[t], flip[t], scale[t],
+                           mean_dbeta[t], mean_dgamma[t], g);
+  }
+}
+
 // ---- blocks -----------------------------------------------------------------
 
 void EncodeBlock(const EncodeArgs& args, const Periodic& p, int64_t begin,
@@ -195,11 +252,16 @@ std::vector<std::vector<float>> ChannelBounds(const EncodeArgs& args) {
 
 // Codes of [begin, end): unpacked into `buffer`, or the packed bytes
 // themselves for 8 bits.
+const uint8_t* BlockCodes(const uint8_t* packed, int bits, int64_t begin,
+                          int64_t end, uint8_t* buffer) {
+  if (bits == 8) return packed + begin;
+  UnpackRun(packed + begin / 2, end - begin, buffer);
+  return buffer;
+}
+
 const uint8_t* BlockCodes(const DecodeArgs& args, int64_t begin, int64_t end,
                           uint8_t* buffer) {
-  if (args.bits == 8) return args.packed + begin;
-  UnpackRun(args.packed + begin / 2, end - begin, buffer);
-  return buffer;
+  return BlockCodes(args.packed, args.bits, begin, end, buffer);
 }
 
 void DecodeBlock(const DecodeArgs& args, const Periodic& p, int64_t begin,
@@ -221,6 +283,53 @@ void DecodeReluBlock(const DecodeArgs& args, const Periodic& p, int64_t begin,
   ForEachRun(p, begin, end, [&](int64_t o, int64_t c, int64_t len) {
     DecodeReluRun(codes + o, p[0] + c, p[1] + c, p[2] + c, p[3] + c, p[4] + c,
                   len, g, args.a + begin + o);
+  });
+}
+
+// Periods up to this many slots accumulate each block in float (at least
+// kBlock / kMaxFloatPeriod = 16 elements per slot and block, flushed into
+// double after the block: cheaper than double per element); longer ones add
+// into double directly.
+constexpr int64_t kMaxFloatPeriod = kBlock / 16;
+
+// Pass 1 over [begin, end) (a multiple of kBlock apart, except at n): adds
+// into the shard's double accumulators sum_b, sum_g of p.period() slots each.
+void BnSumsShard(const BnBackwardArgs& args, const Periodic& p, int64_t begin,
+                 int64_t end, double* sum_b, double* sum_g) {
+  const Grid g = MakeGrid(args.bits);
+  const int64_t period = p.period();
+  const bool use_float = period <= kMaxFloatPeriod;
+  alignas(64) uint8_t buffer[kBlock];
+  alignas(64) float part[2 * kMaxFloatPeriod];
+  if (use_float) std::fill(part, part + 2 * period, 0.0f);
+  for (int64_t b = begin; b < end; b += kBlock) {
+    const int64_t e = std::min(end, b + kBlock);
+    const uint8_t* codes = BlockCodes(args.packed, args.bits, b, e, buffer);
+    ForEachRun(p, b, e, [&](int64_t o, int64_t c, int64_t len) {
+      if (use_float) {
+        BnSumsRun(codes + o, args.g_a + b + o, p[0] + c, p[1] + c, p[2] + c,
+                  len, g, part + c, part + period + c);
+      } else {
+        BnSumsRun(codes + o, args.g_a + b + o, p[0] + c, p[1] + c, p[2] + c,
+                  len, g, sum_b + c, sum_g + c);
+      }
+    });
+    if (use_float) {
+      FlushSums(part, period, sum_b);
+      FlushSums(part + period, period, sum_g);
+    }
+  }
+}
+
+// Pass 2 over one block; p holds lo, k, flip, scale, mean_dbeta, mean_dgamma.
+void BnBackwardBlock(const BnBackwardArgs& args, const Periodic& p,
+                     int64_t begin, int64_t end) {
+  const Grid g = MakeGrid(args.bits);
+  alignas(64) uint8_t buffer[kBlock];
+  const uint8_t* codes = BlockCodes(args.packed, args.bits, begin, end, buffer);
+  ForEachRun(p, begin, end, [&](int64_t o, int64_t c, int64_t len) {
+    BnBackwardRun(codes + o, args.g_a + begin + o, p[0] + c, p[1] + c, p[2] + c,
+                  p[3] + c, p[4] + c, p[5] + c, len, g, args.g_x + begin + o);
   });
 }
 
@@ -328,6 +437,52 @@ absl::Status PrepareDecode(OpKernelContext* ctx, int bits, int shape_index,
   return absl::OkStatus();
 }
 
+// Validates the fused BN-backward inputs (g_a, packed, lo, k, flip, gamma,
+// inv_std); fills args except the outputs and scratch.
+absl::Status PrepareBnBackward(OpKernelContext* ctx, int bits,
+                               BnBackwardArgs* args) {
+  const Tensor& g_a = ctx->input(0);
+  if (g_a.dims() < 1) {
+    return absl::InvalidArgumentError("g_a must have rank >= 1 (channels last)");
+  }
+  const int64_t channels = g_a.dim_size(g_a.dims() - 1);
+  TF_RETURN_IF_ERROR(CheckChannelInputs(ctx, 2, 7, channels));
+  const Tensor& packed = ctx->input(1);
+  const int64_t n = g_a.NumElements();
+  if (packed.dims() != 1 || packed.dim_size(0) != ByteCount(n, bits)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "packed must be a vector of ", ByteCount(n, bits), " bytes for g_a of ",
+        "shape ", g_a.shape().DebugString(), " at ", bits, " bits, got ",
+        packed.shape().DebugString()));
+  }
+  args->g_a = g_a.flat<float>().data();
+  args->packed = packed.flat<uint8_t>().data();
+  args->lo = ctx->input(2).flat<float>().data();
+  args->k = ctx->input(3).flat<float>().data();
+  args->flip = ctx->input(4).flat<float>().data();
+  args->gamma = ctx->input(5).flat<float>().data();
+  args->inv_std = ctx->input(6).flat<float>().data();
+  args->n = n;
+  args->channels = channels;
+  args->bits = bits;
+  return absl::OkStatus();
+}
+
+// Allocates g_x (shape of g_a), d_gamma and d_beta ([C]) into args.
+absl::Status AllocateBnBackward(OpKernelContext* ctx, BnBackwardArgs* args) {
+  Tensor* g_x = nullptr;
+  Tensor* d_gamma = nullptr;
+  Tensor* d_beta = nullptr;
+  const TensorShape vec({args->channels});
+  TF_RETURN_IF_ERROR(ctx->allocate_output(0, ctx->input(0).shape(), &g_x));
+  TF_RETURN_IF_ERROR(ctx->allocate_output(1, vec, &d_gamma));
+  TF_RETURN_IF_ERROR(ctx->allocate_output(2, vec, &d_beta));
+  args->g_x = g_x->flat<float>().data();
+  args->d_gamma = d_gamma->flat<float>().data();
+  args->d_beta = d_beta->flat<float>().data();
+  return absl::OkStatus();
+}
+
 // ---- CPU OpKernels ----------------------------------------------------------
 
 class EncodeCpuOp : public OpKernel {
@@ -413,8 +568,94 @@ class DecodeReluCpuOp : public OpKernel {
   int bits_;
 };
 
+// Pass 1 runs on a fixed number of shards (contiguous kBlock-aligned ranges),
+// each with its own double accumulators, combined in shard order: the sums
+// depend on the thread count only, not on scheduling. Pass 2 is elementwise.
+class DecodeBnBackwardCpuOp : public OpKernel {
+ public:
+  explicit DecodeBnBackwardCpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    GetBitsAttr(ctx, &bits_);
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    BnBackwardArgs args{};
+    OP_REQUIRES_OK(ctx, PrepareBnBackward(ctx, bits_, &args));
+    OP_REQUIRES_OK(ctx, AllocateBnBackward(ctx, &args));
+    const int64_t channels = args.channels;
+    if (args.n == 0) {
+      std::fill(args.d_gamma, args.d_gamma + channels, 0.0f);
+      std::fill(args.d_beta, args.d_beta + channels, 0.0f);
+      return;
+    }
+    const int64_t n = args.n;
+
+    // ---- pass 1: per-shard sums over [period] slots, then per channel.
+    const Periodic p1({args.lo, args.k, args.flip}, channels);
+    const int64_t period = p1.period();
+    const auto* threads = ctx->device()->tensorflow_cpu_worker_threads();
+    const int64_t blocks = (n + kBlock - 1) / kBlock;
+    const int64_t shards = std::max<int64_t>(
+        1, std::min<int64_t>(threads->num_threads, blocks / kMinShardBlocks));
+    std::vector<double> sums(2 * shards * period, 0.0);
+    auto shard_fn = [&](int64_t first, int64_t last) {
+      for (int64_t s = first; s < last; ++s) {
+        const int64_t begin = std::min(n, blocks * s / shards * kBlock);
+        const int64_t end = std::min(n, blocks * (s + 1) / shards * kBlock);
+        double* sum_b = sums.data() + 2 * s * period;
+        BnSumsShard(args, p1, begin, end, sum_b, sum_b + period);
+      }
+    };
+    if (shards == 1) {
+      shard_fn(0, 1);
+    } else {
+      // One unit per shard, costed so that each runs as its own task.
+      threads->workers->ParallelFor(shards, kBlock * 4 * (blocks / shards),
+                                    shard_fn);
+    }
+    std::vector<double> d_beta(channels, 0.0), d_gamma(channels, 0.0);
+    for (int64_t s = 0; s < shards; ++s) {
+      const double* sum_b = sums.data() + 2 * s * period;
+      const double* sum_g = sum_b + period;
+      for (int64_t j = 0; j < period; ++j) {
+        d_beta[j % channels] += sum_b[j];
+        d_gamma[j % channels] += sum_g[j];
+      }
+    }
+
+    // ---- per-channel coefficients, as float32 in TF's order.
+    const float count = static_cast<float>(n / channels);
+    std::vector<float> scale(channels), mean_dbeta(channels),
+        mean_dgamma(channels);
+    for (int64_t c = 0; c < channels; ++c) {
+      args.d_beta[c] = static_cast<float>(d_beta[c]);
+      args.d_gamma[c] = static_cast<float>(d_gamma[c]);
+      const BnCoef coef = MakeBnCoef(args.gamma[c], args.inv_std[c],
+                                     args.d_beta[c], args.d_gamma[c], count);
+      scale[c] = coef.scale;
+      mean_dbeta[c] = coef.mean_dbeta;
+      mean_dgamma[c] = coef.mean_dgamma;
+    }
+
+    // ---- pass 2: g_x.
+    const Periodic p2({args.lo, args.k, args.flip, scale.data(),
+                       mean_dbeta.data(), mean_dgamma.data()},
+                      channels);
+    ParallelBlocks(ctx, n, [&](int64_t begin, int64_t end) {
+      BnBackwardBlock(args, p2, begin, end);
+    });
+  }
+
+ private:
+  // Pass 1 uses one shard per this many blocks at most (small tensors run on
+  // one thread: splitting costs more than it saves).
+  static constexpr int64_t kMinShardBlocks = 4;
+  int bits_;
+};
+
 REGISTER_KERNEL_BUILDER(Name("BlpaBnReluEncode").Device(DEVICE_CPU),
                         EncodeCpuOp);
+REGISTER_KERNEL_BUILDER(Name("BlpaDecodeBnBackward").Device(DEVICE_CPU),
+                        DecodeBnBackwardCpuOp);
 REGISTER_KERNEL_BUILDER(Name("BlpaDecode").Device(DEVICE_CPU), DecodeCpuOp);
 REGISTER_KERNEL_BUILDER(Name("BlpaDecodeRelu").Device(DEVICE_CPU),
                         DecodeReluCpuOp);
@@ -502,6 +743,34 @@ class DecodeReluGpuOp : public OpKernel {
  private:
   int bits_;
 };
+
+class DecodeBnBackwardGpuOp : public OpKernel {
+ public:
+  explicit DecodeBnBackwardGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    GetBitsAttr(ctx, &bits_);
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    BnBackwardArgs args{};
+    OP_REQUIRES_OK(ctx, PrepareBnBackward(ctx, bits_, &args));
+    OP_REQUIRES_OK(ctx, AllocateBnBackward(ctx, &args));
+    if (args.channels == 0) return;
+    Tensor scratch;
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(
+                            tensorflow::DT_UINT8,
+                            TensorShape({BnBackwardScratchBytes(args.channels)}),
+                            &scratch));
+    args.scratch = scratch.flat<uint8_t>().data();
+    OP_REQUIRES_OK(ctx,
+                   LaunchStatus(LaunchDecodeBnBackwardGpu(args, OpStream(ctx))));
+  }
+
+ private:
+  int bits_;
+};
+
+REGISTER_KERNEL_BUILDER(Name("BlpaDecodeBnBackward").Device(DEVICE_GPU),
+                        DecodeBnBackwardGpuOp);
 
 // The shape input is read on the host to size the outputs.
 REGISTER_KERNEL_BUILDER(Name("BlpaBnReluEncode").Device(DEVICE_GPU),

@@ -59,10 +59,16 @@ __global__ void EncodeKernel(EncodeArgs p, Grid g) {
 }
 
 template <typename Index>
-__device__ __forceinline__ uint8_t CodeAt(const DecodeArgs& p, Index i) {
-  if (p.bits == 8) return p.packed[i];
-  const uint8_t b = p.packed[i / 2];
+__device__ __forceinline__ uint8_t CodeAt(const uint8_t* packed, int bits,
+                                          Index i) {
+  if (bits == 8) return packed[i];
+  const uint8_t b = packed[i / 2];
   return (i & 1) ? HighNibble(b) : LowNibble(b);
+}
+
+template <typename Index>
+__device__ __forceinline__ uint8_t CodeAt(const DecodeArgs& p, Index i) {
+  return CodeAt(p.packed, p.bits, i);
 }
 
 // One thread per element (decode writes 5 bytes per element, so writes
@@ -91,6 +97,101 @@ __global__ void DecodeReluKernel(DecodeArgs p, Grid g) {
     const Index c = i % channels;
     p.a[i] = DecodeReluOne(CodeAt(p, i), p.lo[c], p.k[c], p.flip[c],
                            p.gamma[c], p.beta[c], g);
+  }
+}
+
+// ---- fused decode + BN backward ---------------------------------------------
+// Pass 1 (BnSumsKernel): the grid stride is a multiple of C, so each thread
+// stays on one channel and sums its elements in registers (float runs of
+// kFlush elements folded into double); a block then combines its threads per
+// channel in shared memory (C <= kThreads) and adds to the double sums with
+// atomicAdd. BnCoefKernel turns the sums into d_gamma, d_beta and the
+// per-channel coefficients; BnBackwardKernel is elementwise.
+
+constexpr int kReduceBlocks = 1024;
+constexpr int kFlush = 32;
+
+template <typename Index>
+__global__ void BnSumsKernel(BnBackwardArgs p, Grid g, Index stride,
+                             double* sums) {
+  extern __shared__ double block_sums[];  // [2 * C] when C <= kThreads
+  const Index n = static_cast<Index>(p.n);
+  const Index channels = static_cast<Index>(p.channels);
+  const Index gid = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const bool shared = channels <= static_cast<Index>(kThreads);
+  if (shared) {
+    for (Index j = threadIdx.x; j < 2 * channels; j += blockDim.x) {
+      block_sums[j] = 0.0;
+    }
+    __syncthreads();
+  }
+  const bool active = gid < stride;
+  const Index c = gid % channels;
+  double sum_b = 0.0, sum_g = 0.0;
+  if (active) {
+    const float lo = p.lo[c], k = p.k[c], flip = p.flip[c];
+    float run_b = 0.0f, run_g = 0.0f;
+    int pending = 0;
+    for (Index i = gid; i < n; i += stride) {
+      float xhat;
+      const float g_y = MaskedGradOne(CodeAt(p.packed, p.bits, i), p.g_a[i], lo,
+                                      k, flip, g, &xhat);
+      run_b += g_y;
+      run_g += g_y * xhat;
+      if (++pending == kFlush) {
+        sum_b += run_b;
+        sum_g += run_g;
+        run_b = run_g = 0.0f;
+        pending = 0;
+      }
+    }
+    sum_b += run_b;
+    sum_g += run_g;
+  }
+  if (shared) {
+    if (active) {
+      atomicAdd(&block_sums[c], sum_b);
+      atomicAdd(&block_sums[channels + c], sum_g);
+    }
+    __syncthreads();
+    for (Index j = threadIdx.x; j < channels; j += blockDim.x) {
+      atomicAdd(&sums[j], block_sums[j]);
+      atomicAdd(&sums[channels + j], block_sums[channels + j]);
+    }
+  } else if (active) {
+    // A block's threads are on distinct channels.
+    atomicAdd(&sums[c], sum_b);
+    atomicAdd(&sums[channels + c], sum_g);
+  }
+}
+
+__global__ void BnCoefKernel(BnBackwardArgs p, const double* sums, float count,
+                             float* coef) {
+  const int64_t channels = p.channels;
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+       c < channels; c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float d_beta = static_cast<float>(sums[c]);
+    const float d_gamma = static_cast<float>(sums[channels + c]);
+    p.d_beta[c] = d_beta;
+    p.d_gamma[c] = d_gamma;
+    const BnCoef k = MakeBnCoef(p.gamma[c], p.inv_std[c], d_beta, d_gamma, count);
+    coef[c] = k.scale;
+    coef[channels + c] = k.mean_dbeta;
+    coef[2 * channels + c] = k.mean_dgamma;
+  }
+}
+
+template <typename Index>
+__global__ void BnBackwardKernel(BnBackwardArgs p, Grid g, const float* coef) {
+  const Index n = static_cast<Index>(p.n);
+  const Index channels = static_cast<Index>(p.channels);
+  const Index stride = static_cast<Index>(gridDim.x) * blockDim.x;
+  for (Index i = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x;
+       i < n; i += stride) {
+    const Index c = i % channels;
+    p.g_x[i] = BnBackwardOne(CodeAt(p.packed, p.bits, i), p.g_a[i], p.lo[c],
+                             p.k[c], p.flip[c], coef[c], coef[channels + c],
+                             coef[2 * channels + c], g);
   }
 }
 
@@ -137,6 +238,53 @@ const char* LaunchDecodeReluGpu(const DecodeArgs& args, void* stream) {
     DecodeReluKernel<uint32_t><<<GridFor(args.n), kThreads, 0, s>>>(args, g);
   } else {
     DecodeReluKernel<uint64_t><<<GridFor(args.n), kThreads, 0, s>>>(args, g);
+  }
+  return LastError();
+}
+
+const char* LaunchDecodeBnBackwardGpu(const BnBackwardArgs& args,
+                                      void* stream) {
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const int64_t channels = args.channels;
+  if (channels == 0) return nullptr;
+  cudaError_t err;
+  if (args.n == 0) {  // no rows: zero parameter gradients, empty g_x
+    err = cudaMemsetAsync(args.d_gamma, 0, channels * sizeof(float), s);
+    if (err == cudaSuccess) {
+      err = cudaMemsetAsync(args.d_beta, 0, channels * sizeof(float), s);
+    }
+    return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+  }
+  const Grid g = MakeGrid(args.bits);
+  double* sums = static_cast<double*>(args.scratch);
+  float* coef = reinterpret_cast<float*>(sums + 2 * channels);
+  err = cudaMemsetAsync(sums, 0, 2 * channels * sizeof(double), s);
+  if (err != cudaSuccess) return cudaGetErrorString(err);
+
+  // Pass 1: at least one thread per channel; stride = a multiple of C.
+  int64_t blocks = (args.n + kThreads - 1) / kThreads;
+  blocks = blocks < kReduceBlocks ? blocks : kReduceBlocks;
+  const int64_t min_blocks = (channels + kThreads - 1) / kThreads;
+  blocks = blocks > min_blocks ? blocks : min_blocks;
+  const int64_t stride = blocks * kThreads / channels * channels;
+  const size_t shared_bytes =
+      channels <= kThreads ? 2 * channels * sizeof(double) : 0;
+  const int grid = static_cast<int>(blocks);
+  if (Fits32(args.n) && Fits32(blocks * kThreads)) {
+    BnSumsKernel<uint32_t><<<grid, kThreads, shared_bytes, s>>>(
+        args, g, static_cast<uint32_t>(stride), sums);
+  } else {
+    BnSumsKernel<uint64_t><<<grid, kThreads, shared_bytes, s>>>(
+        args, g, static_cast<uint64_t>(stride), sums);
+  }
+  const float count = static_cast<float>(args.n / channels);
+  BnCoefKernel<<<GridFor(channels), kThreads, 0, s>>>(args, sums, count, coef);
+
+  // Pass 2: elementwise.
+  if (Fits32(args.n)) {
+    BnBackwardKernel<uint32_t><<<GridFor(args.n), kThreads, 0, s>>>(args, g, coef);
+  } else {
+    BnBackwardKernel<uint64_t><<<GridFor(args.n), kThreads, 0, s>>>(args, g, coef);
   }
   return LastError();
 }

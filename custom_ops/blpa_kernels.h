@@ -129,6 +129,47 @@ BLPA_HD float DecodeReluOne(uint8_t code, float lo, float k, float flip,
   return mask ? y : 0.0f;
 }
 
+// ---- fused decode + ReLU/BN backward (quantizer.decode_bn_backward) --------
+// Pass 1 sums g_y and g_y * xhat per channel; pass 2 maps every element to
+// g_x with per-channel coefficients. Reductions cannot be bit-exact with TF's
+// (their order differs); each product and the pass-2 formula are float32 in
+// TF's order.
+
+// g_y = where(mask, g_a, 0) of one element; writes the decoded xhat.
+BLPA_HD float MaskedGradOne(uint8_t code, float g_a, float lo, float k,
+                            float flip, const Grid& g, float* xhat) {
+  bool mask;
+  *xhat = DecodeOne(code, lo, k, flip, g, &mask);
+  return mask ? g_a : 0.0f;
+}
+
+// Per-channel coefficients of g_x = scale * (g_y - mean_dbeta - xhat * mean_dgamma).
+struct BnCoef {
+  float scale;        // gamma * inv_std
+  float mean_dbeta;   // d_beta / count
+  float mean_dgamma;  // d_gamma / count
+};
+
+// `count` is float32(rows), as TF's tf.cast(reduce_prod(shape[:-1]), float32).
+BLPA_HD BnCoef MakeBnCoef(float gamma, float inv_std, float d_beta,
+                          float d_gamma, float count) {
+  BnCoef c;
+  c.scale = gamma * inv_std;
+  c.mean_dbeta = d_beta / count;
+  c.mean_dgamma = d_gamma / count;
+  return c;
+}
+
+// Pass 2 for one element: (gamma * inv_std) * ((g_y - d_beta / count) -
+// xhat * (d_gamma / count)), with the decode of pass 1 redone.
+BLPA_HD float BnBackwardOne(uint8_t code, float g_a, float lo, float k,
+                            float flip, float scale, float mean_dbeta,
+                            float mean_dgamma, const Grid& g) {
+  float xhat;
+  const float g_y = MaskedGradOne(code, g_a, lo, k, flip, g, &xhat);
+  return scale * ((g_y - mean_dbeta) - xhat * mean_dgamma);
+}
+
 // Arguments of one encode over `n` elements with `channels` channels (channel
 // of flat element i is i % channels). Device pointers for the GPU launchers.
 struct EncodeArgs {
@@ -165,12 +206,40 @@ struct DecodeArgs {
   float* a;
 };
 
+// Arguments of one fused decode + BN backward over `n` elements (`n / channels`
+// rows). Device pointers for the GPU launcher.
+struct BnBackwardArgs {
+  const float* g_a;        // [n]
+  const uint8_t* packed;   // [n] (8 bits) or [(n + 1) / 2] (4 bits)
+  const float* lo;
+  const float* k;
+  const float* flip;
+  const float* gamma;
+  const float* inv_std;
+  int64_t n;
+  int64_t channels;
+  int bits;
+  float* g_x;      // [n]
+  float* d_gamma;  // [channels]
+  float* d_beta;   // [channels]
+  // GPU only: BnBackwardScratchBytes(channels) bytes of device memory, 8-byte
+  // aligned (double sums [2 * channels], then float coefficients [3 * channels]).
+  void* scratch;
+};
+
+inline int64_t BnBackwardScratchBytes(int64_t channels) {
+  return channels * (2 * static_cast<int64_t>(sizeof(double)) +
+                     3 * static_cast<int64_t>(sizeof(float)));
+}
+
 // CUDA launchers (blpa_kernels.cu.cc). `stream` is a cudaStream_t; they
 // return nullptr on success, else the CUDA error string. Kept free of CUDA and
 // TensorFlow types so that g++ and nvcc see the same declarations.
 const char* LaunchEncodeGpu(const EncodeArgs& args, void* stream);
 const char* LaunchDecodeGpu(const DecodeArgs& args, void* stream);
 const char* LaunchDecodeReluGpu(const DecodeArgs& args, void* stream);
+const char* LaunchDecodeBnBackwardGpu(const BnBackwardArgs& args,
+                                      void* stream);
 
 }  // namespace blpa
 

@@ -145,3 +145,48 @@ REGISTER_OP("BlpaDecodeRelu")
     .Doc(R"doc(
 Decode fused with the BN affine map and ReLU: where(mask, xhat * gamma + beta, 0).
 )doc");
+
+REGISTER_OP("BlpaDecodeBnBackward")
+    .Input("g_a: float")
+    .Input("packed: uint8")
+    .Input("lo: float")
+    .Input("k: float")
+    .Input("flip: float")
+    .Input("gamma: float")
+    .Input("inv_std: float")
+    .Output("g_x: float")
+    .Output("d_gamma: float")
+    .Output("d_beta: float")
+    .Attr("bits: int")
+    .SetShapeFn([](InferenceContext* c) -> absl::Status {
+      int bits;
+      TF_RETURN_IF_ERROR(GetBits(c, &bits));
+      ShapeHandle g_a;
+      TF_RETURN_IF_ERROR(c->WithRankAtLeast(c->input(0), 1, &g_a));
+      DimensionHandle channels;
+      TF_RETURN_IF_ERROR(ChannelDim(c, 2, 7, &channels));
+      DimensionHandle last;
+      TF_RETURN_IF_ERROR(c->Merge(c->Dim(g_a, -1), channels, &last));
+      TF_RETURN_IF_ERROR(c->ReplaceDim(g_a, -1, last, &g_a));
+      ShapeHandle packed;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 1, &packed));
+      DimensionHandle bytes;
+      TF_RETURN_IF_ERROR(c->Merge(c->Dim(packed, 0),
+                                  PackedBytes(c, c->NumElements(g_a), bits),
+                                  &bytes));
+      c->set_output(0, g_a);
+      c->set_output(1, c->Vector(last));
+      c->set_output(2, c->Vector(last));
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+Fused decode and ReLU + batch-norm backward (quantizer.decode_bn_backward).
+
+With xhat, mask decoded from `packed` (the codes of a tensor of g_a's shape,
+channels last) and g_y = where(mask, g_a, 0), summed over all rows:
+d_beta = sum(g_y), d_gamma = sum(g_y * xhat) and
+g_x = (gamma * inv_std) * (g_y - d_beta / count - xhat * (d_gamma / count)),
+count = number of rows. Neither xhat, the mask nor g_y is materialized. Sums
+are accumulated in double, so they agree with TF's float reductions to float
+rounding, not bit for bit.
+)doc");

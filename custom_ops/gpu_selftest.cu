@@ -9,13 +9,18 @@
 // Covers odd sizes (4-bit padding), channel counts 1..1000, bits 4 and 8,
 // gamma < 0, gamma == 0, thresholds far outside the window, NaN/Inf inputs,
 // every byte value for the decoders and a non-default stream.
+// The fused decode + BN backward (LaunchDecodeBnBackwardGpu) is compared with
+// the host's double-sum reference within a tolerance (1e-5 of each output's
+// largest magnitude: its sums are atomics in any order), and that reference
+// bit for bit with a straight-from-the-spec one (same summation order).
 //
 // Build and run (nvcc 13, any GPU of sm_75 or newer; -arch=native picks it):
 //   nvcc -std=c++17 -O3 --fmad=false -Xcompiler -ffp-contract=off
 //        -arch=native -o gpu_selftest custom_ops/gpu_selftest.cu && ./gpu_selftest
 // Prints "N passed, M failed"; exits 1 on any mismatch, 2 if CUDA fails.
 // `--host-only` runs just the host-vs-spec checks (no GPU needed); `--large`
-// adds a case past 2^31 elements (64-bit indices; ~25 GB of GPU memory).
+// adds a case past 2^31 elements (64-bit indices; ~25 GB of GPU memory,
+// ~80 GB of host memory).
 
 #include <cuda_runtime.h>
 
@@ -33,6 +38,7 @@
 
 namespace {
 
+using blpa::BnBackwardArgs;
 using blpa::DecodeArgs;
 using blpa::EncodeArgs;
 using blpa::Grid;
@@ -151,6 +157,118 @@ uint8_t SpecCode(float xhat, bool on, float lo, float k, float flip,
   return std::isnan(q) ? 0 : static_cast<uint8_t>(static_cast<int32_t>(q));
 }
 
+// Codes of a packed buffer (quantizer.unpack).
+std::vector<uint8_t> Unpack(const std::vector<uint8_t>& packed, int64_t n, int bits) {
+  std::vector<uint8_t> codes(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const uint8_t b = packed[bits == 8 ? i : i / 2];
+    codes[i] = bits == 8 ? b : ((i & 1) ? blpa::HighNibble(b) : blpa::LowNibble(b));
+  }
+  return codes;
+}
+
+struct BnGrads {
+  std::vector<float> g_x, d_gamma, d_beta;
+};
+
+// quantizer.decode_bn_backward written from the spec (separate float32 steps,
+// sums in double in element order).
+BnGrads SpecBnBackward(const std::vector<uint8_t>& codes, const std::vector<float>& g_a,
+                       const Params& p, const std::vector<float>& gamma,
+                       const std::vector<float>& inv_std, int64_t C, int bits) {
+  const int64_t n = static_cast<int64_t>(codes.size());
+  const float w = static_cast<float>(6.0 / (1 << bits));
+  std::vector<float> xhat(n), g_y(n);
+  std::vector<double> sum_b(C, 0.0), sum_g(C, 0.0);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t c = i % C;
+    const float q = static_cast<float>(codes[i]);
+    volatile float scaled = (q + 0.5f) * w;  // volatile: no contraction
+    xhat[i] = scaled + p.lo[c];
+    const bool mask = (q >= p.k[c]) != (p.flip[c] > 0.5f);
+    g_y[i] = mask ? g_a[i] : 0.0f;
+    volatile float prod = g_y[i] * xhat[i];
+    sum_b[c] += g_y[i];
+    sum_g[c] += prod;
+  }
+  BnGrads r;
+  const float count = static_cast<float>(n / (C ? C : 1));
+  for (int64_t c = 0; c < C; ++c) {
+    r.d_beta.push_back(static_cast<float>(sum_b[c]));
+    r.d_gamma.push_back(static_cast<float>(sum_g[c]));
+  }
+  r.g_x.resize(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t c = i % C;
+    volatile float scale = gamma[c] * inv_std[c];
+    volatile float mb = r.d_beta[c] / count;
+    volatile float mg = r.d_gamma[c] / count;
+    volatile float centred = g_y[i] - mb;
+    volatile float slope = xhat[i] * mg;
+    volatile float diff = centred - slope;
+    r.g_x[i] = scale * diff;
+  }
+  return r;
+}
+
+// The same with the per-element functions of blpa_kernels.h (what the CPU and
+// CUDA kernels call); sums in double in element order.
+BnGrads HostBnBackward(const std::vector<uint8_t>& codes, const std::vector<float>& g_a,
+                       const Params& p, const std::vector<float>& gamma,
+                       const std::vector<float>& inv_std, int64_t C, int bits) {
+  const int64_t n = static_cast<int64_t>(codes.size());
+  const Grid g = blpa::MakeGrid(bits);
+  std::vector<double> sum_b(C, 0.0), sum_g(C, 0.0);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t c = i % C;
+    float xhat;
+    const float g_y = blpa::MaskedGradOne(codes[i], g_a[i], p.lo[c], p.k[c], p.flip[c], g, &xhat);
+    sum_b[c] += g_y;
+    sum_g[c] += g_y * xhat;
+  }
+  BnGrads r;
+  const float count = static_cast<float>(n / (C ? C : 1));
+  std::vector<blpa::BnCoef> coef;
+  for (int64_t c = 0; c < C; ++c) {
+    r.d_beta.push_back(static_cast<float>(sum_b[c]));
+    r.d_gamma.push_back(static_cast<float>(sum_g[c]));
+    coef.push_back(blpa::MakeBnCoef(gamma[c], inv_std[c], r.d_beta[c], r.d_gamma[c], count));
+  }
+  r.g_x.resize(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const blpa::BnCoef& k = coef[i % C];
+    r.g_x[i] = blpa::BnBackwardOne(codes[i], g_a[i], p.lo[i % C], p.k[i % C], p.flip[i % C],
+                                   k.scale, k.mean_dbeta, k.mean_dgamma, g);
+  }
+  return r;
+}
+
+int64_t CountDifferent(const std::vector<float>& a, const std::vector<float>& b) {
+  int64_t bad = 0;
+  for (size_t i = 0; i < a.size(); ++i) bad += !SameFloat(a[i], b[i]);
+  return bad;
+}
+
+// Elements farther from `ref` than rtol * max|ref| (NaN only matches NaN).
+int64_t CountNotClose(const std::vector<float>& actual, const std::vector<float>& ref,
+                      double rtol) {
+  double scale = 0.0;
+  for (float v : ref) {
+    if (std::isfinite(v)) scale = std::fmax(scale, std::fabs(static_cast<double>(v)));
+  }
+  const double tol = rtol * scale + 1e-30;
+  int64_t bad = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    const float a = actual[i], r = ref[i];
+    if (std::isnan(a) || std::isnan(r) || std::isinf(a) || std::isinf(r)) {
+      bad += !SameFloat(a, r);
+    } else {
+      bad += std::fabs(static_cast<double>(a) - r) > tol;
+    }
+  }
+  return bad;
+}
+
 struct Case {
   std::string name;
   int64_t n;
@@ -242,6 +360,27 @@ void RunCase(const Case& tc, std::mt19937& rng, cudaStream_t stream, bool device
     }
   }
   Report(tc.name + " host-vs-spec", spec_mismatch, n);
+
+  // ---- fused decode + BN backward: upstream gradient with a non-zero mean,
+  // finite inv_std (the specials' Inf would make whole channels NaN).
+  std::vector<float> g_a(n), bn_inv_std(inv_std);
+  for (auto& v : g_a) v = normal(rng) + 0.3f;
+  for (auto& v : bn_inv_std) v = std::isfinite(v) ? v : 1.0f;
+  Params bn_p = p;
+  if (tc.specials && C > 6) bn_p.k[6] = 3.0f;  // a NaN k has no decode meaning
+  std::vector<uint8_t> bn_random_packed(bytes);
+  for (auto& b : bn_random_packed) b = static_cast<uint8_t>(rng() & 0xFF);
+  std::vector<BnGrads> bn_ref;
+  for (const auto* src : {&packed_host, &bn_random_packed}) {
+    const std::vector<uint8_t> src_codes = Unpack(*src, n, tc.bits);
+    bn_ref.push_back(HostBnBackward(src_codes, g_a, bn_p, gamma, bn_inv_std, C, tc.bits));
+    const BnGrads spec = SpecBnBackward(src_codes, g_a, bn_p, gamma, bn_inv_std, C, tc.bits);
+    const BnGrads& host = bn_ref.back();
+    Report(tc.name + " bn_backward host-vs-spec",
+           CountDifferent(host.g_x, spec.g_x) + CountDifferent(host.d_gamma, spec.d_gamma) +
+               CountDifferent(host.d_beta, spec.d_beta),
+           n + 2 * C);
+  }
   if (!device) return;
 
   // ---- device encode
@@ -334,6 +473,47 @@ void RunCase(const Case& tc, std::mt19937& rng, cudaStream_t stream, bool device
     Report(tc.name + tag + " mask", bad_m, n);
     Report(tc.name + tag + " relu", bad_r, n);
   }
+
+  // ---- device fused decode + BN backward (d_x holds g_a, d_a receives g_x).
+  Upload(d_k, bn_p.k);
+  Upload(d_inv, bn_inv_std);
+  Upload(d_x, g_a);
+  DeviceBuffer<float> d_dgamma(C), d_dbeta(C);
+  DeviceBuffer<uint8_t> d_scratch(blpa::BnBackwardScratchBytes(C));
+  for (int pass = 0; pass < 2; ++pass) {
+    const std::string tag = pass == 0 ? " bn_backward(encoded)" : " bn_backward(random)";
+    Upload(d_packed, pass == 0 ? packed_host : bn_random_packed);
+    // Poison the outputs: every element must be written.
+    CUDA_CHECK(cudaMemset(d_a.ptr, 0xFF, (n ? n : 1) * sizeof(float)));
+    CUDA_CHECK(cudaMemset(d_dgamma.ptr, 0xFF, (C ? C : 1) * sizeof(float)));
+    CUDA_CHECK(cudaMemset(d_dbeta.ptr, 0xFF, (C ? C : 1) * sizeof(float)));
+    BnBackwardArgs ba{};
+    ba.g_a = d_x.ptr;
+    ba.packed = d_packed.ptr;
+    ba.lo = d_lo.ptr;
+    ba.k = d_k.ptr;
+    ba.flip = d_flip.ptr;
+    ba.gamma = d_gamma.ptr;
+    ba.inv_std = d_inv.ptr;
+    ba.n = n;
+    ba.channels = C;
+    ba.bits = tc.bits;
+    ba.g_x = d_a.ptr;
+    ba.d_gamma = d_dgamma.ptr;
+    ba.d_beta = d_dbeta.ptr;
+    ba.scratch = d_scratch.ptr;
+    if (const char* err = blpa::LaunchDecodeBnBackwardGpu(ba, stream)) {
+      std::fprintf(stderr, "bn_backward launch failed: %s\n", err);
+      std::exit(2);
+    }
+    CUDA_CHECK(cudaStreamSynchronize(stream));
+    const BnGrads& ref = bn_ref[pass];
+    Report(tc.name + tag + " g_x", CountNotClose(Download(d_a.ptr, n), ref.g_x, 1e-5), n);
+    Report(tc.name + tag + " d_gamma",
+           CountNotClose(Download(d_dgamma.ptr, C), ref.d_gamma, 1e-5), C);
+    Report(tc.name + tag + " d_beta",
+           CountNotClose(Download(d_dbeta.ptr, C), ref.d_beta, 1e-5), C);
+  }
 }
 
 // Effective bandwidth of the kernels on a large input (fp32 bytes per second).
@@ -379,6 +559,31 @@ void Bandwidth(cudaStream_t stream) {
                   names[which], bits,
                   n * 4.0 / (ms_total / reps * 1e-3) / 1e9);
     }
+  }
+  // Fused decode + BN backward: GB/s of fp32 g_a (reads g_a twice, writes g_x).
+  DeviceBuffer<float> d_small(2 * C);
+  DeviceBuffer<uint8_t> d_scratch(blpa::BnBackwardScratchBytes(C));
+  for (int bits : {4, 8}) {
+    BnBackwardArgs ba{d_x.ptr, d_packed.ptr, d_par.ptr, d_par.ptr + C,
+                      d_par.ptr + 2 * C, d_par.ptr + 3 * C, d_par.ptr + 4 * C,
+                      n, C, bits, d_a.ptr, d_small.ptr, d_small.ptr + C,
+                      d_scratch.ptr};
+    float ms_total = 0.0f;
+    const int reps = 10;
+    for (int r = -1; r < reps; ++r) {
+      CUDA_CHECK(cudaEventRecord(start, stream));
+      if (const char* err = blpa::LaunchDecodeBnBackwardGpu(ba, stream)) {
+        std::fprintf(stderr, "launch failed: %s\n", err);
+        std::exit(2);
+      }
+      CUDA_CHECK(cudaEventRecord(stop, stream));
+      CUDA_CHECK(cudaEventSynchronize(stop));
+      float ms;
+      CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+      if (r >= 0) ms_total += ms;
+    }
+    std::printf("bandwidth %-11s bits=%d: %.1f GB/s of fp32 activations\n",
+                "bn_backward", bits, n * 4.0 / (ms_total / reps * 1e-3) / 1e9);
   }
   cudaEventDestroy(start);
   cudaEventDestroy(stop);

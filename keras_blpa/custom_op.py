@@ -2,9 +2,10 @@
 
 The library (sources in `custom_ops/`) is built on first use by
 `keras_blpa.build_ops` and loaded once. The wrappers here have exactly the
-signatures and results (bit for bit) of the same-named functions in
-`keras_blpa.quantizer`, and use that pure-TF code whenever the op cannot be
-used:
+signatures and results of the same-named functions in `keras_blpa.quantizer`
+(bit for bit, except `decode_bn_backward`, whose per-channel sums are
+accumulated in double and so agree with TF's float reductions only to float
+rounding), and use that pure-TF code whenever the op cannot be used:
 
 - `KERAS_BLPA_DISABLE_CUSTOM_OPS=1` (checked on every call): always pure TF,
   silently;
@@ -35,7 +36,12 @@ _lock = threading.Lock()
 _tried = False
 _module: ModuleType | None = None
 _error: str | None = None
-_REQUIRED_OPS = ("blpa_bn_relu_encode", "blpa_decode", "blpa_decode_relu")
+_REQUIRED_OPS = (
+    "blpa_bn_relu_encode",
+    "blpa_decode",
+    "blpa_decode_relu",
+    "blpa_decode_bn_backward",
+)
 
 
 def disabled() -> bool:
@@ -194,3 +200,35 @@ def decode_relu(
         _shape_tensor(shape),
         bits=bits,
     )
+
+
+def decode_bn_backward(
+    g_a: tf.Tensor,
+    packed: tf.Tensor,
+    params: QuantParams,
+    gamma: tf.Tensor,
+    inv_std: tf.Tensor,
+    bits: int,
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Same as `quantizer.decode_bn_backward`: `(g_x, d_gamma, d_beta)`, fused.
+
+    Decodes the codes on the fly in both of its passes (per-channel sums, then
+    the input gradient), so neither `xhat`, the mask nor the masked gradient
+    is materialized. The sums are accumulated in double: results agree with
+    the pure-TF function to float rounding, not bit for bit.
+    """
+    quantizer.check_bits(bits, allow_none=False)
+    mod = _op()
+    if mod is None:
+        return quantizer.decode_bn_backward(g_a, packed, params, gamma, inv_std, bits)
+    g_x, d_gamma, d_beta = mod.blpa_decode_bn_backward(
+        _f32(g_a),
+        packed,
+        _f32(params.lo),
+        _f32(params.k),
+        _f32(params.flip),
+        _f32(gamma),
+        _f32(inv_std),
+        bits=bits,
+    )
+    return g_x, d_gamma, d_beta

@@ -123,7 +123,7 @@ def bn_relu_linear(
                         g_a, xhat, mask, gamma, inv_std
                     )
                 else:
-                    g_x, d_gamma, d_beta = quantizer.decode_bn_backward(
+                    g_x, d_gamma, d_beta = custom_op.decode_bn_backward(
                         g_a, saved_now, params, gamma, inv_std, bits
                     )
             return [tf.cast(g_x, compute_dtype), d_gamma, d_beta, *d_weights]

@@ -51,8 +51,12 @@ def _assert_same_float(actual: tf.Tensor, expected: tf.Tensor) -> None:
     np.testing.assert_array_equal(_bits_of(actual), _bits_of(expected))
 
 
-def _make_case(shape, bits, seed, specials=False):
-    """x, mean, inv_std, gamma, beta, params with every kind of channel."""
+def _make_case(shape, bits, seed, specials=False, kind_offset=0):
+    """x, mean, inv_std, gamma, beta, params with every kind of channel.
+
+    Channel c is of kind (c + kind_offset) % 8, so that a shift gives one or
+    three channels every kind too.
+    """
     rng = np.random.default_rng(seed)
     c = shape[-1]
     x = (2.5 * rng.normal(size=shape)).astype(np.float32)
@@ -60,7 +64,7 @@ def _make_case(shape, bits, seed, specials=False):
     inv_std = rng.uniform(0.5, 2.0, size=c).astype(np.float32)
     gamma = rng.normal(size=c).astype(np.float32)
     beta = rng.normal(size=c).astype(np.float32)
-    kind = np.arange(c) % 8
+    kind = (np.arange(c) + kind_offset) % 8
     gamma[kind == 1] = -np.abs(gamma[kind == 1])  # mask flips
     gamma[kind == 2] = 0.0  # constant channel, on iff beta > 0
     beta[kind == 3] = 50.0 * np.abs(gamma[kind == 3]) + 1.0  # threshold far below: always on
@@ -208,6 +212,207 @@ def test_empty_tensor(op_lib):
     assert xhat.shape == (0, 3) and mask.shape == (0, 3)
 
 
+# ---- fused decode + BN backward ------------------------------------------------
+
+BN_SHAPES = [
+    (37,),  # rank 1: a single row
+    (1, 1),
+    (7, 3),  # odd count: 4-bit padding
+    (13, 1),
+    (9, 37),
+    (5, 64),
+    (3, 5, 5, 3),
+    (3, 7, 9, 37),  # odd count, rank 4
+    (4, 8, 8, 64),
+    (2, 9, 7, 1),
+    (17, 300),  # more channels than the CPU kernel's parameter period
+    (9, 1100),  # past the CPU kernel's float partial sums: double accumulators
+    (8, 20000),  # one row spans several CPU blocks
+    (3, 33, 33, 37),  # several blocks and pass-1 shards, rows straddle blocks
+    (2, 64, 64, 64),
+]
+
+
+def _assert_close(actual, expected, rtol=1e-5):
+    """Within rtol of the largest magnitude of `expected` (per tensor)."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    scale = float(np.abs(expected).max(initial=0.0))
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=rtol * scale + 1e-30)
+
+
+def _bn_backward_f64(g_a, packed, params, gamma, inv_std, bits):
+    """quantizer.decode_bn_backward in float64 (from the exact decoded xhat)."""
+    xhat, mask = quantizer.decode(packed, params, tf.shape(g_a), bits)
+    xhat = xhat.numpy().astype(np.float64)
+    g_y = np.where(mask.numpy(), np.asarray(g_a, np.float64), 0.0)
+    axes = tuple(range(g_y.ndim - 1))
+    count = g_y.size // g_y.shape[-1]
+    d_beta, d_gamma = g_y.sum(axes), (g_y * xhat).sum(axes)
+    scale = np.asarray(gamma, np.float64) * np.asarray(inv_std, np.float64)
+    g_x = scale * (g_y - d_beta / count - xhat * (d_gamma / count))
+    return g_x, d_gamma, d_beta
+
+
+def _bn_case(shape, bits, seed, random_codes=False, kind_offset=0):
+    """g_a (non-zero mean), packed codes, params, gamma, inv_std."""
+    x, mean, inv_std, gamma, beta, params = _make_case(shape, bits, seed, kind_offset=kind_offset)
+    rng = np.random.default_rng(seed + 1)
+    if random_codes:  # every code value, not only what the encoder gives
+        n = int(np.prod(shape))
+        size = n if bits == 8 else (n + 1) // 2
+        packed = tf.constant(rng.integers(0, 256, size=size, dtype=np.uint8))
+    else:
+        _, packed = quantizer.bn_relu_encode(x, mean, inv_std, gamma, beta, params, bits)
+    g_a = tf.constant((rng.normal(size=shape) + 0.3).astype(np.float32))
+    return g_a, packed, params, gamma, inv_std
+
+
+def _check_bn_backward(g_a, packed, params, gamma, inv_std, bits):
+    ref = quantizer.decode_bn_backward(g_a, packed, params, gamma, inv_std, bits)
+    out = custom_op.decode_bn_backward(g_a, packed, params, gamma, inv_std, bits)
+    assert len(out) == 3
+    for actual, expected in zip(out, ref):
+        assert actual.dtype == tf.float32 and actual.shape == expected.shape
+        _assert_close(actual.numpy(), expected.numpy())
+    # Sums in double: closer to the exact result than TF's float reductions.
+    for actual, expected in zip(out, _bn_backward_f64(g_a, packed, params, gamma, inv_std, bits)):
+        _assert_close(actual.numpy().astype(np.float64), expected, rtol=1e-6)
+    return out
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("shape", BN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("codes", ["encoded", "random"])
+def test_decode_bn_backward_matches_quantizer(op_lib, shape, bits, codes):
+    case = _bn_case(shape, bits, sum(shape) % 1000, random_codes=codes == "random")
+    _check_bn_backward(*case, bits)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("kind_offset", range(8))
+def test_decode_bn_backward_channel_kinds(op_lib, channels, bits, kind_offset):
+    """Few channels, each kind: gamma < 0 (flipped mask), gamma == 0, thresholds
+    outside the window (always on/off) and at its edge."""
+    case = _bn_case((5, 7, channels), bits, kind_offset, kind_offset=kind_offset)
+    _check_bn_backward(*case, bits)
+
+
+def test_decode_bn_backward_zero_gamma_gives_zero_gx(op_lib):
+    g_a, packed, params, gamma, inv_std = _bn_case((6, 11, 37), 4, 5)
+    kind = np.arange(37) % 8
+    assert np.all(gamma.numpy()[(kind == 2) | (kind == 5)] == 0.0)
+    g_x, d_gamma, d_beta = custom_op.decode_bn_backward(g_a, packed, params, gamma, inv_std, 4)
+    zero = (kind == 2) | (kind == 5)
+    np.testing.assert_array_equal(np.abs(g_x.numpy()[..., zero]), 0.0)
+    assert np.any(d_beta.numpy()[zero] != 0.0)  # parameter gradients are not zero
+
+
+def test_decode_bn_backward_deterministic(op_lib):
+    """Same thread count, same sums (32 CPU blocks: several pass-1 shards)."""
+    case = _bn_case((2, 64, 64, 64), 4, 3)
+    first = custom_op.decode_bn_backward(*case, 4)
+    second = custom_op.decode_bn_backward(*case, 4)
+    for a, b in zip(first, second):
+        _assert_same_float(a, b)
+
+
+def test_decode_bn_backward_inside_tf_function(op_lib):
+    bits = 4
+    g_a, packed, params, gamma, inv_std = _bn_case((6, 5, 5, 37), bits, 13)
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None, 5, 5, 37], tf.float32),
+            tf.TensorSpec([None], tf.uint8),
+        ]
+    )
+    def backward(g_a, packed):
+        g_x, d_gamma, d_beta = custom_op.decode_bn_backward(
+            g_a, packed, params, gamma, inv_std, bits
+        )
+        assert g_x.shape.as_list() == [None, 5, 5, 37]
+        assert d_gamma.shape.as_list() == [37] and d_beta.shape.as_list() == [37]
+        return g_x, d_gamma, d_beta
+
+    out = backward(g_a, packed)
+    op_types = {op.type for op in backward.get_concrete_function().graph.get_operations()}
+    assert "BlpaDecodeBnBackward" in op_types
+    ref = quantizer.decode_bn_backward(g_a, packed, params, gamma, inv_std, bits)
+    for actual, expected in zip(out, ref):
+        _assert_close(actual.numpy(), expected.numpy())
+
+
+def test_decode_bn_backward_static_shapes(op_lib):
+    g_a, packed, params, gamma, inv_std = _bn_case((3, 7), 4, 1)
+
+    @tf.function
+    def f(g_a, packed):
+        g_x, d_gamma, d_beta = custom_op.decode_bn_backward(g_a, packed, params, gamma, inv_std, 4)
+        assert g_x.shape == (3, 7) and d_gamma.shape == (7,) and d_beta.shape == (7,)
+        return g_x
+
+    f(g_a, packed)
+
+
+def test_decode_bn_backward_xla_uses_pure_tf(op_lib):
+    g_a, packed, params, gamma, inv_std = _bn_case((4, 9, 37), 8, 5)
+
+    @tf.function(jit_compile=True)
+    def f(g_a, packed):
+        return custom_op.decode_bn_backward(g_a, packed, params, gamma, inv_std, 8)
+
+    out = f(g_a, packed)
+    ops = {op.type for op in f.get_concrete_function(g_a, packed).graph.get_operations()}
+    assert not any(t.startswith("Blpa") for t in ops), ops
+    ref = quantizer.decode_bn_backward(g_a, packed, params, gamma, inv_std, 8)
+    for actual, expected in zip(out, ref):
+        _assert_close(actual.numpy(), expected.numpy())
+
+
+def test_decode_bn_backward_invalid_inputs(op_lib):
+    g_a, packed, params, gamma, inv_std = _bn_case((3, 7), 4, 2)
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError)):
+        custom_op.decode_bn_backward(g_a, packed[:-1], params, gamma, inv_std, 4)  # bytes
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError)):
+        custom_op.decode_bn_backward(g_a, packed, params, gamma[:6], inv_std, 4)  # channels
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError)):
+        custom_op.decode_bn_backward(g_a, packed, params, gamma, inv_std, 8)  # 4-bit codes
+    with pytest.raises(ValueError):
+        custom_op.decode_bn_backward(g_a, packed, params, gamma, inv_std, 2)
+
+
+def test_decode_bn_backward_empty(op_lib):
+    _, _, params, gamma, inv_std = _bn_case((1, 3), 4, 0)
+    g_a = tf.zeros([0, 3])
+    packed = tf.zeros([0], tf.uint8)
+    g_x, d_gamma, d_beta = custom_op.decode_bn_backward(g_a, packed, params, gamma, inv_std, 4)
+    assert g_x.shape == (0, 3)
+    np.testing.assert_array_equal(d_gamma.numpy(), np.zeros(3, np.float32))
+    np.testing.assert_array_equal(d_beta.numpy(), np.zeros(3, np.float32))
+
+
+def test_decode_bn_backward_disabled_is_pure_tf(monkeypatch):
+    monkeypatch.setenv("KERAS_BLPA_DISABLE_CUSTOM_OPS", "1")
+    g_a, packed, params, gamma, inv_std = _bn_case((3, 5, 5, 37), 4, 9)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = custom_op.decode_bn_backward(g_a, packed, params, gamma, inv_std, 4)
+
+        @tf.function
+        def f(g_a, packed):
+            return custom_op.decode_bn_backward(g_a, packed, params, gamma, inv_std, 4)
+
+        f(g_a, packed)
+    assert not [w for w in caught if "keras_blpa" in str(w.message)]
+    ops = {op.type for op in f.get_concrete_function(g_a, packed).graph.get_operations()}
+    assert not any(t.startswith("Blpa") for t in ops), ops
+    ref = quantizer.decode_bn_backward(g_a, packed, params, gamma, inv_std, 4)
+    for actual, expected in zip(out, ref):
+        _assert_same_float(actual, expected)
+
+
 def test_build_is_cached(op_lib):
     if os.environ.get("KERAS_BLPA_OP_LIBRARY"):
         pytest.skip("library path overridden")
@@ -247,10 +452,13 @@ _FALLBACK_SCRIPT = textwrap.dedent(
         for _ in range(3):
             a, packed = custom_op.bn_relu_encode(x, 0 * c, c, c, -0.5 * c, params, 4)
             xhat, mask = custom_op.decode(packed, params, x.shape, 4)
+            grads = custom_op.decode_bn_backward(x, packed, params, c, c, 4)
         assert not custom_op.is_available()
     ours = [w for w in caught if "keras_blpa" in str(w.message)]
     ref = quantizer.bn_relu_encode(x, 0 * c, c, c, -0.5 * c, params, 4)[1]
     assert np.array_equal(packed.numpy(), ref.numpy())
+    ref_grads = quantizer.decode_bn_backward(x, packed, params, c, c, 4)
+    assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(grads, ref_grads))
     print("WARNINGS", len(ours))
     for w in ours:
         print("MESSAGE", w.category.__name__, w.message)
