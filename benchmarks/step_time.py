@@ -1,0 +1,92 @@
+"""Training-step time of a pre-activation ResNet: variants side by side.
+
+All variants live in one process and their steps are interleaved (round
+robin), so machine noise hits them alike; the table gives the median time per
+step and the ratio to the exact fused model (bits=None) at the same batch.
+
+  stock       stock Keras layers
+  none        fused, bits=None
+  8, 4        BLPA with the compiled op
+  4-puretf    BLPA 4-bit with the pure-TF quantizer (the op's fallback)
+  4-xla       BLPA 4-bit under jit_compile=True (pure-TF quantizer, XLA)
+
+    python benchmarks/step_time.py --depth 29 --batch-size 64 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from keras_blpa import ops  # noqa: E402
+from keras_blpa.models import preact_resnet_cifar  # noqa: E402
+
+VARIANTS = ("stock", "none", "8", "4", "4-puretf", "4-xla")
+
+
+def make(variant: str, depth: int, x, y):
+    bits = None if variant in ("stock", "none") else int(variant.split("-")[0])
+    model = preact_resnet_cifar(depth, bits=bits, stock=variant == "stock",
+                                input_shape=x.shape[1:])
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=variant.endswith("xla"))
+    # The path is fixed when the step is traced: trace the fallback variant
+    # with the custom op switched off.
+    if variant.endswith("puretf"):
+        os.environ["KERAS_BLPA_DISABLE_CUSTOM_OPS"] = "1"
+    try:
+        model.train_on_batch(x, y)
+    finally:
+        os.environ.pop("KERAS_BLPA_DISABLE_CUSTOM_OPS", None)
+    model.train_on_batch(x, y)
+    return model
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--depth", type=int, default=29)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=3, help="steps per variant per round")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(args.batch_size, args.size, args.size, 3)).astype("float32")
+    y = rng.integers(0, 10, args.batch_size)
+    models = {v: make(v, args.depth, x, y) for v in args.variants}
+    times = {v: [] for v in models}
+    for _ in range(args.rounds):
+        for v, model in models.items():
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                model.train_on_batch(x, y)
+            times[v].append((time.perf_counter() - start) / args.steps)
+    median = {v: statistics.median(t) for v, t in times.items()}
+    base = median.get("none")
+    print(f"Pre-activation ResNet-{args.depth}, batch {args.batch_size}, "
+          f"{args.size}x{args.size}; op: {ops.implementation()}\n")
+    print("| variant | ms / step (median) | vs bits=None |")
+    print("|---|---|---|")
+    for v, m in median.items():
+        ratio = f"{m / base:.2f}x" if base else "-"
+        print(f"| {v} | {1e3 * m:.1f} | {ratio} |")
+    result = {"depth": args.depth, "batch_size": args.batch_size, "median_s": median,
+              "all_s": times, "implementation": ops.implementation()}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
