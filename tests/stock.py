@@ -30,7 +30,7 @@ class StockUnit:
             self.linear = keras.layers.Conv2D(
                 cfg["filters"], cfg["kernel_size"], strides=cfg["strides"],
                 padding=cfg["padding"], dilation_rate=cfg["dilation_rate"],
-                use_bias=cfg["use_bias"],
+                groups=cfg["groups"], use_bias=cfg["use_bias"],
             )
             self.pool = None
         else:

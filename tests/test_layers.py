@@ -33,6 +33,7 @@ CONV_CASES = [
     dict(filters=5, kernel_size=3, strides=2, padding="valid"),
     dict(filters=4, kernel_size=(1, 3), dilation_rate=2, use_bias=False),
     dict(filters=3, kernel_size=1, center=False, scale=False),
+    dict(filters=6, kernel_size=3, groups=2),
 ]
 DENSE_CASES = [
     (dict(units=7), (16, 9)),
@@ -295,6 +296,7 @@ def test_compute_output_shape():
         (lambda: keras_blpa.BNReLUConv2D(4, 3, data_format="channels_first"), "channels_first"),
         (lambda: keras_blpa.BNReLUConv2D(0, 3), "filters"),
         (lambda: keras_blpa.BNReLUConv2D(4, 3, padding="causal"), "padding"),
+        (lambda: keras_blpa.BNReLUConv2D(4, 3, groups=3), "groups"),
         (lambda: keras_blpa.BNReLUDense(4, pooling="max"), "pooling"),
         (lambda: keras_blpa.BNReLUDense(4, dtype="float64"), "dtype"),
         (lambda: keras_blpa.BNReLUConv2D(4, 3, momentum=1.5), "momentum"),

@@ -100,6 +100,8 @@ class BNReLUConv2D(BNReLUBase):
       naive: quantize in the forward pass too (the paper's baseline); the
         approximation then also applies with `training=False`.
       dilation_rate: int or pair.
+      groups: grouped convolution: `filters` and the input channels must be
+        divisible by it (as in `keras.layers.Conv2D`).
       use_bias: whether the convolution adds a bias.
       kernel_initializer, bias_initializer, kernel_regularizer,
       bias_regularizer, activity_regularizer, kernel_constraint,
@@ -126,6 +128,7 @@ class BNReLUConv2D(BNReLUBase):
         bits: int | None = 4,
         naive: bool = False,
         dilation_rate=1,
+        groups: int = 1,
         use_bias: bool = True,
         kernel_initializer="glorot_uniform",
         bias_initializer="zeros",
@@ -168,6 +171,12 @@ class BNReLUConv2D(BNReLUBase):
                 "`strides` > 1 together with `dilation_rate` > 1 is not "
                 f"supported; received strides={strides}, dilation_rate={dilation_rate}."
             )
+        if not isinstance(groups, int) or groups <= 0 or filters % groups:
+            raise ValueError(
+                f"`groups` must be a positive integer dividing filters={filters}; "
+                f"received groups={groups!r}."
+            )
+        self.groups = groups
         self.padding = padding
         self.use_bias = use_bias
         self.kernel_initializer = initializers.get(kernel_initializer)
@@ -188,8 +197,13 @@ class BNReLUConv2D(BNReLUBase):
         return int(shape[-1])
 
     def _build_linear(self, input_shape):
+        channels = int(input_shape[-1])
+        if channels % self.groups:
+            raise ValueError(
+                f"The input's {channels} channels are not divisible by groups={self.groups}."
+            )
         self.kernel = self.add_weight(
-            shape=(*self.kernel_size, int(input_shape[-1]), self.filters),
+            shape=(*self.kernel_size, channels // self.groups, self.filters),
             name="kernel",
             initializer=self.kernel_initializer,
             regularizer=self.kernel_regularizer,
@@ -257,6 +271,7 @@ class BNReLUConv2D(BNReLUBase):
                 "strides": self.strides,
                 "padding": self.padding,
                 "dilation_rate": self.dilation_rate,
+                "groups": self.groups,
                 "use_bias": self.use_bias,
                 "kernel_initializer": initializers.serialize(self.kernel_initializer),
                 "bias_initializer": initializers.serialize(self.bias_initializer),
