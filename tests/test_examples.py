@@ -4,7 +4,6 @@ CIFAR and ImageNet go through the examples' real tfds loading code, with
 `tfds.testing.mock_data` standing in for the download (no internet here).
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,13 +16,6 @@ import tensorflow_datasets as tfds
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def _example(name):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("name", ["quickstart", "train_cifar", "train_imagenet"])
 def test_help(name):
     out = subprocess.run([sys.executable, str(EXAMPLES / f"{name}.py"), "--help"],
@@ -31,9 +23,9 @@ def test_help(name):
     assert "--bits" in out
 
 
-def test_train_cifar_tiny(tmp_path):
+def test_train_cifar_tiny(tmp_path, load_example):
     with tfds.testing.mock_data(num_examples=8):
-        summary = _example("train_cifar").main([
+        summary = load_example("train_cifar").main([
             "--dataset", "cifar100", "--depth", "11", "--width", "0.25", "--bits", "8",
             "--naive", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "4",
             "--out", str(tmp_path),
@@ -43,9 +35,9 @@ def test_train_cifar_tiny(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["dataset"] == "cifar100"
 
 
-def test_train_imagenet_tiny(tmp_path):
+def test_train_imagenet_tiny(tmp_path, load_example):
     with tfds.testing.mock_data(num_examples=4):
-        summary = _example("train_imagenet").main([
+        summary = load_example("train_imagenet").main([
             "--manual-dir", str(tmp_path), "--depth", "50", "--width", "0.0625",
             "--image-size", "32", "--epochs", "1", "--steps-per-epoch", "2",
             "--batch-size", "2", "--out", str(tmp_path),

@@ -1,21 +1,10 @@
 """Real training runs on real data (Fashion-MNIST subset shipped with the package)."""
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from keras_blpa import datasets
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-def _example(name):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_shipped_subset_is_real_fashion_mnist():
@@ -35,9 +24,9 @@ def test_debian_fashion_mnist_when_installed():
     assert "fashion-mnist" in description
 
 
-def test_quickstart_trains_blpa_and_exact_resnets_well_above_chance(tmp_path):
+def test_quickstart_trains_blpa_and_exact_resnets_well_above_chance(tmp_path, load_example):
     """The README's main job in a small configuration: a real ResNet training run."""
-    summary = _example("quickstart").main([
+    summary = load_example("quickstart").main([
         "--dataset", "fashion_mnist_subset", "--depth", "11", "--epochs", "2",
         "--batch-size", "64", "--lr", "0.05", "--no-memory", "--out", str(tmp_path),
     ])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import keras
 import tensorflow as tf
-from keras import constraints, initializers, regularizers
 from keras.src.ops.operation_utils import compute_conv_output_shape
 from keras.src.utils.argument_validation import standardize_tuple
 
@@ -129,13 +128,6 @@ class BNReLUConv2D(BNReLUBase):
         naive: bool = False,
         dilation_rate=1,
         groups: int = 1,
-        use_bias: bool = True,
-        kernel_initializer="glorot_uniform",
-        bias_initializer="zeros",
-        kernel_regularizer=None,
-        bias_regularizer=None,
-        kernel_constraint=None,
-        bias_constraint=None,
         projection_filters: int | None = None,
         projection_strides=None,
         **kwargs,
@@ -178,13 +170,6 @@ class BNReLUConv2D(BNReLUBase):
             )
         self.groups = groups
         self.padding = padding
-        self.use_bias = use_bias
-        self.kernel_initializer = initializers.get(kernel_initializer)
-        self.bias_initializer = initializers.get(bias_initializer)
-        self.kernel_regularizer = regularizers.get(kernel_regularizer)
-        self.bias_regularizer = regularizers.get(bias_regularizer)
-        self.kernel_constraint = constraints.get(kernel_constraint)
-        self.bias_constraint = constraints.get(bias_constraint)
 
     def _check_input_shape(self, shape) -> int:
         if len(shape) != 4:
@@ -202,29 +187,14 @@ class BNReLUConv2D(BNReLUBase):
             raise ValueError(
                 f"The input's {channels} channels are not divisible by groups={self.groups}."
             )
-        self.kernel = self.add_weight(
-            shape=(*self.kernel_size, channels // self.groups, self.filters),
-            name="kernel",
-            initializer=self.kernel_initializer,
-            regularizer=self.kernel_regularizer,
-            constraint=self.kernel_constraint,
+        self.kernel = self._add_kernel(
+            (*self.kernel_size, channels // self.groups, self.filters)
         )
         if self.projection_filters:
-            self.projection_kernel = self.add_weight(
-                shape=(1, 1, int(input_shape[-1]), self.projection_filters),
-                name="projection_kernel",
-                initializer=self.kernel_initializer,
-                regularizer=self.kernel_regularizer,
-                constraint=self.kernel_constraint,
+            self.projection_kernel = self._add_kernel(
+                (1, 1, channels, self.projection_filters), "projection_kernel"
             )
-        if self.use_bias:
-            self.bias = self.add_weight(
-                shape=(self.filters,),
-                name="bias",
-                initializer=self.bias_initializer,
-                regularizer=self.bias_regularizer,
-                constraint=self.bias_constraint,
-            )
+        self._add_bias(self.filters)
 
     def _linear_map(self):
         return _Conv2DMap(
@@ -272,13 +242,6 @@ class BNReLUConv2D(BNReLUBase):
                 "padding": self.padding,
                 "dilation_rate": self.dilation_rate,
                 "groups": self.groups,
-                "use_bias": self.use_bias,
-                "kernel_initializer": initializers.serialize(self.kernel_initializer),
-                "bias_initializer": initializers.serialize(self.bias_initializer),
-                "kernel_regularizer": regularizers.serialize(self.kernel_regularizer),
-                "bias_regularizer": regularizers.serialize(self.bias_regularizer),
-                "kernel_constraint": constraints.serialize(self.kernel_constraint),
-                "bias_constraint": constraints.serialize(self.bias_constraint),
                 "projection_filters": self.projection_filters,
                 "projection_strides": self.projection_strides,
             }

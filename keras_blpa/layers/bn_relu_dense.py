@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import keras
 import tensorflow as tf
-from keras import constraints, initializers, regularizers
 
 from keras_blpa.layers.base import BNReLUBase
 
@@ -82,13 +81,6 @@ class BNReLUDense(BNReLUBase):
         bits: int | None = 4,
         naive: bool = False,
         pooling: str | None = None,
-        use_bias: bool = True,
-        kernel_initializer="glorot_uniform",
-        bias_initializer="zeros",
-        kernel_regularizer=None,
-        bias_regularizer=None,
-        kernel_constraint=None,
-        bias_constraint=None,
         **kwargs,
     ):
         super().__init__(bits=bits, naive=naive, **kwargs)
@@ -98,13 +90,6 @@ class BNReLUDense(BNReLUBase):
             raise ValueError(f"`pooling` must be None or 'avg'; received pooling={pooling!r}.")
         self.units = units
         self.pooling = pooling
-        self.use_bias = use_bias
-        self.kernel_initializer = initializers.get(kernel_initializer)
-        self.bias_initializer = initializers.get(bias_initializer)
-        self.kernel_regularizer = regularizers.get(kernel_regularizer)
-        self.bias_regularizer = regularizers.get(bias_regularizer)
-        self.kernel_constraint = constraints.get(kernel_constraint)
-        self.bias_constraint = constraints.get(bias_constraint)
 
     def _check_input_shape(self, shape) -> int:
         if self.pooling == "avg" and len(shape) != 4:
@@ -122,21 +107,8 @@ class BNReLUDense(BNReLUBase):
         return int(shape[-1])
 
     def _build_linear(self, input_shape):
-        self.kernel = self.add_weight(
-            shape=(int(input_shape[-1]), self.units),
-            name="kernel",
-            initializer=self.kernel_initializer,
-            regularizer=self.kernel_regularizer,
-            constraint=self.kernel_constraint,
-        )
-        if self.use_bias:
-            self.bias = self.add_weight(
-                shape=(self.units,),
-                name="bias",
-                initializer=self.bias_initializer,
-                regularizer=self.bias_regularizer,
-                constraint=self.bias_constraint,
-            )
+        self.kernel = self._add_kernel((int(input_shape[-1]), self.units))
+        self._add_bias(self.units)
 
     def _linear_map(self):
         return _DenseMap(pooled=self.pooling == "avg", use_bias=self.use_bias)
@@ -168,13 +140,6 @@ class BNReLUDense(BNReLUBase):
             {
                 "units": self.units,
                 "pooling": self.pooling,
-                "use_bias": self.use_bias,
-                "kernel_initializer": initializers.serialize(self.kernel_initializer),
-                "bias_initializer": initializers.serialize(self.bias_initializer),
-                "kernel_regularizer": regularizers.serialize(self.kernel_regularizer),
-                "bias_regularizer": regularizers.serialize(self.bias_regularizer),
-                "kernel_constraint": constraints.serialize(self.kernel_constraint),
-                "bias_constraint": constraints.serialize(self.bias_constraint),
             }
         )
         return config
