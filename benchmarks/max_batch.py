@@ -289,6 +289,8 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--timeout", type=int, default=3600)
     p.add_argument("--out", default="benchmarks/results/cpu")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite the table and plot from <out>/max_batch.json")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -302,9 +304,15 @@ def main(argv=None) -> None:
         print(json.dumps(result))
         return
     os.makedirs(args.out, exist_ok=True)
+    raw = os.path.join(args.out, "max_batch.json")
+    if args.report_only:
+        with open(raw) as f:
+            saved = json.load(f)
+        report(saved["results"], args.budget_mib, args.out, saved["command"])
+        return
     jits = {"off": [False], "on": [True], "both": [False, True]}[args.jit]
     results = []
-    raw = os.path.join(args.out, "max_batch.json")
+    command = "python " + " ".join(sys.argv)
     for depth in args.depths:
         for jit in jits:
             for variant in args.variants:
@@ -314,12 +322,16 @@ def main(argv=None) -> None:
                 print(json.dumps({k: v for k, v in r.items() if k != "peaks"}), flush=True)
                 results.append(r)
                 with open(raw, "w") as f:
-                    json.dump({"command": " ".join(sys.argv), "results": results}, f, indent=1)
-    md = table(results, args.budget_mib)
+                    json.dump({"command": command, "results": results}, f, indent=1)
+    report(results, args.budget_mib, args.out, command)
+
+
+def report(results: list[dict], budget_mib: float, out: str, command: str) -> None:
+    md = table(results, budget_mib)
     print(md)
-    with open(os.path.join(args.out, "max_batch.md"), "w") as f:
-        f.write(f"Command: `python {' '.join(sys.argv)}`\n\n{md}\n")
-    plot(results, os.path.join(args.out, "max_batch.png"))
+    with open(os.path.join(out, "max_batch.md"), "w") as f:
+        f.write(f"Command: `{command}`\n\n{md}\n")
+    plot(results, os.path.join(out, "max_batch.png"))
 
 
 if __name__ == "__main__":
