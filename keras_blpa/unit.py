@@ -94,7 +94,11 @@ def bn_relu_linear(
             outputs = linear.forward(tf.cast(a, compute_dtype), weights)
 
         def grad(*upstream):
-            grads = list(upstream[: len(outputs)])  # moment gradients are ignored
+            # Moment gradients are ignored; an unused head gets a zero gradient.
+            grads = [
+                tf.zeros_like(out) if g is None else g
+                for g, out in zip(upstream[: len(outputs)], outputs)
+            ]
             # Decode only once the upstream gradient exists, so that graph
             # executors (and XLA) cannot run it early and hold the result.
             saved_now, *grads = xla.optimization_barrier(

@@ -367,3 +367,19 @@ def test_projection_head_matches_stock_shared_preactivation(bits):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
         else:
             assert cosine(a, b) >= COSINE_FLOOR[4]
+
+
+def test_unused_projection_head_gets_zero_gradient():
+    layer = keras_blpa.BNReLUConv2D(4, 3, projection_filters=6)
+    x = tf.random.normal((2, 8, 8, 3))
+
+    def grads(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            main, _ = layer(x, training=True)
+            loss = tf.reduce_sum(main * main)
+        return tape.gradient(loss, [x, layer.kernel, layer.projection_kernel])
+
+    for result in (grads(x), tf.function(grads)(x)):
+        assert float(tf.reduce_max(tf.abs(result[2]))) == 0.0
+        assert float(tf.reduce_max(tf.abs(result[1]))) > 0.0
