@@ -107,8 +107,10 @@ def bn_relu_linear(
             with tf.control_dependencies(grads):
                 if bits is None:
                     xhat = tf.identity(saved_now)
-                    mask = xhat * gamma + beta > 0.0
-                    a_approx = tf.where(mask, xhat * gamma + beta, 0.0)
+                    y = xhat * gamma + beta
+                    mask = y > 0.0
+                    a_approx = tf.where(mask, y, 0.0)
+                    del y
                 else:
                     a_approx = custom_op.decode_relu(
                         saved_now, params, gamma, beta, x_shape, bits
