@@ -2,9 +2,10 @@
 
 Trains the same pre-activation ResNet as
   exact        bits=None
-  blpa8        BLPA 8-bit
-  blpa4        BLPA 4-bit
-  naive8       naive 8-bit (quantized forward pass, also at inference)
+  blpa8        BLPA 8-bit, the library's default 12-sigma window
+  blpa8_w6     BLPA 8-bit with the paper's 6-sigma window
+  blpa4        BLPA 4-bit (6-sigma window, as in the paper)
+  naive8       naive 8-bit (quantized forward pass, also at inference; 6 sigma)
   quarter      exact with 1/4 of the features (width 0.25)
 with several seeds on Fashion-MNIST (offline) or CIFAR-10 (tfds), and writes
 test error mean +- std per variant and depth (markdown + JSON) and a plot of
@@ -38,10 +39,12 @@ from keras_blpa.models import preact_resnet_cifar  # noqa: E402
 VARIANTS = {
     "exact": dict(bits=None),
     "blpa8": dict(bits=8),
+    "blpa8_w6": dict(bits=8, window=6.0),
     "blpa4": dict(bits=4),
-    "naive8": dict(bits=8, naive=True),
+    "naive8": dict(bits=8, naive=True, window=6.0),
     "quarter": dict(bits=None, width=0.25),
 }
+COLORS = dict(zip(VARIANTS, ["k", "tab:blue", "tab:cyan", "tab:green", "tab:red", "tab:gray"]))
 
 
 def load(args):
@@ -61,6 +64,22 @@ def build(variant: str, depth: int, classes: int, shape) -> keras.Model:
     return preact_resnet_cifar(depth, width=width, classes=classes, input_shape=shape, **options)
 
 
+class BatchLoss(keras.callbacks.Callback):
+    """Per-step training loss (Keras logs a running mean over the epoch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.losses: list[float] = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._previous = 0.0
+
+    def on_train_batch_end(self, batch, logs=None):
+        mean = float(logs["loss"])
+        self.losses.append((batch + 1) * mean - batch * self._previous)
+        self._previous = mean
+
+
 def train_one(args, data, variant, depth, seed) -> dict:
     (train, test, classes, _) = data
     keras.backend.clear_session()
@@ -70,16 +89,22 @@ def train_one(args, data, variant, depth, seed) -> dict:
     steps = (len(train[0]) // args.batch_size) if isinstance(train, tuple) else 50_000 // 128
     training.compile_for_training(model, steps, args.epochs, base_lr=args.lr)
     start = time.time()
+    batch_loss = BatchLoss()
     if isinstance(train, tuple):
+        # Per-epoch validation on a slice keeps the curves cheap; the final
+        # test error uses the whole test set.
+        val = tuple(t[: args.val_size] for t in test)
         hist = model.fit(*train, batch_size=args.batch_size, epochs=args.epochs,
-                         validation_data=test, verbose=2)
+                         validation_data=val, callbacks=[batch_loss], verbose=2)
         _, acc = model.evaluate(*test, batch_size=256, verbose=0)
     else:
-        hist = model.fit(train, epochs=args.epochs, validation_data=test, verbose=2)
+        hist = model.fit(train, epochs=args.epochs, validation_data=test,
+                         callbacks=[batch_loss], verbose=2)
         _, acc = model.evaluate(test, verbose=0)
     return {"variant": variant, "depth": depth, "seed": seed,
             "test_error": 100 * (1 - float(acc)), "seconds": time.time() - start,
-            "history": {k: [float(v) for v in vs] for k, vs in hist.history.items()}}
+            "history": {k: [float(v) for v in vs] for k, vs in hist.history.items()},
+            "batch_loss": batch_loss.losses}
 
 
 def summarize(runs: list[dict]) -> str:
@@ -107,55 +132,125 @@ def plot(runs: list[dict], path: str) -> None:
         return
     depths = sorted({r["depth"] for r in runs})
     fig, axes = plt.subplots(1, len(depths), figsize=(5.5 * len(depths), 4), squeeze=False)
-    colors = dict(zip(VARIANTS, ["k", "tab:blue", "tab:green", "tab:red", "tab:gray"]))
+    window = 10
     for ax, d in zip(axes[0], depths):
+        labelled = set()
         for r in runs:
-            if r["depth"] == d:
-                ax.plot(r["history"]["loss"], color=colors[r["variant"]], alpha=0.6,
-                        label=r["variant"] if r["seed"] == 0 else None)
-                ax.plot(r["history"]["val_loss"], color=colors[r["variant"]], ls="--", alpha=0.6)
-        ax.set(title=f"ResNet-{d}: train (solid) / test (dashed) loss", xlabel="epoch")
-        ax.legend()
+            if r["depth"] != d or not r.get("batch_loss"):
+                continue
+            loss = np.convolve(r["batch_loss"], np.ones(window) / window, mode="valid")
+            label = None
+            if r["variant"] not in labelled:
+                errs = [q["test_error"] for q in runs
+                        if q["variant"] == r["variant"] and q["depth"] == d]
+                label = f"{r['variant']} (test err {np.mean(errs):.1f}%)"
+                labelled.add(r["variant"])
+            ax.plot(np.arange(window, window + len(loss)), loss,
+                    color=COLORS[r["variant"]], alpha=0.7, lw=1, label=label)
+        ax.set(title=f"ResNet-{d}", xlabel="step", ylabel=f"train loss ({window}-step mean)",
+               ylim=(0.2, 1.5))
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
+def _units(model: keras.Model) -> list:
+    return [layer for layer in model.layers if isinstance(layer, BNReLUBase)]
+
+
+def _kernel_grads(model: keras.Model, x, y) -> list[np.ndarray]:
+    """Weight gradients of one training-mode step; moving statistics restored."""
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    state = [v.numpy() for v in model.non_trainable_variables]
+    with tf.GradientTape() as tape:
+        loss = loss_fn(y, model(x, training=True))
+    grads = tape.gradient(loss, [unit.kernel for unit in _units(model)])
+    for v, value in zip(model.non_trainable_variables, state):
+        v.assign(value)
+    return [g.numpy().ravel() for g in grads]
+
+
+def _agreement(g: np.ndarray, r: np.ndarray) -> tuple[float, float]:
+    cos = float(g @ r / (np.linalg.norm(g) * np.linalg.norm(r) + 1e-30))
+    rel = float(np.linalg.norm(g - r) / (np.linalg.norm(r) + 1e-30))
+    return cos, rel
+
+
+COMPARED = ("blpa8", "blpa8_w6", "blpa4", "naive8")
+
+
+def _compared_grads(depth, classes, x, y, weights) -> dict[str, list[np.ndarray]]:
+    grads = {}
+    for variant in COMPARED:
+        model = build(variant, depth, classes, x.shape[1:])
+        model.set_weights(weights)
+        grads[variant] = _kernel_grads(model, x, y)
+    return grads
+
+
+def _clipped_fraction(model: keras.Model, x) -> list[float]:
+    """Per unit: fraction of normalized inputs outside the 6-sigma window."""
+    units = _units(model)
+    probe = keras.Model(model.inputs, [unit.input for unit in units])
+    fractions = []
+    for unit, inputs in zip(units, probe(x, training=False)):
+        flat = tf.reshape(tf.cast(inputs, tf.float32), [-1, inputs.shape[-1]])
+        mean, var = tf.nn.moments(flat, [0])
+        xhat = (flat - mean) / tf.sqrt(var + unit.epsilon)
+        fractions.append(float(tf.reduce_mean(tf.cast(tf.abs(xhat) >= 3.0, tf.float32))))
+    return fractions
+
+
 def fidelity(args, data) -> str:
-    """Per-layer weight-gradient agreement of 8/4-bit with exact, same weights."""
+    """Per-layer weight-gradient agreement with exact, same weights and batch."""
     (train, _, classes, _) = data
     x, y = train[0][: args.batch_size], train[1][: args.batch_size]
     keras.utils.set_random_seed(0)
     depth = args.depths[0]
     exact = build("exact", depth, classes, x.shape[1:])
-    training.compile_for_training(exact, len(train[0]) // args.batch_size, 1, base_lr=args.lr)
+    steps = len(train[0]) // args.batch_size
+    training.compile_for_training(exact, steps, args.fidelity_epochs, base_lr=args.lr)
     exact.fit(*train, batch_size=args.batch_size, epochs=args.fidelity_epochs, verbose=2)
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-    def grads(model):
-        with tf.GradientTape() as tape:
-            loss = loss_fn(y, model(x, training=True))
-        kernels = [layer.kernel for layer in model.layers if isinstance(layer, BNReLUBase)]
-        return [g.numpy() for g in tape.gradient(loss, kernels)]
-
-    names = [layer.name for layer in exact.layers if isinstance(layer, BNReLUBase)]
     weights = exact.get_weights()
-    reference = grads(exact)
-    exact.set_weights(weights)  # undo the moving-statistics update
-    rows = ["| layer | cos 8-bit | rel. err 8-bit | cos 4-bit | rel. err 4-bit |",
-            "|---|---|---|---|---|"]
-    per_bits = {}
-    for bits in (8, 4):
-        model = build(f"blpa{bits}", depth, classes, x.shape[1:])
-        model.set_weights(weights)
-        per_bits[bits] = grads(model)
-    for i, name in enumerate(names):
+    reference = _kernel_grads(exact, x, y)
+    grads = _compared_grads(depth, classes, x, y, weights)
+    clipped = _clipped_fraction(exact, x)
+    header = " | ".join(f"cos {v} | rel. err {v}" for v in COMPARED)
+    rows = [f"| layer | {header} | inputs beyond 3 sigma |",
+            "|---|" + "---|---|" * len(COMPARED) + "---|"]
+    for i, unit in enumerate(_units(exact)):
         cells = []
-        for bits in (8, 4):
-            g, r = per_bits[bits][i].ravel(), reference[i].ravel()
-            cos = float(g @ r / (np.linalg.norm(g) * np.linalg.norm(r) + 1e-30))
-            rel = float(np.linalg.norm(g - r) / (np.linalg.norm(r) + 1e-30))
+        for variant in COMPARED:
+            cos, rel = _agreement(grads[variant][i], reference[i])
             cells += [f"{cos:.5f}", f"{rel:.4f}"]
-        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+        rows.append(f"| {unit.name} | " + " | ".join(cells) + f" | {100 * clipped[i]:.2f}% |")
+    summary = ["", f"| ResNet-{depth}, trained {args.fidelity_epochs} epoch(s) | "
+               "min cos | median cos | median rel. err |", "|---|---|---|---|"]
+    for variant in COMPARED:
+        cos, rel = zip(*(_agreement(g, r) for g, r in zip(grads[variant], reference)))
+        summary.append(f"| {variant} | {min(cos):.5f} | {np.median(cos):.5f} | "
+                       f"{np.median(rel):.4f} |")
+    return "\n".join(rows + summary)
+
+
+def depth_sweep(args, data) -> str:
+    """Gradient agreement with exact at initialization, as depth grows."""
+    (train, _, classes, _) = data
+    x, y = train[0][: args.batch_size], train[1][: args.batch_size]
+    rows = ["| depth | " + " | ".join(f"{v} median cos | {v} min cos" for v in COMPARED)
+            + " |", "|---|" + "---|---|" * len(COMPARED)]
+    for depth in args.depths:
+        keras.utils.set_random_seed(0)
+        exact = build("exact", depth, classes, x.shape[1:])
+        weights = exact.get_weights()
+        reference = _kernel_grads(exact, x, y)
+        grads = _compared_grads(depth, classes, x, y, weights)
+        cells = []
+        for variant in COMPARED:
+            cos = [_agreement(g, r)[0] for g, r in zip(grads[variant], reference)]
+            cells += [f"{np.median(cos):.5f}", f"{min(cos):.5f}"]
+        rows.append(f"| {depth} | " + " | ".join(cells) + " |")
+        print(rows[-1], flush=True)
     return "\n".join(rows)
 
 
@@ -165,40 +260,66 @@ def main(argv=None) -> None:
                    choices=["fashion_mnist", "cifar10", "cifar100"])
     p.add_argument("--depths", type=int, nargs="+", default=[56])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--train-size", type=int, default=20000)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--val-size", type=int, default=2000,
+                   help="test images used for the per-epoch curves")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the runs already in <out>/accuracy.json and skip them")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite the table and plot from <out>/accuracy.json")
     p.add_argument("--fidelity", action="store_true")
     p.add_argument("--fidelity-epochs", type=int, default=1)
+    p.add_argument("--depth-sweep", action="store_true",
+                   help="gradient agreement at initialization for each of --depths")
     p.add_argument("--out", default="benchmarks/results/accuracy")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    raw = os.path.join(args.out, "accuracy.json")
+    if args.report_only:
+        with open(raw) as f:
+            saved = json.load(f)
+        report(saved["runs"], saved["command"], saved["dataset"], args.out)
+        return
     data = load(args)
     command = "python " + " ".join(sys.argv)
-    if args.fidelity:
-        table = fidelity(args, data)
+    if args.fidelity or args.depth_sweep:
+        table = fidelity(args, data) if args.fidelity else depth_sweep(args, data)
         print(table)
-        with open(os.path.join(args.out, "gradient_fidelity.md"), "w") as f:
-            f.write(f"Command: `{command}`\n\n{table}\n")
+        name = "gradient_fidelity.md" if args.fidelity else "gradient_vs_depth.md"
+        with open(os.path.join(args.out, name), "w") as f:
+            f.write(f"Command: `{command}`\n\nData: {data[3]}\n\n{table}\n")
         return
-    raw = os.path.join(args.out, "accuracy.json")
     runs = []
-    for depth in args.depths:
-        for seed in range(args.seeds):
+    if args.resume and os.path.exists(raw):
+        with open(raw) as f:
+            runs = json.load(f)["runs"]
+    done = {(r["variant"], r["depth"], r["seed"]) for r in runs}
+    # Seed-major order: a run cut short still covers every depth and variant.
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        for depth in args.depths:
             for variant in args.variants:
+                if (variant, depth, seed) in done:
+                    continue
                 runs.append(train_one(args, data, variant, depth, seed))
-                print(json.dumps({k: v for k, v in runs[-1].items() if k != "history"}),
-                      flush=True)
+                summary = {k: v for k, v in runs[-1].items()
+                           if k not in ("history", "batch_loss")}
+                print(json.dumps(summary), flush=True)
                 with open(raw, "w") as f:
                     json.dump({"command": command, "dataset": data[3], "runs": runs}, f)
+    report(runs, command, data[3], args.out)
+
+
+def report(runs: list[dict], command: str, dataset: str, out: str) -> None:
     table = summarize(runs)
     print(table)
-    with open(os.path.join(args.out, "accuracy.md"), "w") as f:
-        f.write(f"Command: `{command}`\n\nData: {data[3]}\n\n{table}\n")
-    plot(runs, os.path.join(args.out, "training_curves.png"))
-
+    with open(os.path.join(out, "accuracy.md"), "w") as f:
+        f.write(f"Command: `{command}`\n\nData: {dataset}\n\n{table}\n")
+    plot(runs, os.path.join(out, "training_curves.png"))
 
 if __name__ == "__main__":
     main()

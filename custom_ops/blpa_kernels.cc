@@ -13,6 +13,7 @@
 #endif
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -223,7 +224,7 @@ void BnBackwardRun(const uint8_t* __restrict codes, const float* __restrict g_a,
 
 void EncodeBlock(const EncodeArgs& args, const Periodic& p, int64_t begin,
                  int64_t end) {
-  const Grid g = MakeGrid(args.bits);
+  const Grid g = MakeGrid(args.bits, args.window);
   alignas(64) uint8_t buffer[kBlock];
   uint8_t* codes = args.bits == 8 ? args.packed + begin : buffer;
   ForEachRun(p, begin, end, [&](int64_t o, int64_t c, int64_t len) {
@@ -237,7 +238,7 @@ void EncodeBlock(const EncodeArgs& args, const Periodic& p, int64_t begin,
 // Per-channel code bounds for both ReLU sides, [lower_on, upper_on, lower_off,
 // upper_off]: hoists the side logic out of the per-element loop.
 std::vector<std::vector<float>> ChannelBounds(const EncodeArgs& args) {
-  const Grid g = MakeGrid(args.bits);
+  const Grid g = MakeGrid(args.bits, args.window);
   std::vector<std::vector<float>> out(4, std::vector<float>(args.channels));
   for (int64_t c = 0; c < args.channels; ++c) {
     const Bounds on = SideBounds(true, args.k[c], args.flip[c], args.aligned[c], g);
@@ -266,7 +267,7 @@ const uint8_t* BlockCodes(const DecodeArgs& args, int64_t begin, int64_t end,
 
 void DecodeBlock(const DecodeArgs& args, const Periodic& p, int64_t begin,
                  int64_t end) {
-  const Grid g = MakeGrid(args.bits);
+  const Grid g = MakeGrid(args.bits, args.window);
   alignas(64) uint8_t buffer[kBlock];
   const uint8_t* codes = BlockCodes(args, begin, end, buffer);
   ForEachRun(p, begin, end, [&](int64_t o, int64_t c, int64_t len) {
@@ -277,7 +278,7 @@ void DecodeBlock(const DecodeArgs& args, const Periodic& p, int64_t begin,
 
 void DecodeReluBlock(const DecodeArgs& args, const Periodic& p, int64_t begin,
                      int64_t end) {
-  const Grid g = MakeGrid(args.bits);
+  const Grid g = MakeGrid(args.bits, args.window);
   alignas(64) uint8_t buffer[kBlock];
   const uint8_t* codes = BlockCodes(args, begin, end, buffer);
   ForEachRun(p, begin, end, [&](int64_t o, int64_t c, int64_t len) {
@@ -296,7 +297,7 @@ constexpr int64_t kMaxFloatPeriod = kBlock / 16;
 // into the shard's double accumulators sum_b, sum_g of p.period() slots each.
 void BnSumsShard(const BnBackwardArgs& args, const Periodic& p, int64_t begin,
                  int64_t end, double* sum_b, double* sum_g) {
-  const Grid g = MakeGrid(args.bits);
+  const Grid g = MakeGrid(args.bits, args.window);
   const int64_t period = p.period();
   const bool use_float = period <= kMaxFloatPeriod;
   alignas(64) uint8_t buffer[kBlock];
@@ -324,7 +325,7 @@ void BnSumsShard(const BnBackwardArgs& args, const Periodic& p, int64_t begin,
 // Pass 2 over one block; p holds lo, k, flip, scale, mean_dbeta, mean_dgamma.
 void BnBackwardBlock(const BnBackwardArgs& args, const Periodic& p,
                      int64_t begin, int64_t end) {
-  const Grid g = MakeGrid(args.bits);
+  const Grid g = MakeGrid(args.bits, args.window);
   alignas(64) uint8_t buffer[kBlock];
   const uint8_t* codes = BlockCodes(args.packed, args.bits, begin, end, buffer);
   ForEachRun(p, begin, end, [&](int64_t o, int64_t c, int64_t len) {
@@ -357,10 +358,13 @@ void ParallelBlocks(OpKernelContext* ctx, int64_t n,
 
 int64_t ByteCount(int64_t n, int bits) { return bits == 8 ? n : (n + 1) / 2; }
 
-void GetBitsAttr(OpKernelConstruction* ctx, int* bits) {
+void GetGridAttrs(OpKernelConstruction* ctx, int* bits, float* window) {
   OP_REQUIRES_OK(ctx, ctx->GetAttr("bits", bits));
   OP_REQUIRES(ctx, *bits == 4 || *bits == 8,
               absl::InvalidArgumentError("bits must be 4 or 8"));
+  OP_REQUIRES_OK(ctx, ctx->GetAttr("window", window));
+  OP_REQUIRES(ctx, std::isfinite(*window) && *window > 0.0f,
+              absl::InvalidArgumentError("window must be a positive, finite number"));
 }
 
 // Checks that inputs [first, last) are vectors of `channels` elements.
@@ -488,12 +492,13 @@ absl::Status AllocateBnBackward(OpKernelContext* ctx, BnBackwardArgs* args) {
 class EncodeCpuOp : public OpKernel {
  public:
   explicit EncodeCpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    GetBitsAttr(ctx, &bits_);
+    GetGridAttrs(ctx, &bits_, &window_);
   }
 
   void Compute(OpKernelContext* ctx) override {
     EncodeArgs args{};
     OP_REQUIRES_OK(ctx, PrepareEncode(ctx, bits_, &args));
+    args.window = window_;
     Tensor* a = nullptr;
     Tensor* packed = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ctx->input(0).shape(), &a));
@@ -514,18 +519,20 @@ class EncodeCpuOp : public OpKernel {
 
  private:
   int bits_;
+  float window_;
 };
 
 class DecodeCpuOp : public OpKernel {
  public:
   explicit DecodeCpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    GetBitsAttr(ctx, &bits_);
+    GetGridAttrs(ctx, &bits_, &window_);
   }
 
   void Compute(OpKernelContext* ctx) override {
     DecodeArgs args{};
     TensorShape shape;
     OP_REQUIRES_OK(ctx, PrepareDecode(ctx, bits_, 4, &shape, &args));
+    args.window = window_;
     Tensor* xhat = nullptr;
     Tensor* mask = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &xhat));
@@ -541,18 +548,20 @@ class DecodeCpuOp : public OpKernel {
 
  private:
   int bits_;
+  float window_;
 };
 
 class DecodeReluCpuOp : public OpKernel {
  public:
   explicit DecodeReluCpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    GetBitsAttr(ctx, &bits_);
+    GetGridAttrs(ctx, &bits_, &window_);
   }
 
   void Compute(OpKernelContext* ctx) override {
     DecodeArgs args{};
     TensorShape shape;
     OP_REQUIRES_OK(ctx, PrepareDecode(ctx, bits_, 6, &shape, &args));
+    args.window = window_;
     Tensor* a = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &a));
     if (args.n == 0) return;
@@ -566,6 +575,7 @@ class DecodeReluCpuOp : public OpKernel {
 
  private:
   int bits_;
+  float window_;
 };
 
 // Pass 1 runs on a fixed number of shards (contiguous kBlock-aligned ranges),
@@ -574,12 +584,13 @@ class DecodeReluCpuOp : public OpKernel {
 class DecodeBnBackwardCpuOp : public OpKernel {
  public:
   explicit DecodeBnBackwardCpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    GetBitsAttr(ctx, &bits_);
+    GetGridAttrs(ctx, &bits_, &window_);
   }
 
   void Compute(OpKernelContext* ctx) override {
     BnBackwardArgs args{};
     OP_REQUIRES_OK(ctx, PrepareBnBackward(ctx, bits_, &args));
+    args.window = window_;
     OP_REQUIRES_OK(ctx, AllocateBnBackward(ctx, &args));
     const int64_t channels = args.channels;
     if (args.n == 0) {
@@ -650,6 +661,7 @@ class DecodeBnBackwardCpuOp : public OpKernel {
   // one thread: splitting costs more than it saves).
   static constexpr int64_t kMinShardBlocks = 4;
   int bits_;
+  float window_;
 };
 
 REGISTER_KERNEL_BUILDER(Name("BlpaBnReluEncode").Device(DEVICE_CPU),
@@ -678,12 +690,13 @@ absl::Status LaunchStatus(const char* error) {
 class EncodeGpuOp : public OpKernel {
  public:
   explicit EncodeGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    GetBitsAttr(ctx, &bits_);
+    GetGridAttrs(ctx, &bits_, &window_);
   }
 
   void Compute(OpKernelContext* ctx) override {
     EncodeArgs args{};
     OP_REQUIRES_OK(ctx, PrepareEncode(ctx, bits_, &args));
+    args.window = window_;
     Tensor* a = nullptr;
     Tensor* packed = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ctx->input(0).shape(), &a));
@@ -697,18 +710,20 @@ class EncodeGpuOp : public OpKernel {
 
  private:
   int bits_;
+  float window_;
 };
 
 class DecodeGpuOp : public OpKernel {
  public:
   explicit DecodeGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    GetBitsAttr(ctx, &bits_);
+    GetGridAttrs(ctx, &bits_, &window_);
   }
 
   void Compute(OpKernelContext* ctx) override {
     DecodeArgs args{};
     TensorShape shape;
     OP_REQUIRES_OK(ctx, PrepareDecode(ctx, bits_, 4, &shape, &args));
+    args.window = window_;
     Tensor* xhat = nullptr;
     Tensor* mask = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &xhat));
@@ -721,18 +736,20 @@ class DecodeGpuOp : public OpKernel {
 
  private:
   int bits_;
+  float window_;
 };
 
 class DecodeReluGpuOp : public OpKernel {
  public:
   explicit DecodeReluGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    GetBitsAttr(ctx, &bits_);
+    GetGridAttrs(ctx, &bits_, &window_);
   }
 
   void Compute(OpKernelContext* ctx) override {
     DecodeArgs args{};
     TensorShape shape;
     OP_REQUIRES_OK(ctx, PrepareDecode(ctx, bits_, 6, &shape, &args));
+    args.window = window_;
     Tensor* a = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &a));
     if (args.n == 0) return;
@@ -742,17 +759,19 @@ class DecodeReluGpuOp : public OpKernel {
 
  private:
   int bits_;
+  float window_;
 };
 
 class DecodeBnBackwardGpuOp : public OpKernel {
  public:
   explicit DecodeBnBackwardGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    GetBitsAttr(ctx, &bits_);
+    GetGridAttrs(ctx, &bits_, &window_);
   }
 
   void Compute(OpKernelContext* ctx) override {
     BnBackwardArgs args{};
     OP_REQUIRES_OK(ctx, PrepareBnBackward(ctx, bits_, &args));
+    args.window = window_;
     OP_REQUIRES_OK(ctx, AllocateBnBackward(ctx, &args));
     if (args.channels == 0) return;
     Tensor scratch;
@@ -767,6 +786,7 @@ class DecodeBnBackwardGpuOp : public OpKernel {
 
  private:
   int bits_;
+  float window_;
 };
 
 REGISTER_KERNEL_BUILDER(Name("BlpaDecodeBnBackward").Device(DEVICE_GPU),

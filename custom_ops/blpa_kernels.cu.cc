@@ -208,7 +208,7 @@ const char* LastError() {
 const char* LaunchEncodeGpu(const EncodeArgs& args, void* stream) {
   if (args.n == 0) return nullptr;
   const int64_t bytes = args.bits == 8 ? args.n : (args.n + 1) / 2;
-  const Grid g = MakeGrid(args.bits);
+  const Grid g = MakeGrid(args.bits, args.window);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (Fits32(args.n)) {
     EncodeKernel<uint32_t><<<GridFor(bytes), kThreads, 0, s>>>(args, g);
@@ -220,7 +220,7 @@ const char* LaunchEncodeGpu(const EncodeArgs& args, void* stream) {
 
 const char* LaunchDecodeGpu(const DecodeArgs& args, void* stream) {
   if (args.n == 0) return nullptr;
-  const Grid g = MakeGrid(args.bits);
+  const Grid g = MakeGrid(args.bits, args.window);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (Fits32(args.n)) {
     DecodeKernel<uint32_t><<<GridFor(args.n), kThreads, 0, s>>>(args, g);
@@ -232,7 +232,7 @@ const char* LaunchDecodeGpu(const DecodeArgs& args, void* stream) {
 
 const char* LaunchDecodeReluGpu(const DecodeArgs& args, void* stream) {
   if (args.n == 0) return nullptr;
-  const Grid g = MakeGrid(args.bits);
+  const Grid g = MakeGrid(args.bits, args.window);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (Fits32(args.n)) {
     DecodeReluKernel<uint32_t><<<GridFor(args.n), kThreads, 0, s>>>(args, g);
@@ -255,7 +255,7 @@ const char* LaunchDecodeBnBackwardGpu(const BnBackwardArgs& args,
     }
     return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
   }
-  const Grid g = MakeGrid(args.bits);
+  const Grid g = MakeGrid(args.bits, args.window);
   double* sums = static_cast<double*>(args.scratch);
   float* coef = reinterpret_cast<float*>(sums + 2 * channels);
   err = cudaMemsetAsync(sums, 0, 2 * channels * sizeof(double), s);

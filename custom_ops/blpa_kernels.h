@@ -21,18 +21,20 @@
 
 namespace blpa {
 
-// Grid constants for `bits` (4 or 8). Computed on the host and passed by value.
+// Grid constants for `bits` (4 or 8) over a window of `window` standard
+// deviations. Computed on the host and passed by value.
 struct Grid {
-  float w;      // 6 / n, exact in float32
-  float inv_w;  // float32(1.0 / (6.0 / n)): Python computes it in double
+  float w;      // window / n
+  float inv_w;  // float32(1.0 / (window / n)): Python computes both in double
   float top;    // n - 1
 };
 
-inline Grid MakeGrid(int bits) {
+inline Grid MakeGrid(int bits, float window) {
   const double n = static_cast<double>(1 << bits);
+  const double width = static_cast<double>(window) / n;
   Grid g;
-  g.w = static_cast<float>(6.0 / n);
-  g.inv_w = static_cast<float>(1.0 / (6.0 / n));
+  g.w = static_cast<float>(width);
+  g.inv_w = static_cast<float>(1.0 / width);
   g.top = static_cast<float>(n - 1.0);
   return g;
 }
@@ -185,6 +187,7 @@ struct EncodeArgs {
   int64_t n;
   int64_t channels;
   int bits;
+  float window;  // grid window in standard deviations
   float* a;         // [n]
   uint8_t* packed;  // [n] (8 bits) or [(n + 1) / 2] (4 bits)
 };
@@ -201,6 +204,7 @@ struct DecodeArgs {
   int64_t n;
   int64_t channels;
   int bits;
+  float window;  // grid window in standard deviations
   float* xhat;
   bool* mask;
   float* a;
@@ -219,6 +223,7 @@ struct BnBackwardArgs {
   int64_t n;
   int64_t channels;
   int bits;
+  float window;  // grid window in standard deviations
   float* g_x;      // [n]
   float* d_gamma;  // [channels]
   float* d_beta;   // [channels]

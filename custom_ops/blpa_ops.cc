@@ -59,6 +59,7 @@ REGISTER_OP("BlpaBnReluEncode")
     .Output("a: float")
     .Output("packed: uint8")
     .Attr("bits: int")
+    .Attr("window: float = 6.0")
     .SetShapeFn([](InferenceContext* c) -> absl::Status {
       int bits;
       TF_RETURN_IF_ERROR(GetBits(c, &bits));
@@ -91,6 +92,7 @@ REGISTER_OP("BlpaDecode")
     .Output("xhat: float")
     .Output("mask: bool")
     .Attr("bits: int")
+    .Attr("window: float = 6.0")
     .Attr("Tshape: {int32, int64} = DT_INT32")
     .SetShapeFn([](InferenceContext* c) -> absl::Status {
       int bits;
@@ -125,6 +127,7 @@ REGISTER_OP("BlpaDecodeRelu")
     .Input("shape: Tshape")
     .Output("a: float")
     .Attr("bits: int")
+    .Attr("window: float = 6.0")
     .Attr("Tshape: {int32, int64} = DT_INT32")
     .SetShapeFn([](InferenceContext* c) -> absl::Status {
       int bits;
@@ -158,6 +161,7 @@ REGISTER_OP("BlpaDecodeBnBackward")
     .Output("d_gamma: float")
     .Output("d_beta: float")
     .Attr("bits: int")
+    .Attr("window: float = 6.0")
     .SetShapeFn([](InferenceContext* c) -> absl::Status {
       int bits;
       TF_RETURN_IF_ERROR(GetBits(c, &bits));

@@ -113,18 +113,19 @@ struct Params {
 };
 
 Params QuantizerParams(const std::vector<float>& gamma,
-                       const std::vector<float>& beta, int bits) {
+                       const std::vector<float>& beta, int bits, float window) {
   const float n = static_cast<float>(1 << bits);
-  const float w = static_cast<float>(6.0 / (1 << bits));
+  const float w = static_cast<float>(static_cast<double>(window) / (1 << bits));
+  const float half = static_cast<float>(static_cast<double>(window) / 2);
   Params p;
   for (size_t c = 0; c < gamma.size(); ++c) {
     const bool nonzero = gamma[c] != 0.0f;
     const float t = -beta[c] / (nonzero ? gamma[c] : 1.0f);
-    const bool al = nonzero && t > -3.0f && t < 3.0f;
+    const bool al = nonzero && t > -half && t < half;
     const float t_in = al ? t : 0.0f;
-    float ka = std::nearbyint((t_in + 3.0f) / w);  // tf.round: half to even
+    float ka = std::nearbyint((t_in + half) / w);  // tf.round: half to even
     ka = std::fmin(std::fmax(ka, 1.0f), n - 1.0f);
-    p.lo.push_back(al ? t_in - ka * w : -3.0f);
+    p.lo.push_back(al ? t_in - ka * w : -half);
     p.k.push_back(al ? ka : (beta[c] > 0.0f ? 0.0f : n));
     p.flip.push_back(al && gamma[c] < 0.0f ? 1.0f : 0.0f);
     p.aligned.push_back(al ? 1.0f : 0.0f);
@@ -142,9 +143,9 @@ float TfMinRef(float a, float b) {
                                           : (a < b ? a : b);
 }
 uint8_t SpecCode(float xhat, bool on, float lo, float k, float flip,
-                 float aligned, int bits) {
+                 float aligned, int bits, float window) {
   const float top = static_cast<float>((1 << bits) - 1);
-  const float inv_w = static_cast<float>(1.0 / (6.0 / (1 << bits)));
+  const float inv_w = static_cast<float>(1.0 / (static_cast<double>(window) / (1 << bits)));
   volatile float prod = (xhat - lo) * inv_w;  // volatile: no contraction
   float u = std::floor(prod);
   if (std::isnan(u)) u = 0.0f;
@@ -175,9 +176,10 @@ struct BnGrads {
 // sums in double in element order).
 BnGrads SpecBnBackward(const std::vector<uint8_t>& codes, const std::vector<float>& g_a,
                        const Params& p, const std::vector<float>& gamma,
-                       const std::vector<float>& inv_std, int64_t C, int bits) {
+                       const std::vector<float>& inv_std, int64_t C, int bits,
+                       float window) {
   const int64_t n = static_cast<int64_t>(codes.size());
-  const float w = static_cast<float>(6.0 / (1 << bits));
+  const float w = static_cast<float>(static_cast<double>(window) / (1 << bits));
   std::vector<float> xhat(n), g_y(n);
   std::vector<double> sum_b(C, 0.0), sum_g(C, 0.0);
   for (int64_t i = 0; i < n; ++i) {
@@ -215,9 +217,10 @@ BnGrads SpecBnBackward(const std::vector<uint8_t>& codes, const std::vector<floa
 // CUDA kernels call); sums in double in element order.
 BnGrads HostBnBackward(const std::vector<uint8_t>& codes, const std::vector<float>& g_a,
                        const Params& p, const std::vector<float>& gamma,
-                       const std::vector<float>& inv_std, int64_t C, int bits) {
+                       const std::vector<float>& inv_std, int64_t C, int bits,
+                       float window) {
   const int64_t n = static_cast<int64_t>(codes.size());
-  const Grid g = blpa::MakeGrid(bits);
+  const Grid g = blpa::MakeGrid(bits, window);
   std::vector<double> sum_b(C, 0.0), sum_g(C, 0.0);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t c = i % C;
@@ -275,6 +278,7 @@ struct Case {
   int64_t channels;
   int bits;
   bool specials;  // NaN/Inf/huge/denormal inputs and odd parameters
+  float window;   // grid window in standard deviations
 };
 
 void RunCase(const Case& tc, std::mt19937& rng, cudaStream_t stream, bool device) {
@@ -320,12 +324,12 @@ void RunCase(const Case& tc, std::mt19937& rng, cudaStream_t stream, bool device
     if (i % 3 == 2) v = std::nextafter(v, -1e30f);
     x[i] = v;
   }
-  Params p = QuantizerParams(gamma, beta, tc.bits);
+  Params p = QuantizerParams(gamma, beta, tc.bits, tc.window);
   if (tc.specials && C > 6) {
     p.k[6] = std::numeric_limits<float>::quiet_NaN();  // NaN propagation
     p.aligned[6] = 1.0f;
   }
-  const Grid g = blpa::MakeGrid(tc.bits);
+  const Grid g = blpa::MakeGrid(tc.bits, tc.window);
   const int64_t bytes = tc.bits == 8 ? n : (n + 1) / 2;
 
   // ---- host: same functions, and the spec reference
@@ -348,7 +352,8 @@ void RunCase(const Case& tc, std::mt19937& rng, cudaStream_t stream, bool device
     volatile float prod = xhat * gamma[c];
     const float y = prod + beta[c];
     const bool on = y > 0.0f;
-    spec_codes[i] = SpecCode(xhat, on, p.lo[c], p.k[c], p.flip[c], p.aligned[c], tc.bits);
+    spec_codes[i] = SpecCode(xhat, on, p.lo[c], p.k[c], p.flip[c], p.aligned[c], tc.bits,
+                             tc.window);
     const float a_spec = on ? y : 0.0f;
     if (spec_codes[i] != codes[i] || !SameFloat(a_spec, a_host[i])) ++spec_mismatch;
   }
@@ -373,8 +378,10 @@ void RunCase(const Case& tc, std::mt19937& rng, cudaStream_t stream, bool device
   std::vector<BnGrads> bn_ref;
   for (const auto* src : {&packed_host, &bn_random_packed}) {
     const std::vector<uint8_t> src_codes = Unpack(*src, n, tc.bits);
-    bn_ref.push_back(HostBnBackward(src_codes, g_a, bn_p, gamma, bn_inv_std, C, tc.bits));
-    const BnGrads spec = SpecBnBackward(src_codes, g_a, bn_p, gamma, bn_inv_std, C, tc.bits);
+    bn_ref.push_back(HostBnBackward(src_codes, g_a, bn_p, gamma, bn_inv_std, C, tc.bits,
+                                    tc.window));
+    const BnGrads spec = SpecBnBackward(src_codes, g_a, bn_p, gamma, bn_inv_std, C, tc.bits,
+                                          tc.window);
     const BnGrads& host = bn_ref.back();
     Report(tc.name + " bn_backward host-vs-spec",
            CountDifferent(host.g_x, spec.g_x) + CountDifferent(host.d_gamma, spec.d_gamma) +
@@ -401,6 +408,7 @@ void RunCase(const Case& tc, std::mt19937& rng, cudaStream_t stream, bool device
   ea.n = n;
   ea.channels = C;
   ea.bits = tc.bits;
+  ea.window = tc.window;
   ea.a = d_a.ptr;
   ea.packed = d_packed.ptr;
   if (const char* err = blpa::LaunchEncodeGpu(ea, stream)) {
@@ -438,6 +446,7 @@ void RunCase(const Case& tc, std::mt19937& rng, cudaStream_t stream, bool device
     da.n = n;
     da.channels = C;
     da.bits = tc.bits;
+    da.window = tc.window;
     da.xhat = d_xhat.ptr;
     da.mask = d_mask.ptr;
     da.a = d_relu.ptr;
@@ -498,6 +507,7 @@ void RunCase(const Case& tc, std::mt19937& rng, cudaStream_t stream, bool device
     ba.n = n;
     ba.channels = C;
     ba.bits = tc.bits;
+    ba.window = tc.window;
     ba.g_x = d_a.ptr;
     ba.d_gamma = d_dgamma.ptr;
     ba.d_beta = d_dbeta.ptr;
@@ -531,10 +541,10 @@ void Bandwidth(cudaStream_t stream) {
   for (int bits : {4, 8}) {
     EncodeArgs ea{d_x.ptr, d_par.ptr, d_par.ptr + C, d_par.ptr + 2 * C,
                   d_par.ptr + 3 * C, d_par.ptr + 4 * C, d_par.ptr + 5 * C,
-                  d_par.ptr + 6 * C, d_par.ptr + 7 * C, n, C, bits, d_a.ptr,
+                  d_par.ptr + 6 * C, d_par.ptr + 7 * C, n, C, bits, bits == 4 ? 6.0f : 12.0f, d_a.ptr,
                   d_packed.ptr};
     DecodeArgs da{d_packed.ptr, d_par.ptr, d_par.ptr + C, d_par.ptr + 2 * C,
-                  d_par.ptr + 3 * C, d_par.ptr + 4 * C, n, C, bits, d_xhat.ptr,
+                  d_par.ptr + 3 * C, d_par.ptr + 4 * C, n, C, bits, bits == 4 ? 6.0f : 12.0f, d_xhat.ptr,
                   d_mask.ptr, d_a.ptr};
     for (int which = 0; which < 3; ++which) {
       float ms_total = 0.0f;
@@ -566,8 +576,8 @@ void Bandwidth(cudaStream_t stream) {
   for (int bits : {4, 8}) {
     BnBackwardArgs ba{d_x.ptr, d_packed.ptr, d_par.ptr, d_par.ptr + C,
                       d_par.ptr + 2 * C, d_par.ptr + 3 * C, d_par.ptr + 4 * C,
-                      n, C, bits, d_a.ptr, d_small.ptr, d_small.ptr + C,
-                      d_scratch.ptr};
+                      n, C, bits, bits == 4 ? 6.0f : 12.0f, d_a.ptr, d_small.ptr,
+                      d_small.ptr + C, d_scratch.ptr};
     float ms_total = 0.0f;
     const int reps = 10;
     for (int r = -1; r < reps; ++r) {
@@ -618,9 +628,13 @@ int main(int argc, char** argv) {
       for (int64_t size : sizes) {
         const int64_t n = (size / C) * C + (size % 2 ? C : 0);  // whole rows
         for (bool specials : {false, true}) {
-          cases.push_back({"bits=" + std::to_string(bits) + " C=" + std::to_string(C) +
-                               " n=" + std::to_string(n) + (specials ? " specials" : ""),
-                           n, C, bits, specials});
+          // The library's defaults (6 sigma at 4 bits, 12 at 8) and an odd window.
+          for (float window : {bits == 4 ? 6.0f : 12.0f, 7.3f}) {
+            cases.push_back({"bits=" + std::to_string(bits) + " C=" + std::to_string(C) +
+                                 " n=" + std::to_string(n) + (specials ? " specials" : "") +
+                                 " window=" + std::to_string(window),
+                             n, C, bits, specials, window});
+          }
         }
       }
     }
@@ -628,7 +642,7 @@ int main(int argc, char** argv) {
   // Past 2^31 elements the kernels switch to 64-bit indices.
   if (large && !host_only) {
     cases.push_back({"bits=4 C=37 n=2^31+37 (64-bit index)", (int64_t{1} << 31) / 37 * 37 + 37 * 3,
-                     37, 4, false});
+                     37, 4, false, 6.0f});
   }
   for (const Case& tc : cases) RunCase(tc, rng, stream, !host_only);
   if (!host_only) {

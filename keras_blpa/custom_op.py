@@ -152,6 +152,7 @@ def bn_relu_encode(
         _f32(params.flip),
         _f32(params.aligned),
         bits=bits,
+        window=params.window,
     )
 
 
@@ -173,6 +174,7 @@ def decode(
         _f32(params.flip),
         _shape_tensor(shape),
         bits=bits,
+        window=params.window,
     )
 
 
@@ -199,6 +201,7 @@ def decode_relu(
         _f32(beta),
         _shape_tensor(shape),
         bits=bits,
+        window=params.window,
     )
 
 
@@ -230,5 +233,6 @@ def decode_bn_backward(
         _f32(gamma),
         _f32(inv_std),
         bits=bits,
+        window=params.window,
     )
     return g_x, d_gamma, d_beta

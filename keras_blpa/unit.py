@@ -49,6 +49,7 @@ def bn_relu_linear(
     bits: int | None,
     naive: bool,
     epsilon: float,
+    window: float | None = None,
 ) -> tuple[list[tf.Tensor], tf.Tensor, tf.Tensor]:
     """Training-mode forward of BN (batch statistics) -> ReLU -> linear.
 
@@ -60,6 +61,8 @@ def bn_relu_linear(
       bits: 4, 8 or None (keep `xhat` exactly).
       naive: quantize in the forward pass too (the paper's baseline).
       epsilon: BN's epsilon.
+      window: quantizer range in standard deviations (None: the default for
+        `bits`, see `quantizer.DEFAULT_WINDOW`).
 
     Returns:
       `(outputs, mean, variance)`: the linear map's outputs, and the batch
@@ -80,7 +83,7 @@ def bn_relu_linear(
             saved = (x32 - mean) * inv_std
             a = tf.nn.relu(saved * gamma + beta)
         else:
-            params = quantizer.quantizer_params(gamma, beta, bits)
+            params = quantizer.quantizer_params(gamma, beta, bits, window)
             a, saved = custom_op.bn_relu_encode(
                 x32, mean, inv_std, gamma, beta, params, bits
             )
@@ -161,6 +164,7 @@ def bn_relu_linear_inference(
     bits: int | None,
     naive: bool,
     epsilon: float,
+    window: float | None = None,
 ) -> list[tf.Tensor]:
     """Forward with given statistics (inference): plain ops, plain autodiff.
 
@@ -169,7 +173,7 @@ def bn_relu_linear_inference(
     x32 = tf.cast(x, tf.float32)
     inv_std = tf.math.rsqrt(variance + epsilon)
     if naive and bits is not None:
-        params = quantizer.quantizer_params(gamma, beta, bits)
+        params = quantizer.quantizer_params(gamma, beta, bits, window)
         _, packed = custom_op.bn_relu_encode(x32, mean, inv_std, gamma, beta, params, bits)
         a = custom_op.decode_relu(packed, params, gamma, beta, tf.shape(x), bits)
     else:

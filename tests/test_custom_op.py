@@ -51,7 +51,7 @@ def _assert_same_float(actual: tf.Tensor, expected: tf.Tensor) -> None:
     np.testing.assert_array_equal(_bits_of(actual), _bits_of(expected))
 
 
-def _make_case(shape, bits, seed, specials=False, kind_offset=0):
+def _make_case(shape, bits, seed, specials=False, kind_offset=0, window=None):
     """x, mean, inv_std, gamma, beta, params with every kind of channel.
 
     Channel c is of kind (c + kind_offset) % 8, so that a shift gives one or
@@ -70,7 +70,8 @@ def _make_case(shape, bits, seed, specials=False, kind_offset=0):
     beta[kind == 3] = 50.0 * np.abs(gamma[kind == 3]) + 1.0  # threshold far below: always on
     beta[kind == 4] = -50.0 * np.abs(gamma[kind == 4]) - 1.0  # far above: always off
     gamma[kind == 5], beta[kind == 5] = 0.0, 0.0  # y == 0 exactly: off
-    beta[kind == 6] = 2.9 * np.abs(gamma[kind == 6])  # threshold at the window edge
+    half = quantizer.resolve_window(bits, window) / 2
+    beta[kind == 6] = (half - 0.1) * np.abs(gamma[kind == 6])  # threshold at the window edge
     if specials:
         flat = x.reshape(-1)
         values = np.array([np.nan, np.inf, -np.inf, 3e38, -3e38, 1e-40, -0.0, 0.0], np.float32)
@@ -85,7 +86,7 @@ def _make_case(shape, bits, seed, specials=False, kind_offset=0):
     idx = np.arange(1, flat.size, 5)
     flat[idx] = on_edge[idx % c]
     tensors = [tf.constant(v) for v in (x, mean, inv_std, gamma, beta)]
-    params = quantizer.quantizer_params(tensors[3], tensors[4], bits)
+    params = quantizer.quantizer_params(tensors[3], tensors[4], bits, window)
     return (*tensors, params)
 
 
@@ -108,6 +109,28 @@ def test_encode_decode_bit_exact(op_lib, shape, bits, specials):
 
     relu = custom_op.decode_relu(packed_ref, params, gamma, beta, x.shape, bits)
     _assert_same_float(relu, tf.where(mask_ref, xhat_ref * gamma + beta, 0.0))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("window", [6.0, 7.3, 12.0, 40.0])
+def test_windows_bit_exact(op_lib, bits, window):
+    """The op's float `window` attribute builds the same grid as Python."""
+    shape = (3, 7, 9, 37)
+    x, mean, inv_std, gamma, beta, params = _make_case(shape, bits, 11, window=window)
+    assert params.window == pytest.approx(window, rel=1e-7)
+    a_ref, packed_ref = quantizer.bn_relu_encode(x, mean, inv_std, gamma, beta, params, bits)
+    a, packed = custom_op.bn_relu_encode(x, mean, inv_std, gamma, beta, params, bits)
+    np.testing.assert_array_equal(packed.numpy(), packed_ref.numpy())
+    _assert_same_float(a, a_ref)
+    xhat_ref, mask_ref = quantizer.decode(packed_ref, params, x.shape, bits)
+    xhat, mask = custom_op.decode(packed_ref, params, x.shape, bits)
+    _assert_same_float(xhat, xhat_ref)
+    np.testing.assert_array_equal(mask.numpy(), mask_ref.numpy())
+    # A different window really changes the codes (the attribute is not ignored).
+    other = params._replace(window=params.window * 2)
+    _, packed_other = custom_op.bn_relu_encode(x, mean, inv_std, gamma, beta, other, bits)
+    assert not np.array_equal(packed_other.numpy(), packed.numpy())
+    _check_bn_backward(*_bn_case(shape, bits, 12, window=window), bits)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -254,9 +277,11 @@ def _bn_backward_f64(g_a, packed, params, gamma, inv_std, bits):
     return g_x, d_gamma, d_beta
 
 
-def _bn_case(shape, bits, seed, random_codes=False, kind_offset=0):
+def _bn_case(shape, bits, seed, random_codes=False, kind_offset=0, window=None):
     """g_a (non-zero mean), packed codes, params, gamma, inv_std."""
-    x, mean, inv_std, gamma, beta, params = _make_case(shape, bits, seed, kind_offset=kind_offset)
+    x, mean, inv_std, gamma, beta, params = _make_case(
+        shape, bits, seed, kind_offset=kind_offset, window=window
+    )
     rng = np.random.default_rng(seed + 1)
     if random_codes:  # every code value, not only what the encoder gives
         n = int(np.prod(shape))

@@ -269,6 +269,33 @@ def test_config_round_trip():
     )
 
 
+def test_window_is_resolved_and_saved():
+    """The grid window is stored resolved, so a saved model keeps its grid."""
+    assert keras_blpa.BNReLUConv2D(4, 3, bits=8).get_config()["window"] == 12.0
+    assert keras_blpa.BNReLUConv2D(4, 3, bits=4).get_config()["window"] == 6.0
+    assert keras_blpa.BNReLUDense(4, bits=None).get_config()["window"] is None
+    layer = keras_blpa.BNReLUDense(4, bits=8, window=9.5)
+    assert keras_blpa.BNReLUDense.from_config(layer.get_config()).window == 9.5
+    # Configs written before `window` existed load with the default.
+    config = layer.get_config()
+    del config["window"]
+    assert keras_blpa.BNReLUDense.from_config(config).window == 12.0
+
+
+def test_window_changes_the_saved_approximation():
+    """An explicit window reaches the quantizer: 8 bits at the paper's 6 sigma
+    differs from the default 12 sigma on the same input."""
+    rng = np.random.default_rng(9)
+    shape = (4, 6, 6, 8)
+    x = _conv_input(rng, shape)
+    grads = []
+    for window in (6.0, None):
+        layer, _ = _make("conv", dict(filters=4, kernel_size=3, window=window), 8, shape,
+                         np.random.default_rng(10))
+        grads.append(_grads(layer, [layer.kernel], x)[1])
+    assert not np.array_equal(grads[0], grads[1])
+
+
 def test_weight_names_follow_keras():
     layer = keras_blpa.BNReLUConv2D(4, 3)
     layer.build((1, 5, 5, 2))
@@ -300,6 +327,9 @@ def test_compute_output_shape():
         (lambda: keras_blpa.BNReLUDense(4, pooling="max"), "pooling"),
         (lambda: keras_blpa.BNReLUDense(4, dtype="float64"), "dtype"),
         (lambda: keras_blpa.BNReLUConv2D(4, 3, momentum=1.5), "momentum"),
+        (lambda: keras_blpa.BNReLUConv2D(4, 3, window=0.0), "window"),
+        (lambda: keras_blpa.BNReLUDense(4, bits=8, window="wide"), "window"),
+        (lambda: keras_blpa.BNReLUConv2D(4, 3, bits=None, window=8.0), "window"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(make, match):

@@ -39,8 +39,8 @@ def _inputs(seed, rows, channels, kind, scale):
     return xhat, gamma, beta
 
 
-def _encode_decode(xhat, gamma, beta, bits):
-    params = ops.quantizer_params(gamma, beta, bits)
+def _encode_decode(xhat, gamma, beta, bits, window=None):
+    params = ops.quantizer_params(gamma, beta, bits, window)
     on = xhat * gamma + beta > 0
     packed = ops.encode(xhat, on, params, bits)
     dec, mask = ops.decode(packed, params, xhat.shape, bits)
@@ -55,14 +55,15 @@ def _encode_decode(xhat, gamma, beta, bits):
     kind=st.sampled_from(["normal", "negative", "zero", "far", "mixed"]),
     scale=st.sampled_from([0.5, 1.0, 2.0, 5.0]),
     bits=st.sampled_from([4, 8]),
+    window=st.sampled_from([None, 6.0, 3.3, 9.5, 16.0]),
 )
-def test_mask_exact_and_values_within_half_bin(seed, rows, channels, kind, scale, bits):
+def test_mask_exact_and_values_within_half_bin(seed, rows, channels, kind, scale, bits, window):
     xhat, gamma, beta = _inputs(seed, rows, channels, kind, scale)
-    params, on, _, dec, mask = _encode_decode(xhat, gamma, beta, bits)
+    params, on, _, dec, mask = _encode_decode(xhat, gamma, beta, bits, window)
     lo = params.lo.numpy()
     aligned = params.aligned.numpy() > 0.5
-    w = quantizer.bin_width(bits)
-    inside = (xhat >= lo) & (xhat < lo + quantizer.WINDOW)
+    w = quantizer.bin_width(bits, params.window)
+    inside = (xhat >= lo) & (xhat < lo + params.window)
     # Mask: exact everywhere on aligned channels, inside the window on all.
     must_match = aligned[None, :] | inside
     np.testing.assert_array_equal(mask[must_match], on[must_match])
@@ -70,9 +71,9 @@ def test_mask_exact_and_values_within_half_bin(seed, rows, channels, kind, scale
     err = np.abs(dec - xhat)[inside]
     assert err.size == 0 or err.max() <= w / 2 + 1e-5
     # Everything decodes into the window (clipped to the end bins).
-    assert np.all(dec >= lo - 1e-6) and np.all(dec <= lo + quantizer.WINDOW + 1e-6)
-    # The grid moves by less than one bin from [-3, 3).
-    assert np.all(np.abs(lo + quantizer.WINDOW / 2) < w + 1e-6)
+    assert np.all(dec >= lo - 1e-6) and np.all(dec <= lo + params.window + 1e-6)
+    # The grid moves by less than one bin from [-R/2, R/2).
+    assert np.all(np.abs(lo + params.window / 2) < w + 1e-6)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -182,3 +183,40 @@ def test_mask_exact_at_the_threshold(bits):
     _, on, _, _, mask = _encode_decode(xhat, gamma, beta, bits)
     assert on.any() and (~on).any()
     np.testing.assert_array_equal(mask, on)
+
+
+def test_default_window_per_bits():
+    """4 bits: the paper's 6 sigma; 8 bits: 12 sigma (clipping dominates at 6)."""
+    gamma, beta = np.ones(3, "float32"), np.zeros(3, "float32")
+    assert ops.quantizer_params(gamma, beta, 4).window == quantizer.PAPER_WINDOW == 6.0
+    assert ops.quantizer_params(gamma, beta, 8).window == 12.0
+    assert quantizer.bin_width(8) == 12.0 / 256 and quantizer.bin_width(4, 8.0) == 0.5
+    # float32-rounded, so that the op's float attribute holds the same value
+    assert quantizer.resolve_window(4, 0.1) == float(np.float32(0.1))
+
+
+@pytest.mark.parametrize("window", [0, -1.0, 100.0, "6", True, float("nan")])
+def test_bad_window_raises_with_the_argument_name(window):
+    with pytest.raises(ValueError, match="window"):
+        ops.quantizer_params(np.ones(2, "float32"), np.zeros(2, "float32"), 4, window)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_wider_window_trades_rounding_for_clipping(bits):
+    """Heavy tails (Student t, 8 dof: ~0.9% beyond 3 sigma, as in trained
+    ResNets) clip at 6 sigma; a wider window keeps them but rounds more
+    coarsely. At 8 bits the default 12-sigma window has a clearly smaller error
+    than the paper's 6; at 4 bits a 12-sigma window is worse than 6."""
+    rng = np.random.default_rng(0)
+    xhat = rng.standard_t(8, size=(20000, 4)).astype("float32")
+    xhat /= xhat.std()
+    gamma, beta = np.ones(4, "float32"), np.full(4, -0.2, "float32")
+    errors = {}
+    for window in (6.0, 12.0):
+        _, on, _, dec, _ = _encode_decode(xhat, gamma, beta, bits, window)
+        a, a_dec = np.maximum(xhat - 0.2, 0), np.maximum(dec - 0.2, 0)
+        errors[window] = np.linalg.norm(a_dec - a) / np.linalg.norm(a)
+    if bits == 8:
+        assert errors[12.0] < 0.5 * errors[6.0]
+    else:  # 16 bins: rounding dominates at 12 sigma
+        assert errors[6.0] < errors[12.0]

@@ -22,6 +22,7 @@ class BNReLUBase(keras.layers.Layer):
         self,
         bits: int | None = 4,
         naive: bool = False,
+        window: float | None = None,
         momentum: float = 0.99,
         epsilon: float = 1e-3,
         center: bool = True,
@@ -51,6 +52,12 @@ class BNReLUBase(keras.layers.Layer):
                 "`naive=True` quantizes the forward pass and needs `bits` of 4 "
                 "or 8; received bits=None."
             )
+        quantizer.check_window(window)
+        if window is not None and bits is None:
+            raise ValueError(
+                "`window` sets the quantizer's range and needs `bits` of 4 or 8; "
+                f"received window={window!r} with bits=None."
+            )
         data_format = data_format or keras.config.image_data_format()
         if data_format != "channels_last":
             raise ValueError(
@@ -69,6 +76,8 @@ class BNReLUBase(keras.layers.Layer):
             )
         self.bits = bits
         self.naive = bool(naive)
+        # Resolved now so that a saved model keeps its grid if defaults change.
+        self.window = None if bits is None else quantizer.resolve_window(bits, window)
         self.momentum = float(momentum)
         self.epsilon = float(epsilon)
         self.center = center
@@ -182,7 +191,8 @@ class BNReLUBase(keras.layers.Layer):
         beta = tf.convert_to_tensor(self.beta) if self.center else tf.zeros([channels])
         weights = [tf.cast(w, self.compute_dtype) for w in self._linear_weights()]
         options = dict(
-            linear=self._linear_map(), bits=self.bits, naive=self.naive, epsilon=self.epsilon
+            linear=self._linear_map(), bits=self.bits, naive=self.naive,
+            epsilon=self.epsilon, window=self.window,
         )
         if training and self.trainable:
             outputs, mean, variance = unit.bn_relu_linear(x, gamma, beta, weights, **options)
@@ -210,6 +220,7 @@ class BNReLUBase(keras.layers.Layer):
             {
                 "bits": self.bits,
                 "naive": self.naive,
+                "window": self.window,
                 "momentum": self.momentum,
                 "epsilon": self.epsilon,
                 "center": self.center,

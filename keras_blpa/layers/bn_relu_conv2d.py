@@ -98,6 +98,10 @@ class BNReLUConv2D(BNReLUBase):
       bits: 4 or 8 (BLPA), or None (exact `xhat`, no quantization).
       naive: quantize in the forward pass too (the paper's baseline); the
         approximation then also applies with `training=False`.
+      window: quantizer range in standard deviations of the BN input
+        (None: 6 at 4 bits as in the paper, 12 at 8 bits, where a 6-sigma
+        window clips enough large activations to dominate the error). Only
+        with `bits` set.
       dilation_rate: int or pair.
       groups: grouped convolution: `filters` and the input channels must be
         divisible by it (as in `keras.layers.Conv2D`).
@@ -126,13 +130,14 @@ class BNReLUConv2D(BNReLUBase):
         padding: str = "same",
         bits: int | None = 4,
         naive: bool = False,
+        window: float | None = None,
         dilation_rate=1,
         groups: int = 1,
         projection_filters: int | None = None,
         projection_strides=None,
         **kwargs,
     ):
-        super().__init__(bits=bits, naive=naive, **kwargs)
+        super().__init__(bits=bits, naive=naive, window=window, **kwargs)
         if projection_filters is not None and (
             not isinstance(projection_filters, int) or projection_filters <= 0
         ):

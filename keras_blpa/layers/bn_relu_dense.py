@@ -67,6 +67,10 @@ class BNReLUDense(BNReLUBase):
       units: output size.
       bits: 4 or 8 (BLPA), or None (exact `xhat`).
       naive: quantize in the forward pass too (the paper's baseline).
+      window: quantizer range in standard deviations of the BN input
+        (None: 6 at 4 bits as in the paper, 12 at 8 bits, where a 6-sigma
+        window clips enough large activations to dominate the error). Only
+        with `bits` set.
       pooling: None, or "avg" to global-average-pool a 4-D input first.
       use_bias, kernel_initializer, bias_initializer, kernel_regularizer,
       bias_regularizer, activity_regularizer, kernel_constraint,
@@ -80,10 +84,11 @@ class BNReLUDense(BNReLUBase):
         units: int,
         bits: int | None = 4,
         naive: bool = False,
+        window: float | None = None,
         pooling: str | None = None,
         **kwargs,
     ):
-        super().__init__(bits=bits, naive=naive, **kwargs)
+        super().__init__(bits=bits, naive=naive, window=window, **kwargs)
         if not isinstance(units, int) or units <= 0:
             raise ValueError(f"`units` must be a positive integer; received units={units!r}.")
         if pooling not in (None, "avg"):

@@ -19,11 +19,12 @@ IMAGENET_STAGES = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 class _Builder:
     """Emits fused or stock units with shared settings."""
 
-    def __init__(self, bits, naive, stock, momentum, epsilon):
+    def __init__(self, bits, naive, stock, momentum, epsilon, window=None):
         if stock and naive:
             raise ValueError("`naive=True` needs fused layers; received stock=True.")
         self.bits = bits
         self.naive = naive
+        self.window = window
         self.stock = stock
         self.bn = dict(momentum=momentum, epsilon=epsilon)
         self.conv = dict(use_bias=False, kernel_initializer="he_normal")
@@ -45,7 +46,7 @@ class _Builder:
             return out, shortcut
         layer = BNReLUConv2D(
             filters, kernel_size, strides=strides, padding="same", bits=self.bits,
-            naive=self.naive, **self.bn, **self.conv,
+            naive=self.naive, window=self.window, **self.bn, **self.conv,
             projection_filters=None if projection is None else projection[0],
             projection_strides=None if projection is None else projection[1],
             name=name,
@@ -61,7 +62,8 @@ class _Builder:
             a = keras.layers.GlobalAveragePooling2D(name=f"{name}_pool")(a)
             return keras.layers.Dense(classes, name=f"{name}_dense", dtype="float32")(a)
         return BNReLUDense(
-            classes, bits=self.bits, naive=self.naive, pooling="avg", **self.bn,
+            classes, bits=self.bits, naive=self.naive, window=self.window, pooling="avg",
+            **self.bn,
             name=name, dtype="float32",
         )(x)
 
@@ -95,6 +97,7 @@ def preact_resnet_cifar(
     classes: int = 10,
     bits: int | None = 4,
     naive: bool = False,
+    window: float | None = None,
     stock: bool = False,
     input_shape: tuple = (32, 32, 3),
     momentum: float = 0.9,
@@ -114,6 +117,8 @@ def preact_resnet_cifar(
       classes: output logits.
       bits: 4, 8 or None (exact) for every fused unit.
       naive: quantize the forward pass too (the paper's baseline).
+      window: quantizer range in standard deviations (None: the default for
+        `bits`, see `keras_blpa.layers.BNReLUConv2D`).
       stock: build the same network from stock Keras layers instead.
       input_shape: HWC input shape.
       momentum, epsilon: BatchNormalization settings of every unit.
@@ -124,7 +129,7 @@ def preact_resnet_cifar(
             f"`depth` must be 9n + 2 with n >= 1 (e.g. 164, 254, 488, 1001); received {depth}."
         )
     blocks = (depth - 2) // 9
-    builder = _Builder(bits, naive, stock, momentum, epsilon)
+    builder = _Builder(bits, naive, stock, momentum, epsilon, window)
     inputs = keras.Input(input_shape)
     x = keras.layers.Conv2D(
         _scaled(16, width), 3, padding="same", use_bias=False,
@@ -147,6 +152,7 @@ def preact_resnet_imagenet(
     classes: int = 1000,
     bits: int | None = 4,
     naive: bool = False,
+    window: float | None = None,
     stock: bool = False,
     input_shape: tuple = (224, 224, 3),
     momentum: float = 0.9,
@@ -164,7 +170,7 @@ def preact_resnet_imagenet(
     _check_common(bits, width)
     if depth not in IMAGENET_STAGES:
         raise ValueError(f"`depth` must be one of {sorted(IMAGENET_STAGES)}; received {depth}.")
-    builder = _Builder(bits, naive, stock, momentum, epsilon)
+    builder = _Builder(bits, naive, stock, momentum, epsilon, window)
     inputs = keras.Input(input_shape)
     x = keras.layers.Conv2D(
         _scaled(64, width), 7, strides=2, padding="same", use_bias=False,
