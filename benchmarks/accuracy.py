@@ -93,7 +93,7 @@ def train_one(args, data, variant, depth, seed) -> dict:
     if isinstance(train, tuple):
         # Per-epoch validation on a slice keeps the curves cheap; the final
         # test error uses the whole test set.
-        val = tuple(t[: args.val_size] for t in test)
+        val = tuple(t[: args.val_size] for t in test) if args.val_size else None
         hist = model.fit(*train, batch_size=args.batch_size, epochs=args.epochs,
                          validation_data=val, callbacks=[batch_loss], verbose=2)
         _, acc = model.evaluate(*test, batch_size=256, verbose=0)
@@ -191,7 +191,7 @@ def _compared_grads(depth, classes, x, y, weights) -> dict[str, list[np.ndarray]
 def _clipped_fraction(model: keras.Model, x) -> list[float]:
     """Per unit: fraction of normalized inputs outside the 6-sigma window."""
     units = _units(model)
-    probe = keras.Model(model.inputs, [unit.input for unit in units])
+    probe = keras.Model(model.inputs[0], [unit.input for unit in units])
     fractions = []
     for unit, inputs in zip(units, probe(x, training=False)):
         flat = tf.reshape(tf.cast(inputs, tf.float32), [-1, inputs.shape[-1]])
@@ -201,7 +201,7 @@ def _clipped_fraction(model: keras.Model, x) -> list[float]:
     return fractions
 
 
-def fidelity(args, data) -> str:
+def fidelity(args, data) -> tuple[str, dict]:
     """Per-layer weight-gradient agreement with exact, same weights and batch."""
     (train, _, classes, _) = data
     x, y = train[0][: args.batch_size], train[1][: args.batch_size]
@@ -226,19 +226,23 @@ def fidelity(args, data) -> str:
         rows.append(f"| {unit.name} | " + " | ".join(cells) + f" | {100 * clipped[i]:.2f}% |")
     summary = ["", f"| ResNet-{depth}, trained {args.fidelity_epochs} epoch(s) | "
                "min cos | median cos | median rel. err |", "|---|---|---|---|"]
+    stats = {"depth": depth, "clipped_median": float(np.median(clipped))}
     for variant in COMPARED:
         cos, rel = zip(*(_agreement(g, r) for g, r in zip(grads[variant], reference)))
+        stats[variant] = {"min_cos": min(cos), "median_cos": float(np.median(cos)),
+                          "median_rel_err": float(np.median(rel))}
         summary.append(f"| {variant} | {min(cos):.5f} | {np.median(cos):.5f} | "
                        f"{np.median(rel):.4f} |")
-    return "\n".join(rows + summary)
+    return "\n".join(rows + summary), stats
 
 
-def depth_sweep(args, data) -> str:
+def depth_sweep(args, data) -> tuple[str, dict]:
     """Gradient agreement with exact at initialization, as depth grows."""
     (train, _, classes, _) = data
     x, y = train[0][: args.batch_size], train[1][: args.batch_size]
     rows = ["| depth | " + " | ".join(f"{v} median cos | {v} min cos" for v in COMPARED)
             + " |", "|---|" + "---|---|" * len(COMPARED)]
+    stats = {}
     for depth in args.depths:
         keras.utils.set_random_seed(0)
         exact = build("exact", depth, classes, x.shape[1:])
@@ -249,9 +253,11 @@ def depth_sweep(args, data) -> str:
         for variant in COMPARED:
             cos = [_agreement(g, r)[0] for g, r in zip(grads[variant], reference)]
             cells += [f"{np.median(cos):.5f}", f"{min(cos):.5f}"]
+            stats.setdefault(variant, {})[depth] = {"median_cos": float(np.median(cos)),
+                                                    "min_cos": min(cos)}
         rows.append(f"| {depth} | " + " | ".join(cells) + " |")
         print(rows[-1], flush=True)
-    return "\n".join(rows)
+    return "\n".join(rows), stats
 
 
 def main(argv=None) -> None:
@@ -267,7 +273,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--val-size", type=int, default=2000,
-                   help="test images used for the per-epoch curves")
+                   help="test images for per-epoch validation (0: none)")
     p.add_argument("--resume", action="store_true",
                    help="keep the runs already in <out>/accuracy.json and skip them")
     p.add_argument("--report-only", action="store_true",
@@ -288,11 +294,13 @@ def main(argv=None) -> None:
     data = load(args)
     command = "python " + " ".join(sys.argv)
     if args.fidelity or args.depth_sweep:
-        table = fidelity(args, data) if args.fidelity else depth_sweep(args, data)
+        table, stats = fidelity(args, data) if args.fidelity else depth_sweep(args, data)
         print(table)
-        name = "gradient_fidelity.md" if args.fidelity else "gradient_vs_depth.md"
-        with open(os.path.join(args.out, name), "w") as f:
+        name = "gradient_fidelity" if args.fidelity else "gradient_vs_depth"
+        with open(os.path.join(args.out, name + ".md"), "w") as f:
             f.write(f"Command: `{command}`\n\nData: {data[3]}\n\n{table}\n")
+        with open(os.path.join(args.out, name + ".json"), "w") as f:
+            json.dump({"command": command, "dataset": data[3], "stats": stats}, f, indent=1)
         return
     runs = []
     if args.resume and os.path.exists(raw):

@@ -32,6 +32,9 @@ def parse_args(argv=None):
     p.add_argument("--width", type=float, default=1.0, help="channel multiplier")
     p.add_argument("--bits", type=bits_arg, default=4, help="4, 8 or none (exact)")
     p.add_argument("--naive", action="store_true", help="quantize the forward pass too")
+    p.add_argument("--window", type=float, default=None,
+                   help="quantizer range in standard deviations (default: 6 at 4 bits, "
+                        "12 at 8 bits; 6 is the paper's)")
     p.add_argument("--stock", action="store_true", help="stock Keras layers instead")
     p.add_argument("--epochs", type=int, default=164)
     p.add_argument("--steps-per-epoch", type=int, default=None)
@@ -49,6 +52,7 @@ def main(argv=None) -> dict:
     train, test, classes = datasets.cifar(args.dataset, args.batch_size, args.data_dir)
     model = preact_resnet_cifar(
         args.depth, width=args.width, classes=classes, bits=args.bits, naive=args.naive,
+        window=args.window if args.bits else None,
         stock=args.stock,
     )
     steps = args.steps_per_epoch or 50_000 // args.batch_size
@@ -59,7 +63,8 @@ def main(argv=None) -> dict:
     print(f"{model.name}: {model.count_params():,} parameters on {args.dataset}")
     return training.fit_and_summarize(
         model, train, test, args.epochs, args.out, steps_per_epoch=args.steps_per_epoch,
-        extra={"dataset": args.dataset, "bits": args.bits, "naive": args.naive},
+        extra={"dataset": args.dataset, "bits": args.bits, "naive": args.naive,
+               "window": args.window},
     )
 
 

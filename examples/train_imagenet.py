@@ -36,6 +36,9 @@ def parse_args(argv=None):
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--bits", type=bits_arg, default=4, help="4, 8 or none (exact)")
     p.add_argument("--naive", action="store_true")
+    p.add_argument("--window", type=float, default=None,
+                   help="quantizer range in standard deviations (default: 6 at 4 bits, "
+                        "12 at 8 bits; 6 is the paper's)")
     p.add_argument("--stock", action="store_true")
     p.add_argument("--epochs", type=int, default=90)
     p.add_argument("--steps-per-epoch", type=int, default=None)
@@ -54,6 +57,7 @@ def main(argv=None) -> dict:
     )
     model = preact_resnet_imagenet(
         args.depth, width=args.width, classes=classes, bits=args.bits, naive=args.naive,
+        window=args.window if args.bits else None,
         stock=args.stock, input_shape=(args.image_size, args.image_size, 3),
     )
     steps = args.steps_per_epoch or TRAIN_IMAGES // args.batch_size
@@ -69,7 +73,8 @@ def main(argv=None) -> dict:
     print(f"{model.name}: {model.count_params():,} parameters")
     summary = training.fit_and_summarize(
         model, train, val, args.epochs, args.out, steps_per_epoch=args.steps_per_epoch,
-        extra={"bits": args.bits, "naive": args.naive},
+        extra={"bits": args.bits, "naive": args.naive,
+               "window": args.window},
     )
     return summary
 

@@ -27,10 +27,11 @@ def test_train_cifar_tiny(tmp_path, load_example):
     with tfds.testing.mock_data(num_examples=8):
         summary = load_example("train_cifar").main([
             "--dataset", "cifar100", "--depth", "11", "--width", "0.25", "--bits", "8",
-            "--naive", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "4",
-            "--out", str(tmp_path),
+            "--naive", "--window", "9", "--epochs", "1", "--steps-per-epoch", "2",
+            "--batch-size", "4", "--out", str(tmp_path),
         ])
     assert summary["parameters"] > 0 and summary["naive"] and summary["bits"] == 8
+    assert summary["window"] == 9.0
     assert (tmp_path / "log.csv").exists()
     assert json.loads((tmp_path / "summary.json").read_text())["dataset"] == "cifar100"
 

@@ -1,0 +1,47 @@
+"""The accuracy benchmark (benchmarks/accuracy.py) runs end to end, tiny."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def accuracy():
+    spec = importlib.util.spec_from_file_location("accuracy", BENCHMARKS / "accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_accuracy_table_resume_and_report(tmp_path, accuracy):
+    args = ["--depths", "11", "--epochs", "1", "--train-size", "256", "--batch-size", "64",
+            "--val-size", "0", "--out", str(tmp_path)]
+    accuracy.main(args + ["--seeds", "1", "--variants", "exact", "naive8"])
+    # Resume skips the finished runs and adds the new seed only.
+    accuracy.main(args + ["--seeds", "2", "--variants", "exact", "--resume"])
+    runs = json.loads((tmp_path / "accuracy.json").read_text())["runs"]
+    assert sorted((r["variant"], r["seed"]) for r in runs) == [
+        ("exact", 0), ("exact", 1), ("naive8", 0)]
+    assert all(len(r["batch_loss"]) == 4 and 0 <= r["test_error"] <= 100 for r in runs)
+    (tmp_path / "accuracy.md").unlink()
+    accuracy.main(["--report-only", "--out", str(tmp_path)])
+    table = (tmp_path / "accuracy.md").read_text()
+    assert "| exact | " in table and "(n=2)" in table and "| naive8 | " in table
+
+
+def test_gradient_fidelity_orders_the_variants(tmp_path, accuracy):
+    """On a partly trained net, BLPA's weight gradients agree with exact ones far
+    better than naive quantization's, and 8 bits (12 sigma) better than 4."""
+    accuracy.main(["--fidelity", "--depths", "11", "--train-size", "512", "--batch-size", "64",
+                   "--out", str(tmp_path)])
+    stats = json.loads((tmp_path / "gradient_fidelity.json").read_text())["stats"]
+    assert stats["blpa8"]["median_cos"] > 0.999
+    assert stats["blpa4"]["median_cos"] > 0.97
+    assert stats["blpa8"]["median_rel_err"] < stats["blpa8_w6"]["median_rel_err"]
+    assert stats["blpa8_w6"]["median_rel_err"] < stats["blpa4"]["median_rel_err"]
+    assert stats["naive8"]["median_cos"] < stats["blpa4"]["median_cos"]
+    assert "| s1b1_1 |" in (tmp_path / "gradient_fidelity.md").read_text()
