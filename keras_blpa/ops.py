@@ -9,7 +9,14 @@ no compiled library); `implementation()` tells which one is active.
 
 from keras_blpa import custom_op
 from keras_blpa.custom_op import bn_relu_encode, decode, decode_relu
-from keras_blpa.quantizer import QuantParams, bin_width, encode, quantizer_params
+from keras_blpa.quantizer import (
+    DEFAULT_WINDOW,
+    QuantParams,
+    bin_width,
+    encode,
+    quantizer_params,
+    resolve_window,
+)
 
 
 def implementation() -> str:
@@ -21,6 +28,7 @@ def implementation() -> str:
 
 
 __all__ = [
+    "DEFAULT_WINDOW",
     "QuantParams",
     "bin_width",
     "bn_relu_encode",
@@ -29,4 +37,5 @@ __all__ = [
     "encode",
     "implementation",
     "quantizer_params",
+    "resolve_window",
 ]
