@@ -107,19 +107,53 @@ def train_one(args, data, variant, depth, seed) -> dict:
             "batch_loss": batch_loss.losses}
 
 
-def summarize(runs: list[dict]) -> str:
-    depths = sorted({r["depth"] for r in runs})
-    lines = ["| variant | " + " | ".join(f"ResNet-{d} test error (%)" for d in depths) + " |",
+LAST_STEPS = 20  # final training loss: mean over the last steps (less noisy than test error)
+
+
+def _final_loss(run: dict) -> float:
+    return float(np.mean(run["batch_loss"][-LAST_STEPS:]))
+
+
+def _table(runs, depths, title, value, paired=False, digits=2) -> list[str]:
+    """One row per variant, one `mean +- std (n)` cell per depth.
+
+    paired: the difference to exact with the same depth and seed (same
+    initial weights and batch order), which cancels most seed-to-seed noise.
+    """
+    lines = ["| variant | " + " | ".join(f"ResNet-{d} {title}" for d in depths) + " |",
              "|---|" + "---|" * len(depths)]
+    exact = {(r["depth"], r["seed"]): r for r in runs if r["variant"] == "exact"}
     for variant in VARIANTS:
+        if paired and variant in ("exact", "quarter"):
+            continue
         cells = []
         for d in depths:
-            errs = [r["test_error"] for r in runs if r["variant"] == variant and r["depth"] == d]
-            cells.append("-" if not errs else
-                         f"{np.mean(errs):.2f} +- {np.std(errs):.2f} (n={len(errs)})")
+            chosen = [r for r in runs if r["variant"] == variant and r["depth"] == d]
+            if paired:
+                values = [value(r) - value(exact[d, r["seed"]]) for r in chosen
+                          if (d, r["seed"]) in exact]
+            else:
+                values = [value(r) for r in chosen]
+            sign = "+" if paired else ""
+            cells.append("-" if not values else f"{np.mean(values):{sign}.{digits}f} +- "
+                         f"{np.std(values):.{digits}f} (n={len(values)})")
         if any(c != "-" for c in cells):
             lines.append(f"| {variant} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return lines
+
+
+def summarize(runs: list[dict]) -> str:
+    """Markdown: test error, its paired difference to exact, final training loss."""
+    depths = sorted({r["depth"] for r in runs})
+    with_loss = [r for r in runs if r.get("batch_loss")]
+    error = lambda r: r["test_error"]  # noqa: E731
+    return "\n".join(
+        _table(runs, depths, "test error (%)", error)
+        + ["", "Difference to exact with the same seed (test error, points):", ""]
+        + _table(runs, depths, "vs exact", error, paired=True)
+        + ["", f"Training loss, mean of the last {LAST_STEPS} steps:", ""]
+        + _table(with_loss, depths, "final train loss", _final_loss, digits=3)
+    )
 
 
 def plot(runs: list[dict], path: str) -> None:
@@ -236,12 +270,26 @@ def fidelity(args, data) -> tuple[str, dict]:
     return "\n".join(rows + summary), stats
 
 
+def _forward_drift(depth, classes, x, weights) -> float:
+    """Naive 8-bit vs exact, same weights and batch: relative difference of the
+    last unit's input (how far the quantized forward pass has drifted)."""
+    outs = []
+    for variant in ("exact", "naive8"):
+        model = build(variant, depth, classes, x.shape[1:])
+        model.set_weights(weights)
+        probe = keras.Model(model.inputs[0], _units(model)[-1].input)
+        outs.append(probe(x, training=True).numpy())
+    return float(np.linalg.norm(outs[1] - outs[0]) / np.linalg.norm(outs[0]))
+
+
 def depth_sweep(args, data) -> tuple[str, dict]:
-    """Gradient agreement with exact at initialization, as depth grows."""
+    """Gradient agreement with exact at initialization, as depth grows, and the
+    naive forward pass's drift from the exact one."""
     (train, _, classes, _) = data
     x, y = train[0][: args.batch_size], train[1][: args.batch_size]
     rows = ["| depth | " + " | ".join(f"{v} median cos | {v} min cos" for v in COMPARED)
-            + " |", "|---|" + "---|---|" * len(COMPARED)]
+            + " | naive8 forward drift |",
+            "|---|" + "---|---|" * len(COMPARED) + "---|"]
     stats = {}
     for depth in args.depths:
         keras.utils.set_random_seed(0)
@@ -255,7 +303,9 @@ def depth_sweep(args, data) -> tuple[str, dict]:
             cells += [f"{np.median(cos):.5f}", f"{min(cos):.5f}"]
             stats.setdefault(variant, {})[depth] = {"median_cos": float(np.median(cos)),
                                                     "min_cos": min(cos)}
-        rows.append(f"| {depth} | " + " | ".join(cells) + " |")
+        drift = _forward_drift(depth, classes, x, weights)
+        stats.setdefault("naive8_forward_drift", {})[depth] = drift
+        rows.append(f"| {depth} | " + " | ".join(cells) + f" | {drift:.3f} |")
         print(rows[-1], flush=True)
     return "\n".join(rows), stats
 
