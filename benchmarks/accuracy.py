@@ -9,12 +9,17 @@ Trains the same pre-activation ResNet as
   quarter      exact with 1/4 of the features (width 0.25)
 with several seeds on Fashion-MNIST (offline) or CIFAR-10 (tfds), and writes
 test error mean +- std per variant and depth (markdown + JSON) and a plot of
-the training curves. `--fidelity` instead reports per-layer cosine similarity
-and relative error of weight gradients at 8 and 4 bits against exact ones, on
-a partly trained model.
+the training curves. Instead of training runs:
+  --fidelity     per-layer cosine and relative error of weight gradients
+                 against exact ones, on a partly trained model;
+  --depth-sweep  the same at initialization for each of --depths, and how far
+                 the naive forward pass drifts from the exact one;
+  --bias         whether the gradient error is noise or bias (errors of
+                 several batches averaged).
+Results and the commands that made them: benchmarks/results/accuracy/.
 
-    python benchmarks/accuracy.py --depths 29 56 110 --seeds 3 --epochs 3 \\
-        --train-size 20000 --out benchmarks/results/accuracy
+    python benchmarks/accuracy.py --depths 29 56 110 --seeds 2 --epochs 1 \\
+        --train-size 20000 --val-size 0 --out benchmarks/results/accuracy
     python benchmarks/accuracy.py --fidelity --depths 56 --out benchmarks/results/accuracy
 """
 
@@ -270,6 +275,49 @@ def fidelity(args, data) -> tuple[str, dict]:
     return "\n".join(rows + summary), stats
 
 
+def gradient_bias(args, data) -> tuple[str, dict]:
+    """Is the weight-gradient error noise or bias? Errors of K batches, averaged.
+
+    Zero-mean errors independent across batches shrink as 1/sqrt(K) when
+    averaged, the way SGD averages them over steps; a systematic error (a
+    bias of the approximation) does not.
+    """
+    (train, _, classes, _) = data
+    keras.utils.set_random_seed(0)
+    depth, k, b = args.depths[0], args.bias_batches, args.batch_size
+    half = len(train[0]) // 2
+    exact = build("exact", depth, classes, train[0].shape[1:])
+    training.compile_for_training(exact, half // b, args.fidelity_epochs, base_lr=args.lr)
+    exact.fit(train[0][:half], train[1][:half], batch_size=b, epochs=args.fidelity_epochs,
+              verbose=2)
+    weights = exact.get_weights()
+    batches = [(train[0][half + i * b: half + (i + 1) * b],
+                train[1][half + i * b: half + (i + 1) * b]) for i in range(k)]
+    reference = [_kernel_grads(exact, x, y) for x, y in batches]
+    rows = [f"| variant | per-batch rel. err | rel. err of the {k}-batch mean | "
+            f"ratio (1/sqrt({k}) = {1 / np.sqrt(k):.3f} if unbiased) |", "|---|---|---|---|"]
+    stats = {"depth": depth, "batches": k}
+    for variant in ("blpa8", "blpa8_w6", "blpa4"):
+        model = build(variant, depth, classes, train[0].shape[1:])
+        model.set_weights(weights)
+        grads = [_kernel_grads(model, x, y) for x, y in batches]
+        per_batch, averaged, ratio = [], [], []
+        for layer in range(len(reference[0])):
+            errors = [grads[i][layer] - reference[i][layer] for i in range(k)]
+            mean_error = np.linalg.norm(np.mean(errors, 0))
+            per_batch.append(np.mean([np.linalg.norm(e) / np.linalg.norm(r[layer])
+                                      for e, r in zip(errors, reference)]))
+            averaged.append(mean_error / np.linalg.norm(np.mean([r[layer] for r in reference], 0)))
+            ratio.append(mean_error / np.mean([np.linalg.norm(e) for e in errors]))
+        stats[variant] = {"per_batch": float(np.median(per_batch)),
+                          "mean_of_batches": float(np.median(averaged)),
+                          "ratio": float(np.median(ratio))}
+        rows.append(f"| {variant} | {np.median(per_batch):.4f} | {np.median(averaged):.4f} | "
+                    f"{np.median(ratio):.3f} |")
+        print(rows[-1], flush=True)
+    return "\n".join(rows), stats
+
+
 def _forward_drift(depth, classes, x, weights) -> float:
     """Naive 8-bit vs exact, same weights and batch: relative difference of the
     last unit's input (how far the quantized forward pass has drifted)."""
@@ -330,6 +378,9 @@ def main(argv=None) -> None:
                    help="rewrite the table and plot from <out>/accuracy.json")
     p.add_argument("--fidelity", action="store_true")
     p.add_argument("--fidelity-epochs", type=int, default=1)
+    p.add_argument("--bias", action="store_true",
+                   help="noise or bias: weight-gradient errors averaged over batches")
+    p.add_argument("--bias-batches", type=int, default=8)
     p.add_argument("--depth-sweep", action="store_true",
                    help="gradient agreement at initialization for each of --depths")
     p.add_argument("--out", default="benchmarks/results/accuracy")
@@ -343,10 +394,12 @@ def main(argv=None) -> None:
         return
     data = load(args)
     command = "python " + " ".join(sys.argv)
-    if args.fidelity or args.depth_sweep:
-        table, stats = fidelity(args, data) if args.fidelity else depth_sweep(args, data)
+    if args.fidelity or args.depth_sweep or args.bias:
+        mode, name = ((fidelity, "gradient_fidelity") if args.fidelity else
+                      (gradient_bias, "gradient_bias") if args.bias else
+                      (depth_sweep, "gradient_vs_depth"))
+        table, stats = mode(args, data)
         print(table)
-        name = "gradient_fidelity" if args.fidelity else "gradient_vs_depth"
         with open(os.path.join(args.out, name + ".md"), "w") as f:
             f.write(f"Command: `{command}`\n\nData: {data[3]}\n\n{table}\n")
         with open(os.path.join(args.out, name + ".json"), "w") as f:

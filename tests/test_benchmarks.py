@@ -45,3 +45,14 @@ def test_gradient_fidelity_orders_the_variants(tmp_path, accuracy):
     assert stats["blpa8_w6"]["median_rel_err"] < stats["blpa4"]["median_rel_err"]
     assert stats["naive8"]["median_cos"] < stats["blpa4"]["median_cos"]
     assert "| s1b1_1 |" in (tmp_path / "gradient_fidelity.md").read_text()
+
+
+def test_gradient_bias_report(tmp_path, accuracy):
+    accuracy.main(["--bias", "--bias-batches", "3", "--depths", "11", "--train-size", "512",
+                   "--batch-size", "32", "--out", str(tmp_path)])
+    stats = json.loads((tmp_path / "gradient_bias.json").read_text())["stats"]
+    for variant in ("blpa8", "blpa8_w6", "blpa4"):
+        s = stats[variant]
+        # The error of a mean is at most the mean error (triangle inequality).
+        assert 0 < s["ratio"] <= 1 + 1e-6 and s["per_batch"] > 0
+    assert stats["blpa8"]["per_batch"] < stats["blpa4"]["per_batch"]
