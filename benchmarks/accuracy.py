@@ -5,6 +5,7 @@ Trains the same pre-activation ResNet as
   blpa8        BLPA 8-bit, the library's default 12-sigma window
   blpa8_w6     BLPA 8-bit with the paper's 6-sigma window
   blpa4        BLPA 4-bit (6-sigma window, as in the paper)
+  blpa4_w8     BLPA 4-bit with an 8-sigma window
   naive8       naive 8-bit (quantized forward pass, also at inference; 6 sigma)
   quarter      exact with 1/4 of the features (width 0.25)
 with several seeds on Fashion-MNIST (offline) or CIFAR-10 (tfds), and writes
@@ -46,10 +47,12 @@ VARIANTS = {
     "blpa8": dict(bits=8),
     "blpa8_w6": dict(bits=8, window=6.0),
     "blpa4": dict(bits=4),
+    "blpa4_w8": dict(bits=4, window=8.0),
     "naive8": dict(bits=8, naive=True, window=6.0),
     "quarter": dict(bits=None, width=0.25),
 }
-COLORS = dict(zip(VARIANTS, ["k", "tab:blue", "tab:cyan", "tab:green", "tab:red", "tab:gray"]))
+COLORS = dict(zip(VARIANTS, ["k", "tab:blue", "tab:cyan", "tab:green", "tab:olive", "tab:red",
+                             "tab:gray"]))
 
 
 def load(args):
