@@ -118,6 +118,10 @@ def train_one(args, data, variant, depth, seed) -> dict:
 LAST_STEPS = 20  # final training loss: mean over the last steps (less noisy than test error)
 
 
+def _test_error(run: dict) -> float:
+    return run["test_error"]
+
+
 def _final_loss(run: dict) -> float:
     return float(np.mean(run["batch_loss"][-LAST_STEPS:]))
 
@@ -154,11 +158,10 @@ def summarize(runs: list[dict]) -> str:
     """Markdown: test error, its paired difference to exact, final training loss."""
     depths = sorted({r["depth"] for r in runs})
     with_loss = [r for r in runs if r.get("batch_loss")]
-    error = lambda r: r["test_error"]  # noqa: E731
     return "\n".join(
-        _table(runs, depths, "test error (%)", error)
+        _table(runs, depths, "test error (%)", _test_error)
         + ["", "Difference to exact with the same seed (test error, points):", ""]
-        + _table(runs, depths, "vs exact", error, paired=True)
+        + _table(runs, depths, "vs exact", _test_error, paired=True)
         + ["", f"Training loss, mean of the last {LAST_STEPS} steps:", ""]
         + _table(with_loss, depths, "final train loss", _final_loss, digits=3)
     )

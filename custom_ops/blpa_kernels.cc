@@ -382,7 +382,8 @@ absl::Status CheckChannelInputs(OpKernelContext* ctx, int first, int last,
 }
 
 // Validates the encode inputs; fills args except the output pointers.
-absl::Status PrepareEncode(OpKernelContext* ctx, int bits, EncodeArgs* args) {
+absl::Status PrepareEncode(OpKernelContext* ctx, int bits, float window,
+                           EncodeArgs* args) {
   const Tensor& x = ctx->input(0);
   if (x.dims() < 1) {
     return absl::InvalidArgumentError("x must have rank >= 1 (channels last)");
@@ -397,13 +398,14 @@ absl::Status PrepareEncode(OpKernelContext* ctx, int bits, EncodeArgs* args) {
   args->n = x.NumElements();
   args->channels = channels;
   args->bits = bits;
+  args->window = window;
   return absl::OkStatus();
 }
 
 // Validates the decode inputs (shape input at `shape_index`, per-channel
 // inputs 1..shape_index-1); fills args except the output pointers.
-absl::Status PrepareDecode(OpKernelContext* ctx, int bits, int shape_index,
-                           TensorShape* shape, DecodeArgs* args) {
+absl::Status PrepareDecode(OpKernelContext* ctx, int bits, float window,
+                           int shape_index, TensorShape* shape, DecodeArgs* args) {
   const Tensor& shape_t = ctx->input(shape_index);
   if (shape_t.dims() != 1 || shape_t.NumElements() < 1) {
     return absl::InvalidArgumentError(
@@ -438,12 +440,13 @@ absl::Status PrepareDecode(OpKernelContext* ctx, int bits, int shape_index,
   args->n = n;
   args->channels = channels;
   args->bits = bits;
+  args->window = window;
   return absl::OkStatus();
 }
 
 // Validates the fused BN-backward inputs (g_a, packed, lo, k, flip, gamma,
 // inv_std); fills args except the outputs and scratch.
-absl::Status PrepareBnBackward(OpKernelContext* ctx, int bits,
+absl::Status PrepareBnBackward(OpKernelContext* ctx, int bits, float window,
                                BnBackwardArgs* args) {
   const Tensor& g_a = ctx->input(0);
   if (g_a.dims() < 1) {
@@ -469,6 +472,7 @@ absl::Status PrepareBnBackward(OpKernelContext* ctx, int bits,
   args->n = n;
   args->channels = channels;
   args->bits = bits;
+  args->window = window;
   return absl::OkStatus();
 }
 
@@ -497,8 +501,7 @@ class EncodeCpuOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     EncodeArgs args{};
-    OP_REQUIRES_OK(ctx, PrepareEncode(ctx, bits_, &args));
-    args.window = window_;
+    OP_REQUIRES_OK(ctx, PrepareEncode(ctx, bits_, window_, &args));
     Tensor* a = nullptr;
     Tensor* packed = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ctx->input(0).shape(), &a));
@@ -531,8 +534,7 @@ class DecodeCpuOp : public OpKernel {
   void Compute(OpKernelContext* ctx) override {
     DecodeArgs args{};
     TensorShape shape;
-    OP_REQUIRES_OK(ctx, PrepareDecode(ctx, bits_, 4, &shape, &args));
-    args.window = window_;
+    OP_REQUIRES_OK(ctx, PrepareDecode(ctx, bits_, window_, 4, &shape, &args));
     Tensor* xhat = nullptr;
     Tensor* mask = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &xhat));
@@ -560,8 +562,7 @@ class DecodeReluCpuOp : public OpKernel {
   void Compute(OpKernelContext* ctx) override {
     DecodeArgs args{};
     TensorShape shape;
-    OP_REQUIRES_OK(ctx, PrepareDecode(ctx, bits_, 6, &shape, &args));
-    args.window = window_;
+    OP_REQUIRES_OK(ctx, PrepareDecode(ctx, bits_, window_, 6, &shape, &args));
     Tensor* a = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &a));
     if (args.n == 0) return;
@@ -589,8 +590,7 @@ class DecodeBnBackwardCpuOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     BnBackwardArgs args{};
-    OP_REQUIRES_OK(ctx, PrepareBnBackward(ctx, bits_, &args));
-    args.window = window_;
+    OP_REQUIRES_OK(ctx, PrepareBnBackward(ctx, bits_, window_, &args));
     OP_REQUIRES_OK(ctx, AllocateBnBackward(ctx, &args));
     const int64_t channels = args.channels;
     if (args.n == 0) {
@@ -695,8 +695,7 @@ class EncodeGpuOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     EncodeArgs args{};
-    OP_REQUIRES_OK(ctx, PrepareEncode(ctx, bits_, &args));
-    args.window = window_;
+    OP_REQUIRES_OK(ctx, PrepareEncode(ctx, bits_, window_, &args));
     Tensor* a = nullptr;
     Tensor* packed = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ctx->input(0).shape(), &a));
@@ -722,8 +721,7 @@ class DecodeGpuOp : public OpKernel {
   void Compute(OpKernelContext* ctx) override {
     DecodeArgs args{};
     TensorShape shape;
-    OP_REQUIRES_OK(ctx, PrepareDecode(ctx, bits_, 4, &shape, &args));
-    args.window = window_;
+    OP_REQUIRES_OK(ctx, PrepareDecode(ctx, bits_, window_, 4, &shape, &args));
     Tensor* xhat = nullptr;
     Tensor* mask = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &xhat));
@@ -748,8 +746,7 @@ class DecodeReluGpuOp : public OpKernel {
   void Compute(OpKernelContext* ctx) override {
     DecodeArgs args{};
     TensorShape shape;
-    OP_REQUIRES_OK(ctx, PrepareDecode(ctx, bits_, 6, &shape, &args));
-    args.window = window_;
+    OP_REQUIRES_OK(ctx, PrepareDecode(ctx, bits_, window_, 6, &shape, &args));
     Tensor* a = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &a));
     if (args.n == 0) return;
@@ -770,8 +767,7 @@ class DecodeBnBackwardGpuOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     BnBackwardArgs args{};
-    OP_REQUIRES_OK(ctx, PrepareBnBackward(ctx, bits_, &args));
-    args.window = window_;
+    OP_REQUIRES_OK(ctx, PrepareBnBackward(ctx, bits_, window_, &args));
     OP_REQUIRES_OK(ctx, AllocateBnBackward(ctx, &args));
     if (args.channels == 0) return;
     Tensor scratch;
