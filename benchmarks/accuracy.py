@@ -8,6 +8,7 @@ Trains the same pre-activation ResNet as
   blpa4_w8     BLPA 4-bit with an 8-sigma window
   naive8       naive 8-bit (quantized forward pass, also at inference; 6 sigma)
   quarter      exact with 1/4 of the features (width 0.25)
+  blpaB_wW     any other BLPA bit width B and window W (e.g. blpa4_w7)
 with several seeds on Fashion-MNIST (offline) or CIFAR-10 (tfds), and writes
 test error mean +- std per variant and depth (markdown + JSON) and a plot of
 the training curves. Instead of training runs:
@@ -46,7 +47,7 @@ VARIANTS = {
     "exact": dict(bits=None),
     "blpa8": dict(bits=8),
     "blpa8_w6": dict(bits=8, window=6.0),
-    "blpa4": dict(bits=4),
+    "blpa4": dict(bits=4, window=6.0),
     "blpa4_w8": dict(bits=4, window=8.0),
     "naive8": dict(bits=8, naive=True, window=6.0),
     "quarter": dict(bits=None, width=0.25),
@@ -66,8 +67,28 @@ def load(args):
     return train, test, classes, f"{args.dataset} (tfds)"
 
 
+def variant_options(name: str) -> dict:
+    """Layer options of a named variant; blpaB_wW names BLPA at B bits, window W."""
+    if name in VARIANTS:
+        return dict(VARIANTS[name])
+    bits, _, window = name.removeprefix("blpa").partition("_w")
+    if name.startswith("blpa") and bits in ("4", "8"):
+        try:
+            return dict(bits=int(bits), window=float(window))
+        except ValueError:
+            pass
+    raise argparse.ArgumentTypeError(
+        f"unknown variant {name!r}: use one of {', '.join(VARIANTS)} or blpaB_wW "
+        "(B = 4 or 8 bits, W = window in standard deviations, e.g. blpa4_w7)")
+
+
+def _variant(name: str) -> str:
+    variant_options(name)
+    return name
+
+
 def build(variant: str, depth: int, classes: int, shape) -> keras.Model:
-    options = dict(VARIANTS[variant])
+    options = variant_options(variant)
     width = options.pop("width", 1.0)
     return preact_resnet_cifar(depth, width=width, classes=classes, input_shape=shape, **options)
 
@@ -191,7 +212,7 @@ def plot(runs: list[dict], path: str) -> None:
                 label = f"{r['variant']} (test err {np.mean(errs):.1f}%)"
                 labelled.add(r["variant"])
             ax.plot(np.arange(window, window + len(loss)), loss,
-                    color=COLORS[r["variant"]], alpha=0.7, lw=1, label=label)
+                    color=COLORS.get(r["variant"]), alpha=0.7, lw=1, label=label)
         ax.set(title=f"ResNet-{d}", xlabel="step", ylabel=f"train loss ({window}-step mean)",
                ylim=(0.2, 1.5))
         ax.legend(fontsize=8)
@@ -222,11 +243,19 @@ def _agreement(g: np.ndarray, r: np.ndarray) -> tuple[float, float]:
 
 
 COMPARED = ("blpa8", "blpa8_w6", "blpa4", "naive8")
+BIAS_COMPARED = ("blpa8", "blpa8_w6", "blpa4")
 
 
-def _compared_grads(depth, classes, x, y, weights) -> dict[str, list[np.ndarray]]:
+def _compared(args, default: tuple[str, ...]) -> tuple[str, ...]:
+    """Approximate variants a gradient mode compares with exact: --variants if given."""
+    if args.variants is None:
+        return default
+    return tuple(v for v in args.variants if v not in ("exact", "quarter"))
+
+
+def _compared_grads(compared, depth, classes, x, y, weights) -> dict[str, list[np.ndarray]]:
     grads = {}
-    for variant in COMPARED:
+    for variant in compared:
         model = build(variant, depth, classes, x.shape[1:])
         model.set_weights(weights)
         grads[variant] = _kernel_grads(model, x, y)
@@ -258,21 +287,22 @@ def fidelity(args, data) -> tuple[str, dict]:
     exact.fit(*train, batch_size=args.batch_size, epochs=args.fidelity_epochs, verbose=2)
     weights = exact.get_weights()
     reference = _kernel_grads(exact, x, y)
-    grads = _compared_grads(depth, classes, x, y, weights)
+    compared = _compared(args, COMPARED)
+    grads = _compared_grads(compared, depth, classes, x, y, weights)
     clipped = _clipped_fraction(exact, x)
-    header = " | ".join(f"cos {v} | rel. err {v}" for v in COMPARED)
+    header = " | ".join(f"cos {v} | rel. err {v}" for v in compared)
     rows = [f"| layer | {header} | inputs beyond 3 sigma |",
-            "|---|" + "---|---|" * len(COMPARED) + "---|"]
+            "|---|" + "---|---|" * len(compared) + "---|"]
     for i, unit in enumerate(_units(exact)):
         cells = []
-        for variant in COMPARED:
+        for variant in compared:
             cos, rel = _agreement(grads[variant][i], reference[i])
             cells += [f"{cos:.5f}", f"{rel:.4f}"]
         rows.append(f"| {unit.name} | " + " | ".join(cells) + f" | {100 * clipped[i]:.2f}% |")
     summary = ["", f"| ResNet-{depth}, trained {args.fidelity_epochs} epoch(s) | "
                "min cos | median cos | median rel. err |", "|---|---|---|---|"]
     stats = {"depth": depth, "clipped_median": float(np.median(clipped))}
-    for variant in COMPARED:
+    for variant in compared:
         cos, rel = zip(*(_agreement(g, r) for g, r in zip(grads[variant], reference)))
         stats[variant] = {"min_cos": min(cos), "median_cos": float(np.median(cos)),
                           "median_rel_err": float(np.median(rel))}
@@ -303,7 +333,7 @@ def gradient_bias(args, data) -> tuple[str, dict]:
     rows = [f"| variant | per-batch rel. err | rel. err of the {k}-batch mean | "
             f"ratio (1/sqrt({k}) = {1 / np.sqrt(k):.3f} if unbiased) |", "|---|---|---|---|"]
     stats = {"depth": depth, "batches": k}
-    for variant in ("blpa8", "blpa8_w6", "blpa4"):
+    for variant in _compared(args, BIAS_COMPARED):
         model = build(variant, depth, classes, train[0].shape[1:])
         model.set_weights(weights)
         grads = [_kernel_grads(model, x, y) for x, y in batches]
@@ -341,18 +371,19 @@ def depth_sweep(args, data) -> tuple[str, dict]:
     naive forward pass's drift from the exact one."""
     (train, _, classes, _) = data
     x, y = train[0][: args.batch_size], train[1][: args.batch_size]
-    rows = ["| depth | " + " | ".join(f"{v} median cos | {v} min cos" for v in COMPARED)
+    compared = _compared(args, COMPARED)
+    rows = ["| depth | " + " | ".join(f"{v} median cos | {v} min cos" for v in compared)
             + " | naive8 forward drift |",
-            "|---|" + "---|---|" * len(COMPARED) + "---|"]
+            "|---|" + "---|---|" * len(compared) + "---|"]
     stats = {}
     for depth in args.depths:
         keras.utils.set_random_seed(0)
         exact = build("exact", depth, classes, x.shape[1:])
         weights = exact.get_weights()
         reference = _kernel_grads(exact, x, y)
-        grads = _compared_grads(depth, classes, x, y, weights)
+        grads = _compared_grads(compared, depth, classes, x, y, weights)
         cells = []
-        for variant in COMPARED:
+        for variant in compared:
             cos = [_agreement(g, r)[0] for g, r in zip(grads[variant], reference)]
             cells += [f"{np.median(cos):.5f}", f"{min(cos):.5f}"]
             stats.setdefault(variant, {})[depth] = {"median_cos": float(np.median(cos)),
@@ -369,7 +400,8 @@ def main(argv=None) -> None:
     p.add_argument("--dataset", default="fashion_mnist",
                    choices=["fashion_mnist", "cifar10", "cifar100"])
     p.add_argument("--depths", type=int, nargs="+", default=[56])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", type=_variant,
+                   help="default: all for training; the usual comparison for the gradient modes")
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=3)
@@ -419,7 +451,7 @@ def main(argv=None) -> None:
     # Seed-major order: a run cut short still covers every depth and variant.
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         for depth in args.depths:
-            for variant in args.variants:
+            for variant in args.variants or VARIANTS:
                 if (variant, depth, seed) in done:
                     continue
                 runs.append(train_one(args, data, variant, depth, seed))

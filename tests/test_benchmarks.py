@@ -56,3 +56,13 @@ def test_gradient_bias_report(tmp_path, accuracy):
         # The error of a mean is at most the mean error (triangle inequality).
         assert 0 < s["ratio"] <= 1 + 1e-6 and s["per_batch"] > 0
     assert stats["blpa8"]["per_batch"] < stats["blpa4"]["per_batch"]
+
+
+def test_named_windows_and_unknown_variants(accuracy, capsys):
+    assert accuracy.variant_options("blpa4_w7") == {"bits": 4, "window": 7.0}
+    assert accuracy.variant_options("blpa8_w9.5") == {"bits": 8, "window": 9.5}
+    assert accuracy.variant_options("naive8")["naive"] is True
+    for bad in ("blpa3_w7", "blpa4_w", "blpa4_wide", "exact8"):
+        with pytest.raises(SystemExit):
+            accuracy.main(["--variants", bad])
+        assert "blpaB_wW" in capsys.readouterr().err

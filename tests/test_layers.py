@@ -276,10 +276,33 @@ def test_window_is_resolved_and_saved():
     assert keras_blpa.BNReLUDense(4, bits=None).get_config()["window"] is None
     layer = keras_blpa.BNReLUDense(4, bits=8, window=9.5)
     assert keras_blpa.BNReLUDense.from_config(layer.get_config()).window == 9.5
-    # Configs written before `window` existed load with the default.
-    config = layer.get_config()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_config_saved_before_window_keeps_the_paper_grid(bits):
+    """Layers saved before `window` existed used 6 sigma at every bit width;
+    a naive one must keep that grid, or its inference outputs would change."""
+    rng = np.random.default_rng(4)
+    x = tf.constant(rng.normal(size=(16, 6)).astype("float32"))
+    paper = keras_blpa.BNReLUDense(3, bits=bits, naive=True, window=6.0)
+    paper.build(x.shape)
+    randomize_bn(paper, 6, rng)
+    config = paper.get_config()
     del config["window"]
-    assert keras_blpa.BNReLUDense.from_config(config).window == 12.0
+    legacy = keras_blpa.BNReLUDense.from_config(config)
+    legacy.build(x.shape)
+    legacy.set_weights(paper.get_weights())
+    assert legacy.window == 6.0
+    np.testing.assert_array_equal(legacy(x, training=False), paper(x, training=False))
+    # The library default differs at 8 bits, so the legacy rule is what keeps it.
+    default = keras_blpa.BNReLUDense(3, bits=bits, naive=True)
+    default.build(x.shape)
+    default.set_weights(paper.get_weights())
+    if default.window != 6.0:
+        assert not np.array_equal(default(x, training=False), paper(x, training=False))
+    exact = keras_blpa.BNReLUDense(3, bits=None).get_config()
+    del exact["window"]
+    assert keras_blpa.BNReLUDense.from_config(exact).window is None
 
 
 def test_window_changes_the_saved_approximation():

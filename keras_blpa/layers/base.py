@@ -248,3 +248,11 @@ class BNReLUBase(keras.layers.Layer):
             }
         )
         return config
+
+    @classmethod
+    def from_config(cls, config: dict) -> BNReLUBase:
+        if config.get("bits") is not None and "window" not in config:
+            # Saved before `window` existed, when every bit width used the
+            # paper's grid: keep it (a naive layer's inference depends on it).
+            config = {**config, "window": quantizer.PAPER_WINDOW}
+        return super().from_config(config)
