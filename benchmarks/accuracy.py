@@ -156,7 +156,7 @@ def _table(runs, depths, title, value, paired=False, digits=2) -> list[str]:
     lines = ["| variant | " + " | ".join(f"ResNet-{d} {title}" for d in depths) + " |",
              "|---|" + "---|" * len(depths)]
     exact = {(r["depth"], r["seed"]): r for r in runs if r["variant"] == "exact"}
-    for variant in VARIANTS:
+    for variant in _variants(runs):
         if paired and variant in ("exact", "quarter"):
             continue
         cells = []
@@ -175,6 +175,33 @@ def _table(runs, depths, title, value, paired=False, digits=2) -> list[str]:
     return lines
 
 
+def _variants(runs: list[dict]) -> list[str]:
+    """The named variants in table order, then any blpaB_wW ones run."""
+    extra = sorted({r["variant"] for r in runs} - set(VARIANTS))
+    return list(VARIANTS) + extra
+
+
+def _pooled(runs: list[dict]) -> list[str]:
+    """Paired differences to exact pooled over depths and seeds, with a 95%
+    confidence interval (t distribution): is a variant within noise of exact?"""
+    from scipy import stats
+
+    exact = {(r["depth"], r["seed"]): r["test_error"] for r in runs if r["variant"] == "exact"}
+    lines = ["| variant | pairs | mean difference | 95% interval | pairs worse than exact |",
+             "|---|---|---|---|---|"]
+    for variant in _variants(runs):
+        diffs = [r["test_error"] - exact[r["depth"], r["seed"]] for r in runs
+                 if r["variant"] == variant and (r["depth"], r["seed"]) in exact]
+        if variant in ("exact", "quarter") or len(diffs) < 2:
+            continue
+        mean = np.mean(diffs)
+        half = stats.t.ppf(0.975, len(diffs) - 1) * np.std(diffs, ddof=1) / np.sqrt(len(diffs))
+        worse = sum(d > 0 for d in diffs)
+        lines.append(f"| {variant} | {len(diffs)} | {mean:+.2f} | [{mean - half:+.2f}, "
+                     f"{mean + half:+.2f}] | {worse} of {len(diffs)} |")
+    return lines
+
+
 def summarize(runs: list[dict]) -> str:
     """Markdown: test error, its paired difference to exact, final training loss."""
     depths = sorted({r["depth"] for r in runs})
@@ -183,6 +210,8 @@ def summarize(runs: list[dict]) -> str:
         _table(runs, depths, "test error (%)", _test_error)
         + ["", "Difference to exact with the same seed (test error, points):", ""]
         + _table(runs, depths, "vs exact", _test_error, paired=True)
+        + ["", "The same differences pooled over depths and seeds:", ""]
+        + _pooled(runs)
         + ["", f"Training loss, mean of the last {LAST_STEPS} steps:", ""]
         + _table(with_loss, depths, "final train loss", _final_loss, digits=3)
     )

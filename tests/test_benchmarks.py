@@ -66,3 +66,16 @@ def test_named_windows_and_unknown_variants(accuracy, capsys):
         with pytest.raises(SystemExit):
             accuracy.main(["--variants", bad])
         assert "blpaB_wW" in capsys.readouterr().err
+
+
+def test_pooled_differences_and_interval(accuracy):
+    """Paired differences pooled over depths: mean, t interval, sign count."""
+    runs = [{"variant": "exact", "depth": d, "seed": s, "test_error": 20.0}
+            for d, s in ((29, 0), (29, 1), (56, 0))]
+    runs += [{"variant": "naive8", "depth": d, "seed": s, "test_error": 20.0 + diff}
+             for (d, s), diff in zip(((29, 0), (29, 1), (56, 0)), (1.0, 2.0, 3.0))]
+    runs.append({"variant": "blpa4_w7", "depth": 56, "seed": 7, "test_error": 1.0})  # unpaired
+    table = "\n".join(accuracy._pooled(runs))
+    # mean 2, sample std 1, t(0.975, 2 dof) = 4.303: half-width 2.48
+    assert "| naive8 | 3 | +2.00 | [-0.48, +4.48] | 3 of 3 |" in table
+    assert "blpa4_w7" not in table and "| exact |" not in table
