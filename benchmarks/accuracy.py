@@ -147,26 +147,34 @@ def _final_loss(run: dict) -> float:
     return float(np.mean(run["batch_loss"][-LAST_STEPS:]))
 
 
+NOT_PAIRED = ("exact", "quarter")  # left out of the comparisons with exact
+
+
+def _paired(runs: list[dict], variant: str, value=_test_error, depth=None) -> list[float]:
+    """`value` minus exact's with the same depth and seed (same initial weights
+    and batch order), which cancels most seed-to-seed noise."""
+    exact = {(r["depth"], r["seed"]): value(r) for r in runs if r["variant"] == "exact"}
+    return [value(r) - exact[r["depth"], r["seed"]] for r in runs
+            if r["variant"] == variant and depth in (None, r["depth"])
+            and (r["depth"], r["seed"]) in exact]
+
+
 def _table(runs, depths, title, value, paired=False, digits=2) -> list[str]:
     """One row per variant, one `mean +- std (n)` cell per depth.
 
-    paired: the difference to exact with the same depth and seed (same
-    initial weights and batch order), which cancels most seed-to-seed noise.
+    paired: the difference to exact with the same depth and seed (`_paired`).
     """
     lines = ["| variant | " + " | ".join(f"ResNet-{d} {title}" for d in depths) + " |",
              "|---|" + "---|" * len(depths)]
-    exact = {(r["depth"], r["seed"]): r for r in runs if r["variant"] == "exact"}
     for variant in _variants(runs):
-        if paired and variant in ("exact", "quarter"):
+        if paired and variant in NOT_PAIRED:
             continue
         cells = []
         for d in depths:
-            chosen = [r for r in runs if r["variant"] == variant and r["depth"] == d]
             if paired:
-                values = [value(r) - value(exact[d, r["seed"]]) for r in chosen
-                          if (d, r["seed"]) in exact]
+                values = _paired(runs, variant, value, depth=d)
             else:
-                values = [value(r) for r in chosen]
+                values = [value(r) for r in runs if r["variant"] == variant and r["depth"] == d]
             sign = "+" if paired else ""
             cells.append("-" if not values else f"{np.mean(values):{sign}.{digits}f} +- "
                          f"{np.std(values):.{digits}f} (n={len(values)})")
@@ -186,13 +194,11 @@ def _pooled(runs: list[dict]) -> list[str]:
     confidence interval (t distribution): is a variant within noise of exact?"""
     from scipy import stats
 
-    exact = {(r["depth"], r["seed"]): r["test_error"] for r in runs if r["variant"] == "exact"}
     lines = ["| variant | pairs | mean difference | 95% interval | pairs worse than exact |",
              "|---|---|---|---|---|"]
     for variant in _variants(runs):
-        diffs = [r["test_error"] - exact[r["depth"], r["seed"]] for r in runs
-                 if r["variant"] == variant and (r["depth"], r["seed"]) in exact]
-        if variant in ("exact", "quarter") or len(diffs) < 2:
+        diffs = _paired(runs, variant)
+        if variant in NOT_PAIRED or len(diffs) < 2:
             continue
         mean = np.mean(diffs)
         half = stats.t.ppf(0.975, len(diffs) - 1) * np.std(diffs, ddof=1) / np.sqrt(len(diffs))
@@ -279,7 +285,7 @@ def _compared(args, default: tuple[str, ...]) -> tuple[str, ...]:
     """Approximate variants a gradient mode compares with exact: --variants if given."""
     if args.variants is None:
         return default
-    return tuple(v for v in args.variants if v not in ("exact", "quarter"))
+    return tuple(v for v in args.variants if v not in NOT_PAIRED)
 
 
 def _compared_grads(compared, depth, classes, x, y, weights) -> dict[str, list[np.ndarray]]:
