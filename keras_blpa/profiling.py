@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 VARIANTS = ("stock", "none", "8", "4", "naive8", "naive4")
 MODELS = ("stack", "residual_stack", "projection_stack", "cifar")
@@ -125,19 +126,34 @@ def peak_step_memory(model, batch_size: int, jit_compile: bool = False) -> int:
     return tf.config.experimental.get_memory_info("CPU:0")["peak"]
 
 
-def per_sample_slope(batch_sizes=(8, 40), jit_compile: bool = False, **model_kwargs) -> dict:
-    """Peak memory at each batch size and the slope in MiB per sample."""
+def per_sample_slope(
+    batch_sizes=(8, 40), jit_compile: bool = False, xla_dump_dir: str | None = None,
+    **model_kwargs,
+) -> dict:
+    """Peak memory at each batch size and the slope in MiB per sample.
+
+    With `xla_dump_dir` (the process's `--xla_dump_to`), also XLA's own temp
+    buffer per batch size and its slope (`xla_mib_per_sample`): under XLA the
+    allocator peak rounds XLA's single temp buffer up to the chunk it got.
+    """
     model = build_model(**model_kwargs)
     peaks = [peak_step_memory(model, b, jit_compile) for b in batch_sizes]
-    slope = (peaks[-1] - peaks[0]) / (batch_sizes[-1] - batch_sizes[0])
-    return {
+    span = batch_sizes[-1] - batch_sizes[0]
+    result = {
         **model_kwargs,
         "batch_sizes": list(batch_sizes),
         "peak_bytes": peaks,
-        "mib_per_sample": slope / 2**20,
+        "mib_per_sample": (peaks[-1] - peaks[0]) / span / 2**20,
         "jit_compile": jit_compile,
         "params": model.count_params(),
     }
+    if jit_compile and xla_dump_dir:
+        from keras_blpa import xla_dump
+
+        temps = xla_dump.temp_bytes_by_batch(xla_dump_dir, batch_sizes, "one_step_on_data")
+        result["xla_temp_bytes"] = temps
+        result["xla_mib_per_sample"] = (temps[-1] - temps[0]) / span / 2**20
+    return result
 
 
 def measure_in_subprocess(batch_sizes=(8, 40), jit_compile: bool = False, **model_kwargs) -> dict:
@@ -146,10 +162,11 @@ def measure_in_subprocess(batch_sizes=(8, 40), jit_compile: bool = False, **mode
             "--batch-sizes", *map(str, batch_sizes)]
     for key, value in model_kwargs.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
-    if jit_compile:
-        args.append("--jit-compile")
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    result = subprocess.run(args, capture_output=True, text=True, env=env)
+    with tempfile.TemporaryDirectory(prefix="blpa_xla_dump_") as dump_dir:
+        if jit_compile:
+            args += ["--jit-compile", "--xla-dump-dir", dump_dir]
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+        result = subprocess.run(args, capture_output=True, text=True, env=env)
     if result.returncode:
         raise RuntimeError(f"{' '.join(args)} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -166,10 +183,22 @@ def main(argv=None) -> None:
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--batch-sizes", type=int, nargs=2, default=(8, 40))
     parser.add_argument("--jit-compile", action="store_true")
+    parser.add_argument(
+        "--xla-dump-dir", default=None,
+        help="with --jit-compile: dump XLA's modules here (this process only) and "
+        "report XLA's own temp-buffer slope too",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.xla_dump_dir:
+        # This measuring process's own flags, set before TensorFlow loads.
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={args.xla_dump_dir}"
+            " --xla_dump_hlo_module_re=.*one_step_on_data.*"
+        ).strip()
     result = per_sample_slope(
-        tuple(args.batch_sizes), args.jit_compile, model=args.model, variant=args.variant,
+        tuple(args.batch_sizes), args.jit_compile, args.xla_dump_dir,
+        model=args.model, variant=args.variant,
         depth=args.depth, width=args.width, channels=args.channels, size=args.size,
         classes=args.classes,
     )

@@ -219,10 +219,126 @@ def decode(
       the bool ReLU mask, both of `shape`.
     """
     check_bits(bits, allow_none=False)
-    q = tf.cast(unpack(packed, shape, bits), tf.float32)
+    return _centres_and_mask(unpack(packed, shape, bits), params, bits)
+
+
+def _centres_and_mask(codes: tf.Tensor, params: QuantParams, bits: int):
+    q = tf.cast(codes, tf.float32)
     xhat = (q + 0.5) * bin_width(bits, params.window) + params.lo
     mask = tf.not_equal(q >= params.k, params.flip > 0.5)
     return xhat, mask
+
+
+# Word layout, used under XLA. Codes go into uint32 words along one axis that
+# is neither the channel axis nor (for NHWC) the width: the rows of an NHWC
+# tensor, the batch of an `[N, C]` one. Element `i` of that axis lands in
+# word `i // k` at bit `(i % k) * bits`, `k = 32 // bits`. Why this shape:
+# - the channel axis stays minor at full width, so the words tile like the
+#   activation itself (TPU pads the two minor dimensions to (8, 128) tiles;
+#   codes packed along C would shrink the minor dimension and be padded back);
+# - no reshape flattens NHWC (a relayout copy on TPU); unpacking only splits
+#   the row axis, which no tile spans;
+# - 32-bit integer shifts and ors, the native width everywhere (TPU emulates
+#   8-bit integer arithmetic).
+# The flat byte layout of `pack` stays the public format shared with the
+# compiled op; both hold the same codes.
+
+
+def codes_per_word(bits: int) -> int:
+    """How many `bits`-bit codes one uint32 word of `pack_words` holds."""
+    check_bits(bits, allow_none=False)
+    return 32 // bits
+
+
+def word_axis(rank: int) -> int:
+    """The axis `pack_words` packs along: 1 (rows) for rank >= 4, else 0."""
+    return 1 if rank >= 4 else 0
+
+
+def words_shape(shape: tf.TensorShape | list, bits: int) -> list[int | None]:
+    """Static shape of `pack_words`'s result for codes of `shape`."""
+    dims = list(tf.TensorShape(shape).as_list())
+    axis = word_axis(len(dims))
+    if dims[axis] is not None:
+        dims[axis] = -(-dims[axis] // codes_per_word(bits))
+    return dims
+
+
+def _along(axis: int, rank: int, values: tf.Tensor) -> tf.Tensor:
+    """`values` (1-D) reshaped to broadcast along `axis` of a rank-`rank` tensor."""
+    shape = [1] * rank
+    shape[axis] = -1
+    return tf.reshape(values, shape)
+
+
+def _sum_windows_plain(t: tf.Tensor, axis: int, k: int) -> tf.Tensor:
+    """Sums non-overlapping windows of `k` along `axis` (zero-padded): plain TF."""
+    rank = t.shape.rank
+    size = tf.shape(t)[axis]
+    pad = tf.one_hot(axis, rank, on_value=-size % k, off_value=0, dtype=tf.int32)
+    t = tf.pad(t, tf.stack([tf.zeros([rank], tf.int32), pad], axis=1))
+    dims = tf.unstack(tf.shape(t))
+    split = tf.stack(dims[:axis] + [dims[axis] // k, k] + dims[axis + 1 :])
+    return tf.reduce_sum(tf.reshape(t, split), axis + 1)
+
+
+def pack_words(codes: tf.Tensor, bits: int, sum_windows=None) -> tf.Tensor:
+    """Packs integer codes (values in `[0, 2**bits)`) into uint32 words.
+
+    Args:
+      codes: codes of a channels-last tensor of known rank, any numeric dtype.
+      bits: 4 or 8.
+      sum_windows: `f(t, axis, k)` summing (or or-ing) non-overlapping windows
+        of `k` along `axis` with zero padding, e.g. from `xla.sum_windows()`
+        (an XLA reduce-window, which XLA:CPU never fuses into a later
+        consumer); None for plain TF.
+
+    Returns:
+      uint32 words of shape `words_shape(codes.shape, bits)`.
+    """
+    rank = codes.shape.rank
+    axis = word_axis(rank)
+    k = codes_per_word(bits)
+    size = tf.shape(codes)[axis]
+    shift = tf.cast((tf.range(size) % k) * bits, tf.uint32)
+    shifted = tf.bitwise.left_shift(tf.cast(codes, tf.uint32), _along(axis, rank, shift))
+    words = (sum_windows or _sum_windows_plain)(shifted, axis, k)
+    words.set_shape(words_shape(codes.shape, bits))
+    return words
+
+
+def unpack_words(words: tf.Tensor, shape: tf.Tensor | list, bits: int) -> tf.Tensor:
+    """Inverse of `pack_words`: uint32 codes of `shape` (a list or an int tensor)."""
+    rank = words.shape.rank
+    axis = word_axis(rank)
+    k = codes_per_word(bits)
+    shift = tf.constant(np.arange(k, dtype=np.uint32) * bits)
+    codes = tf.bitwise.bitwise_and(
+        tf.bitwise.right_shift(tf.expand_dims(words, axis + 1), _along(axis + 1, rank + 1, shift)),
+        tf.constant((1 << bits) - 1, tf.uint32),
+    )
+    # Merge (words, k) into the packed axis, then drop the zero padding.
+    dims = tf.unstack(tf.shape(words))
+    codes = tf.reshape(codes, tf.stack(dims[:axis] + [dims[axis] * k] + dims[axis + 1 :]))
+    shape = tf.cast(shape, tf.int32)
+    return tf.slice(codes, tf.zeros([rank], tf.int32), shape)
+
+
+def encode_words(
+    xhat: tf.Tensor, on: tf.Tensor, params: QuantParams, bits: int, sum_windows=None
+) -> tf.Tensor:
+    """`encode` into the word layout (`pack_words`): the same codes."""
+    check_bits(bits, allow_none=False)
+    _channel_count(xhat)
+    return pack_words(encode_codes(xhat, on, params, bits), bits, sum_windows)
+
+
+def decode_words(
+    words: tf.Tensor, params: QuantParams, shape: tf.Tensor | list, bits: int
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """`decode` from the word layout: `(xhat, mask)` of `shape`."""
+    check_bits(bits, allow_none=False)
+    return _centres_and_mask(unpack_words(words, shape, bits), params, bits)
 
 
 def bn_relu_encode(
@@ -242,11 +358,30 @@ def bn_relu_encode(
       `(a, packed)`: the exact ReLU output `max(gamma * xhat + beta, 0)` and
       the packed codes of `xhat`.
     """
+    xhat, on, a = _normalize_relu(x, mean, inv_std, gamma, beta)
+    return a, encode(xhat, on, params, bits)
+
+
+def _normalize_relu(x, mean, inv_std, gamma, beta):
     xhat = (x - mean) * inv_std
     y = xhat * gamma + beta
     on = y > 0.0
-    a = tf.where(on, y, 0.0)
-    return a, encode(xhat, on, params, bits)
+    return xhat, on, tf.where(on, y, 0.0)
+
+
+def bn_relu_encode_words(
+    x: tf.Tensor,
+    mean: tf.Tensor,
+    inv_std: tf.Tensor,
+    gamma: tf.Tensor,
+    beta: tf.Tensor,
+    params: QuantParams,
+    bits: int,
+    sum_windows=None,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """`bn_relu_encode` into the word layout: `(a, words)`, see `pack_words`."""
+    xhat, on, a = _normalize_relu(x, mean, inv_std, gamma, beta)
+    return a, encode_words(xhat, on, params, bits, sum_windows)
 
 
 def relu_bn_backward(

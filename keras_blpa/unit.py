@@ -83,12 +83,10 @@ def bn_relu_linear(
             saved = (x32 - mean) * inv_std
             a = tf.nn.relu(saved * gamma + beta)
         else:
-            params = quantizer.quantizer_params(gamma, beta, bits, window)
-            a, saved = custom_op.bn_relu_encode(
-                x32, mean, inv_std, gamma, beta, params, bits
-            )
+            codes = _Codes(bits, quantizer.quantizer_params(gamma, beta, bits, window), x_shape)
+            a, saved = codes.encode(x32, mean, inv_std, gamma, beta)
             if naive:
-                a = custom_op.decode_relu(saved, params, gamma, beta, x_shape, bits)
+                a = codes.decode_relu(saved, gamma, beta)
         # Finish encoding before the linear map so that graph executors cannot
         # defer the encoder (and keep its float32 inputs alive); under XLA a
         # barrier makes the codes materialize instead of being fused away.
@@ -115,9 +113,7 @@ def bn_relu_linear(
                     a_approx = tf.where(mask, y, 0.0)
                     del y
                 else:
-                    a_approx = custom_op.decode_relu(
-                        saved_now, params, gamma, beta, x_shape, bits
-                    )
+                    a_approx = codes.decode_relu(saved_now, gamma, beta)
             a_approx = tf.cast(a_approx, compute_dtype)
             d_weights = linear.grad_weights(a_approx, grads, weights)
             del a_approx
@@ -132,8 +128,8 @@ def bn_relu_linear(
                         g_a, xhat, mask, gamma, inv_std
                     )
                 else:
-                    g_x, d_gamma, d_beta = custom_op.decode_bn_backward(
-                        g_a, saved_now, params, gamma, inv_std, bits
+                    g_x, d_gamma, d_beta = codes.decode_bn_backward(
+                        g_a, saved_now, gamma, inv_std
                     )
             return [tf.cast(g_x, compute_dtype), d_gamma, d_beta, *d_weights]
 
@@ -150,6 +146,52 @@ def bn_relu_linear(
         results = tf.custom_gradient(unit)(*inputs)
     *outputs, mean, variance = results
     return outputs, tf.stop_gradient(mean), tf.stop_gradient(variance)
+
+
+class _Codes:
+    """How a unit stores its codes: flat bytes, or uint32 words under XLA.
+
+    Outside XLA the compiled op (or its bit-identical pure-TF twin) packs the
+    codes into flat bytes. Inside an XLA-compiled function the codes go into
+    uint32 words packed by a reduce-window (`quantizer.pack_words`,
+    `xla.sum_windows`) and the forward output is tied to them (`xla.tie`):
+    XLA:CPU drops optimization barriers before fusion, and without these it
+    recomputes the codes from the float32 input inside the backward pass,
+    keeping that input alive. Both layouts hold the same codes.
+    """
+
+    def __init__(self, bits: int, params: quantizer.QuantParams, shape: tf.Tensor):
+        self.bits = bits
+        self.params = params
+        self.shape = shape
+        self.words = xla.in_xla_context()
+
+    def encode(self, x32, mean, inv_std, gamma, beta) -> tuple[tf.Tensor, tf.Tensor]:
+        """`(a, codes)`: the exact ReLU output and the packed codes."""
+        if not self.words:
+            return custom_op.bn_relu_encode(
+                x32, mean, inv_std, gamma, beta, self.params, self.bits
+            )
+        a, words = quantizer.bn_relu_encode_words(
+            x32, mean, inv_std, gamma, beta, self.params, self.bits, xla.sum_windows()
+        )
+        return xla.tie(a, words), words
+
+    def decode_relu(self, codes, gamma, beta) -> tf.Tensor:
+        if not self.words:
+            return custom_op.decode_relu(
+                codes, self.params, gamma, beta, self.shape, self.bits
+            )
+        xhat, mask = quantizer.decode_words(codes, self.params, self.shape, self.bits)
+        return tf.where(mask, xhat * gamma + beta, 0.0)
+
+    def decode_bn_backward(self, g_a, codes, gamma, inv_std):
+        if not self.words:
+            return custom_op.decode_bn_backward(
+                g_a, codes, self.params, gamma, inv_std, self.bits
+            )
+        xhat, mask = quantizer.decode_words(codes, self.params, self.shape, self.bits)
+        return quantizer.relu_bn_backward(g_a, xhat, mask, gamma, inv_std)
 
 
 def bn_relu_linear_inference(

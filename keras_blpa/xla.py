@@ -1,10 +1,13 @@
 """XLA awareness: detect an XLA-compiled context and keep XLA from re-fusing.
 
-Both helpers wrap internal TensorFlow APIs (checked on TF 2.21) and degrade to
-"not XLA" / identity when those move.
+The helpers wrap internal TensorFlow APIs (checked on TF 2.21) and degrade to
+"not XLA" / identity / plain TF when those move (`sum_windows` then warns once:
+the memory savings under XLA are at stake).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import tensorflow as tf
 
@@ -47,11 +50,90 @@ def after(tensor: tf.Tensor, gate: tf.Tensor) -> tf.Tensor:
 
     XLA drops control dependencies and, on CPU, expands optimization barriers
     before fusion, so its scheduler may hoist a decode that only depends on
-    saved codes into the forward pass. A select on a predicate read from
-    `gate` cannot be folded away. The predicate is False only when the first
-    element of `gate` is NaN, in which case the gradient is NaN anyway.
+    saved codes into the forward pass. A select on a predicate computed from
+    `gate` cannot be folded away. The predicate is a full sum of `gate`: XLA
+    gives a reduction a kernel of its own and does not duplicate it into its
+    consumers, so the decode reads one scalar. (A predicate read from one
+    element was fused, with the whole elementwise producer of `gate`, into
+    every decode, which kept the previous unit's backward buffers alive.) The
+    predicate is False only when the sum is NaN, and then the gradient is NaN
+    anyway.
     """
     if not in_xla_context():
         return tensor
-    first = tf.reshape(gate, [-1])[0]
-    return tf.where(tf.equal(first, first), tensor, tf.zeros_like(tensor))
+    total = tf.reduce_sum(gate)
+    return tf.where(tf.equal(total, total), tensor, tf.zeros_like(tensor))
+
+
+_warned_sum_windows = False
+
+
+@tf.function(autograph=False)
+def _bitwise_or(a, b):
+    return tf.bitwise.bitwise_or(a, b)
+
+
+def _reduce_window_or(t: tf.Tensor, axis: int, k: int) -> tf.Tensor:
+    rank = t.shape.rank
+    window = [1] * rank
+    window[axis] = k
+    # Zero padding after the last element; tf2xla folds it to a constant.
+    high = tf.one_hot(axis, rank, on_value=-tf.shape(t)[axis] % k, off_value=0, dtype=tf.int32)
+    padding = tf.stack([tf.zeros([rank], tf.int32), high], axis=1)
+    spec = tf.TensorSpec([], t.dtype)
+    return _gen_xla_ops.xla_reduce_window(
+        input=t,
+        init_value=tf.zeros([], t.dtype),
+        window_dimensions=window,
+        window_strides=window,
+        base_dilations=[1] * rank,
+        window_dilations=[1] * rank,
+        padding=padding,
+        computation=_bitwise_or.get_concrete_function(spec, spec),
+    )
+
+
+def sum_windows():
+    """`f(t, axis, k)` packing windows of `k` along `axis` with one XLA
+    reduce-window (bitwise or of disjoint bit fields; zero padding), or None.
+
+    Why a reduce-window: XLA:CPU removes optimization barriers before fusion
+    and then fuses cheap elementwise producers into their consumers, so codes
+    computed elementwise from the forward input are recomputed inside the
+    backward, which keeps the float32 input alive. A reduce-window is never
+    loop-fused into a consumer on CPU: its result (the packed codes) is a
+    buffer of its own, and only that buffer lives until the backward.
+
+    None (with one warning) when the internal op is not reachable.
+    """
+    global _warned_sum_windows
+    if _gen_xla_ops is not None and hasattr(_gen_xla_ops, "xla_reduce_window"):
+        return _reduce_window_or
+    if not _warned_sum_windows:
+        _warned_sum_windows = True
+        warnings.warn(
+            "keras_blpa: XLA's reduce-window op is not reachable in this TensorFlow "
+            f"({tf.__version__}); under jit_compile the fused layers pack their codes "
+            "with plain ops that XLA:CPU may fuse into the backward pass, keeping the "
+            "float32 activations alive (memory close to stock layers).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return None
+
+
+def tie(tensor: tf.Tensor, source: tf.Tensor) -> tf.Tensor:
+    """`tensor`, made data-dependent on `source` under XLA (identity elsewhere).
+
+    Adds `0 * source[0, ..., 0]`, which float semantics keep XLA from folding
+    (`0 * x` is NaN for non-finite `x`), so every scheduler must finish
+    `source` (a unit's codes) before `tensor` (its forward output) is used:
+    the codes are encoded during the forward pass, not deferred next to the
+    backward with the float32 input kept alive. `source` must be finite
+    (integer codes are).
+    """
+    if not in_xla_context():
+        return tensor
+    rank = source.shape.rank
+    first = tf.reshape(tf.slice(source, [0] * rank, [1] * rank), [])
+    return tensor + 0.0 * tf.cast(first, tensor.dtype)
