@@ -24,7 +24,7 @@ _TEMP = re.compile(r"^allocation \d+: size (\d+), preallocated-temp:", re.M)
 _SEQ = re.compile(r"^\s+(\d+):(\S+)$", re.M)
 _RANGE = re.compile(r"^\s+(\S+)\{[^}]*\}:(\d+)-(\d+)$", re.M)
 _PARAM0 = re.compile(r"parameter 0, shape \|\w+\[([\d,]*)\]")
-_MODULE = re.compile(r"module_(\d+)\.(.*)\.cpu_after_optimizations-buffer-assignment\.txt$")
+_MODULE = re.compile(r"module_(\d+)\.(.*)\.\w*after_optimizations-buffer-assignment\.txt$")
 
 
 @dataclass
@@ -99,7 +99,7 @@ def parse(path: str) -> BufferAssignment:
 
 def load(dump_dir: str, name_contains: str = "") -> list[BufferAssignment]:
     """Buffer assignments of the modules in `dump_dir`, in compilation order."""
-    pattern = os.path.join(dump_dir, "*cpu_after_optimizations-buffer-assignment.txt")
+    pattern = os.path.join(dump_dir, "*after_optimizations-buffer-assignment.txt")
     found = [parse(p) for p in glob.glob(pattern) if name_contains in os.path.basename(p)]
     return sorted(found, key=lambda b: b.module_id)
 
@@ -121,4 +121,51 @@ def temp_bytes_by_batch(dump_dir: str, batch_sizes, name_contains: str = "") -> 
         if not temps:
             raise ValueError(f"no module in {dump_dir} takes a batch of {batch}")
         result.append(max(temps))
+    return result
+
+
+@dataclass
+class Instruction:
+    """One instruction of an HLO computation, as printed."""
+
+    name: str
+    dtype: str  # element type of the result ("tuple" for tuples)
+    dims: tuple[int, ...]
+    opcode: str
+    operands: list[str]
+    text: str
+
+    @property
+    def elements(self) -> int:
+        n = 1
+        for d in self.dims:
+            n *= d
+        return n
+
+
+_INSTRUCTION = re.compile(
+    r"^\s+(?:ROOT )?%(\S+) = (\(.*?\)|\w+\[[\d,]*\](?:\{[^}]*\})?) ([\w-]+)\((.*)$"
+)
+_SHAPE = re.compile(r"^(\w+)\[([\d,]*)\]")
+
+
+def entry_instructions(hlo_text: str) -> list[Instruction]:
+    """The entry computation's instructions in order (the schedule, for a
+    scheduled module), with their operand names."""
+    lines = hlo_text.split("\nENTRY ", 1)[1].split("\n}", 1)[0].splitlines()[1:]
+    result = []
+    for line in lines:
+        m = _INSTRUCTION.match(line)
+        if not m:
+            continue
+        name, shape, opcode, rest = m.groups()
+        shape_match = _SHAPE.match(shape)
+        if shape_match:
+            dtype = shape_match.group(1)
+            dims = tuple(int(d) for d in shape_match.group(2).split(",") if d)
+        else:
+            dtype, dims = "tuple", ()
+        args = rest.split("), ", 1)[0]
+        operands = re.findall(r"%([\w.-]+)", args)
+        result.append(Instruction(name, dtype, dims, opcode, operands, line))
     return result
