@@ -120,7 +120,10 @@ def bn_relu_linear(
             # Sequence the big backprops so that their working sets (and those
             # of neighbouring units) do not overlap.
             with tf.control_dependencies(d_weights):
-                g_a = tf.cast(linear.grad_input(weights, grads, x_shape), tf.float32)
+                # XLA ignores control dependencies: a data gate on the (small)
+                # weights keeps the input gradient after the weight gradients.
+                weights_now = [xla.after(w, d_weights[0]) for w in weights]
+                g_a = tf.cast(linear.grad_input(weights_now, grads, x_shape), tf.float32)
             # With static shapes nothing else ties the second decode to g_a.
             with tf.control_dependencies([g_a]):
                 if bits is None:

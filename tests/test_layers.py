@@ -230,15 +230,37 @@ def test_mixed_precision_trains_and_matches_float32(policy):
     assert np.isfinite(history.history["loss"]).all()
 
 
-@pytest.mark.parametrize("bits", [None, 4])
-def test_xla_gradients_match_eager(bits):
+XLA_CASES = CASES + [
+    ("conv", dict(filters=6, kernel_size=1, strides=2, projection_filters=5), (3, 9, 9, 8)),
+    ("conv", dict(filters=4, kernel_size=1, projection_filters=6, projection_strides=2),
+     (2, 17, 6, 8)),
+]
+
+
+@pytest.mark.parametrize("bits", [None, 8, 4])
+@pytest.mark.parametrize(
+    "kind,kwargs,shape", XLA_CASES, ids=[f"{k}-{i}" for i, (k, _, _) in enumerate(XLA_CASES)]
+)
+def test_xla_gradients_match_eager(kind, kwargs, shape, bits):
+    """Under jit_compile the codes take the word layout (packed along rows, or
+    along the batch of a Dense input) and 1x1 filter gradients are matmuls:
+    same codes, so the same gradients as eager up to float reassociation."""
     rng = np.random.default_rng(9)
-    shape = (4, 6, 6, 5)
-    layer, _ = _make("conv", dict(filters=3, kernel_size=3), bits, shape, rng)
+    layer, _ = _make(kind, kwargs, bits, shape, rng)
     x = _conv_input(rng, shape)
     weights = fused_weights(layer)
-    eager = _grads(layer, weights, x)
-    compiled = tf.function(lambda x: _grads(layer, weights, x), jit_compile=True)(x)
+    if kwargs.get("projection_filters"):
+        weights.append(layer.projection_kernel)
+
+    def grads(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            out = layer(x, training=True)
+            loss = sum(_loss(o) for o in tf.nest.flatten(out))
+        return tape.gradient(loss, [x, *weights])
+
+    eager = grads(x)
+    compiled = tf.function(grads, jit_compile=True)(x)
     for a, b in zip(eager, compiled):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(a).max())
 
