@@ -8,9 +8,14 @@ step and the ratio to the exact fused model (bits=None) at the same batch.
   none        fused, bits=None
   8, 4        BLPA with the compiled op
   4-puretf    BLPA 4-bit with the pure-TF quantizer (the op's fallback)
-  4-xla       BLPA 4-bit under jit_compile=True (pure-TF quantizer, XLA)
+  V-xla       variant V under jit_compile=True (BLPA: pure-TF quantizer, XLA)
+
+The last column compares each variant with stock Keras layers under the same
+compiler (stock for plain variants, stock-xla for -xla ones).
 
     python benchmarks/step_time.py --depth 29 --batch-size 64 --rounds 5
+    python benchmarks/step_time.py --depth 56 --batch-size 32 \
+        --variants stock-xla none-xla 8-xla 4-xla stock 4
 """
 
 from __future__ import annotations
@@ -29,12 +34,13 @@ import numpy as np  # noqa: E402
 from keras_blpa import ops  # noqa: E402
 from keras_blpa.models import preact_resnet_cifar  # noqa: E402
 
-VARIANTS = ("stock", "none", "8", "4", "4-puretf", "4-xla")
+VARIANTS = ("stock", "none", "8", "4", "4-puretf", "stock-xla", "none-xla", "8-xla", "4-xla")
 
 
 def make(variant: str, depth: int, x, y):
-    bits = None if variant in ("stock", "none") else int(variant.split("-")[0])
-    model = preact_resnet_cifar(depth, bits=bits, stock=variant == "stock",
+    name = variant.split("-")[0]
+    bits = None if name in ("stock", "none") else int(name)
+    model = preact_resnet_cifar(depth, bits=bits, stock=name == "stock",
                                 input_shape=x.shape[1:])
     model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   jit_compile=variant.endswith("xla"))
@@ -75,11 +81,13 @@ def main(argv=None) -> dict:
     base = median.get("none")
     print(f"Pre-activation ResNet-{args.depth}, batch {args.batch_size}, "
           f"{args.size}x{args.size}; op: {ops.implementation()}\n")
-    print("| variant | ms / step (median) | vs bits=None |")
-    print("|---|---|---|")
+    print("| variant | ms / step (median) | vs bits=None | vs stock, same compiler |")
+    print("|---|---|---|---|")
     for v, m in median.items():
         ratio = f"{m / base:.2f}x" if base else "-"
-        print(f"| {v} | {1e3 * m:.1f} | {ratio} |")
+        stock = median.get("stock-xla" if v.endswith("xla") else "stock")
+        vs_stock = f"{m / stock:.2f}x" if stock else "-"
+        print(f"| {v} | {1e3 * m:.1f} | {ratio} | {vs_stock} |")
     result = {"depth": args.depth, "batch_size": args.batch_size, "median_s": median,
               "all_s": times, "implementation": ops.implementation()}
     if args.out:

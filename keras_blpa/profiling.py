@@ -103,17 +103,32 @@ def build_model(
     raise ValueError(f"`model` must be one of {MODELS}; received {model!r}.")
 
 
-def peak_step_memory(model, batch_size: int, jit_compile: bool = False) -> int:
-    """Peak CPU memory (bytes) of one `train_on_batch` after warm-up steps.
+def memory_device() -> str:
+    """The device whose memory a training step fills: the first TPU or GPU
+    core when there is one, else "CPU:0"."""
+    import tensorflow as tf
+
+    for kind in ("TPU", "GPU"):
+        if tf.config.list_logical_devices(kind):
+            return f"{kind}:0"
+    return "CPU:0"
+
+
+def peak_step_memory(
+    model, batch_size: int, jit_compile: bool = False, device: str | None = None
+) -> int:
+    """Peak memory (bytes) of `device` during one `train_on_batch` after warm-up steps.
 
     The model is compiled afresh, so the step is traced for this batch size
     with static shapes, as `model.fit` does for a fixed batch size (a
     function retraced for several sizes generalizes the batch dimension and
-    can schedule differently).
+    can schedule differently). Under a distribution strategy `batch_size` is
+    the global batch and `device` (default `memory_device()`) one replica's.
     """
     import numpy as np
     import tensorflow as tf
 
+    device = device or memory_device()
     model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy",
                   jit_compile=jit_compile)
     shape = (batch_size, *model.input_shape[1:])
@@ -121,9 +136,16 @@ def peak_step_memory(model, batch_size: int, jit_compile: bool = False) -> int:
     y = np.zeros((batch_size,), "int32")
     model.train_on_batch(x, y)
     model.train_on_batch(x, y)
-    tf.config.experimental.reset_memory_stats("CPU:0")
+    tf.config.experimental.reset_memory_stats(device)
     model.train_on_batch(x, y)
-    return tf.config.experimental.get_memory_info("CPU:0")["peak"]
+    return tf.config.experimental.get_memory_info(device)["peak"]
+
+
+def model_slope(model, batch_sizes=(8, 40), jit_compile: bool = False) -> float:
+    """MiB per sample: slope of `peak_step_memory` between two batch sizes, in
+    this process (fresh processes per configuration measure more reliably)."""
+    peaks = [peak_step_memory(model, b, jit_compile) for b in batch_sizes]
+    return (peaks[-1] - peaks[0]) / (batch_sizes[-1] - batch_sizes[0]) / 2**20
 
 
 def per_sample_slope(
