@@ -1,8 +1,8 @@
 """XLA awareness: detect an XLA-compiled context and keep XLA from re-fusing.
 
 The helpers wrap internal TensorFlow APIs (checked on TF 2.21) and degrade to
-"not XLA" / identity / plain TF when those move (`sum_windows` then warns once:
-the memory savings under XLA are at stake).
+"not XLA" / identity / plain TF when those move, each with one warning that
+names what is lost (the memory savings under XLA, or XLA support itself).
 """
 
 from __future__ import annotations
@@ -23,9 +23,27 @@ except ImportError:  # pragma: no cover - other TF versions
     _gen_xla_ops = None
 
 
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"keras_blpa: {message}", RuntimeWarning, stacklevel=3)
+
+
 def in_xla_context() -> bool:
     """True while tracing a function that XLA will compile (jit_compile, TPU)."""
-    if _cf_util is None or tf.executing_eagerly():
+    if tf.executing_eagerly():
+        return False
+    if _cf_util is None:
+        _warn_once(
+            "detect",
+            f"cannot detect XLA compilation in TensorFlow {tf.__version__} (internal "
+            "API moved): under jit_compile=True or on TPU the fused layers emit the "
+            "compiled op, which has no XLA kernel. Set KERAS_BLPA_DISABLE_CUSTOM_OPS=1 "
+            "there (pure TF everywhere; the XLA memory savings are then not assured).",
+        )
         return False
     return bool(_cf_util.GraphOrParentsInXlaContext(_tf_ops.get_default_graph()))
 
@@ -40,7 +58,15 @@ def optimization_barrier(*tensors: tf.Tensor) -> list[tf.Tensor]:
     forces XLA to materialize the codes and to decode only after the gradient
     exists.
     """
-    if _gen_xla_ops is None or not in_xla_context():
+    if not in_xla_context():
+        return list(tensors)
+    if _gen_xla_ops is None or not hasattr(_gen_xla_ops, "xla_optimization_barrier"):
+        _warn_once(
+            "barrier",
+            f"XLA's optimization barrier is not reachable in TensorFlow {tf.__version__}; "
+            "on GPU and TPU XLA may then fuse the saved codes into the backward pass "
+            "and keep float32 activations alive (memory close to stock layers).",
+        )
         return list(tensors)
     return list(_gen_xla_ops.xla_optimization_barrier(list(tensors)))
 
@@ -63,9 +89,6 @@ def after(tensor: tf.Tensor, gate: tf.Tensor) -> tf.Tensor:
         return tensor
     total = tf.reduce_sum(gate)
     return tf.where(tf.equal(total, total), tensor, tf.zeros_like(tensor))
-
-
-_warned_sum_windows = False
 
 
 @tf.function(autograph=False)
@@ -106,19 +129,15 @@ def sum_windows():
 
     None (with one warning) when the internal op is not reachable.
     """
-    global _warned_sum_windows
     if _gen_xla_ops is not None and hasattr(_gen_xla_ops, "xla_reduce_window"):
         return _reduce_window_or
-    if not _warned_sum_windows:
-        _warned_sum_windows = True
-        warnings.warn(
-            "keras_blpa: XLA's reduce-window op is not reachable in this TensorFlow "
-            f"({tf.__version__}); under jit_compile the fused layers pack their codes "
-            "with plain ops that XLA:CPU may fuse into the backward pass, keeping the "
-            "float32 activations alive (memory close to stock layers).",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    _warn_once(
+        "reduce_window",
+        f"XLA's reduce-window op is not reachable in TensorFlow {tf.__version__}; "
+        "under jit_compile the fused layers pack their codes with plain ops that "
+        "XLA:CPU may fuse into the backward pass, keeping the float32 activations "
+        "alive (memory close to stock layers).",
+    )
     return None
 
 
