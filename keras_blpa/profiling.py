@@ -141,13 +141,6 @@ def peak_step_memory(
     return tf.config.experimental.get_memory_info(device)["peak"]
 
 
-def model_slope(model, batch_sizes=(8, 40), jit_compile: bool = False) -> float:
-    """MiB per sample: slope of `peak_step_memory` between two batch sizes, in
-    this process (fresh processes per configuration measure more reliably)."""
-    peaks = [peak_step_memory(model, b, jit_compile) for b in batch_sizes]
-    return (peaks[-1] - peaks[0]) / (batch_sizes[-1] - batch_sizes[0]) / 2**20
-
-
 def per_sample_slope(
     batch_sizes=(8, 40), jit_compile: bool = False, xla_dump_dir: str | None = None,
     **model_kwargs,
