@@ -83,6 +83,11 @@ BLPA_HD uint8_t ClampedCode(float xhat, float lo, Bounds b, const Grid& g) {
   return static_cast<uint8_t>(static_cast<int32_t>(q));
 }
 
+// The forward's exact ReLU output. A NaN passes through (as tf.nn.relu's
+// does) so that a non-finite input surfaces in the layer's output instead of
+// hiding behind finite codes; for every other value this is `y > 0 ? y : 0`.
+BLPA_HD float ReluKeepNan(float y) { return y <= 0.0f ? 0.0f : y; }
+
 // quantizer.bn_relu_encode for one element with precomputed per-side bounds:
 // returns `a`, writes the code.
 BLPA_HD float EncodeOneBounded(float x, float mean, float inv_std, float gamma,
@@ -93,7 +98,7 @@ BLPA_HD float EncodeOneBounded(float x, float mean, float inv_std, float gamma,
   const float y = xhat * gamma + beta;
   const bool on = y > 0.0f;
   *code = ClampedCode(xhat, lo, on ? on_bounds : off_bounds, g);
-  return on ? y : 0.0f;
+  return ReluKeepNan(y);
 }
 
 // The same from the raw grid parameters (what the CUDA kernel calls).
@@ -104,7 +109,7 @@ BLPA_HD float EncodeOne(float x, float mean, float inv_std, float gamma,
   const float y = xhat * gamma + beta;
   const bool on = y > 0.0f;
   *code = ClampedCode(xhat, lo, SideBounds(on, k, flip, aligned, g), g);
-  return on ? y : 0.0f;
+  return ReluKeepNan(y);
 }
 
 // 4-bit packing as in quantizer.pack: element 2j in the low nibble.

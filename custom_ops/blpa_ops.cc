@@ -78,7 +78,7 @@ REGISTER_OP("BlpaBnReluEncode")
     .Doc(R"doc(
 Fused BN-normalize, ReLU and quantize (quantizer.bn_relu_encode).
 
-xhat = (x - mean) * inv_std; y = xhat * gamma + beta; a = y > 0 ? y : 0;
+xhat = (x - mean) * inv_std; y = xhat * gamma + beta; a = y <= 0 ? 0 : y (NaN passes);
 packed = the codes of xhat on the grid (lo, k, flip, aligned), 4-bit codes two
 per byte (element 2j in the low nibble), 8-bit codes one per byte.
 )doc");

@@ -27,6 +27,7 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import tensorflow as tf
 
 from keras_blpa import build_ops, quantizer, xla
@@ -127,6 +128,63 @@ def _shape_tensor(shape: tf.TensorShape | list | tf.Tensor) -> tf.Tensor:
     return shape
 
 
+def _check_channels(channels, **per_channel) -> None:
+    """Static check that every per-channel tensor is `[channels]`.
+
+    Both implementations need it: the op would fail with a positional index,
+    pure TF would broadcast silently or fail deep inside.
+    """
+    if channels is None:
+        return
+    for name, tensor in per_channel.items():
+        shape = tf.TensorShape(getattr(tensor, "shape", None))
+        if shape.rank is not None and shape.as_list() not in ([channels], [None]):
+            raise ValueError(
+                f"`{name}` must have shape [{channels}] (one value per channel of "
+                f"the last axis); received shape {shape.as_list()}."
+            )
+
+
+def _check_input(x: tf.Tensor) -> None:
+    if x.shape.rank == 0:
+        raise ValueError(
+            "`x` must have rank >= 1 with channels on the last axis; received a scalar."
+        )
+
+
+def _check_packed(packed: tf.Tensor, shape, bits: int) -> None:
+    """uint8, and (when both are static) as many bytes as `shape` needs."""
+    if tf.as_dtype(packed.dtype) != tf.uint8:
+        raise ValueError(
+            "`packed` must be the uint8 codes returned by `bn_relu_encode` or "
+            f"`encode`; received dtype {tf.as_dtype(packed.dtype).name}."
+        )
+    dims = tf.get_static_value(shape) if isinstance(shape, tf.Tensor) else shape
+    if dims is None or packed.shape.rank != 1 or packed.shape[0] is None:
+        return
+    dims = tf.TensorShape([int(d) for d in dims] if isinstance(dims, np.ndarray) else dims)
+    if dims.is_fully_defined():
+        expected = -(-dims.num_elements() * bits // 8)
+        if packed.shape[0] != expected:
+            raise ValueError(
+                f"`packed` holds {packed.shape[0]} bytes, but {bits}-bit codes of "
+                f"shape {dims.as_list()} take {expected}: check `shape` and `bits` "
+                "against the encode call."
+            )
+
+
+def _static_channels(shape) -> int | None:
+    if isinstance(shape, tf.Tensor):
+        value = tf.get_static_value(shape)
+        return None if value is None or len(value) == 0 else int(value[-1])
+    dims = tf.TensorShape(shape)
+    return None if dims.rank in (None, 0) else dims[-1]
+
+
+def _params_tensors(params: QuantParams) -> dict:
+    return {"params.lo": params.lo, "params.k": params.k, "params.flip": params.flip}
+
+
 def bn_relu_encode(
     x: tf.Tensor,
     mean: tf.Tensor,
@@ -138,6 +196,12 @@ def bn_relu_encode(
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Same as `quantizer.bn_relu_encode`: `(a, packed)`, one fused pass."""
     quantizer.check_bits(bits, allow_none=False)
+    x = tf.convert_to_tensor(x)
+    _check_input(x)
+    _check_channels(
+        x.shape[-1], mean=mean, inv_std=inv_std, gamma=gamma, beta=beta,
+        **_params_tensors(params),
+    )
     mod = _op()
     if mod is None:
         return quantizer.bn_relu_encode(x, mean, inv_std, gamma, beta, params, bits)
@@ -164,6 +228,8 @@ def decode(
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Same as `quantizer.decode`: `(xhat, mask)` of `shape` (channels last)."""
     quantizer.check_bits(bits, allow_none=False)
+    _check_packed(packed, shape, bits)
+    _check_channels(_static_channels(shape), **_params_tensors(params))
     mod = _op()
     if mod is None:
         return quantizer.decode(packed, params, shape, bits)
@@ -188,6 +254,10 @@ def decode_relu(
 ) -> tf.Tensor:
     """Rebuilt ReLU output `where(mask, xhat * gamma + beta, 0)` in one pass."""
     quantizer.check_bits(bits, allow_none=False)
+    _check_packed(packed, shape, bits)
+    _check_channels(
+        _static_channels(shape), gamma=gamma, beta=beta, **_params_tensors(params)
+    )
     mod = _op()
     if mod is None:
         xhat, mask = quantizer.decode(packed, params, shape, bits)
@@ -221,6 +291,12 @@ def decode_bn_backward(
     the pure-TF function to float rounding, not bit for bit.
     """
     quantizer.check_bits(bits, allow_none=False)
+    g_a = tf.convert_to_tensor(g_a)
+    _check_packed(packed, g_a.shape, bits)
+    _check_input(g_a)
+    _check_channels(
+        g_a.shape[-1], gamma=gamma, inv_std=inv_std, **_params_tensors(params)
+    )
     mod = _op()
     if mod is None:
         return quantizer.decode_bn_backward(g_a, packed, params, gamma, inv_std, bits)

@@ -71,9 +71,10 @@ def check_bits(bits: int | None, allow_none: bool = True) -> None:
     allowed = SUPPORTED_BITS + ((None,) if allow_none else ())
     is_int = isinstance(bits, numbers.Integral) and not isinstance(bits, bool)
     if not (bits is None and allow_none) and not (is_int and bits in SUPPORTED_BITS):
+        exact = ", or bits=None to keep exact activations" if allow_none else ""
         raise ValueError(
             f"`bits` must be one of {allowed}; received bits={bits!r}. Use "
-            "bits=4 or bits=8 for BLPA, or bits=None to keep exact activations."
+            f"bits=4 or bits=8 for BLPA{exact}."
         )
 
 
@@ -366,7 +367,26 @@ def _normalize_relu(x, mean, inv_std, gamma, beta):
     xhat = (x - mean) * inv_std
     y = xhat * gamma + beta
     on = y > 0.0
-    return xhat, on, tf.where(on, y, 0.0)
+    # `a` lets NaN through (as tf.nn.relu does): a non-finite input must show
+    # in the layer's output, not hide behind finite codes.
+    return xhat, on, tf.where(y <= 0.0, 0.0, y)
+
+
+def quantize_relu(
+    x: tf.Tensor,
+    mean: tf.Tensor,
+    inv_std: tf.Tensor,
+    gamma: tf.Tensor,
+    beta: tf.Tensor,
+    params: QuantParams,
+    bits: int,
+) -> tf.Tensor:
+    """`decode_relu(bn_relu_encode(...))` without packing: the ReLU output
+    rebuilt from the codes (the naive forward), bit for bit."""
+    check_bits(bits, allow_none=False)
+    xhat, on, _ = _normalize_relu(x, mean, inv_std, gamma, beta)
+    centres, mask = _centres_and_mask(encode_codes(xhat, on, params, bits), params, bits)
+    return tf.where(mask, centres * gamma + beta, 0.0)
 
 
 def bn_relu_encode_words(

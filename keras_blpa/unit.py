@@ -50,6 +50,7 @@ def bn_relu_linear(
     naive: bool,
     epsilon: float,
     window: float | None = None,
+    name: str = "bn_relu_linear",
 ) -> tuple[list[tf.Tensor], tf.Tensor, tf.Tensor]:
     """Training-mode forward of BN (batch statistics) -> ReLU -> linear.
 
@@ -63,6 +64,7 @@ def bn_relu_linear(
       epsilon: BN's epsilon.
       window: quantizer range in standard deviations (None: the default for
         `bits`, see `quantizer.DEFAULT_WINDOW`).
+      name: the layer's name, for the error on second-order gradients.
 
     Returns:
       `(outputs, mean, variance)`: the linear map's outputs, and the batch
@@ -86,7 +88,9 @@ def bn_relu_linear(
             codes = _Codes(bits, quantizer.quantizer_params(gamma, beta, bits, window), x_shape)
             a, saved = codes.encode(x32, mean, inv_std, gamma, beta)
             if naive:
-                a = codes.decode_relu(saved, gamma, beta)
+                # `+ 0 * a`: the codes are finite even for a NaN or Inf input;
+                # the exact `a` carries it into the output, as stock layers do.
+                a = codes.decode_relu(saved, gamma, beta) + 0.0 * a
         # Finish encoding before the linear map so that graph executors cannot
         # defer the encoder (and keep its float32 inputs alive); under XLA a
         # barrier makes the codes materialize instead of being fused away.
@@ -134,7 +138,9 @@ def bn_relu_linear(
                     g_x, d_gamma, d_beta = codes.decode_bn_backward(
                         g_a, saved_now, gamma, inv_std
                     )
-            return [tf.cast(g_x, compute_dtype), d_gamma, d_beta, *d_weights]
+            return _first_order_only(
+                [tf.cast(g_x, compute_dtype), d_gamma, d_beta, *d_weights], name
+            )
 
         return (*outputs, mean, variance), grad
 
@@ -149,6 +155,34 @@ def bn_relu_linear(
         results = tf.custom_gradient(unit)(*inputs)
     *outputs, mean, variance = results
     return outputs, tf.stop_gradient(mean), tf.stop_gradient(variance)
+
+
+def _first_order_only(gradients: list[tf.Tensor], name: str) -> list[tf.Tensor]:
+    """The unit's gradients, unchanged; differentiating them raises.
+
+    The backward pass is a hand-written first-order gradient computed from the
+    saved codes, whose inputs are cut from the forward graph: a tape that
+    differentiates it (gradient penalties, nested tapes, Hessian-vector
+    products, forward-mode jvp) would get wrong numbers or a missing-gradient
+    error from the op. This turns both into one clear error.
+    """
+
+    @tf.custom_gradient
+    def identity(*tensors):
+        def grad(*_):
+            raise NotImplementedError(
+                f"Second-order gradients through the fused BLPA layer {name!r} are "
+                "not supported (a gradient of its gradient: a gradient penalty, "
+                "nested GradientTapes, a Hessian-vector product or forward-mode "
+                "autodiff). Its backward pass is a first-order gradient rebuilt "
+                "from the saved codes, with bits=None too. Build this part of the "
+                "model from stock keras.layers.BatchNormalization, ReLU and "
+                "Conv2D/Dense layers."
+            )
+
+        return [tf.identity(t) for t in tensors], grad
+
+    return identity(*gradients)
 
 
 class _Codes:
@@ -210,17 +244,23 @@ def bn_relu_linear_inference(
     naive: bool,
     epsilon: float,
     window: float | None = None,
+    name: str = "bn_relu_linear",
 ) -> list[tf.Tensor]:
     """Forward with given statistics (inference): plain ops, plain autodiff.
 
     Only `naive=True` quantizes here: its approximation is part of the model.
+    It runs in plain TF ops, never the compiled op, so that exported models
+    (`model.export`, SavedModel) load and serve without keras_blpa.
     """
     x32 = tf.cast(x, tf.float32)
     inv_std = tf.math.rsqrt(variance + epsilon)
+    a = tf.nn.relu((x32 - mean) * inv_std * gamma + beta)
     if naive and bits is not None:
         params = quantizer.quantizer_params(gamma, beta, bits, window)
-        _, packed = custom_op.bn_relu_encode(x32, mean, inv_std, gamma, beta, params, bits)
-        a = custom_op.decode_relu(packed, params, gamma, beta, tf.shape(x), bits)
-    else:
-        a = tf.nn.relu((x32 - mean) * inv_std * gamma + beta)
+        a_quantized = quantizer.quantize_relu(x32, mean, inv_std, gamma, beta, params, bits)
+        # Straight-through: the quantized value forward (bit for bit: `a - a`
+        # is exactly 0 for finite `a`, NaN for NaN or Inf, which so surfaces),
+        # the exact ReLU's gradient backward, so that a frozen naive layer
+        # still passes gradients to the layers before it.
+        a = tf.stop_gradient(a_quantized) + (a - tf.stop_gradient(a))
     return linear.forward(tf.cast(a, x.dtype), weights)

@@ -6,7 +6,7 @@ import keras
 import tensorflow as tf
 from keras import constraints, initializers, regularizers
 
-from keras_blpa import quantizer, unit
+from keras_blpa import quantizer, unit, validation
 
 _SUPPORTED_DTYPES = ("float16", "bfloat16", "float32")
 
@@ -47,6 +47,7 @@ class BNReLUBase(keras.layers.Layer):
     ):
         super().__init__(**kwargs)
         quantizer.check_bits(bits)
+        naive = validation.boolean("naive", naive)
         if naive and bits is None:
             raise ValueError(
                 "`naive=True` quantizes the forward pass and needs `bits` of 4 "
@@ -65,23 +66,21 @@ class BNReLUBase(keras.layers.Layer):
                 "layers need channels_last inputs (NHWC). Transpose the input "
                 "or set keras.config.set_image_data_format('channels_last')."
             )
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"`momentum` must be in [0, 1]; received {momentum}.")
-        if epsilon <= 0:
-            raise ValueError(f"`epsilon` must be positive; received {epsilon}.")
+        momentum = validation.real("momentum", momentum, low=0.0, high=1.0)
+        epsilon = validation.real("epsilon", epsilon, low=0.0, low_open=True)
         if self.dtype_policy.compute_dtype not in _SUPPORTED_DTYPES:
             raise ValueError(
                 f"Unsupported dtype policy {self.dtype_policy.name!r}: fused "
                 f"BLPA layers compute in one of {_SUPPORTED_DTYPES}."
             )
         self.bits = bits
-        self.naive = bool(naive)
+        self.naive = naive
         # Resolved now so that a saved model keeps its grid if defaults change.
         self.window = None if bits is None else quantizer.resolve_window(bits, window)
         self.momentum = float(momentum)
         self.epsilon = float(epsilon)
-        self.center = center
-        self.scale = scale
+        self.center = validation.boolean("center", center)
+        self.scale = validation.boolean("scale", scale)
         self.data_format = data_format
         self.beta_initializer = initializers.get(beta_initializer)
         self.gamma_initializer = initializers.get(gamma_initializer)
@@ -91,7 +90,7 @@ class BNReLUBase(keras.layers.Layer):
         self.gamma_regularizer = regularizers.get(gamma_regularizer)
         self.beta_constraint = constraints.get(beta_constraint)
         self.gamma_constraint = constraints.get(gamma_constraint)
-        self.use_bias = use_bias
+        self.use_bias = validation.boolean("use_bias", use_bias)
         self.kernel_initializer = initializers.get(kernel_initializer)
         self.bias_initializer = initializers.get(bias_initializer)
         self.kernel_regularizer = regularizers.get(kernel_regularizer)
@@ -178,8 +177,19 @@ class BNReLUBase(keras.layers.Layer):
         """Hook: the layer's return value from the linear map's outputs."""
         return outputs[0]
 
+    def _check_call_shape(self, shape) -> None:
+        """The build-time checks, plus: the channel count the weights fix."""
+        channels = self._check_input_shape(shape)
+        expected = int(self.moving_mean.shape[0])
+        if channels != expected:
+            raise ValueError(
+                f"{self.name} was built for inputs with {expected} channels (the "
+                f"last axis) but received {channels}: input shape {tuple(shape)}. "
+                "Its weights fix the channel count; build a new layer for this input."
+            )
+
     def call(self, inputs, training=None):
-        self._check_input_shape(inputs.shape)
+        self._check_call_shape(inputs.shape)
         if inputs.dtype.name not in _SUPPORTED_DTYPES:
             raise ValueError(
                 f"Unsupported input dtype {inputs.dtype.name}: {self.name} "
@@ -187,26 +197,25 @@ class BNReLUBase(keras.layers.Layer):
             )
         x = tf.cast(self._prepare_input(inputs), self.compute_dtype)
         channels = x.shape[-1]
-        gamma = tf.convert_to_tensor(self.gamma) if self.scale else tf.ones([channels])
-        beta = tf.convert_to_tensor(self.beta) if self.center else tf.zeros([channels])
+        # BN runs in float32 whatever the layer's dtype (as Keras's BN does for
+        # float16 and bfloat16), so its weights are cast, not the statistics.
+        gamma = _float32(self.gamma) if self.scale else tf.ones([channels])
+        beta = _float32(self.beta) if self.center else tf.zeros([channels])
         weights = [tf.cast(w, self.compute_dtype) for w in self._linear_weights()]
         options = dict(
             linear=self._linear_map(), bits=self.bits, naive=self.naive,
-            epsilon=self.epsilon, window=self.window,
+            epsilon=self.epsilon, window=self.window, name=self.name,
         )
         if training and self.trainable:
             outputs, mean, variance = unit.bn_relu_linear(x, gamma, beta, weights, **options)
-            self.moving_mean.assign(
-                self.moving_mean * self.momentum + mean * (1.0 - self.momentum)
-            )
-            self.moving_variance.assign(
-                self.moving_variance * self.momentum + variance * (1.0 - self.momentum)
-            )
+            for stat, batch in ((self.moving_mean, mean), (self.moving_variance, variance)):
+                updated = _float32(stat) * self.momentum + batch * (1.0 - self.momentum)
+                stat.assign(tf.cast(updated, stat.dtype))
         else:
             outputs = unit.bn_relu_linear_inference(
                 x,
-                tf.convert_to_tensor(self.moving_mean),
-                tf.convert_to_tensor(self.moving_variance),
+                _float32(self.moving_mean),
+                _float32(self.moving_variance),
                 gamma,
                 beta,
                 weights,
@@ -256,3 +265,7 @@ class BNReLUBase(keras.layers.Layer):
             # paper's grid: keep it (a naive layer's inference depends on it).
             config = {**config, "window": quantizer.PAPER_WINDOW}
         return super().from_config(config)
+
+
+def _float32(variable) -> tf.Tensor:
+    return tf.cast(tf.convert_to_tensor(variable), tf.float32)

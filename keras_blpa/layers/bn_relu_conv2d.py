@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import keras
 import tensorflow as tf
-from keras.src.ops.operation_utils import compute_conv_output_shape
-from keras.src.utils.argument_validation import standardize_tuple
 
-from keras_blpa import xla
+from keras_blpa import validation, xla
 from keras_blpa.layers.base import BNReLUBase
 
 
@@ -178,41 +176,32 @@ class BNReLUConv2D(BNReLUBase):
         **kwargs,
     ):
         super().__init__(bits=bits, naive=naive, window=window, **kwargs)
-        if projection_filters is not None and (
-            not isinstance(projection_filters, int) or projection_filters <= 0
-        ):
-            raise ValueError(
-                "`projection_filters` must be None or a positive integer; received "
-                f"projection_filters={projection_filters!r}."
-            )
-        self.projection_filters = projection_filters
-        self.projection_strides = standardize_tuple(
-            strides if projection_strides is None else projection_strides,
-            2, "projection_strides",
-        )
-        if not isinstance(filters, int) or filters <= 0:
-            raise ValueError(
-                f"`filters` must be a positive integer; received filters={filters!r}."
-            )
+        self.filters = validation.positive_int("filters", filters)
+        self.kernel_size = validation.positive_int_pair("kernel_size", kernel_size)
+        self.strides = validation.positive_int_pair("strides", strides)
+        self.dilation_rate = validation.positive_int_pair("dilation_rate", dilation_rate)
         padding = str(padding).lower()
         if padding not in ("same", "valid"):
             raise ValueError(
                 f"`padding` must be 'same' or 'valid'; received padding={padding!r}."
             )
-        self.filters = filters
-        self.kernel_size = standardize_tuple(kernel_size, 2, "kernel_size")
-        self.strides = standardize_tuple(strides, 2, "strides")
-        self.dilation_rate = standardize_tuple(dilation_rate, 2, "dilation_rate")
         if max(self.strides) > 1 and max(self.dilation_rate) > 1:
             raise ValueError(
                 "`strides` > 1 together with `dilation_rate` > 1 is not "
                 f"supported; received strides={strides}, dilation_rate={dilation_rate}."
             )
-        if not isinstance(groups, int) or groups <= 0 or filters % groups:
+        groups = validation.positive_int("groups", groups)
+        if self.filters % groups:
             raise ValueError(
-                f"`groups` must be a positive integer dividing filters={filters}; "
-                f"received groups={groups!r}."
+                f"`groups` must divide filters={self.filters}; received groups={groups}."
             )
+        self.projection_filters = validation.positive_int(
+            "projection_filters", projection_filters, allow_none=True
+        )
+        self.projection_strides = (
+            self.strides if projection_strides is None
+            else validation.positive_int_pair("projection_strides", projection_strides)
+        )
         self.groups = groups
         self.padding = padding
 
@@ -224,6 +213,18 @@ class BNReLUConv2D(BNReLUBase):
             )
         if shape[-1] is None:
             raise ValueError("The channel (last) axis of the input must be defined.")
+        if self.padding == "valid":
+            for axis, size, k, d in zip(
+                ("height", "width"), shape[1:3], self.kernel_size, self.dilation_rate
+            ):
+                if size is not None and (k - 1) * d + 1 > size:
+                    raise ValueError(
+                        f"{self.name}: the kernel (kernel_size={self.kernel_size}, "
+                        f"dilation_rate={self.dilation_rate}) is larger than the "
+                        f"input's {axis} {size} (input shape {tuple(shape)}) with "
+                        "padding='valid', so the output would be empty. Use "
+                        "padding='same', a smaller kernel or a larger input."
+                    )
         return int(shape[-1])
 
     def _build_linear(self, input_shape):
@@ -257,25 +258,26 @@ class BNReLUConv2D(BNReLUBase):
         return outputs if self.projection_filters else outputs[0]
 
     def compute_output_shape(self, input_shape):
-        main = self._main_output_shape(input_shape)
+        main = self._output_shape(
+            input_shape, self.filters, self.kernel_size, self.strides, self.padding,
+            self.dilation_rate,
+        )
         if not self.projection_filters:
             return main
-        projection = compute_conv_output_shape(
-            input_shape, self.projection_filters, (1, 1),
-            strides=self.projection_strides, padding="valid", data_format="channels_last",
+        projection = self._output_shape(
+            input_shape, self.projection_filters, (1, 1), self.projection_strides,
+            "valid", (1, 1),
         )
         return [main, projection]
 
-    def _main_output_shape(self, input_shape):
-        return compute_conv_output_shape(
-            input_shape,
-            self.filters,
-            self.kernel_size,
-            strides=self.strides,
-            padding=self.padding,
-            data_format="channels_last",
-            dilation_rate=self.dilation_rate,
-        )
+    @staticmethod
+    def _output_shape(input_shape, filters, kernel_size, strides, padding, dilations):
+        spatial = []
+        for size, k, s, d in zip(input_shape[1:3], kernel_size, strides, dilations):
+            if size is not None and padding == "valid":
+                size -= (k - 1) * d
+            spatial.append(None if size is None else -(-size // s))
+        return (input_shape[0], *spatial, filters)
 
     def get_config(self):
         config = super().get_config()

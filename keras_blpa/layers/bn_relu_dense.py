@@ -5,6 +5,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from keras_blpa import validation
 from keras_blpa.layers.base import BNReLUBase
 
 
@@ -89,8 +90,7 @@ class BNReLUDense(BNReLUBase):
         **kwargs,
     ):
         super().__init__(bits=bits, naive=naive, window=window, **kwargs)
-        if not isinstance(units, int) or units <= 0:
-            raise ValueError(f"`units` must be a positive integer; received units={units!r}.")
+        units = validation.positive_int("units", units)
         if pooling not in (None, "avg"):
             raise ValueError(f"`pooling` must be None or 'avg'; received pooling={pooling!r}.")
         self.units = units

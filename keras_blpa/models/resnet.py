@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import keras
 
+from keras_blpa import quantizer, validation
 from keras_blpa.layers import BNReLUConv2D, BNReLUDense
 
 IMAGENET_STAGES = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
@@ -20,6 +21,8 @@ class _Builder:
     """Emits fused or stock units with shared settings."""
 
     def __init__(self, bits, naive, stock, momentum, epsilon, window=None):
+        stock = validation.boolean("stock", stock)
+        naive = validation.boolean("naive", naive)
         if stock and naive:
             raise ValueError("`naive=True` needs fused layers; received stock=True.")
         self.bits = bits
@@ -86,9 +89,25 @@ def _scaled(channels: int, width: float) -> int:
     return max(1, int(round(channels * width)))
 
 
-def _check_common(bits, width):
-    if width <= 0:
-        raise ValueError(f"`width` must be positive; received width={width}.")
+def _check_common(bits, width, classes, input_shape, momentum, epsilon) -> float:
+    """Checks shared by the builders (the layers check the rest); the width."""
+    quantizer.check_bits(bits)
+    validation.positive_int("classes", classes)
+    validation.real("momentum", momentum, low=0.0, high=1.0)
+    validation.real("epsilon", epsilon, low=0.0, low_open=True)
+    shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else None
+    if shape is None or len(shape) != 3 or not all(
+        d is None or validation.is_positive_int(d) for d in shape
+    ):
+        raise ValueError(
+            "`input_shape` must be (height, width, channels) with positive integer "
+            f"sizes (height and width may be None); received input_shape={input_shape!r}."
+        )
+    if shape[-1] is None:
+        raise ValueError(
+            f"`input_shape` needs a defined channel count; received input_shape={shape}."
+        )
+    return validation.real("width", width, low=0.0, low_open=True)
 
 
 def preact_resnet_cifar(
@@ -123,7 +142,8 @@ def preact_resnet_cifar(
       input_shape: HWC input shape.
       momentum, epsilon: BatchNormalization settings of every unit.
     """
-    _check_common(bits, width)
+    width = _check_common(bits, width, classes, input_shape, momentum, epsilon)
+    depth = validation.positive_int("depth", depth)
     if depth < 11 or (depth - 2) % 9:
         raise ValueError(
             f"`depth` must be 9n + 2 with n >= 1 (e.g. 164, 254, 488, 1001); received {depth}."
@@ -167,7 +187,7 @@ def preact_resnet_imagenet(
     2, 2, 2, ending in BN -> ReLU -> average pool -> Dense. Arguments as in
     `preact_resnet_cifar`; `depth` is 50, 101 or 152.
     """
-    _check_common(bits, width)
+    width = _check_common(bits, width, classes, input_shape, momentum, epsilon)
     if depth not in IMAGENET_STAGES:
         raise ValueError(f"`depth` must be one of {sorted(IMAGENET_STAGES)}; received {depth}.")
     builder = _Builder(bits, naive, stock, momentum, epsilon, window)
