@@ -18,6 +18,19 @@ def _float32_policy_and_seed():
     keras.mixed_precision.set_global_policy("float32")
 
 
+@pytest.fixture(params=["custom_op", "pure_tf"])
+def implementation(request, monkeypatch):
+    """Runs a test on both paths: the compiled op and pure TF."""
+    from keras_blpa import ops
+
+    if request.param == "pure_tf":
+        monkeypatch.setenv("KERAS_BLPA_DISABLE_CUSTOM_OPS", "1")
+    elif ops.implementation() != "custom_op":
+        pytest.skip("compiled op unavailable")
+    assert ops.implementation() == request.param
+    return request.param
+
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 

@@ -9,16 +9,8 @@ from stock import StockUnit, cosine, fused_weights, randomize_bn
 import keras_blpa
 from keras_blpa import ops
 
-
-@pytest.fixture(autouse=True, params=["custom_op", "pure_tf"])
-def implementation(request, monkeypatch):
-    """Every layer test runs on both paths: the compiled op and pure TF."""
-    if request.param == "pure_tf":
-        monkeypatch.setenv("KERAS_BLPA_DISABLE_CUSTOM_OPS", "1")
-    elif ops.implementation() != "custom_op":
-        pytest.skip("compiled op unavailable")
-    assert ops.implementation() == request.param
-    return request.param
+# Every layer test runs on both paths: the compiled op and pure TF.
+pytestmark = pytest.mark.usefixtures("implementation")
 
 
 # Gradient fidelity floors. A prototype measured >= 0.9995 (8 bits) and

@@ -178,8 +178,10 @@ class BNReLUBase(keras.layers.Layer):
         return outputs[0]
 
     def _check_call_shape(self, shape) -> None:
-        """The build-time checks, plus: the channel count the weights fix."""
+        """The build-time checks, plus, once built, the weights' channel count."""
         channels = self._check_input_shape(shape)
+        if not self.built:
+            return
         expected = int(self.moving_mean.shape[0])
         if channels != expected:
             raise ValueError(

@@ -258,6 +258,8 @@ class BNReLUConv2D(BNReLUBase):
         return outputs if self.projection_filters else outputs[0]
 
     def compute_output_shape(self, input_shape):
+        # Keras builds symbolic outputs from this, not from `call`.
+        self._check_call_shape(input_shape)
         main = self._output_shape(
             input_shape, self.filters, self.kernel_size, self.strides, self.padding,
             self.dilation_rate,

@@ -135,6 +135,8 @@ class BNReLUDense(BNReLUBase):
         return outputs[0]
 
     def compute_output_shape(self, input_shape):
+        # Keras builds symbolic outputs from this, not from `call`.
+        self._check_call_shape(input_shape)
         if self.pooling == "avg":
             return (input_shape[0], self.units)
         return (*input_shape[:-1], self.units)
