@@ -196,7 +196,8 @@ def bn_relu_encode(
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Same as `quantizer.bn_relu_encode`: `(a, packed)`, one fused pass."""
     quantizer.check_bits(bits, allow_none=False)
-    x = tf.convert_to_tensor(x)
+    # Both paths take any float dtype and compute in float32, as the op does.
+    x, mean, inv_std, gamma, beta = (_f32(t) for t in (x, mean, inv_std, gamma, beta))
     _check_input(x)
     _check_channels(
         x.shape[-1], mean=mean, inv_std=inv_std, gamma=gamma, beta=beta,
@@ -258,10 +259,11 @@ def decode_relu(
     _check_channels(
         _static_channels(shape), gamma=gamma, beta=beta, **_params_tensors(params)
     )
+    gamma, beta = _f32(gamma), _f32(beta)
     mod = _op()
     if mod is None:
         xhat, mask = quantizer.decode(packed, params, shape, bits)
-        return tf.where(mask, xhat * _f32(gamma) + _f32(beta), 0.0)
+        return tf.where(mask, xhat * gamma + beta, 0.0)
     return mod.blpa_decode_relu(
         packed,
         _f32(params.lo),
@@ -291,7 +293,7 @@ def decode_bn_backward(
     the pure-TF function to float rounding, not bit for bit.
     """
     quantizer.check_bits(bits, allow_none=False)
-    g_a = tf.convert_to_tensor(g_a)
+    g_a, gamma, inv_std = _f32(g_a), _f32(gamma), _f32(inv_std)
     _check_packed(packed, g_a.shape, bits)
     _check_input(g_a)
     _check_channels(

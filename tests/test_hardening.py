@@ -350,3 +350,28 @@ def test_op_wrappers_name_the_bad_argument(call, match):
                                    params, 4)
     with pytest.raises(ValueError, match=match):
         call(params, x, packed)
+
+
+@pytest.mark.usefixtures("implementation")
+@pytest.mark.parametrize("dtype", ["float16", "float64"])
+def test_op_wrappers_take_any_float_dtype_on_both_paths(dtype):
+    """Both paths compute in float32 whatever the float dtype (the op always
+    did; pure TF failed on the mix with float32 statistics)."""
+    x = tf.random.normal((2, 3, 3, 4))
+    params = ops.quantizer_params(tf.ones(4), tf.zeros(4), 4)
+    stats = (tf.zeros(4), tf.ones(4), tf.ones(4), tf.zeros(4))
+    a, packed = ops.bn_relu_encode(tf.cast(x, dtype), *stats, params, 4)
+    a32, packed32 = ops.bn_relu_encode(tf.cast(tf.cast(x, dtype), "float32"), *stats,
+                                       params, 4)
+    assert a.dtype == tf.float32
+    np.testing.assert_array_equal(a.numpy(), a32.numpy())
+    np.testing.assert_array_equal(packed.numpy(), packed32.numpy())
+
+
+@pytest.mark.usefixtures("implementation")
+@pytest.mark.parametrize("bits,naive", VARIANTS)
+def test_non_finite_weight_shows_in_training_outputs(bits, naive):
+    """A weight that went NaN (gamma here) shows in the outputs it feeds."""
+    layer, x = _layer_and_input("conv", bits, naive, np.random.default_rng(0))
+    layer.gamma.assign(tf.tensor_scatter_nd_update(layer.gamma, [[1]], [np.nan]))
+    assert np.isnan(layer(tf.constant(x), training=True).numpy()).all()
