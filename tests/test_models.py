@@ -97,3 +97,58 @@ def test_short_fit_of_each_builder(builder):
 def test_builder_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         preact_resnet_cifar(**kwargs)
+
+
+def _all_layers(model):
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)
+
+
+@pytest.mark.parametrize("stock", [False, True])
+def test_nested_stages_equal_the_flat_model(stock, monkeypatch, tmp_path):
+    """Above `FLAT_LAYER_LIMIT` layers each stage is a nested functional model:
+    the same layers, names, weights and outputs as the flat graph, and it
+    saves and loads."""
+    from keras_blpa.models import resnet
+
+    kwargs = dict(classes=3, input_shape=(8, 8, 3), stock=stock)
+    flat = preact_resnet_cifar(11, **kwargs)
+    monkeypatch.setattr(resnet, "FLAT_LAYER_LIMIT", 0)
+    nested = preact_resnet_cifar(11, **kwargs)
+    assert [layer.name for layer in nested.layers if isinstance(layer, keras.Model)] == [
+        "stage1", "stage2", "stage3"]
+    def names(layers):
+        return {layer.name for layer in layers if not isinstance(layer, keras.layers.InputLayer)}
+
+    assert names(flat.layers) <= names(_all_layers(nested))
+    assert [w.shape for w in nested.weights] == [w.shape for w in flat.weights]
+    rng = np.random.default_rng(0)
+    flat.set_weights([rng.normal(1.0, 0.3, w.shape).astype("float32") for w in flat.weights])
+    nested.set_weights(flat.get_weights())
+    x = rng.normal(size=(4, 8, 8, 3)).astype("float32")
+    for training in (False, True):
+        np.testing.assert_allclose(nested(x, training=training), flat(x, training=training),
+                                   rtol=1e-5, atol=1e-5)
+    nested.save(tmp_path / "nested.keras")
+    loaded = keras.models.load_model(tmp_path / "nested.keras")
+    np.testing.assert_array_equal(loaded(x, training=False), nested(x, training=False))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kwargs", [dict(stock=True), dict(bits=4, width=4.0)])
+def test_resnet1001_builds_summarizes_saves_loads_and_trains(kwargs, tmp_path):
+    """The paper's headline depth, stock (nested stages) and 4x-wide BLPA,
+    at the recursion limit TensorFlow sets: no RecursionError anywhere."""
+    model = preact_resnet_cifar(1001, classes=3, input_shape=(8, 8, 3), **kwargs)
+    lines = []
+    model.summary(print_fn=lambda *a, **k: lines.append(a))
+    assert lines
+    model.save(tmp_path / "deep.keras")
+    loaded = keras.models.load_model(tmp_path / "deep.keras")
+    loaded.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 8, 8, 3)).astype("float32")
+    history = loaded.fit(x, rng.integers(0, 3, 2), epochs=1, batch_size=2, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()

@@ -16,6 +16,15 @@ from keras_blpa.layers import BNReLUConv2D, BNReLUDense
 
 IMAGENET_STAGES = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 
+# Keras maps a functional graph recursively, about one Python frame per layer
+# on its longest path, and TensorFlow sets Python's recursion limit to 3000:
+# the flat stock ResNet-1001 (3339 layers) fails to build, save or load. Above
+# this many layers each stage becomes a nested functional model ("stage1",
+# ...; the layers inside keep their names). Every model that built flat
+# before (fused up to depth 1001, stock up to 650) stays flat, so its layer
+# names and .keras files are unchanged.
+FLAT_LAYER_LIMIT = 2400
+
 
 class _Builder:
     """Emits fused or stock units with shared settings."""
@@ -31,6 +40,22 @@ class _Builder:
         self.stock = stock
         self.bn = dict(momentum=momentum, epsilon=epsilon)
         self.conv = dict(use_bias=False, kernel_initializer="he_normal")
+        # BN, ReLU, conv per unit (or one fused layer), three units, the add.
+        self.layers_per_block = 4 if not stock else 10
+        self.nest = False
+
+    def stage(self, x, stage: int, blocks: int, planes: int, strides: int):
+        """`blocks` bottleneck blocks, the first with `strides`; nested in a
+        functional model named `stage{stage}` when `self.nest` is set."""
+        inputs = keras.Input(x.shape[1:], name=f"stage{stage}_input") if self.nest else x
+        h = inputs
+        for block in range(blocks):
+            h = self.bottleneck(
+                h, planes, strides if block == 0 else 1, name=f"s{stage}b{block + 1}"
+            )
+        if not self.nest:
+            return h
+        return keras.Model(inputs, h, name=f"stage{stage}")(x)
 
     def unit(self, x, filters, kernel_size, strides=1, projection=None, name=None):
         """BN -> ReLU -> conv; with `projection=(filters, strides)` also the shortcut."""
@@ -155,12 +180,9 @@ def preact_resnet_cifar(
         _scaled(16, width), 3, padding="same", use_bias=False,
         kernel_initializer="he_normal", name="stem",
     )(inputs)
+    builder.nest = builder.layers_per_block * 3 * blocks > FLAT_LAYER_LIMIT
     for stage, (planes, strides) in enumerate(((16, 1), (32, 2), (64, 2)), start=1):
-        for block in range(blocks):
-            x = builder.bottleneck(
-                x, _scaled(planes, width), strides if block == 0 else 1,
-                name=f"s{stage}b{block + 1}",
-            )
+        x = builder.stage(x, stage, blocks, _scaled(planes, width), strides)
     outputs = builder.head(x, classes)
     return keras.Model(inputs, outputs, name=name or _model_name("cifar", depth, width, bits,
                                                                 naive, stock))
@@ -200,12 +222,9 @@ def preact_resnet_imagenet(
     x = keras.layers.ReLU(name="stem_relu")(x)
     x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool")(x)
     stages = IMAGENET_STAGES[depth]
+    builder.nest = builder.layers_per_block * sum(stages) > FLAT_LAYER_LIMIT
     for stage, (blocks, planes) in enumerate(zip(stages, (64, 128, 256, 512)), start=1):
-        for block in range(blocks):
-            strides = 2 if stage > 1 and block == 0 else 1
-            x = builder.bottleneck(
-                x, _scaled(planes, width), strides, name=f"s{stage}b{block + 1}"
-            )
+        x = builder.stage(x, stage, blocks, _scaled(planes, width), 2 if stage > 1 else 1)
     outputs = builder.head(x, classes)
     return keras.Model(inputs, outputs, name=name or _model_name("imagenet", depth, width,
                                                                 bits, naive, stock))
