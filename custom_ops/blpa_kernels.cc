@@ -491,25 +491,13 @@ absl::Status AllocateBnBackward(OpKernelContext* ctx, BnBackwardArgs* args) {
   return absl::OkStatus();
 }
 
-// ---- CPU OpKernels ----------------------------------------------------------
+// ---- Device back ends ------------------------------------------------------
+// Each OpKernel below is written once, over a device type that runs its
+// kernel on validated, allocated arguments: `Cpu` on TF's thread pool,
+// `Gpu` through the launchers of blpa_kernels.cu.cc on the op's stream.
 
-class EncodeCpuOp : public OpKernel {
- public:
-  explicit EncodeCpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    GetGridAttrs(ctx, &bits_, &window_);
-  }
-
-  void Compute(OpKernelContext* ctx) override {
-    EncodeArgs args{};
-    OP_REQUIRES_OK(ctx, PrepareEncode(ctx, bits_, window_, &args));
-    Tensor* a = nullptr;
-    Tensor* packed = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ctx->input(0).shape(), &a));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(
-                            1, TensorShape({ByteCount(args.n, bits_)}), &packed));
-    if (args.n == 0) return;
-    args.a = a->flat<float>().data();
-    args.packed = packed->flat<uint8_t>().data();
+struct Cpu {
+  static absl::Status Encode(OpKernelContext* ctx, const EncodeArgs& args) {
     const std::vector<std::vector<float>> bounds = ChannelBounds(args);
     const Periodic p({args.mean, args.inv_std, args.gamma, args.beta, args.lo,
                       bounds[0].data(), bounds[1].data(), bounds[2].data(),
@@ -518,85 +506,36 @@ class EncodeCpuOp : public OpKernel {
     ParallelBlocks(ctx, args.n, [&](int64_t begin, int64_t end) {
       EncodeBlock(args, p, begin, end);
     });
+    return absl::OkStatus();
   }
 
- private:
-  int bits_;
-  float window_;
-};
-
-class DecodeCpuOp : public OpKernel {
- public:
-  explicit DecodeCpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    GetGridAttrs(ctx, &bits_, &window_);
-  }
-
-  void Compute(OpKernelContext* ctx) override {
-    DecodeArgs args{};
-    TensorShape shape;
-    OP_REQUIRES_OK(ctx, PrepareDecode(ctx, bits_, window_, 4, &shape, &args));
-    Tensor* xhat = nullptr;
-    Tensor* mask = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &xhat));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, shape, &mask));
-    if (args.n == 0) return;
-    args.xhat = xhat->flat<float>().data();
-    args.mask = mask->flat<bool>().data();
+  static absl::Status Decode(OpKernelContext* ctx, const DecodeArgs& args) {
     const Periodic p({args.lo, args.k, args.flip}, args.channels);
     ParallelBlocks(ctx, args.n, [&](int64_t begin, int64_t end) {
       DecodeBlock(args, p, begin, end);
     });
+    return absl::OkStatus();
   }
 
- private:
-  int bits_;
-  float window_;
-};
-
-class DecodeReluCpuOp : public OpKernel {
- public:
-  explicit DecodeReluCpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    GetGridAttrs(ctx, &bits_, &window_);
-  }
-
-  void Compute(OpKernelContext* ctx) override {
-    DecodeArgs args{};
-    TensorShape shape;
-    OP_REQUIRES_OK(ctx, PrepareDecode(ctx, bits_, window_, 6, &shape, &args));
-    Tensor* a = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &a));
-    if (args.n == 0) return;
-    args.a = a->flat<float>().data();
+  static absl::Status DecodeRelu(OpKernelContext* ctx, const DecodeArgs& args) {
     const Periodic p({args.lo, args.k, args.flip, args.gamma, args.beta},
                      args.channels);
     ParallelBlocks(ctx, args.n, [&](int64_t begin, int64_t end) {
       DecodeReluBlock(args, p, begin, end);
     });
+    return absl::OkStatus();
   }
 
- private:
-  int bits_;
-  float window_;
-};
-
-// Pass 1 runs on a fixed number of shards (contiguous kBlock-aligned ranges),
-// each with its own double accumulators, combined in shard order: the sums
-// depend on the thread count only, not on scheduling. Pass 2 is elementwise.
-class DecodeBnBackwardCpuOp : public OpKernel {
- public:
-  explicit DecodeBnBackwardCpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    GetGridAttrs(ctx, &bits_, &window_);
-  }
-
-  void Compute(OpKernelContext* ctx) override {
-    BnBackwardArgs args{};
-    OP_REQUIRES_OK(ctx, PrepareBnBackward(ctx, bits_, window_, &args));
-    OP_REQUIRES_OK(ctx, AllocateBnBackward(ctx, &args));
+  // Pass 1 runs on a fixed number of shards (contiguous kBlock-aligned
+  // ranges), each with its own double accumulators, combined in shard order:
+  // the sums depend on the thread count only, not on scheduling. Pass 2 is
+  // elementwise.
+  static absl::Status BnBackward(OpKernelContext* ctx, BnBackwardArgs& args) {
     const int64_t channels = args.channels;
     if (args.n == 0) {
       std::fill(args.d_gamma, args.d_gamma + channels, 0.0f);
       std::fill(args.d_beta, args.d_beta + channels, 0.0f);
-      return;
+      return absl::OkStatus();
     }
     const int64_t n = args.n;
 
@@ -654,44 +593,72 @@ class DecodeBnBackwardCpuOp : public OpKernel {
     ParallelBlocks(ctx, n, [&](int64_t begin, int64_t end) {
       BnBackwardBlock(args, p2, begin, end);
     });
+    return absl::OkStatus();
   }
 
  private:
   // Pass 1 uses one shard per this many blocks at most (small tensors run on
   // one thread: splitting costs more than it saves).
   static constexpr int64_t kMinShardBlocks = 4;
+};
+
+#if GOOGLE_CUDA
+
+struct Gpu {
+  static absl::Status Encode(OpKernelContext* ctx, const EncodeArgs& args) {
+    return LaunchStatus(LaunchEncodeGpu(args, Stream(ctx)));
+  }
+
+  static absl::Status Decode(OpKernelContext* ctx, const DecodeArgs& args) {
+    return LaunchStatus(LaunchDecodeGpu(args, Stream(ctx)));
+  }
+
+  static absl::Status DecodeRelu(OpKernelContext* ctx, const DecodeArgs& args) {
+    return LaunchStatus(LaunchDecodeReluGpu(args, Stream(ctx)));
+  }
+
+  // Both passes on the device; the per-channel sums live in scratch memory.
+  static absl::Status BnBackward(OpKernelContext* ctx, BnBackwardArgs& args) {
+    if (args.channels == 0) return absl::OkStatus();
+    Tensor scratch;
+    TF_RETURN_IF_ERROR(ctx->allocate_temp(
+        tensorflow::DT_UINT8,
+        TensorShape({BnBackwardScratchBytes(args.channels)}), &scratch));
+    args.scratch = scratch.flat<uint8_t>().data();
+    return LaunchStatus(LaunchDecodeBnBackwardGpu(args, Stream(ctx)));
+  }
+
+ private:
+  static void* Stream(OpKernelContext* ctx) {
+    return static_cast<void*>(ctx->eigen_device<Eigen::GpuDevice>().stream());
+  }
+
+  static absl::Status LaunchStatus(const char* error) {
+    if (error == nullptr) return absl::OkStatus();
+    return absl::InternalError(absl::StrCat("BLPA CUDA kernel failed: ", error));
+  }
+};
+
+#endif  // GOOGLE_CUDA
+
+// ---- OpKernels, one per op, registered per device ----------------------------
+
+// Reads the `bits` and `window` attrs every op has.
+class GridOp : public OpKernel {
+ public:
+  explicit GridOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    GetGridAttrs(ctx, &bits_, &window_);
+  }
+
+ protected:
   int bits_;
   float window_;
 };
 
-REGISTER_KERNEL_BUILDER(Name("BlpaBnReluEncode").Device(DEVICE_CPU),
-                        EncodeCpuOp);
-REGISTER_KERNEL_BUILDER(Name("BlpaDecodeBnBackward").Device(DEVICE_CPU),
-                        DecodeBnBackwardCpuOp);
-REGISTER_KERNEL_BUILDER(Name("BlpaDecode").Device(DEVICE_CPU), DecodeCpuOp);
-REGISTER_KERNEL_BUILDER(Name("BlpaDecodeRelu").Device(DEVICE_CPU),
-                        DecodeReluCpuOp);
-
-// ---- GPU OpKernels ----------------------------------------------------------
-
-#if GOOGLE_CUDA
-
-using ::tensorflow::DEVICE_GPU;
-
-void* OpStream(OpKernelContext* ctx) {
-  return static_cast<void*>(ctx->eigen_device<Eigen::GpuDevice>().stream());
-}
-
-absl::Status LaunchStatus(const char* error) {
-  if (error == nullptr) return absl::OkStatus();
-  return absl::InternalError(absl::StrCat("BLPA CUDA kernel failed: ", error));
-}
-
-class EncodeGpuOp : public OpKernel {
+template <typename Device>
+class EncodeOp : public GridOp {
  public:
-  explicit EncodeGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    GetGridAttrs(ctx, &bits_, &window_);
-  }
+  using GridOp::GridOp;
 
   void Compute(OpKernelContext* ctx) override {
     EncodeArgs args{};
@@ -704,19 +671,14 @@ class EncodeGpuOp : public OpKernel {
     if (args.n == 0) return;
     args.a = a->flat<float>().data();
     args.packed = packed->flat<uint8_t>().data();
-    OP_REQUIRES_OK(ctx, LaunchStatus(LaunchEncodeGpu(args, OpStream(ctx))));
+    OP_REQUIRES_OK(ctx, Device::Encode(ctx, args));
   }
-
- private:
-  int bits_;
-  float window_;
 };
 
-class DecodeGpuOp : public OpKernel {
+template <typename Device>
+class DecodeOp : public GridOp {
  public:
-  explicit DecodeGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    GetGridAttrs(ctx, &bits_, &window_);
-  }
+  using GridOp::GridOp;
 
   void Compute(OpKernelContext* ctx) override {
     DecodeArgs args{};
@@ -729,19 +691,14 @@ class DecodeGpuOp : public OpKernel {
     if (args.n == 0) return;
     args.xhat = xhat->flat<float>().data();
     args.mask = mask->flat<bool>().data();
-    OP_REQUIRES_OK(ctx, LaunchStatus(LaunchDecodeGpu(args, OpStream(ctx))));
+    OP_REQUIRES_OK(ctx, Device::Decode(ctx, args));
   }
-
- private:
-  int bits_;
-  float window_;
 };
 
-class DecodeReluGpuOp : public OpKernel {
+template <typename Device>
+class DecodeReluOp : public GridOp {
  public:
-  explicit DecodeReluGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    GetGridAttrs(ctx, &bits_, &window_);
-  }
+  using GridOp::GridOp;
 
   void Compute(OpKernelContext* ctx) override {
     DecodeArgs args{};
@@ -751,53 +708,41 @@ class DecodeReluGpuOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &a));
     if (args.n == 0) return;
     args.a = a->flat<float>().data();
-    OP_REQUIRES_OK(ctx, LaunchStatus(LaunchDecodeReluGpu(args, OpStream(ctx))));
+    OP_REQUIRES_OK(ctx, Device::DecodeRelu(ctx, args));
   }
-
- private:
-  int bits_;
-  float window_;
 };
 
-class DecodeBnBackwardGpuOp : public OpKernel {
+template <typename Device>
+class DecodeBnBackwardOp : public GridOp {
  public:
-  explicit DecodeBnBackwardGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    GetGridAttrs(ctx, &bits_, &window_);
-  }
+  using GridOp::GridOp;
 
   void Compute(OpKernelContext* ctx) override {
     BnBackwardArgs args{};
     OP_REQUIRES_OK(ctx, PrepareBnBackward(ctx, bits_, window_, &args));
     OP_REQUIRES_OK(ctx, AllocateBnBackward(ctx, &args));
-    if (args.channels == 0) return;
-    Tensor scratch;
-    OP_REQUIRES_OK(ctx, ctx->allocate_temp(
-                            tensorflow::DT_UINT8,
-                            TensorShape({BnBackwardScratchBytes(args.channels)}),
-                            &scratch));
-    args.scratch = scratch.flat<uint8_t>().data();
-    OP_REQUIRES_OK(ctx,
-                   LaunchStatus(LaunchDecodeBnBackwardGpu(args, OpStream(ctx))));
+    OP_REQUIRES_OK(ctx, Device::BnBackward(ctx, args));
   }
-
- private:
-  int bits_;
-  float window_;
 };
 
-REGISTER_KERNEL_BUILDER(Name("BlpaDecodeBnBackward").Device(DEVICE_GPU),
-                        DecodeBnBackwardGpuOp);
+// The decode ops' shape input is read on the host to size the outputs (a
+// no-op on CPU, where all memory is host memory).
+#define BLPA_REGISTER_KERNELS(device_type, backend)                           \
+  REGISTER_KERNEL_BUILDER(Name("BlpaBnReluEncode").Device(device_type),       \
+                          EncodeOp<backend>);                                 \
+  REGISTER_KERNEL_BUILDER(                                                    \
+      Name("BlpaDecode").Device(device_type).HostMemory("shape"),             \
+      DecodeOp<backend>);                                                     \
+  REGISTER_KERNEL_BUILDER(                                                    \
+      Name("BlpaDecodeRelu").Device(device_type).HostMemory("shape"),         \
+      DecodeReluOp<backend>);                                                 \
+  REGISTER_KERNEL_BUILDER(Name("BlpaDecodeBnBackward").Device(device_type),   \
+                          DecodeBnBackwardOp<backend>)
 
-// The shape input is read on the host to size the outputs.
-REGISTER_KERNEL_BUILDER(Name("BlpaBnReluEncode").Device(DEVICE_GPU),
-                        EncodeGpuOp);
-REGISTER_KERNEL_BUILDER(
-    Name("BlpaDecode").Device(DEVICE_GPU).HostMemory("shape"), DecodeGpuOp);
-REGISTER_KERNEL_BUILDER(
-    Name("BlpaDecodeRelu").Device(DEVICE_GPU).HostMemory("shape"),
-    DecodeReluGpuOp);
-
-#endif  // GOOGLE_CUDA
+BLPA_REGISTER_KERNELS(DEVICE_CPU, Cpu);
+#if GOOGLE_CUDA
+BLPA_REGISTER_KERNELS(::tensorflow::DEVICE_GPU, Gpu);
+#endif
 
 }  // namespace
 }  // namespace blpa
