@@ -121,8 +121,8 @@ Params QuantizerParams(const std::vector<float>& gamma,
   for (size_t c = 0; c < gamma.size(); ++c) {
     const bool nonzero = gamma[c] != 0.0f;
     const float t = -beta[c] / (nonzero ? gamma[c] : 1.0f);
-    const bool al = nonzero && t > -half && t < half;
-    const float t_in = al ? t : 0.0f;
+    const bool al = (-half * gamma[c] + beta[c] > 0.0f) != (half * gamma[c] + beta[c] > 0.0f);
+    const float t_in = al ? std::fmin(std::fmax(t, -half), half) : 0.0f;
     float ka = std::nearbyint((t_in + half) / w);  // tf.round: half to even
     ka = std::fmin(std::fmax(ka, 1.0f), n - 1.0f);
     p.lo.push_back(al ? t_in - ka * w : -half);

@@ -124,8 +124,13 @@ def quantizer_params(
     nonzero = tf.not_equal(gamma, 0.0)
     t = -beta / tf.where(nonzero, gamma, 1.0)
     half = window / 2
-    aligned = nonzero & (t > -half) & (t < half)
-    t_in = tf.where(aligned, t, 0.0)
+    # A channel gets the aligned grid iff the ReLU mask changes inside the
+    # window. Decided from y at both edges, computed as the forward computes
+    # y (float32 multiply, then add; monotonic in xhat), not from t: t rounds
+    # independently of y, and a t one ulp outside the window beside a y that
+    # rounds to 0 on the edge would get a constant mask that is wrong there.
+    aligned = (-half * gamma + beta > 0.0) != (half * gamma + beta > 0.0)
+    t_in = tf.where(aligned, tf.clip_by_value(t, -half, half), 0.0)
     k_aligned = tf.clip_by_value(tf.round((t_in + half) / w), 1.0, n - 1.0)
     lo = tf.where(aligned, t_in - k_aligned * w, -half)
     # Constant channels: on everywhere in the window iff y(xhat=0) = beta > 0.

@@ -80,19 +80,16 @@ def _edge_channel(bits: int) -> tuple[np.float32, np.float32]:
     raise AssertionError("no such channel")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "A threshold t = -beta/gamma that float32 rounds to just outside the window (here one "
-    "ulp below -R/2) makes a constant-mask channel ('always on'), yet the element "
-    "xhat = -R/2 is inside [-R/2, R/2) and its y rounds to exactly 0, off. quantizer.py "
-    "promises an exact mask for every value inside the window of such a channel. (With "
-    "t exactly -R/2 the committed quantizer failed the same way; see "
-    "benchmarks/results/cpu/quantizer_property.md.)"))
 @pytest.mark.parametrize("bits", [4, 8])
-def test_constant_mask_exact_at_the_window_edge(bits):
+def test_mask_exact_with_the_threshold_rounding_onto_the_window_edge(bits):
+    """Found by the property run: t = -beta/gamma one ulp outside the window
+    while y on the edge rounds to 0 gave the channel a constant 'on' mask,
+    wrong for xhat = -R/2. The grid choice now reads y at the edges, so the
+    channel is aligned and its mask exact."""
     half = np.float32(quantizer.resolve_window(bits) / 2)
     gamma, beta = _edge_channel(bits)
     params = quantizer.quantizer_params(tf.constant([gamma]), tf.constant([beta]), bits)
-    assert params.aligned.numpy()[0] == 0  # a constant-mask channel
+    assert params.aligned.numpy()[0] == 1
     xhat = tf.constant([[-half], [-half / 2], [half / 2]])  # all inside the window
     on = xhat * gamma + beta > 0
     assert on.numpy().ravel().tolist() == [False, True, True]
