@@ -2,11 +2,17 @@
 
 The README's main job. By default it trains on Fashion-MNIST, offline (the
 Debian package `dataset-fashion-mnist` when installed, else the subset shipped
-with keras_blpa), a 4-bit BLPA ResNet next to the exact (bits=None) one, then
-prints test accuracy and the measured activation memory (MiB per sample) of
-each. `--dataset cifar10` trains on CIFAR-10 from tfds instead.
+with keras_blpa), a 4-bit BLPA ResNet-29 next to the exact (bits=None) one,
+then measures the activation memory (MiB per sample) of each and of stock
+Keras layers, and prints a table: test accuracy, measured memory, and the
+part of it that the saved activations take (computed exactly), which is the
+part that grows with depth.
+
+Progress goes to stdout as it happens; the CSV logs (`train_<variant>.csv`)
+and `summary.json` go to `runs/quickstart/` (git-ignored; `--out` moves them).
 
     python examples/quickstart.py
+    python examples/quickstart.py --dataset fashion_mnist_subset   # the shipped subset
     python examples/quickstart.py --dataset cifar10 --depth 56 --epochs 10
 """
 
@@ -14,124 +20,233 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 from keras_blpa import datasets, profiling, training  # noqa: E402
 from keras_blpa.models import preact_resnet_cifar  # noqa: E402
 
+EXACT = "exact (bits=None)"
+STOCK = "stock Keras layers (not trained)"
+# Memory is the slope of peak step memory between these batch sizes, the
+# lowest peak of MEMORY_STEPS steps at each (see keras_blpa.profiling).
+MEMORY_BATCH_SIZES = (8, 40)
+MEMORY_STEPS = 5
+# A deeper net whose saved bytes are computed too (the paper's CIFAR ResNet).
+PROJECTION_DEPTH = 164
 
-def parse_args(argv=None):
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="fashion_mnist",
-                   choices=["fashion_mnist", "fashion_mnist_subset", "cifar10", "cifar100"])
-    p.add_argument("--depth", type=int, default=29, help="9n+2 (default 29)")
-    p.add_argument("--width", type=float, default=1.0)
-    p.add_argument("--bits", type=int, nargs="+", default=[4],
+                   choices=["fashion_mnist", "fashion_mnist_subset", "cifar10", "cifar100"],
+                   help="fashion_mnist: the Debian package if installed, else the subset")
+    p.add_argument("--depth", type=training.cifar_depth, default=29,
+                   help="9n+2: 11, 20, 29 (default), ..., 164")
+    p.add_argument("--width", type=training.positive_float, default=1.0,
+                   help="channel multiplier (default 1)")
+    p.add_argument("--bits", type=int, nargs="+", default=[4], choices=[4, 8],
                    help="BLPA bit widths to train (default 4)")
     p.add_argument("--no-exact", action="store_true", help="skip the bits=None baseline")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--train-size", type=int, default=12000,
+    p.add_argument("--epochs", type=training.positive_int, default=2)
+    p.add_argument("--batch-size", type=training.positive_int, default=128)
+    p.add_argument("--train-size", type=training.non_negative_int, default=12000,
                    help="training images used (Fashion-MNIST; 0 = all)")
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=training.positive_float, default=0.1)
+    p.add_argument("--seed", type=training.non_negative_int, default=0)
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
-    p.add_argument("--out", default="quickstart_out", help="folder for CSV logs and summary")
+    p.add_argument("--memory-repeats", type=training.positive_int, default=3,
+                   help="fresh processes per memory figure; the lowest is reported (default 3)")
+    p.add_argument("--progress-seconds", type=training.positive_float, default=15.0,
+                   help="seconds between training progress lines (default 15)")
+    p.add_argument("--out", default=os.path.join("runs", "quickstart"),
+                   help="folder for the CSV logs and summary.json (default runs/quickstart)")
     return p.parse_args(argv)
 
 
-def load(args):
+def load(args: argparse.Namespace) -> dict:
+    """The data, its shape and a `Data:` line that says how many images are used."""
     if args.dataset.startswith("fashion_mnist"):
         source = "subset" if args.dataset.endswith("subset") else "auto"
         (x, y), (x_test, y_test), description = datasets.load_fashion_mnist(source)
+        available = len(x)
         if args.train_size:
             x, y = x[: args.train_size], y[: args.train_size]
         mean, std = x.mean(), x.std()
         x, x_test = (x - mean) / std, (x_test - mean) / std
-        return (x, y), (x_test, y_test), 10, x.shape[1:], len(x) // args.batch_size, description
+        used = f"{len(x):,} of {available:,} training images" if len(x) < available else (
+            f"all {available:,} training images")
+        # Reshuffled every epoch, like fit(x, y, shuffle=True).
+        train = (tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=args.seed)
+                 .batch(args.batch_size).prefetch(tf.data.AUTOTUNE))
+        test = tf.data.Dataset.from_tensor_slices((x_test, y_test)).batch(256)
+        return dict(
+            train=train, test=test, classes=10, shape=x.shape[1:],
+            steps=math.ceil(len(x) / args.batch_size),
+            line=f"{description}: {used}, {len(x_test):,} test images",
+        )
     train, test, classes = datasets.cifar(args.dataset, args.batch_size)
-    return train, test, classes, (32, 32, 3), 50_000 // args.batch_size, f"{args.dataset} (tfds)"
+    return dict(
+        train=train, test=test, classes=classes, shape=(32, 32, 3),
+        steps=50_000 // args.batch_size,
+        line=f"{args.dataset} (tfds): 50,000 training images, 10,000 test images",
+    )
 
 
-def main(argv=None) -> dict:
+def label_of(variant: str) -> str:
+    return EXACT if variant == "none" else f"BLPA {variant}-bit"
+
+
+def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    train, test, classes, shape, steps, description = load(args)
-    print(f"Data: {description}; model: pre-activation ResNet-{args.depth}, "
-          f"width {args.width:g}, {args.epochs} epochs")
-    variants = [str(b) for b in args.bits] + ([] if args.no_exact else ["none"])
-    summary = {"dataset": description, "depth": args.depth, "epochs": args.epochs,
-               "variants": {}}
+    data = load(args)
+    shape = data["shape"]
+    print(f"Data: {data['line']}, {'x'.join(map(str, shape))}")
+    print(f"Model: pre-activation ResNet-{args.depth}, width {args.width:g}; {args.epochs} "
+          f"epochs of {data['steps']} steps at batch {args.batch_size}; "
+          f"logs in {args.out}/", flush=True)
+    variants = [str(b) for b in dict.fromkeys(args.bits)] + ([] if args.no_exact else ["none"])
+    summary = {"dataset": data["line"], "depth": args.depth, "width": args.width,
+               "epochs": args.epochs, "variants": {}}
     for variant in variants:
         keras.utils.set_random_seed(args.seed)
-        options = profiling.variant_options(variant)
-        model = preact_resnet_cifar(args.depth, width=args.width, classes=classes,
-                                    input_shape=shape, **options)
-        training.compile_for_training(model, steps, args.epochs, base_lr=args.lr)
-        label = "exact (bits=None)" if variant == "none" else f"BLPA {variant}-bit"
-        print(f"\n== {label}: {model.count_params():,} parameters")
+        model = preact_resnet_cifar(args.depth, width=args.width, classes=data["classes"],
+                                    input_shape=shape, **profiling.variant_options(variant))
+        training.compile_for_training(model, data["steps"], args.epochs, base_lr=args.lr)
+        label = label_of(variant)
+        print(f"\n== Training {label}: {model.count_params():,} parameters "
+              "(the first step includes tracing)", flush=True)
         start = time.time()
-        log = training.callbacks(os.path.join(args.out, f"train_{variant}.csv"))
-        if isinstance(train, tuple):
-            model.fit(*train, batch_size=args.batch_size, epochs=args.epochs,
-                      validation_data=test, callbacks=log, verbose=2)
-            _, accuracy = model.evaluate(*test, batch_size=256, verbose=0)
-        else:
-            model.fit(train, epochs=args.epochs, validation_data=test, callbacks=log, verbose=2)
-            _, accuracy = model.evaluate(test, verbose=0)
-        result = {"test_accuracy": float(accuracy), "train_seconds": time.time() - start}
-        if not args.no_memory:
-            # Fresh process per variant: allocator state must not carry over.
-            mem = profiling.measure_in_subprocess(
-                model="cifar", variant=variant, depth=args.depth, width=args.width,
-                channels=shape[-1], size=shape[0], classes=classes, batch_sizes=(8, 40),
-            )
-            result["activation_mib_per_sample"] = mem["mib_per_sample"]
-        summary["variants"][label] = result
+        log = training.callbacks(os.path.join(args.out, f"train_{variant}.csv"),
+                                 progress_seconds=args.progress_seconds)
+        # The test set is evaluated once, after training: per-epoch validation
+        # on Fashion-MNIST's 10,000 test images cost ~10 s per epoch and was
+        # followed by a 20-40 s stall before the next epoch's first step.
+        # shuffle=False: both pipelines shuffle themselves (fit's own shuffle
+        # applies to arrays only, and warns for datasets).
+        model.fit(data["train"], epochs=args.epochs, callbacks=log, verbose=2, shuffle=False)
+        _, accuracy = model.evaluate(data["test"], verbose=0)
+        summary["variants"][label] = {
+            "test_accuracy": float(accuracy),
+            "train_seconds": time.time() - start,
+            # Exact: the fused layers' input shapes times the bytes per element.
+            "saved_mib_per_sample": profiling.saved_bytes_per_sample(model) / 2**20,
+        }
+    if args.depth < PROJECTION_DEPTH:
+        summary["projection"] = project(args, shape, data["classes"], variants)
     if not args.no_memory:
-        stock = profiling.measure_in_subprocess(
-            model="cifar", variant="stock", depth=args.depth, width=args.width,
-            channels=shape[-1], size=shape[0], classes=classes, batch_sizes=(8, 40),
-        )
-        summary["stock_keras_mib_per_sample"] = stock["mib_per_sample"]
+        measure_memory(args, shape, data["classes"], variants, summary)
     print("\n" + report(summary))
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
 
 
+def project(args: argparse.Namespace, shape, classes: int, variants: list[str]) -> dict:
+    """Saved MiB per sample of the same net at `PROJECTION_DEPTH` (built, not trained)."""
+    deep = preact_resnet_cifar(PROJECTION_DEPTH, width=args.width, classes=classes,
+                               input_shape=shape, bits=None)
+    elements = profiling.saved_bytes_per_sample(deep) / profiling.SAVED_BYTES_PER_ELEMENT[None]
+    saved = {}
+    for variant in variants:
+        bits = profiling.variant_options(variant)["bits"]
+        saved[label_of(variant)] = elements * profiling.SAVED_BYTES_PER_ELEMENT[bits] / 2**20
+    return {"depth": PROJECTION_DEPTH, "saved_mib_per_sample": saved}
+
+
+def measure_memory(args: argparse.Namespace, shape, classes: int, variants: list[str],
+                   summary: dict) -> None:
+    """Lowest of `--memory-repeats` fresh processes per variant (and of their steps)."""
+    todo = [*variants, "stock"]
+    print(f"\n== Activation memory: {len(todo)} variants x {args.memory_repeats} fresh "
+          f"processes, slope of peak step memory from batch {MEMORY_BATCH_SIZES[0]} to "
+          f"{MEMORY_BATCH_SIZES[1]} (untrained models)", flush=True)
+    for variant in todo:
+        # Single runs moved by 20% with load on the machine: see "Stable
+        # figures on a CPU" in keras_blpa/profiling.py.
+        mem = profiling.measure_in_subprocess(
+            model="cifar", variant=variant, depth=args.depth, width=args.width,
+            channels=shape[-1], size=shape[0], classes=classes,
+            batch_sizes=MEMORY_BATCH_SIZES, repeats=args.memory_repeats, steps=MEMORY_STEPS,
+            inter_op_threads=-1, cpu_bfc=True, aggregate="min",
+            progress=lambda line: print(f"  {line}", flush=True),
+        )
+        figures = {"activation_mib_per_sample": mem["mib_per_sample"],
+                   "activation_mib_per_sample_runs": mem["mib_per_sample_runs"]}
+        if variant == "stock":
+            summary["stock_keras_mib_per_sample"] = mem["mib_per_sample"]
+            summary["stock_keras_runs"] = mem["mib_per_sample_runs"]
+        else:
+            summary["variants"][label_of(variant)].update(figures)
+    runs = [summary["stock_keras_runs"]] + [
+        r["activation_mib_per_sample_runs"] for r in summary["variants"].values()]
+    spread = max((max(r) - min(r)) / min(r) for r in runs)
+    summary["memory_method"] = (
+        f"slope of peak training-step memory from batch {MEMORY_BATCH_SIZES[0]} to "
+        f"{MEMORY_BATCH_SIZES[1]}, the lowest of {MEMORY_STEPS} steps in each of "
+        f"{args.memory_repeats} fresh processes (the op order that needs least; the "
+        f"highest run was {100 * spread:.0f}% above)"
+    )
+
+
+def _f(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def report(summary: dict) -> str:
-    rows = ["| variant | test accuracy | activation memory (MiB/sample) | train time (s) |",
-            "|---|---|---|---|"]
-    mems = {}
-    for label, r in summary["variants"].items():
-        mem = r.get("activation_mib_per_sample")
-        mems[label] = mem
-        rows.append(f"| {label} | {r['test_accuracy']:.4f} | "
-                    f"{'-' if mem is None else f'{mem:.3f}'} | {r['train_seconds']:.0f} |")
+    """The results table, and what the memory figures mean with depth."""
+    variants = summary["variants"]
     stock = summary.get("stock_keras_mib_per_sample")
+    rows = ["| variant | test accuracy | activation memory, measured (MiB/sample) "
+            "| of which saved activations (computed) | train time (s) |",
+            "|---|---|---|---|---|"]
+    for label, r in variants.items():
+        rows.append(f"| {label} | {r['test_accuracy']:.4f} | "
+                    f"{_f(r.get('activation_mib_per_sample'))} | "
+                    f"{_f(r['saved_mib_per_sample'])} | {r['train_seconds']:.0f} |")
     if stock:
-        rows.append(f"| stock Keras layers (not trained) | - | {stock:.3f} | - |")
-    exact = mems.get("exact (bits=None)")
+        rows.append(f"| {STOCK} | - | {stock:.3f} | - | - |")
     rows.append("")
-    for label, mem in mems.items():
-        if not mem:
-            continue
-        if exact and label != "exact (bits=None)":
-            rows.append(f"{label}: {exact / mem:.1f}x less activation memory than exact "
-                        "backprop with the same layers.")
-        if stock:
-            rows.append(f"{label}: {stock / mem:.1f}x less activation memory than stock "
-                        "Keras layers.")
+    measured = {k: r["activation_mib_per_sample"] for k, r in variants.items()
+                if "activation_mib_per_sample" in r}
+    exact = measured.get(EXACT)
+    for label, mem in measured.items():
+        versus = [f"{exact / mem:.1f}x less than exact"] if exact and label != EXACT else []
+        versus += [f"{stock / mem:.1f}x less than stock Keras layers"] if stock else []
+        if versus:
+            rows.append(f"{label}: {', '.join(versus)}.")
+    if measured:
+        rows.append(f"Measured: {summary.get('memory_method', '')}.")
+    projection = summary.get("projection")
+    if not projection:
+        return "\n".join(rows)
+    depth = projection["depth"]
+    rows += [
+        "",
+        "The saved activations grow with depth; the rest of the measured figure, one unit's "
+        "backward working memory, does not. The same net at depth "
+        f"{depth} (built, not trained), saved activations computed:",
+        f"| variant | saved, depth {summary['depth']} (MiB/sample) | saved, depth {depth} |",
+        "|---|---|---|",
+    ]
+    deep = projection["saved_mib_per_sample"]
+    for label, deep_saved in deep.items():
+        rows.append(f"| {label} | {_f(variants[label]['saved_mib_per_sample'])} | "
+                    f"{_f(deep_saved)} |")
+    if EXACT in deep:
+        for label, deep_saved in deep.items():
+            if label != EXACT:
+                rows.append(f"{label} saves {deep[EXACT] / deep_saved:.1f}x less than exact "
+                            "at any depth; the measured ratio approaches that as depth grows.")
     return "\n".join(rows)
 
 
 if __name__ == "__main__":
-    np.set_printoptions(precision=4)
     main()

@@ -21,30 +21,31 @@ from keras_blpa import datasets, training  # noqa: E402
 from keras_blpa.models import preact_resnet_cifar  # noqa: E402
 
 
-def bits_arg(value: str):
-    return None if value.lower() in ("none", "exact") else int(value)
-
-
-def parse_args(argv=None):
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100"])
-    p.add_argument("--depth", type=int, default=164, help="9n+2: 164, 254, 488, 1001")
-    p.add_argument("--width", type=float, default=1.0, help="channel multiplier")
-    p.add_argument("--bits", type=bits_arg, default=4, help="4, 8 or none (exact)")
+    p.add_argument("--depth", type=training.cifar_depth, default=164,
+                   help="9n+2: 164, 254, 488, 1001")
+    p.add_argument("--width", type=training.positive_float, default=1.0,
+                   help="channel multiplier")
+    p.add_argument("--bits", type=training.bits_or_none, default=4,
+                   help="4, 8 or none (exact)")
     p.add_argument("--naive", action="store_true", help="quantize the forward pass too")
-    p.add_argument("--window", type=float, default=None,
+    p.add_argument("--window", type=training.positive_float, default=None,
                    help="quantizer range in standard deviations (default: 6 at 4 bits, "
                         "12 at 8 bits; 6 is the paper's)")
     p.add_argument("--stock", action="store_true", help="stock Keras layers instead")
-    p.add_argument("--epochs", type=int, default=164)
-    p.add_argument("--steps-per-epoch", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--epochs", type=training.positive_int, default=164)
+    p.add_argument("--steps-per-epoch", type=training.positive_int, default=None)
+    p.add_argument("--batch-size", type=training.positive_int, default=128)
+    p.add_argument("--lr", type=training.positive_float, default=0.1)
+    p.add_argument("--weight-decay", type=training.non_negative_float, default=1e-4)
     p.add_argument("--jit-compile", action="store_true", help="XLA (pure-TF quantizer)")
     p.add_argument("--data-dir", default=None, help="tfds data directory")
     p.add_argument("--out", default="runs/cifar", help="folder for log.csv, summary.json")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    training.check_quantizer_args(p, args)
+    return args
 
 
 def main(argv=None) -> dict:
@@ -52,8 +53,7 @@ def main(argv=None) -> dict:
     train, test, classes = datasets.cifar(args.dataset, args.batch_size, args.data_dir)
     model = preact_resnet_cifar(
         args.depth, width=args.width, classes=classes, bits=args.bits, naive=args.naive,
-        window=args.window if args.bits else None,
-        stock=args.stock,
+        window=args.window, stock=args.stock,
     )
     steps = args.steps_per_epoch or 50_000 // args.batch_size
     training.compile_for_training(

@@ -24,30 +24,36 @@ from keras_blpa.models import preact_resnet_imagenet  # noqa: E402
 TRAIN_IMAGES = 1_281_167
 
 
-def bits_arg(value: str):
-    return None if value.lower() in ("none", "exact") else int(value)
+# The network downsamples 32x (stem, max pool and three strided stages).
+MIN_IMAGE_SIZE = 32
 
 
-def parse_args(argv=None):
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--manual-dir", required=True, help="folder with the ILSVRC 2012 tars")
     p.add_argument("--data-dir", default=None, help="tfds data directory")
     p.add_argument("--depth", type=int, default=152, choices=[50, 101, 152])
-    p.add_argument("--width", type=float, default=1.0)
-    p.add_argument("--bits", type=bits_arg, default=4, help="4, 8 or none (exact)")
+    p.add_argument("--width", type=training.positive_float, default=1.0)
+    p.add_argument("--bits", type=training.bits_or_none, default=4,
+                   help="4, 8 or none (exact)")
     p.add_argument("--naive", action="store_true")
-    p.add_argument("--window", type=float, default=None,
+    p.add_argument("--window", type=training.positive_float, default=None,
                    help="quantizer range in standard deviations (default: 6 at 4 bits, "
                         "12 at 8 bits; 6 is the paper's)")
     p.add_argument("--stock", action="store_true")
-    p.add_argument("--epochs", type=int, default=90)
-    p.add_argument("--steps-per-epoch", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--epochs", type=training.positive_int, default=90)
+    p.add_argument("--steps-per-epoch", type=training.positive_int, default=None)
+    p.add_argument("--batch-size", type=training.positive_int, default=64)
+    p.add_argument("--image-size", type=training.positive_int, default=224)
+    p.add_argument("--weight-decay", type=training.non_negative_float, default=1e-4)
     p.add_argument("--jit-compile", action="store_true")
     p.add_argument("--out", default="runs/imagenet")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.image_size < MIN_IMAGE_SIZE:
+        p.error(f"argument --image-size: must be at least {MIN_IMAGE_SIZE} (the network "
+                f"downsamples {MIN_IMAGE_SIZE}x); received {args.image_size}")
+    training.check_quantizer_args(p, args)
+    return args
 
 
 def main(argv=None) -> dict:
@@ -57,8 +63,7 @@ def main(argv=None) -> dict:
     )
     model = preact_resnet_imagenet(
         args.depth, width=args.width, classes=classes, bits=args.bits, naive=args.naive,
-        window=args.window if args.bits else None,
-        stock=args.stock, input_shape=(args.image_size, args.image_size, 3),
+        window=args.window, stock=args.stock, input_shape=(args.image_size, args.image_size, 3),
     )
     steps = args.steps_per_epoch or TRAIN_IMAGES // args.batch_size
     optimizer = keras.optimizers.SGD(

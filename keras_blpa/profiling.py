@@ -8,19 +8,88 @@ working buffers drop out). Each configuration is measured in a fresh process:
 
 Variants: "stock" (stock Keras layers), "none" (fused, bits=None), "8" and
 "4" (BLPA), "naive8" / "naive4" (naive quantization).
+
+The slope is the saved activations plus the working memory of one unit's
+backward pass (decoded activation, gradients); only the first grows with
+depth. `saved_bytes_per_sample` computes the first exactly from a model's
+fused layers.
+
+Stable figures on a CPU: `measure_in_subprocess(repeats=3, steps=5,
+inter_op_threads=-1, cpu_bfc=True, aggregate="min")`. Inter-op threads can
+overlap two units' working sets (-1 runs every op in the calling thread);
+the default CPU allocator does not count tensors under 256 KiB (BFC does,
+but counts whole chunks, up to twice a request); and TensorFlow orders
+independent ops by measured timings, so a step may keep one more
+activation tensor alive at its peak. The lowest of several steps and
+processes is the order that needs least; runs then agree to a few percent
+(ResNet-29 4-bit: 0.644 MiB/sample, single runs up to 0.78).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import numbers
 import os
+import re
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable, Sequence
 
 VARIANTS = ("stock", "none", "8", "4", "naive8", "naive4")
 MODELS = ("stack", "residual_stack", "projection_stack", "cifar")
+# Bytes a fused unit keeps per element of its input: packed codes, or the
+# float32 normalized input with bits=None (outside XLA; XLA's word layout pads
+# each row to whole uint32 words).
+SAVED_BYTES_PER_ELEMENT = {4: 0.5, 8: 1.0, None: 4.0}
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer; received {name}={value!r}.")
+
+
+def _check_model_kwargs(model, variant, depth, width, channels, size, classes) -> None:
+    """ValueErrors naming the argument, before any model is built."""
+    if model not in MODELS:
+        raise ValueError(f"`model` must be one of {MODELS}; received {model!r}.")
+    variant_options(variant)
+    for name, value in (("depth", depth), ("channels", channels), ("size", size),
+                        ("classes", classes)):
+        _check_positive_int(name, value)
+    if model == "cifar" and (depth < 11 or (depth - 2) % 9):
+        raise ValueError(
+            f"`depth` of model='cifar' must be 9n + 2 with n >= 1 (11, 20, 29, ..., 164); "
+            f"received depth={depth}."
+        )
+    is_number = isinstance(width, numbers.Real) and not isinstance(width, bool)
+    if not (is_number and math.isfinite(width) and width > 0):
+        raise ValueError(
+            f"`width` (channel multiplier) must be a finite positive number; "
+            f"received width={width!r}."
+        )
+
+
+def _check_inter_op_threads(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value == 0:
+        raise ValueError(
+            "`inter_op_threads` must be a positive integer (a pool of that many threads) or "
+            f"-1 (every op in the calling thread), or None; received {value!r}."
+        )
+
+
+def _check_batch_sizes(batch_sizes) -> tuple[int, ...]:
+    sizes = tuple(batch_sizes) if isinstance(batch_sizes, Sequence) else ()
+    if len(sizes) < 2 or any(isinstance(b, bool) or not isinstance(b, numbers.Integral)
+                             or b < 1 for b in sizes) or list(sizes) != sorted(set(sizes)):
+        raise ValueError(
+            "`batch_sizes` must be at least two increasing positive integers (the slope "
+            f"runs from the first to the last), e.g. (8, 40); received {batch_sizes!r}."
+        )
+    return sizes
 
 
 def variant_options(variant: str) -> dict:
@@ -53,6 +122,11 @@ def conv_stack(
 
     from keras_blpa.layers import BNReLUConv2D
 
+    if shortcut not in (None, "identity", "projection"):
+        raise ValueError(
+            f"`shortcut` must be None, 'identity' or 'projection'; received {shortcut!r}."
+        )
+    _check_model_kwargs("stack", variant, depth, 1.0, channels, size, classes)
     options = variant_options(variant)
     inputs = keras.Input((size, size, channels))
     x = inputs
@@ -89,6 +163,7 @@ def build_model(
 ):
     """The model of a measurement: a `conv_stack` ("stack", "residual_stack",
     "projection_stack") or "cifar" (`preact_resnet_cifar`)."""
+    _check_model_kwargs(model, variant, depth, width, channels, size, classes)
     if model.endswith("stack"):
         shortcut = {"stack": None, "residual_stack": "identity",
                     "projection_stack": "projection"}[model]
@@ -100,7 +175,32 @@ def build_model(
             depth, width=width, classes=classes, input_shape=(size, size, channels),
             **variant_options(variant),
         )
-    raise ValueError(f"`model` must be one of {MODELS}; received {model!r}.")
+    raise AssertionError(model)  # unreachable: checked above
+
+
+def saved_bytes_per_sample(model) -> float:
+    """Bytes per sample that `model`'s fused layers keep for the backward pass.
+
+    Exact, from each fused layer's input shape and `bits`
+    (`SAVED_BYTES_PER_ELEMENT`); a projection head shares its unit's code.
+    Stock Keras layers are not counted: what they keep depends on
+    TensorFlow's gradient functions, so measure them instead.
+
+    Raises:
+      ValueError: if `model` has no fused BLPA layers.
+    """
+    from keras_blpa.layers.base import BNReLUBase
+
+    fused = [layer for layer in model.layers if isinstance(layer, BNReLUBase)]
+    if not fused:
+        raise ValueError(
+            f"`model` ({model.name}) has no fused BLPA layers (BNReLUConv2D, BNReLUDense) "
+            "whose saved bytes could be computed; measure it with `measure_in_subprocess`."
+        )
+    return float(sum(
+        math.prod(layer.input.shape[1:]) * SAVED_BYTES_PER_ELEMENT[layer.bits]
+        for layer in fused
+    ))
 
 
 def memory_device() -> str:
@@ -115,19 +215,30 @@ def memory_device() -> str:
 
 
 def peak_step_memory(
-    model, batch_size: int, jit_compile: bool = False, device: str | None = None
+    model, batch_size: int, jit_compile: bool = False, device: str | None = None,
+    steps: int = 1,
 ) -> int:
-    """Peak memory (bytes) of `device` during one `train_on_batch` after warm-up steps.
+    """Peak memory (bytes) of `device` during a `train_on_batch` after warm-up steps.
 
     The model is compiled afresh, so the step is traced for this batch size
     with static shapes, as `model.fit` does for a fixed batch size (a
     function retraced for several sizes generalizes the batch dimension and
     can schedule differently). Under a distribution strategy `batch_size` is
     the global batch and `device` (default `memory_device()`) one replica's.
+
+    With `steps` > 1, the lowest of that many steps' peaks: a BFC allocator
+    counts whole chunks, up to twice a request, and which chunks a step gets
+    depends on what earlier steps left free, so single steps vary by up to
+    10%; the lowest is the closest to what the tensors need. On CPU the
+    default (oneDNN) allocator counts no allocation under 256 KiB; set
+    `TF_CPU_ALLOCATOR_USE_BFC=true` before TensorFlow starts to count all
+    (`measure_in_subprocess(cpu_bfc=True)`).
     """
     import numpy as np
     import tensorflow as tf
 
+    _check_positive_int("batch_size", batch_size)
+    _check_positive_int("steps", steps)
     device = device or memory_device()
     model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy",
                   jit_compile=jit_compile)
@@ -136,23 +247,30 @@ def peak_step_memory(
     y = np.zeros((batch_size,), "int32")
     model.train_on_batch(x, y)
     model.train_on_batch(x, y)
-    tf.config.experimental.reset_memory_stats(device)
-    model.train_on_batch(x, y)
-    return tf.config.experimental.get_memory_info(device)["peak"]
+    peaks = []
+    for _ in range(steps):
+        tf.config.experimental.reset_memory_stats(device)
+        model.train_on_batch(x, y)
+        peaks.append(tf.config.experimental.get_memory_info(device)["peak"])
+    return min(peaks)
 
 
 def per_sample_slope(
     batch_sizes=(8, 40), jit_compile: bool = False, xla_dump_dir: str | None = None,
-    **model_kwargs,
+    steps: int = 1, **model_kwargs,
 ) -> dict:
     """Peak memory at each batch size and the slope in MiB per sample.
+
+    `steps`: measured steps per batch size; the lowest peak counts
+    (`peak_step_memory`).
 
     With `xla_dump_dir` (the process's `--xla_dump_to`), also XLA's own temp
     buffer per batch size and its slope (`xla_mib_per_sample`): under XLA the
     allocator peak rounds XLA's single temp buffer up to the chunk it got.
     """
+    batch_sizes = _check_batch_sizes(batch_sizes)
     model = build_model(**model_kwargs)
-    peaks = [peak_step_memory(model, b, jit_compile) for b in batch_sizes]
+    peaks = [peak_step_memory(model, b, jit_compile, steps=steps) for b in batch_sizes]
     span = batch_sizes[-1] - batch_sizes[0]
     result = {
         **model_kwargs,
@@ -160,6 +278,7 @@ def per_sample_slope(
         "peak_bytes": peaks,
         "mib_per_sample": (peaks[-1] - peaks[0]) / span / 2**20,
         "jit_compile": jit_compile,
+        "steps": steps,
         "params": model.count_params(),
     }
     if jit_compile and xla_dump_dir:
@@ -171,20 +290,133 @@ def per_sample_slope(
     return result
 
 
-def measure_in_subprocess(batch_sizes=(8, 40), jit_compile: bool = False, **model_kwargs) -> dict:
-    """`per_sample_slope` in a fresh Python process (allocator state matters)."""
+def _model_kwargs(**given) -> dict:
+    """`build_model`'s keyword arguments with its defaults filled in."""
+    import inspect
+
+    defaults = {k: v.default for k, v in inspect.signature(build_model).parameters.items()}
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"Unknown model arguments {unknown}; known: {sorted(defaults)}.")
+    return {**defaults, **given}
+
+
+def measure_in_subprocess(
+    batch_sizes=(8, 40),
+    jit_compile: bool = False,
+    repeats: int = 1,
+    inter_op_threads: int | None = None,
+    intra_op_threads: int | None = None,
+    progress: Callable[[str], None] | None = None,
+    steps: int = 1,
+    cpu_bfc: bool = False,
+    aggregate: str = "median",
+    **model_kwargs,
+) -> dict:
+    """`per_sample_slope` in a fresh Python process (allocator state matters).
+
+    Args:
+      batch_sizes, jit_compile, steps, model_kwargs: as in `per_sample_slope`.
+      repeats: fresh processes to run; the result is the run `aggregate`
+        picks, with every run's slope in `mib_per_sample_runs`.
+      inter_op_threads: the measuring process's inter-op threads (None:
+        TensorFlow's default). -1 runs every op in the calling thread, one at
+        a time in a fixed order, so the peak no longer depends on how ops
+        interleave under load (a pool of 1 thread still runs two at once).
+      intra_op_threads: the measuring process's threads per op (None:
+        TensorFlow's default). With 1, kernels allocate in a fixed order and
+        no per-thread buffers: the figure then depends neither on load nor
+        on the number of cores.
+      progress: called with a line after each run (e.g. `print`).
+      cpu_bfc: on CPU, measure with TensorFlow's BFC allocator
+        (`TF_CPU_ALLOCATOR_USE_BFC=true`), which counts every tensor; the
+        default (oneDNN) CPU allocator leaves allocations under 256 KiB out of
+        its statistics, such as most of a small batch's codes. Its pool is
+        then reserved up front (`_reserve_cpu_pool`). Combine with `steps`
+        > 1: BFC counts whole chunks, so single steps vary by up to 10%.
+      aggregate: "median" or "min" (the lowest run). TensorFlow orders
+        independent ops by measured timings, and an order can keep one more
+        activation tensor alive at the peak; "min" reports the order that
+        needs least, as `steps` does within a process.
+
+    Raises:
+      ValueError: for a bad argument (checked before any process starts).
+      RuntimeError: if the measuring process fails.
+    """
+    batch_sizes = _check_batch_sizes(batch_sizes)
+    _check_positive_int("repeats", repeats)
+    _check_positive_int("steps", steps)
+    if aggregate not in ("median", "min"):
+        raise ValueError(f"`aggregate` must be 'median' or 'min'; received {aggregate!r}.")
+    if inter_op_threads is not None:
+        _check_inter_op_threads(inter_op_threads)
+    if intra_op_threads is not None:
+        _check_positive_int("intra_op_threads", intra_op_threads)
+    kwargs = _model_kwargs(**model_kwargs)
+    _check_model_kwargs(**kwargs)
     args = [sys.executable, "-m", "keras_blpa.profiling",
             "--batch-sizes", *map(str, batch_sizes)]
     for key, value in model_kwargs.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
+    if inter_op_threads is not None:
+        args += ["--inter-op-threads", str(inter_op_threads)]
+    if intra_op_threads is not None:
+        args += ["--intra-op-threads", str(intra_op_threads)]
+    if steps != 1:
+        args += ["--steps", str(steps)]
+    env = {"TF_CPU_ALLOCATOR_USE_BFC": "true"} if cpu_bfc else {}
+    runs = []
+    for run in range(1, repeats + 1):
+        start = time.time()
+        runs.append(_run_once(args, jit_compile, env))
+        if progress is not None:
+            progress(
+                f"memory, variant {kwargs['variant']}, run {run}/{repeats}: "
+                f"{runs[-1]['mib_per_sample']:.3f} MiB/sample "
+                f"(batch {batch_sizes[0]} -> {batch_sizes[-1]}, {time.time() - start:.0f} s)"
+            )
+    slopes = [r["mib_per_sample"] for r in runs]
+    ordered = sorted(runs, key=lambda r: r["mib_per_sample"])
+    # The median run (the lower middle one for an even count), or the lowest.
+    chosen = ordered[(repeats - 1) // 2 if aggregate == "median" else 0]
+    return {**chosen, "mib_per_sample_runs": slopes, "aggregate": aggregate,
+            "inter_op_threads": inter_op_threads, "intra_op_threads": intra_op_threads,
+            "cpu_bfc": cpu_bfc}
+
+
+def _run_once(args: list[str], jit_compile: bool, env: dict[str, str]) -> dict:
+    """One measuring process: its JSON result."""
     with tempfile.TemporaryDirectory(prefix="blpa_xla_dump_") as dump_dir:
         if jit_compile:
-            args += ["--jit-compile", "--xla-dump-dir", dump_dir]
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+            args = [*args, "--jit-compile", "--xla-dump-dir", dump_dir]
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **env)
         result = subprocess.run(args, capture_output=True, text=True, env=env)
     if result.returncode:
         raise RuntimeError(f"{' '.join(args)} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _cpu_bfc() -> bool:
+    return os.environ.get("TF_CPU_ALLOCATOR_USE_BFC", "").lower() in ("1", "true")
+
+
+def _reserve_cpu_pool(limit_mib: int = 2048) -> None:
+    """Gives TensorFlow's CPU BFC pool one region for the whole run, up front.
+
+    BFC hands a request the smallest free chunk that fits (up to twice its
+    size, all of it counted), ties broken by address. Regions added as the
+    pool grows land at random addresses, so which chunk a tensor gets, and
+    the peak, would vary from process to process. Never written, the block
+    reserves address space, not memory.
+    """
+    import tensorflow as tf
+
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+    with tf.device("CPU:0"):
+        block = tf.raw_ops.Empty(
+            shape=[min(limit_mib, physical // 4), 2**20], dtype=tf.uint8, init=False
+        )
+    del block
 
 
 def main(argv=None) -> None:
@@ -197,13 +429,35 @@ def main(argv=None) -> None:
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--batch-sizes", type=int, nargs=2, default=(8, 40))
+    parser.add_argument("--steps", type=int, default=1,
+                        help="measured steps per batch size; the lowest peak counts")
     parser.add_argument("--jit-compile", action="store_true")
+    parser.add_argument(
+        "--inter-op-threads", type=int, default=None,
+        help="TensorFlow inter-op threads; -1: every op in the calling thread, in a fixed "
+        "order (a peak that does not depend on load)",
+    )
+    parser.add_argument("--intra-op-threads", type=int, default=None,
+                        help="TensorFlow threads per op (1: a peak that depends neither on "
+                        "load nor on the number of cores)")
     parser.add_argument(
         "--xla-dump-dir", default=None,
         help="with --jit-compile: dump XLA's modules here (this process only) and "
         "report XLA's own temp-buffer slope too",
     )
     args = parser.parse_args(argv)
+    try:
+        _check_model_kwargs(args.model, args.variant, args.depth, args.width,
+                            args.channels, args.size, args.classes)
+        _check_batch_sizes(args.batch_sizes)
+        _check_positive_int("steps", args.steps)
+        if args.inter_op_threads is not None:
+            _check_inter_op_threads(args.inter_op_threads)
+        if args.intra_op_threads is not None:
+            _check_positive_int("intra_op_threads", args.intra_op_threads)
+    except ValueError as err:
+        # The functions name `python_arguments`; the command line has --flags.
+        parser.error(re.sub(r"`(\w+)`", lambda m: "--" + m[1].replace("_", "-"), str(err)))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.xla_dump_dir:
         # This measuring process's own flags, set before TensorFlow loads.
@@ -211,8 +465,17 @@ def main(argv=None) -> None:
             os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={args.xla_dump_dir}"
             " --xla_dump_hlo_module_re=.*one_step_on_data.*"
         ).strip()
+    import tensorflow as tf
+
+    # Before the first op: these settings only apply to a fresh context.
+    if args.inter_op_threads:
+        tf.config.threading.set_inter_op_parallelism_threads(args.inter_op_threads)
+    if args.intra_op_threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.intra_op_threads)
+    if memory_device() == "CPU:0" and _cpu_bfc():
+        _reserve_cpu_pool()
     result = per_sample_slope(
-        tuple(args.batch_sizes), args.jit_compile, args.xla_dump_dir,
+        tuple(args.batch_sizes), args.jit_compile, args.xla_dump_dir, steps=args.steps,
         model=args.model, variant=args.variant,
         depth=args.depth, width=args.width, channels=args.channels, size=args.size,
         classes=args.classes,

@@ -1,7 +1,7 @@
 """Builds the BLPA custom-op library against the installed TensorFlow.
 
 `python -m keras_blpa.build_ops` builds explicitly and prints what it built and
-where. `ensure_built()` builds on first use into a cache directory keyed by the
+where (`__main__.py`). `ensure_built()` builds on first use into a cache directory keyed by the
 TensorFlow version and a hash of the sources and flags, by default
 `~/.cache/keras_blpa/<key>/` (override with `KERAS_BLPA_CACHE_DIR`).
 
@@ -78,8 +78,8 @@ def last_error() -> str | None:
 
 def source_dir() -> Path:
     """The directory holding the C++ sources (checkout first, then package data)."""
-    here = Path(__file__).resolve().parent
-    candidates = [here.parent / "custom_ops", here / "_custom_ops"]
+    package = Path(__file__).resolve().parent.parent  # keras_blpa/
+    candidates = [package.parent / "custom_ops", package / "_custom_ops"]
     for cand in candidates:
         if all((cand / name).is_file() for name in SOURCES):
             return cand
@@ -295,7 +295,9 @@ def ensure_built() -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m keras_blpa.build_ops", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--out-dir", help="build here instead of the cache directory")
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
     parser.add_argument("--cpu-only", action="store_true", help="skip the CUDA kernels")
@@ -314,7 +316,3 @@ def main(argv: list[str] | None = None) -> int:
     mode = info.splitlines()[0] if info else "mode: unknown (cached)"
     print(f"{path}\n{mode}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
