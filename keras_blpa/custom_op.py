@@ -263,7 +263,7 @@ def decode_relu(
     mod = _op()
     if mod is None:
         xhat, mask = quantizer.decode(packed, params, shape, bits)
-        return tf.where(mask, xhat * gamma + beta, 0.0)
+        return quantizer.relu_from_decoded(xhat, mask, gamma, beta)
     return mod.blpa_decode_relu(
         packed,
         _f32(params.lo),

@@ -391,7 +391,15 @@ def quantize_relu(
     check_bits(bits, allow_none=False)
     xhat, on, _ = _normalize_relu(x, mean, inv_std, gamma, beta)
     centres, mask = _centres_and_mask(encode_codes(xhat, on, params, bits), params, bits)
-    return tf.where(mask, centres * gamma + beta, 0.0)
+    return relu_from_decoded(centres, mask, gamma, beta)
+
+
+def relu_from_decoded(
+    xhat: tf.Tensor, mask: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor
+) -> tf.Tensor:
+    """The ReLU output rebuilt from decoded `(xhat, mask)`: the mask, not the
+    sign of the rebuilt `y`, decides (it is exact; `y` is approximate)."""
+    return tf.where(mask, xhat * gamma + beta, 0.0)
 
 
 def bn_relu_encode_words(

@@ -220,7 +220,7 @@ class _Codes:
                 codes, self.params, gamma, beta, self.shape, self.bits
             )
         xhat, mask = quantizer.decode_words(codes, self.params, self.shape, self.bits)
-        return tf.where(mask, xhat * gamma + beta, 0.0)
+        return quantizer.relu_from_decoded(xhat, mask, gamma, beta)
 
     def decode_bn_backward(self, g_a, codes, gamma, inv_std):
         if not self.words:
