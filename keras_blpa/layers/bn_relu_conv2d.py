@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import keras
 import tensorflow as tf
 
@@ -14,11 +16,18 @@ class _Conv2DMap:
 
     Weights: `[kernel, bias?, projection_kernel?]`. The backward uses the conv
     backprop ops, so it never reruns the forward convolution.
+
+    Explicit padding (`((top, bottom), (left, right))`) zero-pads `a` and runs
+    the main head "VALID" on it (TF's "EXPLICIT" padding has no grouped CPU
+    kernel for the filter gradient); the input gradient is cropped back.
     """
 
     def __init__(self, strides, padding, dilation_rate, use_bias, projection_strides):
         self.strides = [1, *strides, 1]
-        self.padding = padding.upper()
+        if isinstance(padding, str):
+            self.padding, self.explicit = padding.upper(), None
+        else:
+            self.padding, self.explicit = "VALID", [[0, 0], *map(list, padding), [0, 0]]
         self.dilations = [1, *dilation_rate, 1]
         self.use_bias = use_bias
         self.projection_strides = (
@@ -32,9 +41,14 @@ class _Conv2DMap:
             heads.append((weights[-1], self.projection_strides, "VALID", [1, 1, 1, 1]))
         return heads
 
+    def _pad(self, a, head: int):
+        """`a` as the head reads it: zero-padded for the explicitly padded main head."""
+        return a if head or self.explicit is None else tf.pad(a, self.explicit)
+
     def forward(self, a, weights):
         outputs = [
-            tf.nn.conv2d(a, k, s, p, dilations=d) for k, s, p, d in self._heads(weights)
+            tf.nn.conv2d(self._pad(a, i), k, s, p, dilations=d)
+            for i, (k, s, p, d) in enumerate(self._heads(weights))
         ]
         if self.use_bias:
             outputs[0] = tf.nn.bias_add(outputs[0], weights[1])
@@ -42,13 +56,13 @@ class _Conv2DMap:
 
     def grad_weights(self, a, grads, weights):
         d_kernels = [
-            _pointwise_grad_filter(a, k, g, s)
+            _pointwise_grad_filter(self._pad(a, i), k, g, s)
             if _is_pointwise(a, k, d) and xla.in_xla_context()
             else tf.raw_ops.Conv2DBackpropFilter(
-                input=a, filter_sizes=tf.shape(k), out_backprop=g, strides=s,
-                padding=p, dilations=d,
+                input=self._pad(a, i), filter_sizes=tf.shape(k), out_backprop=g,
+                strides=s, padding=p, dilations=d,
             )
-            for (k, s, p, d), g in zip(self._heads(weights), grads)
+            for i, ((k, s, p, d), g) in enumerate(zip(self._heads(weights), grads))
         ]
         if self.use_bias:
             axes = list(range(grads[0].shape.rank - 1))
@@ -58,8 +72,16 @@ class _Conv2DMap:
 
     def grad_input(self, weights, grads, a_shape):
         g_a = None
-        for (k, s, p, d), g in zip(self._heads(weights), grads):
-            if s == [1, 1, 1, 1] and _is_pointwise(g, k, d, channels=-2) and xla.in_xla_context():
+        for i, ((k, s, p, d), g) in enumerate(zip(self._heads(weights), grads)):
+            if i == 0 and self.explicit is not None:
+                # The padded input's gradient, cropped to `a`'s own pixels.
+                (top, bottom), (left, right) = self.explicit[1:3]
+                padded = a_shape + tf.constant([0, top + bottom, left + right, 0], a_shape.dtype)
+                term = tf.raw_ops.Conv2DBackpropInput(
+                    input_sizes=padded, filter=k, out_backprop=g, strides=s, padding=p,
+                    dilations=d,
+                )[:, top : top + a_shape[1], left : left + a_shape[2], :]
+            elif s == [1, 1, 1, 1] and _is_pointwise(g, k, d, channels=-2) and xla.in_xla_context():
                 # The same flattened `g` as the filter gradient's matmul: XLA
                 # then keeps one copy of it, not one per product.
                 term = tf.reshape(
@@ -72,6 +94,31 @@ class _Conv2DMap:
                 )
             g_a = term if g_a is None else g_a + term
         return g_a
+
+
+def _padding(padding):
+    """"same", "valid", or explicit `((top, bottom), (left, right))` ints >= 0."""
+    if isinstance(padding, str):
+        if padding.lower() in ("same", "valid"):
+            return padding.lower()
+    else:
+        def non_negative(v):
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0
+
+        if non_negative(padding):
+            padding = (padding, padding)
+        if isinstance(padding, (tuple, list)) and len(padding) == 2:
+            pairs = [(p, p) if non_negative(p) else p for p in padding]
+            if all(
+                isinstance(p, (tuple, list)) and len(p) == 2 and all(map(non_negative, p))
+                for p in pairs
+            ):
+                return tuple(tuple(int(v) for v in p) for p in pairs)
+    raise ValueError(
+        "`padding` must be 'same', 'valid' or explicit zero padding "
+        "((top, bottom), (left, right)) of non-negative integers; received "
+        f"padding={padding!r}."
+    )
 
 
 def _is_pointwise(t, kernel, dilations, channels: int = -1) -> bool:
@@ -132,7 +179,11 @@ class BNReLUConv2D(BNReLUBase):
       filters: number of output channels.
       kernel_size: int or pair, the convolution window.
       strides: int or pair.
-      padding: "same" or "valid" (case-insensitive).
+      padding: "same" or "valid" (case-insensitive), or explicit zero padding
+        of the activation as `((top, bottom), (left, right))` (an int or a
+        pair `(rows, columns)` pads symmetrically), then a "valid"
+        convolution: a `ZeroPadding2D` between the ReLU and the convolution,
+        folded in (TF's "same" pads asymmetrically for even strides).
       bits: 4 or 8 (BLPA), or None (exact `xhat`, no quantization).
       naive: quantize in the forward pass too (the paper's baseline); the
         approximation then also applies with `training=False`.
@@ -180,11 +231,7 @@ class BNReLUConv2D(BNReLUBase):
         self.kernel_size = validation.positive_int_pair("kernel_size", kernel_size)
         self.strides = validation.positive_int_pair("strides", strides)
         self.dilation_rate = validation.positive_int_pair("dilation_rate", dilation_rate)
-        padding = str(padding).lower()
-        if padding not in ("same", "valid"):
-            raise ValueError(
-                f"`padding` must be 'same' or 'valid'; received padding={padding!r}."
-            )
+        padding = _padding(padding)
         if max(self.strides) > 1 and max(self.dilation_rate) > 1:
             raise ValueError(
                 "`strides` > 1 together with `dilation_rate` > 1 is not "
@@ -213,16 +260,17 @@ class BNReLUConv2D(BNReLUBase):
             )
         if shape[-1] is None:
             raise ValueError("The channel (last) axis of the input must be defined.")
-        if self.padding == "valid":
-            for axis, size, k, d in zip(
-                ("height", "width"), shape[1:3], self.kernel_size, self.dilation_rate
+        if self.padding != "same":
+            pads = (0, 0) if self.padding == "valid" else [sum(p) for p in self.padding]
+            for axis, size, k, d, pad in zip(
+                ("height", "width"), shape[1:3], self.kernel_size, self.dilation_rate, pads
             ):
-                if size is not None and (k - 1) * d + 1 > size:
+                if size is not None and (k - 1) * d + 1 > size + pad:
                     raise ValueError(
                         f"{self.name}: the kernel (kernel_size={self.kernel_size}, "
                         f"dilation_rate={self.dilation_rate}) is larger than the "
                         f"input's {axis} {size} (input shape {tuple(shape)}) with "
-                        "padding='valid', so the output would be empty. Use "
+                        f"padding={self.padding!r}, so the output would be empty. Use "
                         "padding='same', a smaller kernel or a larger input."
                     )
         return int(shape[-1])
@@ -275,9 +323,10 @@ class BNReLUConv2D(BNReLUBase):
     @staticmethod
     def _output_shape(input_shape, filters, kernel_size, strides, padding, dilations):
         spatial = []
-        for size, k, s, d in zip(input_shape[1:3], kernel_size, strides, dilations):
-            if size is not None and padding == "valid":
-                size -= (k - 1) * d
+        pads = [sum(p) for p in padding] if not isinstance(padding, str) else (0, 0)
+        for size, k, s, d, pad in zip(input_shape[1:3], kernel_size, strides, dilations, pads):
+            if size is not None and padding != "same":
+                size += pad - (k - 1) * d
             spatial.append(None if size is None else -(-size // s))
         return (input_shape[0], *spatial, filters)
 
@@ -288,7 +337,10 @@ class BNReLUConv2D(BNReLUBase):
                 "filters": self.filters,
                 "kernel_size": self.kernel_size,
                 "strides": self.strides,
-                "padding": self.padding,
+                "padding": (
+                    self.padding if isinstance(self.padding, str)
+                    else [list(p) for p in self.padding]
+                ),
                 "dilation_rate": self.dilation_rate,
                 "groups": self.groups,
                 "projection_filters": self.projection_filters,
