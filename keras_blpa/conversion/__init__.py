@@ -1,0 +1,116 @@
+"""One call from a stock Keras model to BLPA (`convert`), and one back (`to_standard`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import keras
+
+from keras_blpa.conversion.fuse import convert_graph, keep_predicate
+from keras_blpa.conversion.report import Chain, ConversionReport
+from keras_blpa.conversion.standard import standard_graph
+from keras_blpa.layers import BNReLUDense
+
+__all__ = ["Chain", "ConversionReport", "convert", "to_standard"]
+
+
+def convert(
+    model: keras.Model,
+    bits: int | None = 4,
+    naive: bool = False,
+    window: float | None = None,
+    keep: Iterable[str] | Callable[[keras.layers.Layer], bool] | None = None,
+    return_report: bool = False,
+) -> keras.Model | tuple[keras.Model, ConversionReport]:
+    """A new model in which every BN -> ReLU -> linear chain is one fused layer.
+
+    Every `BatchNormalization -> ReLU -> linear` chain of a Functional or
+    Sequential model (nested ones included) becomes one `BNReLUConv2D` or
+    `BNReLUDense` with the same weights, which keeps only a `bits`-bit code
+    of the activation for the backward pass:
+
+    - the ReLU: `keras.layers.ReLU()` or `Activation("relu")`;
+    - the linear layer: `Conv2D` (with `groups`), `DepthwiseConv2D`, `Dense`,
+      or `GlobalAveragePooling2D -> Dense` (the `pooling="avg"` head). Its
+      own activation (e.g. a softmax) follows as an `Activation` layer that
+      takes the linear layer's name;
+    - a `ZeroPadding2D` between the ReLU and a "valid" convolution folds into
+      the fused convolution's explicit padding;
+    - an activation read by a convolution and a bias-free 1x1 `Conv2D` (the
+      pre-activation projection shortcut) becomes one layer with a projection
+      head: both read one saved code.
+
+    Chains that cannot fuse stay stock and the report says why: another
+    activation (ReLU6, LeakyReLU, swish...), a BN or ReLU output read by
+    other layers too (several linear readers other than the projection pair
+    included: their full-precision input stays alive anyway), a subclassed
+    layer in between, `keep`. Everything else is untouched. The new model is
+    not compiled; compile it before training.
+
+    In inference (`training=False`) the converted model computes what the
+    original does; in training, with `bits=None`, the same outputs and
+    gradients; with 4 or 8 bits the same outputs and BLPA's approximate
+    gradients.
+
+    Example:
+
+    >>> base = keras.applications.ResNet50V2(weights=None, input_shape=(64, 64, 3))
+    >>> model, report = keras_blpa.convert(base, bits=4, return_report=True)
+    >>> print(report)   # a table: each chain, fused or left stock and why
+
+    Args:
+      model: a Functional or Sequential `keras.Model` (built).
+      bits: 4 or 8 (BLPA) or None (exact) for every fused layer.
+      naive: quantize in the forward pass too (the paper's baseline).
+      window: the quantizer's range (see `BNReLUConv2D`).
+      keep: layers to leave stock: a layer name, a collection of names, or a
+        function `layer -> bool`; a chain with any such layer stays stock.
+      return_report: also return a `ConversionReport` (`print()` it for a
+        table of the chains).
+
+    Returns:
+      The converted model, or `(model, report)` with `return_report=True`.
+
+    Raises:
+      ValueError: for a subclassed `keras.Model` (its graph only exists in
+        its Python code), an unbuilt Sequential model, or a bad argument.
+    """
+    # The fused layers' own checks name `bits`, `naive` and `window`.
+    BNReLUDense(1, bits=bits, naive=naive, window=window)
+    keep = keep_predicate(keep)
+    if not isinstance(return_report, bool):
+        raise ValueError(f"`return_report` must be a bool; received {return_report!r}.")
+    report = ConversionReport(bits=bits)
+    options = dict(bits=bits, naive=naive, window=window)
+    new_model, load = convert_graph(model, options, keep, report)
+    load(new_model)
+    return (new_model, report) if return_report else new_model
+
+
+def to_standard(model: keras.Model) -> keras.Model:
+    """The inverse of `convert`: every fused layer back to stock Keras layers.
+
+    Each `BNReLUConv2D` / `BNReLUDense` becomes `BatchNormalization -> ReLU
+    -> [ZeroPadding2D] -> Conv2D / DepthwiseConv2D` (or `[GlobalAveragePooling2D
+    ->] Dense`), plus a bias-free 1x1 `Conv2D` for a projection head, with the
+    same weights: the model computes the same outputs (training and
+    inference) without keras_blpa, for export and serving. The linear layer
+    keeps the fused layer's name; the others are named `<name>_bn`,
+    `<name>_relu`, `<name>_pad`, `<name>_pool` and `<name>_projection`. A
+    grouped convolution with one input channel per group comes back as a
+    `DepthwiseConv2D` (what `convert` makes of one).
+
+    Args:
+      model: a Functional or Sequential `keras.Model`.
+
+    Returns:
+      A new, uncompiled model.
+
+    Raises:
+      ValueError: for a subclassed `keras.Model`, a fused layer with
+        `naive=True` (its inference quantizes, which stock layers do not) or
+        one called more than once.
+    """
+    new_model, load = standard_graph(model)
+    load(new_model)
+    return new_model

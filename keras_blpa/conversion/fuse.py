@@ -1,0 +1,352 @@
+"""`convert`: stock BatchNormalization -> ReLU -> linear chains to fused layers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import keras
+import numpy as np
+
+from keras_blpa.conversion import graph as g
+from keras_blpa.conversion.report import Chain, ConversionReport
+from keras_blpa.layers import BNReLUConv2D, BNReLUDense
+
+LINEAR = ("Conv2D", "DepthwiseConv2D", "Dense")
+BN_KEYS = (
+    "momentum", "epsilon", "center", "scale", "beta_initializer", "gamma_initializer",
+    "moving_mean_initializer", "moving_variance_initializer", "beta_regularizer",
+    "gamma_regularizer", "beta_constraint", "gamma_constraint",
+)
+BIAS_KEYS = ("use_bias", "bias_initializer", "bias_regularizer", "bias_constraint")
+
+
+class _Left(Exception):
+    """A chain stays stock; the message says why."""
+
+
+def is_stock(layer) -> bool:
+    return type(layer).__module__.startswith("keras.")
+
+
+def activation_kind(layer) -> str | None:
+    """"relu" for a plain ReLU layer, a description for another activation
+    layer, None for a layer that is not an activation."""
+    if not is_stock(layer):
+        return None
+    cls = type(layer).__name__
+    if cls == "ReLU":
+        if layer.max_value is None and not layer.negative_slope and not layer.threshold:
+            return "relu"
+        if not layer.negative_slope and not layer.threshold:
+            return f"ReLU{float(layer.max_value):g} (ReLU(max_value={layer.max_value}))"
+        return (
+            f"ReLU(max_value={layer.max_value}, negative_slope={layer.negative_slope}, "
+            f"threshold={layer.threshold})"
+        )
+    if cls == "Activation":
+        fn = layer.activation
+        if fn is keras.activations.relu:
+            return "relu"
+        return f"Activation({getattr(fn, '__name__', fn)!r})"
+    if cls in ("LeakyReLU", "PReLU", "ELU", "Softmax"):
+        return cls
+    return None
+
+
+def _describe(graph: g.Graph, name: str) -> str:
+    if name == g.OUTPUT:
+        return "the model's output"
+    return f"{name} ({type(graph.layers[name]).__name__})"
+
+
+def _head(graph: g.Graph, act: str, reader: str) -> dict:
+    """One linear reader of the ReLU output: {"linear", "pad", "pool"}."""
+    if reader == g.OUTPUT:
+        raise _Left("the ReLU output is also the model's output")
+    head = {"pad": None, "pool": None, "linear": reader}
+    layer = graph.layers[reader]
+    if not is_stock(layer):
+        raise _Left(
+            f"subclassed layer {_describe(graph, reader)} between the ReLU and the linear layer"
+        )
+    cls = graph.class_name(reader)
+    after = {"ZeroPadding2D": ("Conv2D", "DepthwiseConv2D"), "GlobalAveragePooling2D": ("Dense",)}
+    if cls in after:
+        nxt = graph.sole_reader(reader)
+        readers = ", ".join(_describe(graph, r) for r in graph.readers[(reader, 0, 0)])
+        if nxt is None or nxt == g.OUTPUT or graph.class_name(nxt) not in after[cls]:
+            raise _Left(
+                f"the ReLU output goes through {_describe(graph, reader)} to {readers}, "
+                f"not to one {' / '.join(after[cls])}"
+            )
+        if graph.calls[reader] != 1 or layer.data_format != "channels_last":
+            raise _Left(f"{_describe(graph, reader)} is shared or not channels_last")
+        if cls == "GlobalAveragePooling2D" and layer.keepdims:
+            raise _Left(f"{reader} has keepdims=True (the fused head pools to 2-D)")
+        head["pad" if cls == "ZeroPadding2D" else "pool"] = reader
+        head["linear"] = reader = nxt
+        cls = graph.class_name(reader)
+    if cls not in LINEAR or not is_stock(graph.layers[reader]):
+        raise _Left(
+            f"the ReLU output is read by {_describe(graph, reader)}, not by a Conv2D, "
+            "DepthwiseConv2D or Dense"
+        )
+    if graph.calls[reader] != 1 or len(graph.inputs[reader]) != 1:
+        raise _Left(f"{_describe(graph, reader)} is shared or reads several tensors")
+    return head
+
+
+def _is_projection(graph: g.Graph, head: dict) -> bool:
+    """A bias-free, linear 1x1 Conv2D without groups or dilation."""
+    layer = graph.layers[head["linear"]]
+    return (
+        head["pad"] is None and graph.class_name(head["linear"]) == "Conv2D"
+        and tuple(layer.kernel_size) == (1, 1) and layer.groups == 1
+        and tuple(layer.dilation_rate) == (1, 1) and not layer.use_bias
+        and layer.activation is keras.activations.linear
+        and layer.activity_regularizer is None
+    )
+
+
+def _pick_heads(graph: g.Graph, act: str, heads: list) -> tuple:
+    """(main, projection or None) among the ReLU output's readers."""
+    if len(heads) == 1:
+        return heads[0], None
+    names = ", ".join(h["linear"] for h in heads)
+    why = (
+        f"the ReLU output is read by {len(heads)} layers ({names}); a fused layer has one "
+        "main head plus at most one bias-free 1x1 Conv2D projection head, and stock "
+        "layers reading the activation would keep it in full precision anyway"
+    )
+    if len(heads) != 2:
+        raise _Left(why)
+    convs = [h for h in heads if graph.class_name(h["linear"]) in ("Conv2D", "DepthwiseConv2D")]
+    projections = [h for h in heads if _is_projection(graph, h)]
+    if len(convs) < 2 or not projections:
+        raise _Left(why)
+    # Two candidates (both bias-free 1x1): the main head is the first one.
+    projection = projections[-1]
+    main = heads[1] if heads[0] is projection else heads[0]
+    return main, projection
+
+
+def _check_chain(graph: g.Graph, bn: str, act: str, heads: tuple, keep) -> None:
+    bn_layer, main, projection = graph.layers[bn], heads[0], heads[1]
+    names = [bn, act, *[h[k] for h in heads if h for k in ("pad", "pool", "linear") if h[k]]]
+    for name in names:
+        if keep(graph.layers[name]):
+            raise _Left(f"kept stock by `keep` ({name})")
+    rank = len(graph.layers[bn].input.shape)
+    if bn_layer.axis not in (-1, rank - 1):
+        raise _Left(f"{bn} normalizes axis {bn_layer.axis}, not the channel (last) axis")
+    if bn_layer.synchronized:
+        raise _Left(f"{bn} has synchronized=True (fused layers use per-replica statistics)")
+    for name in (bn, act):
+        if graph.layers[name].activity_regularizer is not None:
+            raise _Left(f"{name} has an activity_regularizer")
+    linear = graph.layers[main["linear"]]
+    if getattr(linear, "data_format", "channels_last") != "channels_last":
+        raise _Left(f"{linear.name} is channels_first (fused layers need channels_last)")
+    if main["pad"] and linear.padding != "valid":
+        raise _Left(f"{main['pad']} pads before {linear.name}, whose padding is not 'valid'")
+    for layer in [linear] + ([graph.layers[projection["linear"]]] if projection else []):
+        if getattr(layer, "lora_enabled", False):
+            raise _Left(f"{layer.name} has LoRA enabled")
+        if getattr(layer.dtype_policy, "quantization_mode", None):
+            raise _Left(f"{layer.name} is quantized")
+        if layer.trainable != bn_layer.trainable:
+            raise _Left(f"{bn} and {layer.name} differ in `trainable`")
+        if layer.dtype_policy.name != bn_layer.dtype_policy.name:
+            raise _Left(f"{bn} and {layer.name} have different dtype policies")
+    if projection and linear.activity_regularizer is not None:
+        raise _Left(f"{linear.name} has an activity_regularizer and a projection head")
+
+
+def _fused_layer(graph: g.Graph, bn: str, heads: tuple, name: str, options: dict):
+    """The fused layer (unbuilt) and a function that loads its weights."""
+    bn_layer = graph.layers[bn]
+    main, projection = heads
+    linear = graph.layers[main["linear"]]
+    proj = graph.layers[projection["linear"]] if projection else None
+    lin_cfg = linear.get_config()
+    bn_cfg = bn_layer.get_config()
+    kwargs = {k: bn_cfg[k] for k in BN_KEYS}
+    kwargs.update({k: lin_cfg[k] for k in BIAS_KEYS})
+    kernel_key = "depthwise" if isinstance(linear, keras.layers.DepthwiseConv2D) else "kernel"
+    for part in ("initializer", "regularizer", "constraint"):
+        kwargs[f"kernel_{part}"] = lin_cfg[f"{kernel_key}_{part}"]
+    if linear.activation is keras.activations.linear and lin_cfg.get("activity_regularizer"):
+        kwargs["activity_regularizer"] = lin_cfg["activity_regularizer"]
+    kwargs.update(options, name=name, dtype=linear.dtype_policy, trainable=bn_layer.trainable)
+    if isinstance(linear, keras.layers.Dense):
+        layer = BNReLUDense(linear.units, pooling="avg" if main["pool"] else None, **kwargs)
+    else:
+        padding = graph.layers[main["pad"]].padding if main["pad"] else linear.padding
+        if isinstance(linear, keras.layers.DepthwiseConv2D):
+            channels = int(linear.kernel.shape[2])
+            filters, groups = channels * linear.depth_multiplier, channels
+        else:
+            filters, groups = linear.filters, linear.groups
+        layer = BNReLUConv2D(
+            filters, linear.kernel_size, strides=linear.strides, padding=padding,
+            dilation_rate=linear.dilation_rate, groups=groups,
+            projection_filters=proj.filters if proj else None,
+            projection_strides=proj.strides if proj else None, **kwargs,
+        )
+
+    def load(fused) -> None:
+        for weight in ("gamma", "beta", "moving_mean", "moving_variance"):
+            if hasattr(fused, weight):
+                getattr(fused, weight).assign(getattr(bn_layer, weight))
+        # A depthwise kernel (kh, kw, C, m) is the grouped kernel (kh, kw, 1, C*m):
+        # output channel c*m + j in both.
+        fused.kernel.assign(np.reshape(linear.kernel.numpy(), fused.kernel.shape))
+        if linear.use_bias:
+            fused.bias.assign(linear.bias)
+        if proj is not None:
+            fused.projection_kernel.assign(proj.kernel)
+
+    return layer, load
+
+
+def _chains(graph: g.Graph):
+    """(BN, activation) pairs to report, and chains whose reason is known early."""
+    for name, _ in graph.entries:
+        layer = graph.layers.get(name)
+        if not isinstance(layer, keras.layers.BatchNormalization) or not is_stock(layer):
+            continue
+        readers = graph.readers.get((name, 0, 0), [])
+        acts = [r for r in readers if r != g.OUTPUT and activation_kind(graph.layers[r])]
+        if acts:
+            yield name, acts[0], readers
+        elif readers and readers[0] != g.OUTPUT and not is_stock(graph.layers[readers[0]]):
+            nxt = graph.sole_reader(readers[0])
+            if nxt and nxt != g.OUTPUT and activation_kind(graph.layers[nxt]):
+                yield name, nxt, readers
+
+
+def convert_graph(model, options: dict, keep: Callable, report: ConversionReport,
+                  path: str = ""):
+    """The converted model and a function that loads its weights from `model`."""
+    graph = g.Graph.of(model)
+    taken = set(graph.layers)
+    at_bn, removed, mapping, loaders = {}, set(), {}, {}
+    for bn, act, readers in _chains(graph):
+        chain = [bn, act]
+        try:
+            if len(readers) > 1:
+                others = ", ".join(_describe(graph, r) for r in readers if r != act)
+                raise _Left(f"the BN output is also read by {others}")
+            if act not in graph.readers.get((bn, 0, 0), []) or graph.sole_reader(bn) != act:
+                raise _Left(
+                    f"subclassed layer {_describe(graph, readers[0])} between the BN and "
+                    "the activation"
+                )
+            kind = activation_kind(graph.layers[act])
+            if kind != "relu":
+                raise _Left(f"the activation is {kind}; only ReLU fuses")
+            if graph.calls[bn] != 1 or graph.calls[act] != 1:
+                raise _Left("the BN or ReLU layer is shared (called more than once)")
+            act_readers = graph.readers.get((act, 0, 0), [])
+            chain += [r for r in act_readers]
+            heads = _pick_heads(graph, act, [_head(graph, act, r) for r in act_readers])
+            _check_chain(graph, bn, act, heads, keep)
+            main, projection = heads
+            linear = graph.layers[main["linear"]]
+            activated = linear.activation is not keras.activations.linear
+            name = (
+                g.unique_name(f"{linear.name}_fused", taken) if activated else linear.name
+            )
+            try:
+                fused, load = _fused_layer(graph, bn, heads, name, options)
+            except ValueError as err:
+                raise _Left(f"the fused layer rejects it: {err}") from None
+        except _Left as left:
+            report.chains.append(Chain(tuple(dict.fromkeys(chain)), reason=str(left), model=path))
+            continue
+        parts = [bn, act] + [h[k] for h in heads if h for k in ("pad", "pool", "linear") if h[k]]
+        removed.update(parts)
+        first = graph.first_ref.get(bn)
+        functional = graph.kind == "functional"
+        nodes = dict(graph.entries)[bn].get("inbound_nodes")
+        if nodes is not None:
+            # BatchNormalization's call takes a `mask` the fused layers do not.
+            nodes = [{**n, "kwargs": {k: v for k, v in n["kwargs"].items() if k != "mask"}}
+                     for n in nodes]
+        entries = [g.serialize(fused, name, nodes)]
+        if activated:
+            out = keras.layers.Activation(
+                linear.activation, dtype=linear.dtype_policy,
+                activity_regularizer=linear.activity_regularizer,
+            )
+            node = [g.call_node(g.tensor(name, first))] if functional else None
+            entries.append(g.serialize(out, linear.name, node))
+        at_bn[bn] = entries
+        if projection:
+            mapping[(projection["linear"], 0, 0)] = (name, 0, 1)
+        loaders[name] = load
+        report.chains.append(Chain(tuple(parts), fused_as=name, model=path))
+        report.stock_layers += len(parts)
+        report.fused_layers += 1
+    new_entries = []
+    for name, entry in graph.entries:
+        layer = graph.layers.get(name)
+        if name in at_bn:
+            new_entries += [(e, True) for e in at_bn[name]]
+        elif name in removed:
+            continue
+        elif isinstance(layer, keras.Model):
+            entry = _nested(layer, entry, options, keep, report, path, loaders)
+            new_entries.append((entry, True))
+        else:
+            new_entries.append((entry, True))
+    new_model = g.rebuild(graph, new_entries, mapping)
+    return new_model, lambda new: transfer(new, model, loaders)
+
+
+def _nested(layer, entry: dict, options, keep, report, path, loaders) -> dict:
+    """A nested Functional / Sequential model, converted in its own right."""
+    inner_path = f"{path}/{layer.name}" if path else layer.name
+    try:
+        g.model_kind(layer, argument=inner_path)
+    except ValueError as err:
+        report.chains.append(Chain((layer.name,), reason=f"nested model left as is: {err}",
+                                   model=path))
+        return entry
+    before = report.fused_layers
+    inner, load = convert_graph(layer, options, keep, report, inner_path)
+    if report.fused_layers == before:
+        return entry
+    loaders[layer.name] = load
+    new_entry = keras.saving.serialize_keras_object(inner)
+    for key in ("name", "inbound_nodes"):
+        if key in entry:
+            new_entry[key] = entry[key]
+    return new_entry
+
+
+def transfer(new_model, old_model, loaders: dict) -> None:
+    """Weights of `old_model` into `new_model`: by `loaders`, else by layer name."""
+    for layer in new_model.layers:
+        if layer.name in loaders:
+            loaders[layer.name](layer)
+        elif layer.weights:
+            layer.set_weights(old_model.get_layer(layer.name).get_weights())
+
+
+def keep_predicate(keep) -> Callable:
+    """`keep` (None, layer names, or a predicate) as a predicate over layers."""
+    if keep is None:
+        return lambda layer: False
+    if callable(keep):
+        return lambda layer: bool(keep(layer))
+    if isinstance(keep, str):
+        keep = [keep]
+    if isinstance(keep, Iterable):
+        names = set(keep)
+        if all(isinstance(n, str) for n in names):
+            return lambda layer: layer.name in names
+    raise ValueError(
+        "`keep` must be None, a layer name, a collection of layer names or a function "
+        f"`layer -> bool`; received keep={keep!r}."
+    )

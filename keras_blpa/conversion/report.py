@@ -1,0 +1,77 @@
+"""What `convert` did: the chains it fused and those it left stock, and why."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Chain:
+    """One BatchNormalization -> activation chain that `convert` found.
+
+    Attributes:
+      layers: the stock layers' names in order (BN, activation, then any
+        ZeroPadding2D / GlobalAveragePooling2D and the linear layer(s)).
+      fused_as: the fused layer's name, or None if left stock.
+      reason: why it was left stock (None if fused).
+      model: the nested model it sits in ("" for the top level).
+    """
+
+    layers: tuple
+    fused_as: str | None = None
+    reason: str | None = None
+    model: str = ""
+
+    @property
+    def fused(self) -> bool:
+        return self.fused_as is not None
+
+
+@dataclass
+class ConversionReport:
+    """The chains `keras_blpa.convert` fused and left stock. `str()` is a table.
+
+    Attributes:
+      chains: every `Chain`, in model order.
+      bits: the fused layers' `bits`.
+      stock_layers: stock layers replaced (BN, ReLU, padding, pooling, linear).
+      fused_layers: fused layers created.
+    """
+
+    chains: list = field(default_factory=list)
+    bits: int | None = 4
+    stock_layers: int = 0
+    fused_layers: int = 0
+
+    @property
+    def fused(self) -> list:
+        return [c for c in self.chains if c.fused]
+
+    @property
+    def left(self) -> list:
+        return [c for c in self.chains if not c.fused]
+
+    def __str__(self) -> str:
+        bits = "exact (bits=None)" if self.bits is None else f"{self.bits}-bit"
+        lines = [
+            f"keras_blpa.convert: {len(self.fused)} chains fused into {self.fused_layers} "
+            f"{bits} layers ({self.stock_layers} stock layers replaced), "
+            f"{len(self.left)} left stock",
+        ]
+        rows = [("", "chain", "fused layer / reason")] + [
+            (
+                "fused" if c.fused else "stock",
+                (f"{c.model}/" if c.model else "") + " -> ".join(c.layers),
+                c.fused_as if c.fused else c.reason,
+            )
+            for c in self.chains
+        ]
+        width = [max(len(r[i]) for r in rows) for i in range(2)]
+        lines += [f"  {a:<{width[0]}}  {b:<{width[1]}}  {c}".rstrip() for a, b, c in rows]
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (
+            f"ConversionReport(fused={len(self.fused)}, left={len(self.left)}, "
+            f"bits={self.bits})"
+        )
