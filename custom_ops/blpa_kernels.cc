@@ -107,14 +107,18 @@ inline void ForEachRun(const Periodic& p, int64_t begin, int64_t end, Fn fn) {
 // One run of elements whose parameters are contiguous. Plain pointer/value
 // arguments (no closures) so GCC vectorizes them; each has an AVX2 clone.
 
+// `a` may alias `x` (the op forwards x's buffer): each element is read before
+// it is written and no element depends on another, which `ivdep` promises so
+// that the loop still vectorizes without __restrict on the pair.
 BLPA_CPU_CLONES
-void EncodeRun(const float* __restrict x, const float* __restrict mean,
+void EncodeRun(const float* x, const float* __restrict mean,
                const float* __restrict inv_std, const float* __restrict gamma,
                const float* __restrict beta, const float* __restrict lo,
                const float* __restrict lower_on, const float* __restrict upper_on,
                const float* __restrict lower_off,
                const float* __restrict upper_off, int64_t len, Grid g,
-               float* __restrict a, uint8_t* __restrict codes) {
+               float* a, uint8_t* __restrict codes) {
+#pragma GCC ivdep
   for (int64_t t = 0; t < len; ++t) {
     a[t] = EncodeOneBounded(x[t], mean[t], inv_std[t], gamma[t], beta[t], lo[t],
                             Bounds{lower_on[t], upper_on[t]},
@@ -206,17 +210,83 @@ void FlushSums(float* __restrict part, int64_t len, double* __restrict sum) {
   }
 }
 
-// Pass 2 of the BN backward: the input gradient.
+// Pass 2 of the BN backward: the input gradient. g_x may alias g_a (see
+// EncodeRun).
 BLPA_CPU_CLONES
-void BnBackwardRun(const uint8_t* __restrict codes, const float* __restrict g_a,
+void BnBackwardRun(const uint8_t* __restrict codes, const float* g_a,
                    const float* __restrict lo, const float* __restrict k,
                    const float* __restrict flip, const float* __restrict scale,
                    const float* __restrict mean_dbeta,
                    const float* __restrict mean_dgamma, int64_t len, Grid g,
-                   float* __restrict g_x) {
+                   float* g_x) {
+#pragma GCC ivdep
   for (int64_t t = 0; t < len; ++t) {
     g_x[t] = BnBackwardOne(codes[t], g_a[t], lo[t], k[t], flip[t], scale[t],
                            mean_dbeta[t], mean_dgamma[t], g);
+  }
+}
+
+// The exact path's loops (bits=None): xhat is stored, not codes. In the
+// forward, xhat may alias x; in pass 2, g_x may alias g_a (see EncodeRun).
+BLPA_CPU_CLONES
+void NormalizeReluRun(const float* x, const float* __restrict mean,
+                      const float* __restrict inv_std,
+                      const float* __restrict gamma,
+                      const float* __restrict beta, int64_t len,
+                      float* __restrict a, float* xhat) {
+#pragma GCC ivdep
+  for (int64_t t = 0; t < len; ++t) {
+    a[t] = NormalizeReluOne(x[t], mean[t], inv_std[t], gamma[t], beta[t], &xhat[t]);
+  }
+}
+
+BLPA_CPU_CLONES
+void ExactReluRun(const float* __restrict xhat, const float* __restrict gamma,
+                  const float* __restrict beta, int64_t len,
+                  float* __restrict a) {
+  for (int64_t t = 0; t < len; ++t) a[t] = ExactReluOne(xhat[t], gamma[t], beta[t]);
+}
+
+template <typename Acc>
+inline void ExactSumsLoop(const float* __restrict xhat,
+                          const float* __restrict g_a,
+                          const float* __restrict gamma,
+                          const float* __restrict beta, int64_t len,
+                          Acc* __restrict sum_b, Acc* __restrict sum_g) {
+  for (int64_t t = 0; t < len; ++t) {
+    const float g_y = ExactMaskedGradOne(xhat[t], g_a[t], gamma[t], beta[t]);
+    sum_b[t] += static_cast<Acc>(g_y);
+    sum_g[t] += static_cast<Acc>(g_y * xhat[t]);
+  }
+}
+
+BLPA_CPU_CLONES
+void ExactSumsRun(const float* __restrict xhat, const float* __restrict g_a,
+                  const float* __restrict gamma, const float* __restrict beta,
+                  int64_t len, float* __restrict sum_b, float* __restrict sum_g) {
+  ExactSumsLoop(xhat, g_a, gamma, beta, len, sum_b, sum_g);
+}
+
+BLPA_CPU_CLONES
+void ExactSumsRun(const float* __restrict xhat, const float* __restrict g_a,
+                  const float* __restrict gamma, const float* __restrict beta,
+                  int64_t len, double* __restrict sum_b,
+                  double* __restrict sum_g) {
+  ExactSumsLoop(xhat, g_a, gamma, beta, len, sum_b, sum_g);
+}
+
+BLPA_CPU_CLONES
+void ExactBnBackwardRun(const float* __restrict xhat, const float* g_a,
+                        const float* __restrict gamma,
+                        const float* __restrict beta,
+                        const float* __restrict scale,
+                        const float* __restrict mean_dbeta,
+                        const float* __restrict mean_dgamma, int64_t len,
+                        float* g_x) {
+#pragma GCC ivdep
+  for (int64_t t = 0; t < len; ++t) {
+    const float g_y = ExactMaskedGradOne(xhat[t], g_a[t], gamma[t], beta[t]);
+    g_x[t] = BnInputGradOne(g_y, xhat[t], scale[t], mean_dbeta[t], mean_dgamma[t]);
   }
 }
 
@@ -287,6 +357,23 @@ void DecodeReluBlock(const DecodeArgs& args, const Periodic& p, int64_t begin,
   });
 }
 
+// p holds mean, inv_std, gamma, beta.
+void NormalizeReluBlock(const ExactArgs& args, const Periodic& p, int64_t begin,
+                        int64_t end) {
+  ForEachRun(p, begin, end, [&](int64_t o, int64_t c, int64_t len) {
+    NormalizeReluRun(args.x + begin + o, p[0] + c, p[1] + c, p[2] + c, p[3] + c,
+                     len, args.a + begin + o, args.xhat + begin + o);
+  });
+}
+
+// p holds gamma, beta.
+void ExactReluBlock(const ExactArgs& args, const Periodic& p, int64_t begin,
+                    int64_t end) {
+  ForEachRun(p, begin, end, [&](int64_t o, int64_t c, int64_t len) {
+    ExactReluRun(args.x + begin + o, p[0] + c, p[1] + c, len, args.a + begin + o);
+  });
+}
+
 // Periods up to this many slots accumulate each block in float (at least
 // kBlock / kMaxFloatPeriod = 16 elements per slot and block, flushed into
 // double after the block: cheaper than double per element); longer ones add
@@ -295,6 +382,7 @@ constexpr int64_t kMaxFloatPeriod = kBlock / 16;
 
 // Pass 1 over [begin, end) (a multiple of kBlock apart, except at n): adds
 // into the shard's double accumulators sum_b, sum_g of p.period() slots each.
+// p holds lo, k, flip (codes) or gamma, beta (exact).
 void BnSumsShard(const BnBackwardArgs& args, const Periodic& p, int64_t begin,
                  int64_t end, double* sum_b, double* sum_g) {
   const Grid g = MakeGrid(args.bits, args.window);
@@ -305,9 +393,18 @@ void BnSumsShard(const BnBackwardArgs& args, const Periodic& p, int64_t begin,
   if (use_float) std::fill(part, part + 2 * period, 0.0f);
   for (int64_t b = begin; b < end; b += kBlock) {
     const int64_t e = std::min(end, b + kBlock);
-    const uint8_t* codes = BlockCodes(args.packed, args.bits, b, e, buffer);
+    const uint8_t* codes =
+        args.exact ? nullptr : BlockCodes(args.packed, args.bits, b, e, buffer);
     ForEachRun(p, b, e, [&](int64_t o, int64_t c, int64_t len) {
-      if (use_float) {
+      if (args.exact) {
+        const float* xhat = args.xhat + b + o;
+        const float* g_a = args.g_a + b + o;
+        if (use_float) {
+          ExactSumsRun(xhat, g_a, p[0] + c, p[1] + c, len, part + c, part + period + c);
+        } else {
+          ExactSumsRun(xhat, g_a, p[0] + c, p[1] + c, len, sum_b + c, sum_g + c);
+        }
+      } else if (use_float) {
         BnSumsRun(codes + o, args.g_a + b + o, p[0] + c, p[1] + c, p[2] + c,
                   len, g, part + c, part + period + c);
       } else {
@@ -322,9 +419,18 @@ void BnSumsShard(const BnBackwardArgs& args, const Periodic& p, int64_t begin,
   }
 }
 
-// Pass 2 over one block; p holds lo, k, flip, scale, mean_dbeta, mean_dgamma.
+// Pass 2 over one block; p holds lo, k, flip (codes) or gamma, beta (exact),
+// then scale, mean_dbeta, mean_dgamma.
 void BnBackwardBlock(const BnBackwardArgs& args, const Periodic& p,
                      int64_t begin, int64_t end) {
+  if (args.exact) {
+    ForEachRun(p, begin, end, [&](int64_t o, int64_t c, int64_t len) {
+      ExactBnBackwardRun(args.xhat + begin + o, args.g_a + begin + o, p[0] + c,
+                         p[1] + c, p[2] + c, p[3] + c, p[4] + c, len,
+                         args.g_x + begin + o);
+    });
+    return;
+  }
   const Grid g = MakeGrid(args.bits, args.window);
   alignas(64) uint8_t buffer[kBlock];
   const uint8_t* codes = BlockCodes(args.packed, args.bits, begin, end, buffer);
@@ -476,13 +582,42 @@ absl::Status PrepareBnBackward(OpKernelContext* ctx, int bits, float window,
   return absl::OkStatus();
 }
 
-// Allocates g_x (shape of g_a), d_gamma and d_beta ([C]) into args.
+// Validates the exact BN-backward inputs (g_a, xhat, gamma, beta, inv_std);
+// fills args except the outputs.
+absl::Status PrepareExactBnBackward(OpKernelContext* ctx, BnBackwardArgs* args) {
+  const Tensor& g_a = ctx->input(0);
+  const Tensor& xhat = ctx->input(1);
+  if (g_a.dims() < 1) {
+    return absl::InvalidArgumentError("g_a must have rank >= 1 (channels last)");
+  }
+  if (xhat.shape() != g_a.shape()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "xhat must have the shape of g_a, ", g_a.shape().DebugString(), ", got ",
+        xhat.shape().DebugString()));
+  }
+  const int64_t channels = g_a.dim_size(g_a.dims() - 1);
+  TF_RETURN_IF_ERROR(CheckChannelInputs(ctx, 2, 5, channels));
+  args->g_a = g_a.flat<float>().data();
+  args->exact = true;
+  args->xhat = xhat.flat<float>().data();
+  args->gamma = ctx->input(2).flat<float>().data();
+  args->beta = ctx->input(3).flat<float>().data();
+  args->inv_std = ctx->input(4).flat<float>().data();
+  args->n = g_a.NumElements();
+  args->channels = channels;
+  return absl::OkStatus();
+}
+
+// Allocates g_x (shape of g_a, in g_a's buffer when no one else holds it: the
+// backward pass then needs one full-size tensor less), d_gamma and d_beta
+// ([C]) into args.
 absl::Status AllocateBnBackward(OpKernelContext* ctx, BnBackwardArgs* args) {
   Tensor* g_x = nullptr;
   Tensor* d_gamma = nullptr;
   Tensor* d_beta = nullptr;
   const TensorShape vec({args->channels});
-  TF_RETURN_IF_ERROR(ctx->allocate_output(0, ctx->input(0).shape(), &g_x));
+  TF_RETURN_IF_ERROR(
+      ctx->forward_input_or_allocate_output({0}, 0, ctx->input(0).shape(), &g_x));
   TF_RETURN_IF_ERROR(ctx->allocate_output(1, vec, &d_gamma));
   TF_RETURN_IF_ERROR(ctx->allocate_output(2, vec, &d_beta));
   args->g_x = g_x->flat<float>().data();
@@ -526,6 +661,23 @@ struct Cpu {
     return absl::OkStatus();
   }
 
+  static absl::Status NormalizeRelu(OpKernelContext* ctx, const ExactArgs& args) {
+    const Periodic p({args.mean, args.inv_std, args.gamma, args.beta},
+                     args.channels);
+    ParallelBlocks(ctx, args.n, [&](int64_t begin, int64_t end) {
+      NormalizeReluBlock(args, p, begin, end);
+    });
+    return absl::OkStatus();
+  }
+
+  static absl::Status ExactRelu(OpKernelContext* ctx, const ExactArgs& args) {
+    const Periodic p({args.gamma, args.beta}, args.channels);
+    ParallelBlocks(ctx, args.n, [&](int64_t begin, int64_t end) {
+      ExactReluBlock(args, p, begin, end);
+    });
+    return absl::OkStatus();
+  }
+
   // Pass 1 runs on a fixed number of shards (contiguous kBlock-aligned
   // ranges), each with its own double accumulators, combined in shard order:
   // the sums depend on the thread count only, not on scheduling. Pass 2 is
@@ -540,7 +692,9 @@ struct Cpu {
     const int64_t n = args.n;
 
     // ---- pass 1: per-shard sums over [period] slots, then per channel.
-    const Periodic p1({args.lo, args.k, args.flip}, channels);
+    const Periodic p1(args.exact ? std::vector<const float*>{args.gamma, args.beta}
+                                 : std::vector<const float*>{args.lo, args.k, args.flip},
+                      channels);
     const int64_t period = p1.period();
     const auto* threads = ctx->device()->tensorflow_cpu_worker_threads();
     const int64_t blocks = (n + kBlock - 1) / kBlock;
@@ -587,9 +741,12 @@ struct Cpu {
     }
 
     // ---- pass 2: g_x.
-    const Periodic p2({args.lo, args.k, args.flip, scale.data(),
-                       mean_dbeta.data(), mean_dgamma.data()},
-                      channels);
+    std::vector<const float*> p2_params =
+        args.exact ? std::vector<const float*>{args.gamma, args.beta}
+                   : std::vector<const float*>{args.lo, args.k, args.flip};
+    p2_params.insert(p2_params.end(),
+                     {scale.data(), mean_dbeta.data(), mean_dgamma.data()});
+    const Periodic p2(p2_params, channels);
     ParallelBlocks(ctx, n, [&](int64_t begin, int64_t end) {
       BnBackwardBlock(args, p2, begin, end);
     });
@@ -615,6 +772,14 @@ struct Gpu {
 
   static absl::Status DecodeRelu(OpKernelContext* ctx, const DecodeArgs& args) {
     return LaunchStatus(LaunchDecodeReluGpu(args, Stream(ctx)));
+  }
+
+  static absl::Status NormalizeRelu(OpKernelContext* ctx, const ExactArgs& args) {
+    return LaunchStatus(LaunchNormalizeReluGpu(args, Stream(ctx)));
+  }
+
+  static absl::Status ExactRelu(OpKernelContext* ctx, const ExactArgs& args) {
+    return LaunchStatus(LaunchExactReluGpu(args, Stream(ctx)));
   }
 
   // Both passes on the device; the per-channel sums live in scratch memory.
@@ -665,7 +830,10 @@ class EncodeOp : public GridOp {
     OP_REQUIRES_OK(ctx, PrepareEncode(ctx, bits_, window_, &args));
     Tensor* a = nullptr;
     Tensor* packed = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ctx->input(0).shape(), &a));
+    // `a` in x's buffer when no one else holds x: the forward pass then
+    // needs one full-size tensor less.
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
+                            {0}, 0, ctx->input(0).shape(), &a));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(
                             1, TensorShape({ByteCount(args.n, bits_)}), &packed));
     if (args.n == 0) return;
@@ -725,6 +893,79 @@ class DecodeBnBackwardOp : public GridOp {
   }
 };
 
+// ---- exact path (bits=None) ---------------------------------------------------
+
+// Validates x (rank >= 1) and the per-channel inputs [1, last).
+absl::Status PrepareExact(OpKernelContext* ctx, int last, ExactArgs* args) {
+  const Tensor& x = ctx->input(0);
+  if (x.dims() < 1) {
+    return absl::InvalidArgumentError("the input must have rank >= 1 (channels last)");
+  }
+  args->channels = x.dim_size(x.dims() - 1);
+  TF_RETURN_IF_ERROR(CheckChannelInputs(ctx, 1, last, args->channels));
+  args->x = x.flat<float>().data();
+  args->n = x.NumElements();
+  return absl::OkStatus();
+}
+
+// BlpaBnReluExact: (a, xhat), xhat in x's buffer when no one else holds x.
+template <typename Device>
+class NormalizeReluOp : public OpKernel {
+ public:
+  using OpKernel::OpKernel;
+
+  void Compute(OpKernelContext* ctx) override {
+    ExactArgs args{};
+    OP_REQUIRES_OK(ctx, PrepareExact(ctx, 5, &args));
+    args.mean = ctx->input(1).flat<float>().data();
+    args.inv_std = ctx->input(2).flat<float>().data();
+    args.gamma = ctx->input(3).flat<float>().data();
+    args.beta = ctx->input(4).flat<float>().data();
+    Tensor* a = nullptr;
+    Tensor* xhat = nullptr;
+    const TensorShape& shape = ctx->input(0).shape();
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &a));
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 1, shape, &xhat));
+    if (args.n == 0) return;
+    args.a = a->flat<float>().data();
+    args.xhat = xhat->flat<float>().data();
+    OP_REQUIRES_OK(ctx, Device::NormalizeRelu(ctx, args));
+  }
+};
+
+// BlpaReluExact: a = where(y > 0, y, 0), y = xhat * gamma + beta.
+template <typename Device>
+class ExactReluOp : public OpKernel {
+ public:
+  using OpKernel::OpKernel;
+
+  void Compute(OpKernelContext* ctx) override {
+    ExactArgs args{};
+    OP_REQUIRES_OK(ctx, PrepareExact(ctx, 3, &args));
+    args.gamma = ctx->input(1).flat<float>().data();
+    args.beta = ctx->input(2).flat<float>().data();
+    Tensor* a = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ctx->input(0).shape(), &a));
+    if (args.n == 0) return;
+    args.a = a->flat<float>().data();
+    OP_REQUIRES_OK(ctx, Device::ExactRelu(ctx, args));
+  }
+};
+
+// BlpaBnBackwardExact: the fused ReLU + BN backward from xhat.
+template <typename Device>
+class ExactBnBackwardOp : public OpKernel {
+ public:
+  using OpKernel::OpKernel;
+
+  void Compute(OpKernelContext* ctx) override {
+    BnBackwardArgs args{};
+    OP_REQUIRES_OK(ctx, PrepareExactBnBackward(ctx, &args));
+    OP_REQUIRES_OK(ctx, AllocateBnBackward(ctx, &args));
+    OP_REQUIRES_OK(ctx, Device::BnBackward(ctx, args));
+  }
+};
+
 // The decode ops' shape input is read on the host to size the outputs (a
 // no-op on CPU, where all memory is host memory).
 #define BLPA_REGISTER_KERNELS(device_type, backend)                           \
@@ -737,7 +978,13 @@ class DecodeBnBackwardOp : public GridOp {
       Name("BlpaDecodeRelu").Device(device_type).HostMemory("shape"),         \
       DecodeReluOp<backend>);                                                 \
   REGISTER_KERNEL_BUILDER(Name("BlpaDecodeBnBackward").Device(device_type),   \
-                          DecodeBnBackwardOp<backend>)
+                          DecodeBnBackwardOp<backend>);                       \
+  REGISTER_KERNEL_BUILDER(Name("BlpaBnReluExact").Device(device_type),        \
+                          NormalizeReluOp<backend>);                          \
+  REGISTER_KERNEL_BUILDER(Name("BlpaReluExact").Device(device_type),          \
+                          ExactReluOp<backend>);                              \
+  REGISTER_KERNEL_BUILDER(Name("BlpaBnBackwardExact").Device(device_type),    \
+                          ExactBnBackwardOp<backend>)
 
 BLPA_REGISTER_KERNELS(DEVICE_CPU, Cpu);
 #if GOOGLE_CUDA

@@ -100,6 +100,51 @@ __global__ void DecodeReluKernel(DecodeArgs p, Grid g) {
   }
 }
 
+// ---- exact path (bits=None) -------------------------------------------------
+// xhat may alias x, g_x may alias g_a: each thread reads its element first.
+
+template <typename Index>
+__global__ void NormalizeReluKernel(ExactArgs p) {
+  const Index n = static_cast<Index>(p.n);
+  const Index channels = static_cast<Index>(p.channels);
+  const Index stride = static_cast<Index>(gridDim.x) * blockDim.x;
+  for (Index i = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x;
+       i < n; i += stride) {
+    const Index c = i % channels;
+    float xhat;
+    p.a[i] = NormalizeReluOne(p.x[i], p.mean[c], p.inv_std[c], p.gamma[c],
+                              p.beta[c], &xhat);
+    p.xhat[i] = xhat;
+  }
+}
+
+template <typename Index>
+__global__ void ExactReluKernel(ExactArgs p) {
+  const Index n = static_cast<Index>(p.n);
+  const Index channels = static_cast<Index>(p.channels);
+  const Index stride = static_cast<Index>(gridDim.x) * blockDim.x;
+  for (Index i = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x;
+       i < n; i += stride) {
+    const Index c = i % channels;
+    p.a[i] = ExactReluOne(p.x[i], p.gamma[c], p.beta[c]);
+  }
+}
+
+// g_y of element i (channel c) and its xhat, from the codes or, on the exact
+// path, from the stored xhat.
+template <bool kExact, typename Index>
+__device__ __forceinline__ float MaskedGradAt(const BnBackwardArgs& p,
+                                              const Grid& g, Index i, Index c,
+                                              float* xhat) {
+  if constexpr (kExact) {
+    *xhat = p.xhat[i];
+    return ExactMaskedGradOne(*xhat, p.g_a[i], p.gamma[c], p.beta[c]);
+  } else {
+    return MaskedGradOne(CodeAt(p.packed, p.bits, i), p.g_a[i], p.lo[c], p.k[c],
+                         p.flip[c], g, xhat);
+  }
+}
+
 // ---- fused decode + BN backward ---------------------------------------------
 // Pass 1 (BnSumsKernel): the grid stride is a multiple of C, so each thread
 // stays on one channel and sums its elements in registers (float runs of
@@ -111,7 +156,7 @@ __global__ void DecodeReluKernel(DecodeArgs p, Grid g) {
 constexpr int kReduceBlocks = 1024;
 constexpr int kFlush = 32;
 
-template <typename Index>
+template <bool kExact, typename Index>
 __global__ void BnSumsKernel(BnBackwardArgs p, Grid g, Index stride,
                              double* sums) {
   extern __shared__ double block_sums[];  // [2 * C] when C <= kThreads
@@ -129,13 +174,11 @@ __global__ void BnSumsKernel(BnBackwardArgs p, Grid g, Index stride,
   const Index c = gid % channels;
   double sum_b = 0.0, sum_g = 0.0;
   if (active) {
-    const float lo = p.lo[c], k = p.k[c], flip = p.flip[c];
     float run_b = 0.0f, run_g = 0.0f;
     int pending = 0;
     for (Index i = gid; i < n; i += stride) {
       float xhat;
-      const float g_y = MaskedGradOne(CodeAt(p.packed, p.bits, i), p.g_a[i], lo,
-                                      k, flip, g, &xhat);
+      const float g_y = MaskedGradAt<kExact>(p, g, i, c, &xhat);
       run_b += g_y;
       run_g += g_y * xhat;
       if (++pending == kFlush) {
@@ -181,7 +224,7 @@ __global__ void BnCoefKernel(BnBackwardArgs p, const double* sums, float count,
   }
 }
 
-template <typename Index>
+template <bool kExact, typename Index>
 __global__ void BnBackwardKernel(BnBackwardArgs p, Grid g, const float* coef) {
   const Index n = static_cast<Index>(p.n);
   const Index channels = static_cast<Index>(p.channels);
@@ -189,9 +232,10 @@ __global__ void BnBackwardKernel(BnBackwardArgs p, Grid g, const float* coef) {
   for (Index i = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x;
        i < n; i += stride) {
     const Index c = i % channels;
-    p.g_x[i] = BnBackwardOne(CodeAt(p.packed, p.bits, i), p.g_a[i], p.lo[c],
-                             p.k[c], p.flip[c], coef[c], coef[channels + c],
-                             coef[2 * channels + c], g);
+    float xhat;
+    const float g_y = MaskedGradAt<kExact>(p, g, i, c, &xhat);
+    p.g_x[i] = BnInputGradOne(g_y, xhat, coef[c], coef[channels + c],
+                              coef[2 * channels + c]);
   }
 }
 
@@ -270,21 +314,55 @@ const char* LaunchDecodeBnBackwardGpu(const BnBackwardArgs& args,
   const size_t shared_bytes =
       channels <= kThreads ? 2 * channels * sizeof(double) : 0;
   const int grid = static_cast<int>(blocks);
-  if (Fits32(args.n) && Fits32(blocks * kThreads)) {
-    BnSumsKernel<uint32_t><<<grid, kThreads, shared_bytes, s>>>(
+  const bool narrow = Fits32(args.n) && Fits32(blocks * kThreads);
+  if (args.exact && narrow) {
+    BnSumsKernel<true, uint32_t><<<grid, kThreads, shared_bytes, s>>>(
+        args, g, static_cast<uint32_t>(stride), sums);
+  } else if (args.exact) {
+    BnSumsKernel<true, uint64_t><<<grid, kThreads, shared_bytes, s>>>(
+        args, g, static_cast<uint64_t>(stride), sums);
+  } else if (narrow) {
+    BnSumsKernel<false, uint32_t><<<grid, kThreads, shared_bytes, s>>>(
         args, g, static_cast<uint32_t>(stride), sums);
   } else {
-    BnSumsKernel<uint64_t><<<grid, kThreads, shared_bytes, s>>>(
+    BnSumsKernel<false, uint64_t><<<grid, kThreads, shared_bytes, s>>>(
         args, g, static_cast<uint64_t>(stride), sums);
   }
   const float count = static_cast<float>(args.n / channels);
   BnCoefKernel<<<GridFor(channels), kThreads, 0, s>>>(args, sums, count, coef);
 
   // Pass 2: elementwise.
-  if (Fits32(args.n)) {
-    BnBackwardKernel<uint32_t><<<GridFor(args.n), kThreads, 0, s>>>(args, g, coef);
+  const int grid2 = GridFor(args.n);
+  if (args.exact && Fits32(args.n)) {
+    BnBackwardKernel<true, uint32_t><<<grid2, kThreads, 0, s>>>(args, g, coef);
+  } else if (args.exact) {
+    BnBackwardKernel<true, uint64_t><<<grid2, kThreads, 0, s>>>(args, g, coef);
+  } else if (Fits32(args.n)) {
+    BnBackwardKernel<false, uint32_t><<<grid2, kThreads, 0, s>>>(args, g, coef);
   } else {
-    BnBackwardKernel<uint64_t><<<GridFor(args.n), kThreads, 0, s>>>(args, g, coef);
+    BnBackwardKernel<false, uint64_t><<<grid2, kThreads, 0, s>>>(args, g, coef);
+  }
+  return LastError();
+}
+
+const char* LaunchNormalizeReluGpu(const ExactArgs& args, void* stream) {
+  if (args.n == 0) return nullptr;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (Fits32(args.n)) {
+    NormalizeReluKernel<uint32_t><<<GridFor(args.n), kThreads, 0, s>>>(args);
+  } else {
+    NormalizeReluKernel<uint64_t><<<GridFor(args.n), kThreads, 0, s>>>(args);
+  }
+  return LastError();
+}
+
+const char* LaunchExactReluGpu(const ExactArgs& args, void* stream) {
+  if (args.n == 0) return nullptr;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (Fits32(args.n)) {
+    ExactReluKernel<uint32_t><<<GridFor(args.n), kThreads, 0, s>>>(args);
+  } else {
+    ExactReluKernel<uint64_t><<<GridFor(args.n), kThreads, 0, s>>>(args);
   }
   return LastError();
 }

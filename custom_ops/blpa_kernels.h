@@ -167,14 +167,44 @@ BLPA_HD BnCoef MakeBnCoef(float gamma, float inv_std, float d_beta,
   return c;
 }
 
-// Pass 2 for one element: (gamma * inv_std) * ((g_y - d_beta / count) -
-// xhat * (d_gamma / count)), with the decode of pass 1 redone.
+// The input gradient of one element: (gamma * inv_std) * ((g_y - d_beta /
+// count) - xhat * (d_gamma / count)).
+BLPA_HD float BnInputGradOne(float g_y, float xhat, float scale,
+                             float mean_dbeta, float mean_dgamma) {
+  return scale * ((g_y - mean_dbeta) - xhat * mean_dgamma);
+}
+
+// Pass 2 for one element, with the decode of pass 1 redone.
 BLPA_HD float BnBackwardOne(uint8_t code, float g_a, float lo, float k,
                             float flip, float scale, float mean_dbeta,
                             float mean_dgamma, const Grid& g) {
   float xhat;
   const float g_y = MaskedGradOne(code, g_a, lo, k, flip, g, &xhat);
-  return scale * ((g_y - mean_dbeta) - xhat * mean_dgamma);
+  return BnInputGradOne(g_y, xhat, scale, mean_dbeta, mean_dgamma);
+}
+
+// ---- exact path (bits=None): the saved tensor is xhat itself ---------------
+// The float32 operations of quantizer.py's exact path, in its order, so that
+// the mask rebuilt in the backward pass is the forward's, bit for bit.
+
+// Forward: xhat = (x - mean) * inv_std (written), a = relu(xhat * gamma + beta).
+BLPA_HD float NormalizeReluOne(float x, float mean, float inv_std, float gamma,
+                               float beta, float* xhat) {
+  const float h = (x - mean) * inv_std;
+  *xhat = h;
+  return ReluKeepNan(h * gamma + beta);
+}
+
+// The ReLU output rebuilt from xhat: where(y > 0, y, 0), y = xhat * gamma + beta.
+BLPA_HD float ExactReluOne(float xhat, float gamma, float beta) {
+  const float y = xhat * gamma + beta;
+  return y > 0.0f ? y : 0.0f;
+}
+
+// g_y = where(xhat * gamma + beta > 0, g_a, 0).
+BLPA_HD float ExactMaskedGradOne(float xhat, float g_a, float gamma,
+                                 float beta) {
+  return xhat * gamma + beta > 0.0f ? g_a : 0.0f;
 }
 
 // Arguments of one encode over `n` elements with `channels` channels (channel
@@ -215,16 +245,34 @@ struct DecodeArgs {
   float* a;
 };
 
-// Arguments of one fused decode + BN backward over `n` elements (`n / channels`
-// rows). Device pointers for the GPU launcher.
+// Arguments of one exact forward (NormalizeReluOne) or exact rebuild
+// (ExactReluOne, x = xhat) over `n` elements. Device pointers on the GPU.
+struct ExactArgs {
+  const float* x;  // the BN input (forward) or xhat (rebuild)
+  const float* mean;
+  const float* inv_std;
+  const float* gamma;
+  const float* beta;
+  int64_t n;
+  int64_t channels;
+  float* a;
+  float* xhat;  // forward only; may alias x (the op forwards x's buffer)
+};
+
+// Arguments of one fused BN backward over `n` elements (`n / channels` rows),
+// from the codes (`packed`, lo, k, flip) or, on the exact path, from `xhat`
+// (then `exact`, with gamma and beta). Device pointers for the GPU launcher.
 struct BnBackwardArgs {
-  const float* g_a;        // [n]
+  const float* g_a;        // [n]; g_x may alias it (the op forwards g_a)
   const uint8_t* packed;   // [n] (8 bits) or [(n + 1) / 2] (4 bits)
   const float* lo;
   const float* k;
   const float* flip;
   const float* gamma;
   const float* inv_std;
+  bool exact;
+  const float* xhat;  // [n], exact path
+  const float* beta;  // exact path
   int64_t n;
   int64_t channels;
   int bits;
@@ -250,6 +298,8 @@ const char* LaunchDecodeGpu(const DecodeArgs& args, void* stream);
 const char* LaunchDecodeReluGpu(const DecodeArgs& args, void* stream);
 const char* LaunchDecodeBnBackwardGpu(const BnBackwardArgs& args,
                                       void* stream);
+const char* LaunchNormalizeReluGpu(const ExactArgs& args, void* stream);
+const char* LaunchExactReluGpu(const ExactArgs& args, void* stream);
 
 }  // namespace blpa
 

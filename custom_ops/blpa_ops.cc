@@ -194,3 +194,86 @@ count = number of rows. Neither xhat, the mask nor g_y is materialized. Sums
 are accumulated in double, so they agree with TF's float reductions to float
 rounding, not bit for bit.
 )doc");
+
+// ---- exact path (bits=None): the saved tensor is xhat itself ------------------
+
+namespace {
+
+// Shape of input 0 (rank >= 1) with its last axis merged with the [C] inputs
+// [first, last).
+absl::Status ChannelsLastLike(InferenceContext* c, int first, int last,
+                              ShapeHandle* out) {
+  TF_RETURN_IF_ERROR(c->WithRankAtLeast(c->input(0), 1, out));
+  DimensionHandle channels;
+  TF_RETURN_IF_ERROR(ChannelDim(c, first, last, &channels));
+  DimensionHandle merged;
+  TF_RETURN_IF_ERROR(c->Merge(c->Dim(*out, -1), channels, &merged));
+  return c->ReplaceDim(*out, -1, merged, out);
+}
+
+}  // namespace
+
+REGISTER_OP("BlpaBnReluExact")
+    .Input("x: float")
+    .Input("mean: float")
+    .Input("inv_std: float")
+    .Input("gamma: float")
+    .Input("beta: float")
+    .Output("a: float")
+    .Output("xhat: float")
+    .SetShapeFn([](InferenceContext* c) -> absl::Status {
+      ShapeHandle x;
+      TF_RETURN_IF_ERROR(ChannelsLastLike(c, 1, 5, &x));
+      c->set_output(0, x);
+      c->set_output(1, x);
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+Fused BN-normalize and ReLU that keeps the normalized input (bits=None).
+
+xhat = (x - mean) * inv_std; a = y <= 0 ? 0 : y with y = xhat * gamma + beta
+(NaN passes). xhat takes x's buffer when nothing else holds x.
+)doc");
+
+REGISTER_OP("BlpaReluExact")
+    .Input("xhat: float")
+    .Input("gamma: float")
+    .Input("beta: float")
+    .Output("a: float")
+    .SetShapeFn([](InferenceContext* c) -> absl::Status {
+      ShapeHandle x;
+      TF_RETURN_IF_ERROR(ChannelsLastLike(c, 1, 3, &x));
+      c->set_output(0, x);
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+The ReLU output rebuilt from xhat: where(y > 0, y, 0), y = xhat * gamma + beta.
+)doc");
+
+REGISTER_OP("BlpaBnBackwardExact")
+    .Input("g_a: float")
+    .Input("xhat: float")
+    .Input("gamma: float")
+    .Input("beta: float")
+    .Input("inv_std: float")
+    .Output("g_x: float")
+    .Output("d_gamma: float")
+    .Output("d_beta: float")
+    .SetShapeFn([](InferenceContext* c) -> absl::Status {
+      ShapeHandle g_a;
+      TF_RETURN_IF_ERROR(ChannelsLastLike(c, 2, 5, &g_a));
+      TF_RETURN_IF_ERROR(c->Merge(g_a, c->input(1), &g_a));
+      c->set_output(0, g_a);
+      c->set_output(1, c->Vector(c->Dim(g_a, -1)));
+      c->set_output(2, c->Vector(c->Dim(g_a, -1)));
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+Fused ReLU + batch-norm backward from the exact xhat (bits=None).
+
+With g_y = where(xhat * gamma + beta > 0, g_a, 0), summed over all rows:
+d_beta = sum(g_y), d_gamma = sum(g_y * xhat) and
+g_x = (gamma * inv_std) * (g_y - d_beta / count - xhat * (d_gamma / count)).
+Sums in double (they agree with TF's float reductions to float rounding); g_x
+takes g_a's buffer when nothing else holds g_a.
+)doc");

@@ -42,6 +42,9 @@ _REQUIRED_OPS = (
     "blpa_decode",
     "blpa_decode_relu",
     "blpa_decode_bn_backward",
+    "blpa_bn_relu_exact",
+    "blpa_relu_exact",
+    "blpa_bn_backward_exact",
 )
 
 
@@ -314,3 +317,54 @@ def decode_bn_backward(
         window=params.window,
     )
     return g_x, d_gamma, d_beta
+
+
+def bn_relu_exact(
+    x: tf.Tensor, mean: tf.Tensor, inv_std: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Same as `quantizer.bn_relu_exact`: `(a, xhat)` in one pass (bits=None).
+
+    The op writes `xhat` into `x`'s buffer when nothing else holds `x`.
+    """
+    x, mean, inv_std, gamma, beta = (_f32(t) for t in (x, mean, inv_std, gamma, beta))
+    _check_input(x)
+    _check_channels(x.shape[-1], mean=mean, inv_std=inv_std, gamma=gamma, beta=beta)
+    mod = _op()
+    if mod is None:
+        return quantizer.bn_relu_exact(x, mean, inv_std, gamma, beta)
+    return mod.blpa_bn_relu_exact(x, mean, inv_std, gamma, beta)
+
+
+def relu_exact(xhat: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor) -> tf.Tensor:
+    """Same as `quantizer.relu_exact`, in one pass."""
+    xhat, gamma, beta = _f32(xhat), _f32(gamma), _f32(beta)
+    _check_input(xhat)
+    _check_channels(xhat.shape[-1], gamma=gamma, beta=beta)
+    mod = _op()
+    if mod is None:
+        return quantizer.relu_exact(xhat, gamma, beta)
+    return mod.blpa_relu_exact(xhat, gamma, beta)
+
+
+def bn_backward_exact(
+    g_a: tf.Tensor, xhat: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, inv_std: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Same as `quantizer.bn_backward_exact`: `(g_x, d_gamma, d_beta)`, fused.
+
+    Two passes (per-channel sums in double, then the input gradient, written
+    into `g_a`'s buffer when nothing else holds it); neither the mask nor the
+    masked gradient is materialized. Agrees with the pure-TF function to
+    float rounding, not bit for bit (the sums' order differs).
+    """
+    g_a, xhat, gamma, beta, inv_std = (_f32(t) for t in (g_a, xhat, gamma, beta, inv_std))
+    _check_input(g_a)
+    if g_a.shape.rank is not None and not g_a.shape.is_compatible_with(xhat.shape):
+        raise ValueError(
+            f"`xhat` must have the shape of `g_a`, {g_a.shape.as_list()}; received "
+            f"{xhat.shape.as_list()}."
+        )
+    _check_channels(g_a.shape[-1], gamma=gamma, beta=beta, inv_std=inv_std)
+    mod = _op()
+    if mod is None:
+        return quantizer.bn_backward_exact(g_a, xhat, gamma, beta, inv_std)
+    return mod.blpa_bn_backward_exact(g_a, xhat, gamma, beta, inv_std)

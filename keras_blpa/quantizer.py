@@ -441,6 +441,35 @@ def relu_bn_backward(
     return g_x, d_gamma, d_beta
 
 
+def bn_relu_exact(
+    x: tf.Tensor, mean: tf.Tensor, inv_std: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """`(a, xhat)`: the exact path's forward (bits=None), which keeps `xhat`.
+
+    `xhat = (x - mean) * inv_std`, `a = relu(xhat * gamma + beta)` (NaN passes).
+    """
+    xhat, _, a = _normalize_relu(x, mean, inv_std, gamma, beta)
+    return a, xhat
+
+
+def exact_mask(xhat: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor) -> tf.Tensor:
+    """The forward's ReLU mask rebuilt from the exact `xhat`, bit for bit."""
+    return xhat * gamma + beta > 0.0
+
+
+def relu_exact(xhat: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor) -> tf.Tensor:
+    """The ReLU output rebuilt from the exact `xhat`: `where(y > 0, y, 0)`."""
+    y = xhat * gamma + beta
+    return tf.where(y > 0.0, y, 0.0)
+
+
+def bn_backward_exact(
+    g_a: tf.Tensor, xhat: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, inv_std: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """`relu_bn_backward` with the mask rebuilt from the exact `xhat`."""
+    return relu_bn_backward(g_a, xhat, exact_mask(xhat, gamma, beta), gamma, inv_std)
+
+
 def decode_bn_backward(
     g_a: tf.Tensor,
     packed: tf.Tensor,

@@ -82,8 +82,7 @@ def bn_relu_linear(
         inv_std = tf.math.rsqrt(variance + epsilon)
         x_shape = tf.shape(x)
         if bits is None:
-            saved = (x32 - mean) * inv_std
-            a = tf.nn.relu(saved * gamma + beta)
+            a, saved = custom_op.bn_relu_exact(x32, mean, inv_std, gamma, beta)
         else:
             codes = _Codes(bits, quantizer.quantizer_params(gamma, beta, bits, window), x_shape)
             a, saved = codes.encode(x32, mean, inv_std, gamma, beta)
@@ -111,11 +110,7 @@ def bn_relu_linear(
             )
             with tf.control_dependencies(grads):
                 if bits is None:
-                    xhat = tf.identity(saved_now)
-                    y = xhat * gamma + beta
-                    mask = y > 0.0
-                    a_approx = tf.where(mask, y, 0.0)
-                    del y
+                    a_approx = custom_op.relu_exact(saved_now, gamma, beta)
                 else:
                     a_approx = codes.decode_relu(saved_now, gamma, beta)
             a_approx = tf.cast(a_approx, compute_dtype)
@@ -131,8 +126,8 @@ def bn_relu_linear(
             # With static shapes nothing else ties the second decode to g_a.
             with tf.control_dependencies([g_a]):
                 if bits is None:
-                    g_x, d_gamma, d_beta = quantizer.relu_bn_backward(
-                        g_a, xhat, mask, gamma, inv_std
+                    g_x, d_gamma, d_beta = custom_op.bn_backward_exact(
+                        g_a, saved_now, gamma, beta, inv_std
                     )
                 else:
                     g_x, d_gamma, d_beta = codes.decode_bn_backward(

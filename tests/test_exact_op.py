@@ -1,0 +1,173 @@
+"""The compiled exact-path ops (bits=None) against their pure-TF twins.
+
+Forward and rebuild are elementwise and so bit for bit; the fused backward's
+sums are in double, so it agrees to float rounding (and with a float64
+reference more closely). The ops write into an input's buffer when nothing
+else holds it: the tests check that a buffer someone still reads is never
+overwritten.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from test_custom_op import BN_SHAPES, SHAPES, _assert_close, _assert_same_float, _make_case
+
+from keras_blpa import custom_op, quantizer
+
+
+@pytest.fixture(scope="module", autouse=True)
+def op_lib():
+    if custom_op.disabled() or not custom_op.is_available():
+        pytest.skip(f"custom op library unavailable: {custom_op.load_error()}")
+
+
+def _case(shape, seed, specials=False):
+    x, mean, inv_std, gamma, beta, _ = _make_case(shape, 4, seed, specials=specials)
+    return x, mean, inv_std, gamma, beta
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("specials", [False, True], ids=["finite", "nan_inf"])
+def test_forward_and_rebuild_bit_exact(shape, specials):
+    x, mean, inv_std, gamma, beta = _case(shape, 3, specials)
+    a, xhat = custom_op.bn_relu_exact(x, mean, inv_std, gamma, beta)
+    a_ref, xhat_ref = quantizer.bn_relu_exact(x, mean, inv_std, gamma, beta)
+    _assert_same_float(a, a_ref)
+    _assert_same_float(xhat, xhat_ref)
+    # NaN passes through the forward's ReLU, as tf.nn.relu's does.
+    y = (x - mean) * inv_std * gamma + beta
+    np.testing.assert_array_equal(np.isnan(a), np.isnan(y))
+    rebuilt = custom_op.relu_exact(xhat, gamma, beta)
+    _assert_same_float(rebuilt, quantizer.relu_exact(xhat_ref, gamma, beta))
+    # The rebuilt activation is the forward's exactly, wherever that is a number.
+    finite = np.isfinite(a.numpy())
+    _assert_same_float(rebuilt.numpy()[finite], a.numpy()[finite])
+
+
+def _bn_backward_f64(g_a, xhat, gamma, beta, inv_std):
+    xhat64 = np.asarray(xhat, np.float64)
+    mask = quantizer.exact_mask(xhat, gamma, beta).numpy()
+    g_y = np.where(mask, np.asarray(g_a, np.float64), 0.0)
+    axes = tuple(range(g_y.ndim - 1))
+    count = g_y.size // g_y.shape[-1]
+    d_beta, d_gamma = g_y.sum(axes), (g_y * xhat64).sum(axes)
+    scale = np.asarray(gamma, np.float64) * np.asarray(inv_std, np.float64)
+    return scale * (g_y - d_beta / count - xhat64 * (d_gamma / count)), d_gamma, d_beta
+
+
+@pytest.mark.parametrize("shape", BN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_bn_backward_matches_quantizer(shape):
+    x, mean, inv_std, gamma, beta = _case(shape, 5)
+    _, xhat = quantizer.bn_relu_exact(x, mean, inv_std, gamma, beta)
+    rng = np.random.default_rng(6)
+    g_a = tf.constant((rng.normal(size=shape) + 0.3).astype(np.float32))
+    out = custom_op.bn_backward_exact(g_a, xhat, gamma, beta, inv_std)
+    ref = quantizer.bn_backward_exact(g_a, xhat, gamma, beta, inv_std)
+    for actual, expected in zip(out, ref):
+        assert actual.dtype == tf.float32 and actual.shape == expected.shape
+        _assert_close(actual.numpy(), expected.numpy())
+    for actual, expected in zip(out, _bn_backward_f64(g_a, xhat, gamma, beta, inv_std)):
+        _assert_close(actual.numpy().astype(np.float64), expected, rtol=1e-6)
+
+
+def test_inputs_read_later_are_not_overwritten():
+    """x and g_a read after the op keep their values (no forwarding then)."""
+    x, mean, inv_std, gamma, beta = _case((4, 8, 8, 16), 7)
+    g_a = tf.constant(np.random.default_rng(8).normal(size=(4, 8, 8, 16)).astype(np.float32))
+
+    @tf.function
+    def run(x, g_a):
+        x2 = x * 2.0  # produced here: its buffer is forwardable
+        g2 = g_a * 2.0
+        a, xhat = custom_op.bn_relu_exact(x2, mean, inv_std, gamma, beta)
+        g_x, _, _ = custom_op.bn_backward_exact(g2, xhat, gamma, beta, inv_std)
+        with tf.control_dependencies([a, g_x]):
+            return a, xhat, g_x, tf.identity(x2), tf.identity(g2)
+
+    a, xhat, g_x, x2, g2 = run(x, g_a)
+    np.testing.assert_array_equal(x2, x.numpy() * 2)
+    np.testing.assert_array_equal(g2, g_a.numpy() * 2)
+    a_ref, xhat_ref = quantizer.bn_relu_exact(x * 2.0, mean, inv_std, gamma, beta)
+    _assert_same_float(a, a_ref)
+    _assert_same_float(xhat, xhat_ref)
+    ref = quantizer.bn_backward_exact(g_a * 2.0, xhat_ref, gamma, beta, inv_std)[0]
+    _assert_close(g_x.numpy(), ref.numpy())
+
+
+def test_forwarded_buffers_give_the_same_results():
+    """Inputs only the op reads (forwardable) give the same numbers."""
+    x, mean, inv_std, gamma, beta = _case((4, 8, 8, 16), 9)
+    g_a = tf.constant(np.random.default_rng(10).normal(size=(4, 8, 8, 16)).astype(np.float32))
+
+    @tf.function
+    def run(x, g_a):
+        a, xhat = custom_op.bn_relu_exact(x + 1.0, mean, inv_std, gamma, beta)
+        return (a, xhat, *custom_op.bn_backward_exact(g_a + 1.0, xhat, gamma, beta, inv_std))
+
+    a, xhat, *grads = run(x, g_a)
+    a_ref, xhat_ref = quantizer.bn_relu_exact(x + 1.0, mean, inv_std, gamma, beta)
+    _assert_same_float(a, a_ref)
+    _assert_same_float(xhat, xhat_ref)
+    ref = quantizer.bn_backward_exact(g_a + 1.0, xhat_ref, gamma, beta, inv_std)
+    for actual, expected in zip(grads, ref):
+        _assert_close(actual.numpy(), expected.numpy())
+
+
+def test_invalid_inputs_name_the_argument():
+    x, mean, inv_std, gamma, beta = _case((3, 7), 11)
+    with pytest.raises(ValueError, match="`gamma` must have shape \\[7\\]"):
+        custom_op.bn_relu_exact(x, mean, inv_std, tf.zeros([6]), beta)
+    with pytest.raises(ValueError, match="`beta` must have shape \\[7\\]"):
+        custom_op.relu_exact(x, gamma, tf.zeros([8]))
+    with pytest.raises(ValueError, match="`xhat` must have the shape of `g_a`"):
+        custom_op.bn_backward_exact(x, tf.zeros([3, 6]), gamma, beta, inv_std)
+    with pytest.raises(ValueError, match="rank >= 1"):
+        custom_op.relu_exact(tf.constant(1.0), gamma[:1], beta[:1])
+
+
+def test_empty_tensors():
+    _, mean, inv_std, gamma, beta = _case((1, 3), 12)
+    x = tf.zeros([0, 3])
+    a, xhat = custom_op.bn_relu_exact(x, mean, inv_std, gamma, beta)
+    assert a.shape == (0, 3) and xhat.shape == (0, 3)
+    assert custom_op.relu_exact(xhat, gamma, beta).shape == (0, 3)
+    g_x, d_gamma, d_beta = custom_op.bn_backward_exact(x, xhat, gamma, beta, inv_std)
+    assert g_x.shape == (0, 3)
+    np.testing.assert_array_equal(d_gamma, np.zeros(3))
+    np.testing.assert_array_equal(d_beta, np.zeros(3))
+
+
+def test_xla_uses_pure_tf():
+    x, mean, inv_std, gamma, beta = _case((4, 5, 5, 8), 13)
+
+    @tf.function(jit_compile=True)
+    def run(x):
+        a, xhat = custom_op.bn_relu_exact(x, mean, inv_std, gamma, beta)
+        return (custom_op.relu_exact(xhat, gamma, beta),
+                *custom_op.bn_backward_exact(a, xhat, gamma, beta, inv_std))
+
+    hlo = run.experimental_get_compiler_ir(x)(stage="hlo")
+    assert "Blpa" not in hlo
+    rebuilt, g_x, _, _ = run(x)
+    a_ref, xhat_ref = quantizer.bn_relu_exact(x, mean, inv_std, gamma, beta)
+    _assert_close(rebuilt.numpy(), a_ref.numpy())
+    ref = quantizer.bn_backward_exact(a_ref, xhat_ref, gamma, beta, inv_std)[0]
+    _assert_close(g_x.numpy(), ref.numpy(), rtol=1e-4)
+
+
+def test_disabled_switch_gives_pure_tf(monkeypatch):
+    x, mean, inv_std, gamma, beta = _case((4, 5, 5, 8), 14)
+
+    @tf.function
+    def run(x):
+        return custom_op.bn_relu_exact(x, mean, inv_std, gamma, beta)
+
+    monkeypatch.setenv("KERAS_BLPA_DISABLE_CUSTOM_OPS", "1")
+    graph = run.get_concrete_function(x).graph.as_graph_def()
+    assert not any(node.op.startswith("Blpa") for node in graph.node)
+    monkeypatch.delenv("KERAS_BLPA_DISABLE_CUSTOM_OPS")
+    run2 = tf.function(run.python_function)
+    graph = run2.get_concrete_function(x).graph.as_graph_def()
+    assert any(node.op == "BlpaBnReluExact" for node in graph.node)
