@@ -285,7 +285,10 @@ def convert_graph(model, options: dict, keep: Callable, report: ConversionReport
         if projection:
             mapping[(projection["linear"], 0, 0)] = (name, 0, 1)
         loaders[name] = load
-        report.chains.append(Chain(tuple(parts), fused_as=name, model=path))
+        report.chains.append(Chain(
+            tuple(parts), fused_as=name, model=path, linear=linear.name,
+            projection=projection["linear"] if projection else None,
+        ))
         report.stock_layers += len(parts)
         report.fused_layers += 1
     new_entries = []
@@ -300,7 +303,7 @@ def convert_graph(model, options: dict, keep: Callable, report: ConversionReport
             new_entries.append((entry, True))
         else:
             new_entries.append((entry, True))
-    new_model = g.rebuild(graph, new_entries, mapping)
+    new_model = g.rebuild(graph, new_entries, mapping, model)
     return new_model, lambda new: transfer(new, model, loaders)
 
 

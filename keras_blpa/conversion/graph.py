@@ -194,18 +194,40 @@ def serialize(layer, name: str, inbound_nodes: list | None) -> dict:
     return entry
 
 
-def rebuild(graph: Graph, new_entries: list, mapping: dict):
+def _classes(model) -> dict:
+    """Every layer class in `model` (nested models too), by the names a config
+    may use, so that unregistered custom layers deserialize."""
+    classes = {}
+    for layer in model.layers:
+        cls = type(layer)
+        classes[cls.__name__] = cls
+        classes[keras.saving.get_registered_name(cls)] = cls
+        if isinstance(layer, keras.Model):
+            classes.update(_classes(layer))
+    return classes
+
+
+def rebuild(graph: Graph, new_entries: list, mapping: dict, model):
     """The model from rewritten entries (`(entry, remap?)` pairs in order)."""
     config = copy.deepcopy(graph.config)
     if graph.kind == "sequential":
         config["layers"] = [entry for entry, _ in new_entries]
-        return keras.Sequential.from_config(config)
-    config["layers"] = [
-        {**entry, "inbound_nodes": remap_refs(entry["inbound_nodes"], mapping)}
-        for entry, _ in new_entries
-    ]
-    config["output_layers"] = remap_outputs(config["output_layers"], mapping)
-    return keras.Model.from_config(config)
+        build = keras.Sequential.from_config
+    else:
+        config["layers"] = [
+            {**entry, "inbound_nodes": remap_refs(entry["inbound_nodes"], mapping)}
+            for entry, _ in new_entries
+        ]
+        config["output_layers"] = remap_outputs(config["output_layers"], mapping)
+        build = keras.Model.from_config
+    try:
+        return build(config, custom_objects=_classes(model))
+    except Exception as err:
+        raise ValueError(
+            f"Could not rebuild `model` ({model.name}) from its config: {err}\n"
+            "Every layer must be re-creatable from `layer.get_config()` (custom layers: "
+            "implement `get_config` returning the `__init__` arguments)."
+        ) from err
 
 
 def unique_name(base: str, taken: set) -> str:

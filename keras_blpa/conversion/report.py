@@ -15,12 +15,16 @@ class Chain:
       fused_as: the fused layer's name, or None if left stock.
       reason: why it was left stock (None if fused).
       model: the nested model it sits in ("" for the top level).
+      linear: the main linear layer's name (fused chains).
+      projection: the 1x1 projection Conv2D's name, if one was fused in.
     """
 
     layers: tuple
     fused_as: str | None = None
     reason: str | None = None
     model: str = ""
+    linear: str | None = None
+    projection: str | None = None
 
     @property
     def fused(self) -> bool:

@@ -137,7 +137,7 @@ def standard_graph(model):
             new_entries.append((new_entry, True))
         else:
             new_entries.append((entry, True))
-    new_model = g.rebuild(graph, new_entries, mapping)
+    new_model = g.rebuild(graph, new_entries, mapping, model)
 
     def load(new) -> None:
         transfer(new, model, loaders)
