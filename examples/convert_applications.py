@@ -1,0 +1,258 @@
+"""Convert a keras.applications network to BLPA in one call, measure, fine-tune.
+
+Builds a `keras.applications` model (weights=None: offline), converts it with
+`keras_blpa.convert`, prints the conversion report and the activation memory
+of the original and the converted model (each measured in a fresh process:
+slope of peak training-step memory between two batch sizes), then fine-tunes
+the converted model for a few steps on Fashion-MNIST (offline: the Debian
+package when installed, else the subset shipped with keras_blpa), resized to
+the input size and repeated to 3 channels.
+
+    python examples/convert_applications.py                  # ResNet50V2, 64x64, 4-bit
+    python examples/convert_applications.py --model DenseNet121 --bits 8
+    python examples/convert_applications.py --table ResNet50V2 DenseNet121 ResNet50 MobileNetV2
+
+`--table` measures every listed model (stock, bits=None, 4-bit) and prints the
+README's table instead of training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import keras_blpa  # noqa: E402
+from keras_blpa import datasets, profiling, training  # noqa: E402
+
+MODELS = (
+    "ResNet50V2", "ResNet101V2", "ResNet152V2", "ResNet50", "ResNet101", "ResNet152",
+    "DenseNet121", "DenseNet169", "DenseNet201", "MobileNetV2",
+)
+VARIANTS = ("stock", "none", "8", "4")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=MODELS, default="ResNet50V2")
+    p.add_argument("--size", type=training.positive_int, default=64,
+                   help="input height and width (default 64; at least 32)")
+    p.add_argument("--bits", choices=["4", "8", "none"], default="4",
+                   help="fused layers' bits (none: exact)")
+    p.add_argument("--steps", type=training.positive_int, default=20,
+                   help="fine-tuning steps (default 20)")
+    p.add_argument("--batch-size", type=training.positive_int, default=32)
+    p.add_argument("--lr", type=training.positive_float, default=1e-3,
+                   help="Adam learning rate (default 0.001)")
+    p.add_argument("--dataset", choices=["fashion_mnist", "fashion_mnist_subset"],
+                   default="fashion_mnist",
+                   help="fashion_mnist: the Debian package if installed, else the subset")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
+    p.add_argument("--memory-batch-sizes", type=training.positive_int, nargs=2,
+                   default=(8, 40))
+    p.add_argument("--memory-steps", type=training.positive_int, default=3,
+                   help="measured steps per batch size; the lowest peak counts")
+    p.add_argument("--memory-repeats", type=training.positive_int, default=1,
+                   help="fresh processes per figure; the lowest is reported")
+    p.add_argument("--full-report", action="store_true",
+                   help="list every fused chain, not only those left stock")
+    p.add_argument("--table", nargs="+", choices=MODELS, metavar="MODEL",
+                   help="measure these models (stock, bits=None, 4-bit) and print a table")
+    p.add_argument("--measure-child", nargs=1, metavar="VARIANT", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.size < 32:
+        p.error(f"argument --size: at least 32 (keras.applications); received {args.size}")
+    return args
+
+
+def build(name: str, size: int, classes: int = 10) -> keras.Model:
+    """The application with random weights (no download)."""
+    return getattr(keras.applications, name)(
+        weights=None, input_shape=(size, size, 3), classes=classes
+    )
+
+
+def variant_model(name: str, size: int, variant: str):
+    """The stock model, or its conversion with the variant's bits, and the report."""
+    model = build(name, size)
+    if variant == "stock":
+        return model, None
+    bits = None if variant == "none" else int(variant)
+    return keras_blpa.convert(model, bits=bits, return_report=True)
+
+
+def measure(name: str, size: int, variant: str, batch_sizes, steps: int) -> dict:
+    """Peak training-step memory at each batch size, in this process."""
+    model, report = variant_model(name, size, variant)
+    peaks = [profiling.peak_step_memory(model, b, steps=steps) for b in batch_sizes]
+    span = batch_sizes[-1] - batch_sizes[0]
+    result = {"model": name, "size": size, "variant": variant, "peak_bytes": peaks,
+              "mib_per_sample": (peaks[-1] - peaks[0]) / span / 2**20}
+    if report is not None and report.fused:
+        result["saved_mib_per_sample"] = profiling.saved_bytes_per_sample(model) / 2**20
+    return result
+
+
+def measure_in_subprocess(args, name: str, variant: str) -> dict:
+    """`measure` in fresh processes (allocator state matters), the lowest of
+    `--memory-repeats`, as `keras_blpa.profiling` measures: TensorFlow's BFC
+    allocator (counts every tensor) and every op in the calling thread."""
+    command = [sys.executable, os.path.abspath(__file__), "--model", name,
+               "--size", str(args.size), "--memory-steps", str(args.memory_steps),
+               "--memory-batch-sizes", *map(str, args.memory_batch_sizes),
+               "--measure-child", variant]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_CPU_ALLOCATOR_USE_BFC="true")
+    runs = []
+    for _ in range(args.memory_repeats):
+        start = time.time()
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        if done.returncode:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"  {name} {variant}: {runs[-1]['mib_per_sample']:.2f} MiB/sample "
+              f"({time.time() - start:.0f} s)", flush=True)
+    return min(runs, key=lambda r: r["mib_per_sample"])
+
+
+def child(args) -> None:
+    tf.config.threading.set_inter_op_parallelism_threads(-1)
+    if profiling.memory_device() == "CPU:0":
+        # One BFC region up front, so chunk addresses (and the peak) do not
+        # depend on where the pool grew (see keras_blpa.profiling).
+        profiling._reserve_cpu_pool()
+    print(json.dumps(measure(args.model, args.size, args.measure_child[0],
+                             args.memory_batch_sizes, args.memory_steps)))
+
+
+def memory_table(args, names) -> str:
+    b0, b1 = args.memory_batch_sizes
+    rows = [f"| model ({args.size}x{args.size}) | chains fused / left stock | stock "
+            "| fused, bits=None | BLPA 4-bit | 4-bit vs stock | 4-bit saved (computed) |",
+            "|---|---|---|---|---|---|---|"]
+    for name in names:
+        _, report = variant_model(name, args.size, "4")
+        mem = {"stock": measure_in_subprocess(args, name, "stock")}
+        if report.fused:
+            for variant in ("none", "4"):
+                mem[variant] = measure_in_subprocess(args, name, variant)
+        stock = mem["stock"]["mib_per_sample"]
+        cells = [f"{mem[v]['mib_per_sample']:.2f}" if v in mem else "= stock"
+                 for v in ("none", "4")]
+        four = mem.get("4", mem["stock"])
+        rows.append(
+            f"| {name} | {len(report.fused)} / {len(report.left)} | {stock:.2f} | "
+            f"{cells[0]} | {cells[1]} | {stock / four['mib_per_sample']:.1f}x less | "
+            f"{four.get('saved_mib_per_sample', 0):.2f} |"
+        )
+    rows.append(f"\nMiB per sample: slope of peak training-step memory from batch {b0} to "
+                f"{b1}, lowest of {args.memory_steps} steps, fresh process per figure.")
+    return "\n".join(rows)
+
+
+class BatchLosses(keras.callbacks.Callback):
+    """Each step's loss (fit logs the running mean of the epoch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.losses, self._total = [], 0.0
+
+    def on_train_batch_end(self, batch, logs=None):
+        total = logs["loss"] * (batch + 1)
+        self.losses.append(float(total - self._total))
+        self._total = total
+
+
+def load_data(args, count: int):
+    """Fashion-MNIST as `size`x`size`x3 batches, and a small test set."""
+    source = "subset" if args.dataset.endswith("subset") else "auto"
+    (x, y), (x_test, y_test), description = datasets.load_fashion_mnist(source)
+    x, y = x[:count], y[:count]
+    mean, std = x.mean(), x.std()
+
+    def prepare(images, labels):
+        images = tf.image.resize((images - mean) / std, (args.size, args.size))
+        return tf.repeat(images, 3, axis=-1), labels
+
+    train = (tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=0)
+             .repeat().batch(args.batch_size).map(prepare))
+    test = tf.data.Dataset.from_tensor_slices((x_test[:512], y_test[:512])).batch(128).map(
+        prepare)
+    return train, test, f"{description}: {len(x):,} training images, 512 test images"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.measure_child:
+        child(args)
+        return {}
+    if args.table:
+        table = memory_table(args, args.table)
+        print("\n" + table)
+        return {"table": table}
+    keras.utils.set_random_seed(0)
+    original = build(args.model, args.size)
+    bits = None if args.bits == "none" else int(args.bits)
+    start = time.time()
+    model, report = keras_blpa.convert(original, bits=bits, return_report=True)
+    print(f"Converted {args.model} ({args.size}x{args.size}, weights=None) in "
+          f"{time.time() - start:.1f} s")
+    if args.full_report:
+        print(report)
+    else:
+        print(str(report).splitlines()[0])
+        for chain in report.left:
+            print(f"  left stock: {' -> '.join(chain.layers)}: {chain.reason}")
+    summary = {"model": args.model, "size": args.size, "bits": bits,
+               "fused": len(report.fused), "left": len(report.left)}
+    if report.fused:
+        saved = profiling.saved_bytes_per_sample(model) / 2**20
+        summary["saved_mib_per_sample"] = saved
+        print(f"Saved activations of the fused layers (computed): {saved:.2f} MiB/sample")
+    if not args.no_memory:
+        b0, b1 = args.memory_batch_sizes
+        print(f"Activation memory: slope of peak training-step memory, batch {b0} -> {b1}, "
+              "fresh process each", flush=True)
+        variant = "none" if bits is None else str(bits)
+        stock = measure_in_subprocess(args, args.model, "stock")["mib_per_sample"]
+        fused = measure_in_subprocess(args, args.model, variant)["mib_per_sample"]
+        summary.update(stock_mib_per_sample=stock, converted_mib_per_sample=fused)
+        print(f"Memory: {stock:.2f} MiB/sample stock, {fused:.2f} converted: "
+              f"{stock / fused:.1f}x less, {stock - fused:.2f} MiB/sample saved")
+    train, test, line = load_data(args, count=max(args.steps * args.batch_size, 256))
+    print(f"Data: {line}")
+    model.compile(keras.optimizers.Adam(args.lr),
+                  keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+    losses = BatchLosses()
+    start = time.time()
+    model.fit(train, steps_per_epoch=args.steps, epochs=1, verbose=0, callbacks=[losses],
+              shuffle=False)
+    seconds = time.time() - start
+    k = max(1, min(5, args.steps // 4))
+    first, last = float(np.mean(losses.losses[:k])), float(np.mean(losses.losses[-k:]))
+    summary.update(train_losses=losses.losses, train_seconds=seconds)
+    print(f"Fine-tuned {args.steps} steps at batch {args.batch_size} in {seconds:.0f} s: "
+          f"training loss {first:.3f} (first {k} steps) -> {last:.3f} (last {k})")
+    if args.steps >= 200:
+        # BN's moving statistics (momentum 0.99) need a few hundred steps
+        # before inference-mode figures of a network trained from scratch mean much.
+        summary["test_accuracy"] = model.evaluate(test, verbose=0)[1]
+        print(f"Test accuracy: {summary['test_accuracy']:.3f}")
+    standard = keras_blpa.to_standard(model)
+    x = next(iter(test))[0][:8]
+    gap = float(np.abs(standard(x) - model(x)).max())
+    summary["to_standard_max_difference"] = gap
+    print(f"keras_blpa.to_standard(model): stock layers, same outputs (max difference {gap:.1e})")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
