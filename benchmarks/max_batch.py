@@ -18,8 +18,20 @@ batch. Variants:
 Output: a markdown table (depths by variants), a PNG of peak memory against
 batch size per variant, and the raw figures as JSON.
 
+On CPU the workers count memory with TensorFlow's BFC allocator (`--allocator
+bfc`, the default): the default CPU allocator leaves allocations under 256 KiB
+out of its statistics, which at small batches is most of BLPA's codes. With
+`--search fit` the search starts from the linear fit of peak memory and steps
+by 3% to the boundary (about 4 compiled steps per variant, for deep networks
+whose every new batch size costs minutes of tracing); `--search bisect`
+brackets the fit by +-7% first. `--repeats 0` and `--common-batch 0` skip the
+timings.
+
     python benchmarks/max_batch.py --depths 164 254 --budget-mib 2048 \\
         --out benchmarks/results/cpu
+    python benchmarks/max_batch.py --depths 1001 --variants stock none 8 4 --jit off \\
+        --budget-mib 2048 --search fit --repeats 0 --common-batch 0 \\
+        --inter-op-threads -1 --out benchmarks/results/cpu/depth1001
 """
 
 from __future__ import annotations
@@ -110,11 +122,16 @@ def build(variant: str, depth: int, classes: int = 10):
     raise ValueError(f"unknown variant {variant!r}")
 
 
-def worker(depth: int, variant: str, jit: bool, budget: int, common: int, repeats: int) -> dict:
-    """Runs in a fresh process: binary search of the max batch, then timings."""
+def worker(depth: int, variant: str, jit: bool, budget: int, common: int, repeats: int,
+           search: str = "bisect") -> dict:
+    """Runs in a fresh process: search of the max batch, then timings."""
     import numpy as np
 
+    from keras_blpa import profiling
+
     device = _device()
+    if device == "CPU:0" and profiling.cpu_bfc():
+        profiling.reserve_cpu_pool(int(2 * budget / 2**20) + 256)
     model = build(variant, depth)
     rng = np.random.default_rng(0)
     peaks: dict[int, int] = {}
@@ -146,7 +163,20 @@ def worker(depth: int, variant: str, jit: bool, budget: int, common: int, repeat
     slope = (peaks[b1] - peaks[b0]) / (b1 - b0)
     guess = max(1, int((budget - (peaks[b0] - slope * b0)) / slope))
     lo, hi = 0, None
-    for candidate in (guess, int(guess * 0.93), int(guess * 1.07) + 1):
+    if search == "fit":  # walk from the fit in 3% steps to the boundary
+        delta = max(1, guess // 33)
+        if fits(guess):
+            lo = guess
+            while fits(lo + delta):
+                lo += delta
+            hi = lo + delta
+        else:
+            hi = guess
+            while hi - delta >= 1 and not fits(hi - delta):
+                hi -= delta
+            lo = max(0, hi - delta)
+    candidates = () if search == "fit" else (guess, int(guess * 0.93), int(guess * 1.07) + 1)
+    for candidate in candidates:
         if candidate < 1:
             continue
         if fits(candidate):
@@ -171,13 +201,14 @@ def worker(depth: int, variant: str, jit: bool, budget: int, common: int, repeat
             hi = mid
     result = {
         "depth": depth, "variant": variant, "jit_compile": jit, "device": device,
-        "budget_bytes": budget, "max_batch": lo,
+        "budget_bytes": budget, "max_batch": lo, "search": search,
+        "allocator": "bfc" if profiling.cpu_bfc() else "default",
         "mib_per_sample": slope / 2**20,
         "peaks": {str(k): v for k, v in sorted(peaks.items())},
     }
-    if lo >= 1:
+    if lo >= 1 and repeats:
         result["ms_per_sample_at_max"] = 1e3 * step(lo, repeats) / lo
-    if common <= lo:
+    if 1 <= common <= lo and repeats:
         result["common_batch"] = common
         result["ms_per_sample_at_common"] = 1e3 * step(common, repeats) / common
     return result
@@ -197,9 +228,14 @@ def run_worker(args, depth, variant, jit) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--depths", str(depth),
            "--variants", variant, "--budget-mib", str(args.budget_mib),
            "--common-batch", str(args.common_batch), "--repeats", str(args.repeats)]
+    cmd += ["--search", args.search]
+    if args.inter_op_threads is not None:
+        cmd += ["--inter-op-threads", str(args.inter_op_threads)]
     if jit:
         cmd.append("--xla")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    if args.allocator == "bfc":
+        env["TF_CPU_ALLOCATOR_USE_BFC"] = "true"
     start = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
                           timeout=args.timeout)
@@ -291,12 +327,21 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="benchmarks/results/cpu")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite the table and plot from <out>/max_batch.json")
+    p.add_argument("--search", choices=["bisect", "fit"], default="bisect")
+    p.add_argument("--allocator", choices=["bfc", "default"], default="bfc",
+                   help="CPU allocator whose statistics count (bfc: every tensor)")
+    p.add_argument("--inter-op-threads", type=int, default=None,
+                   help="-1: run ops one at a time in a fixed order (a peak that does "
+                   "not depend on load)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
+        if args.inter_op_threads:
+            tf.config.threading.set_inter_op_parallelism_threads(args.inter_op_threads)
         try:
             result = worker(args.depths[0], args.variants[0], args.xla,
-                            int(args.budget_mib * 2**20), args.common_batch, args.repeats)
+                            int(args.budget_mib * 2**20), args.common_batch, args.repeats,
+                            args.search)
         except Exception as e:  # noqa: BLE001 - reported in the table
             traceback.print_exc()
             result = {"depth": args.depths[0], "variant": args.variants[0],

@@ -203,6 +203,15 @@ def saved_bytes_per_sample(model) -> float:
     ))
 
 
+def input_bytes_per_sample(model) -> float:
+    """Bytes of one sample of the model's (float32) input batch.
+
+    The input batch is held during the whole training step, so it is part of
+    every measured peak and of its slope; it is data, not activation memory.
+    """
+    return float(math.prod(model.input_shape[1:]) * 4)
+
+
 def memory_device() -> str:
     """The device whose memory a training step fills: the first TPU or GPU
     core when there is one, else "CPU:0"."""
@@ -243,8 +252,13 @@ def peak_step_memory(
     model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy",
                   jit_compile=jit_compile)
     shape = (batch_size, *model.input_shape[1:])
-    x = np.random.default_rng(0).normal(size=shape).astype("float32")
-    y = np.zeros((batch_size,), "int32")
+    # Tensors made before the measured steps and held throughout: the input
+    # batch then counts exactly once in every peak (`input_bytes_per_sample`),
+    # whereas a NumPy batch is converted per step and its copy may or may not
+    # outlive the forward pass.
+    with tf.device(device):
+        x = tf.constant(np.random.default_rng(0).normal(size=shape).astype("float32"))
+        y = tf.zeros((batch_size,), tf.int32)
     model.train_on_batch(x, y)
     model.train_on_batch(x, y)
     peaks = []
@@ -277,6 +291,7 @@ def per_sample_slope(
         "batch_sizes": list(batch_sizes),
         "peak_bytes": peaks,
         "mib_per_sample": (peaks[-1] - peaks[0]) / span / 2**20,
+        "input_mib_per_sample": input_bytes_per_sample(model) / 2**20,
         "jit_compile": jit_compile,
         "steps": steps,
         "params": model.count_params(),
@@ -332,7 +347,7 @@ def measure_in_subprocess(
         (`TF_CPU_ALLOCATOR_USE_BFC=true`), which counts every tensor; the
         default (oneDNN) CPU allocator leaves allocations under 256 KiB out of
         its statistics, such as most of a small batch's codes. Its pool is
-        then reserved up front (`_reserve_cpu_pool`). Combine with `steps`
+        then reserved up front (`reserve_cpu_pool`). Combine with `steps`
         > 1: BFC counts whole chunks, so single steps vary by up to 10%.
       aggregate: "median" or "min" (the lowest run). TensorFlow orders
         independent ops by measured timings, and an order can keep one more
@@ -396,11 +411,12 @@ def _run_once(args: list[str], jit_compile: bool, env: dict[str, str]) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _cpu_bfc() -> bool:
+def cpu_bfc() -> bool:
+    """True when TensorFlow's CPU allocator is BFC (`TF_CPU_ALLOCATOR_USE_BFC`)."""
     return os.environ.get("TF_CPU_ALLOCATOR_USE_BFC", "").lower() in ("1", "true")
 
 
-def _reserve_cpu_pool(limit_mib: int = 2048) -> None:
+def reserve_cpu_pool(limit_mib: int = 2048) -> None:
     """Gives TensorFlow's CPU BFC pool one region for the whole run, up front.
 
     BFC hands a request the smallest free chunk that fits (up to twice its
@@ -472,8 +488,8 @@ def main(argv=None) -> None:
         tf.config.threading.set_inter_op_parallelism_threads(args.inter_op_threads)
     if args.intra_op_threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.intra_op_threads)
-    if memory_device() == "CPU:0" and _cpu_bfc():
-        _reserve_cpu_pool()
+    if memory_device() == "CPU:0" and cpu_bfc():
+        reserve_cpu_pool()
     result = per_sample_slope(
         tuple(args.batch_sizes), args.jit_compile, args.xla_dump_dir, steps=args.steps,
         model=args.model, variant=args.variant,
