@@ -44,6 +44,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 
 import keras
 import tensorflow as tf
@@ -162,43 +163,7 @@ def worker(depth: int, variant: str, jit: bool, budget: int, common: int, repeat
     step(b0), step(b1)
     slope = (peaks[b1] - peaks[b0]) / (b1 - b0)
     guess = max(1, int((budget - (peaks[b0] - slope * b0)) / slope))
-    lo, hi = 0, None
-    if search == "fit":  # walk from the fit in 3% steps to the boundary
-        delta = max(1, guess // 33)
-        if fits(guess):
-            lo = guess
-            while fits(lo + delta):
-                lo += delta
-            hi = lo + delta
-        else:
-            hi = guess
-            while hi - delta >= 1 and not fits(hi - delta):
-                hi -= delta
-            lo = max(0, hi - delta)
-    candidates = () if search == "fit" else (guess, int(guess * 0.93), int(guess * 1.07) + 1)
-    for candidate in candidates:
-        if candidate < 1:
-            continue
-        if fits(candidate):
-            lo = max(lo, candidate)
-        else:
-            hi = candidate if hi is None else min(hi, candidate)
-    if lo == 0 and hi is not None:  # the guess overshot a lot: halve down
-        while hi > 1 and not fits(hi // 2):
-            hi //= 2
-        lo = hi // 2
-    while hi is None:  # the guess undershot a lot: double up
-        candidate = lo * 2
-        if fits(candidate):
-            lo = candidate
-        else:
-            hi = candidate
-    while hi - lo > max(1, lo // 33):  # binary search to 3%
-        mid = (lo + hi) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid
+    lo = find_max_batch(fits, guess, search)
     result = {
         "depth": depth, "variant": variant, "jit_compile": jit, "device": device,
         "budget_bytes": budget, "max_batch": lo, "search": search,
@@ -212,6 +177,49 @@ def worker(depth: int, variant: str, jit: bool, budget: int, common: int, repeat
         result["common_batch"] = common
         result["ms_per_sample_at_common"] = 1e3 * step(common, repeats) / common
     return result
+
+
+def find_max_batch(fits: Callable[[int], bool], guess: int, search: str = "bisect") -> int:
+    """The largest batch for which `fits(batch)` holds, to 3%, starting at `guess`.
+
+    `search="fit"` trusts the guess (a linear fit of measured memory): it
+    steps from it by 3% to the boundary, at most 3 steps, then falls back to
+    the bracketing below. `"bisect"` tries the guess and +-7% first. Each call
+    of `fits` costs a compiled training step, so few calls matter.
+    """
+    if search not in ("bisect", "fit"):
+        raise ValueError(f"`search` must be 'bisect' or 'fit'; received {search!r}.")
+    guess = max(1, int(guess))
+    lo, hi = 0, None
+
+    def record(batch: int) -> bool:
+        nonlocal lo, hi
+        if fits(batch):
+            lo = max(lo, batch)
+            return True
+        hi = batch if hi is None else min(hi, batch)
+        return False
+
+    if search == "fit":
+        delta = max(1, guess // 33)
+        step = delta if record(guess) else -delta
+        batch = guess
+        for _ in range(3):  # walk towards the boundary
+            batch += step
+            if batch < 1 or record(batch) != (step > 0):
+                break
+    else:
+        for candidate in (guess, int(guess * 0.93), int(guess * 1.07) + 1):
+            if candidate >= 1:
+                record(candidate)
+    if lo == 0 and hi is not None:  # the guess overshot a lot: halve down
+        while hi > 1 and not record(hi // 2):
+            pass
+    while hi is None:  # the guess undershot a lot: double up
+        record(lo * 2)
+    while hi - lo > max(1, lo // 33):  # binary search to 3%
+        record((lo + hi) // 2)
+    return lo
 
 
 def _one_line(error: Exception) -> str:

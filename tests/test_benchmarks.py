@@ -1,4 +1,4 @@
-"""The accuracy benchmark (benchmarks/accuracy.py) runs end to end, tiny."""
+"""The benchmarks' logic: the accuracy benchmark end to end (tiny), the max-batch search."""
 
 import importlib.util
 import json
@@ -9,12 +9,40 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-@pytest.fixture(scope="module")
-def accuracy():
-    spec = importlib.util.spec_from_file_location("accuracy", BENCHMARKS / "accuracy.py")
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def accuracy():
+    return _load("accuracy")
+
+
+@pytest.mark.parametrize("search", ["fit", "bisect"])
+def test_max_batch_search_finds_the_boundary_to_3_percent(search):
+    find = _load("max_batch").find_max_batch
+    for true in (1, 2, 5, 20, 33, 100, 275, 1000):
+        for guess in (1, true // 3 + 1, int(true * 0.98) + 1, true, int(true * 1.05) + 1,
+                      4 * true):
+            calls = []
+
+            def fits(batch, true=true, calls=calls):
+                calls.append(batch)
+                return batch <= true
+
+            found = find(fits, guess, search)
+            assert found <= true and true - found <= max(1, found // 33), (true, guess, found)
+            assert len(calls) < 20
+    # A good fit costs two compiled steps with "fit".
+    if search == "fit":
+        calls = []
+        assert find(lambda b: calls.append(b) or b <= 200, 198, "fit") == 198
+        assert calls == [198, 204]
+    with pytest.raises(ValueError, match="search"):
+        find(lambda b: True, 4, "linear")
 
 
 def test_accuracy_table_resume_and_report(tmp_path, accuracy):
