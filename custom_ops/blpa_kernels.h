@@ -270,9 +270,6 @@ struct BnBackwardArgs {
   const float* flip;
   const float* gamma;
   const float* inv_std;
-  bool exact;
-  const float* xhat;  // [n], exact path
-  const float* beta;  // exact path
   int64_t n;
   int64_t channels;
   int bits;
@@ -283,6 +280,11 @@ struct BnBackwardArgs {
   // GPU only: BnBackwardScratchBytes(channels) bytes of device memory, 8-byte
   // aligned (double sums [2 * channels], then float coefficients [3 * channels]).
   void* scratch;
+  // The exact path: the BN backward from the stored xhat (then packed, lo,
+  // k, flip, bits and window are unused).
+  bool exact;
+  const float* xhat;  // [n]
+  const float* beta;  // [channels]
 };
 
 inline int64_t BnBackwardScratchBytes(int64_t channels) {

@@ -14,6 +14,10 @@
 // largest magnitude: its sums are atomics in any order), and that reference
 // bit for bit with a straight-from-the-spec one (same summation order).
 //
+// The exact path (bits=None: LaunchNormalizeReluGpu, LaunchExactReluGpu and
+// the BN backward from xhat) is checked the same way (ExactCase), in place
+// too (xhat over x, g_x over g_a), as the ops forward those buffers.
+//
 // Build and run (nvcc 13, any GPU of sm_75 or newer; -arch=native picks it):
 //   nvcc -std=c++17 -O3 --fmad=false -Xcompiler -ffp-contract=off
 //        -arch=native -o gpu_selftest custom_ops/gpu_selftest.cu && ./gpu_selftest
@@ -41,6 +45,7 @@ namespace {
 using blpa::BnBackwardArgs;
 using blpa::DecodeArgs;
 using blpa::EncodeArgs;
+using blpa::ExactArgs;
 using blpa::Grid;
 
 int g_passed = 0;
@@ -542,6 +547,137 @@ void RunCase(const Case& tc, std::mt19937& rng, cudaStream_t stream, bool device
   }
 }
 
+// The exact path (bits=None). Host: the per-element functions against
+// separate float32 steps of quantizer.py's exact branch, bit for bit, and the
+// backward against a double-sum reference. Device: the kernels against the
+// host functions (bit for bit; the backward within 1e-5), out of place and
+// in place.
+void ExactCase(int64_t rows, int64_t C, bool specials, std::mt19937& rng,
+               cudaStream_t stream, bool device) {
+  const int64_t n = rows * C;
+  const std::string name = "exact C=" + std::to_string(C) + " n=" + std::to_string(n) +
+                           (specials ? " specials" : "");
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  Channels ch = RandomChannels(C, rng);
+  std::vector<float> x(n), g_a(n);
+  for (auto& v : x) v = 2.5f * normal(rng);
+  for (auto& v : g_a) v = normal(rng) + 0.3f;
+  if (specials) {
+    const float values[] = {std::numeric_limits<float>::quiet_NaN(),
+                            std::numeric_limits<float>::infinity(), -0.0f, 1.0e-40f};
+    for (int64_t i = 0; i < n; i += 5) x[i] = values[(i / 5) % 4];
+  }
+  // Host: functions vs spec.
+  std::vector<float> a(n), xhat(n), relu(n);
+  int64_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t c = i % C;
+    a[i] = blpa::NormalizeReluOne(x[i], ch.mean[c], ch.inv_std[c], ch.gamma[c], ch.beta[c],
+                                  &xhat[i]);
+    relu[i] = blpa::ExactReluOne(xhat[i], ch.gamma[c], ch.beta[c]);
+    volatile float centred = x[i] - ch.mean[c];
+    volatile float h = centred * ch.inv_std[c];
+    volatile float scaled = h * ch.gamma[c];
+    volatile float y = scaled + ch.beta[c];
+    const float spec_a = y <= 0.0f ? 0.0f : y;  // tf.where(y <= 0, 0, y)
+    const float spec_relu = y > 0.0f ? y : 0.0f;  // tf.where(y > 0, y, 0)
+    bad += !SameFloat(xhat[i], h) + !SameFloat(a[i], spec_a) + !SameFloat(relu[i], spec_relu);
+  }
+  Report(name + " host forward/rebuild vs spec", bad, n);
+  std::vector<double> sum_b(C, 0.0), sum_g(C, 0.0);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t c = i % C;
+    const float g_y = blpa::ExactMaskedGradOne(xhat[i], g_a[i], ch.gamma[c], ch.beta[c]);
+    sum_b[c] += g_y;
+    sum_g[c] += static_cast<double>(g_y) * xhat[i];
+  }
+  BnGrads ref;
+  ref.g_x.resize(n);
+  for (int64_t c = 0; c < C; ++c) {
+    ref.d_beta.push_back(static_cast<float>(sum_b[c]));
+    ref.d_gamma.push_back(static_cast<float>(sum_g[c]));
+  }
+  const double count = static_cast<double>(rows);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t c = i % C;
+    const double g_y = blpa::ExactMaskedGradOne(xhat[i], g_a[i], ch.gamma[c], ch.beta[c]);
+    const double scale = static_cast<double>(ch.gamma[c]) * ch.inv_std[c];
+    ref.g_x[i] = static_cast<float>(
+        scale * ((g_y - sum_b[c] / count) - static_cast<double>(xhat[i]) * (sum_g[c] / count)));
+  }
+  if (!device) return;
+
+  DeviceBuffer<float> d_x(n), d_a(n), d_xhat(n), d_g(n), d_gx(n), d_mean(C), d_inv(C),
+      d_gamma(C), d_beta(C), d_dgamma(C), d_dbeta(C);
+  DeviceBuffer<uint8_t> d_scratch(blpa::BnBackwardScratchBytes(C));
+  Upload(d_mean, ch.mean);
+  Upload(d_inv, ch.inv_std);
+  Upload(d_gamma, ch.gamma);
+  Upload(d_beta, ch.beta);
+  for (bool in_place : {false, true}) {
+    const std::string tag = in_place ? " in place" : "";
+    Upload(d_x, x);
+    CUDA_CHECK(cudaMemset(d_a.ptr, 0xFF, (n ? n : 1) * sizeof(float)));
+    ExactArgs fa{};
+    fa.x = d_x.ptr;
+    fa.mean = d_mean.ptr;
+    fa.inv_std = d_inv.ptr;
+    fa.gamma = d_gamma.ptr;
+    fa.beta = d_beta.ptr;
+    fa.n = n;
+    fa.channels = C;
+    fa.a = d_a.ptr;
+    fa.xhat = in_place ? d_x.ptr : d_xhat.ptr;
+    if (const char* err = blpa::LaunchNormalizeReluGpu(fa, stream)) {
+      std::fprintf(stderr, "exact forward launch failed: %s\n", err);
+      std::exit(2);
+    }
+    CUDA_CHECK(cudaStreamSynchronize(stream));
+    const std::vector<float> xhat_dev = Download(fa.xhat, n);
+    Report(name + tag + " device a", CountDifferent(Download(d_a.ptr, n), a), n);
+    Report(name + tag + " device xhat", CountDifferent(xhat_dev, xhat), n);
+
+    ExactArgs ra{};
+    ra.x = fa.xhat;
+    ra.gamma = d_gamma.ptr;
+    ra.beta = d_beta.ptr;
+    ra.n = n;
+    ra.channels = C;
+    ra.a = d_a.ptr;
+    if (const char* err = blpa::LaunchExactReluGpu(ra, stream)) {
+      std::fprintf(stderr, "exact relu launch failed: %s\n", err);
+      std::exit(2);
+    }
+    CUDA_CHECK(cudaStreamSynchronize(stream));
+    Report(name + tag + " device rebuild", CountDifferent(Download(d_a.ptr, n), relu), n);
+
+    Upload(d_g, g_a);
+    BnBackwardArgs ba{};
+    ba.g_a = d_g.ptr;
+    ba.gamma = d_gamma.ptr;
+    ba.inv_std = d_inv.ptr;
+    ba.exact = true;
+    ba.xhat = fa.xhat;
+    ba.beta = d_beta.ptr;
+    ba.n = n;
+    ba.channels = C;
+    ba.g_x = in_place ? d_g.ptr : d_gx.ptr;
+    ba.d_gamma = d_dgamma.ptr;
+    ba.d_beta = d_dbeta.ptr;
+    ba.scratch = d_scratch.ptr;
+    if (const char* err = blpa::LaunchDecodeBnBackwardGpu(ba, stream)) {
+      std::fprintf(stderr, "exact bn_backward launch failed: %s\n", err);
+      std::exit(2);
+    }
+    CUDA_CHECK(cudaStreamSynchronize(stream));
+    Report(name + tag + " device g_x", CountNotClose(Download(ba.g_x, n), ref.g_x, 1e-5), n);
+    Report(name + tag + " device d_gamma",
+           CountNotClose(Download(d_dgamma.ptr, C), ref.d_gamma, 1e-5), C);
+    Report(name + tag + " device d_beta",
+           CountNotClose(Download(d_dbeta.ptr, C), ref.d_beta, 1e-5), C);
+  }
+}
+
 // Past 2^31 elements the kernels index with 64 bits. One lean case there
 // (data from a counter hash, no per-element spec reference: the small cases
 // cover the arithmetic) checks that every element, the last ones included,
@@ -753,6 +889,11 @@ int main(int argc, char** argv) {
     }
   }
   for (const Case& tc : cases) RunCase(tc, rng, stream, !host_only);
+  for (int64_t C : channel_counts) {
+    for (int64_t rows : {1, 7, 4096}) {
+      for (bool specials : {false, true}) ExactCase(rows, C, specials, rng, stream, !host_only);
+    }
+  }
   if (!host_only) {
     Bandwidth(stream);
     if (large) {

@@ -171,3 +171,26 @@ def test_disabled_switch_gives_pure_tf(monkeypatch):
     run2 = tf.function(run.python_function)
     graph = run2.get_concrete_function(x).graph.as_graph_def()
     assert any(node.op == "BlpaBnReluExact" for node in graph.node)
+
+
+def test_gpu_selftest_host_checks(tmp_path):
+    """The CUDA self-test's host half (spec vs per-element functions, exact
+    path included) builds with nvcc and passes; its device half needs a GPU."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not installed")
+    source = Path(__file__).resolve().parent.parent / "custom_ops" / "gpu_selftest.cu"
+    binary = tmp_path / "gpu_selftest"
+    subprocess.run(
+        [nvcc, "-std=c++17", "-O1", "--fmad=false", "-Xcompiler", "-ffp-contract=off",
+         "-arch=sm_75", "-o", str(binary), str(source)],
+        check=True, capture_output=True, timeout=600,
+    )
+    result = subprocess.run([str(binary), "--host-only"], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert result.stdout.strip().endswith(" 0 failed")
