@@ -18,6 +18,12 @@ ceiling for both. The backward columns (`bwd`) time `decode_bn_backward`
 in GB/s of the fp32 upstream gradient; it reads that gradient twice and the
 codes twice and writes the input gradient, so its ceiling is about 2/3 of copy.
 
+The second table ("vs copy") counts the bytes each kernel really moves
+(`MOVED_BYTES`) against those of the copy (8 B per element: read and write)
+measured in the same run, for the ops the training step runs: encode,
+`decode_relu` and the fused backward at 4 and 8 bits, and the exact path
+(bits=None: forward, rebuild, backward). 100% is the copy's bandwidth.
+
     python benchmarks/pack_bench.py                       # 1..256 MiB, 4 and 8 bits
     python benchmarks/pack_bench.py --sizes-mib 1,4,16,64,256 --bits 4,8 --out r.json
 """
@@ -107,6 +113,12 @@ def bench_size(mib: int, bits: int, min_time: float, min_reps: int, use_op: bool
 
         return f
 
+    def decode_relu_with(mod):
+        def f(packed):
+            return mod.decode_relu(packed, params, gamma, beta, shape, bits)
+
+        return f
+
     impls = {
         "tf": (
             tf.function(encode_with(quantizer)),
@@ -129,6 +141,19 @@ def bench_size(mib: int, bits: int, min_time: float, min_reps: int, use_op: bool
     g_a = tf.random.normal(x.shape, seed=2)
 
     row: dict = {"size_mib": mib, "bits": bits, "elements": int(x.shape.num_elements())}
+    if use_op:
+        row["decode_relu_op"] = _rate(
+            lambda: decode_relu_with(custom_op)(packed), nbytes, min_time, min_reps)
+        if bits == EXACT_ROW_BITS:  # the exact path has no bits: once per size
+            _, xhat = custom_op.bn_relu_exact(x, mean, inv_std, gamma, beta)
+            row["exact_forward_op"] = _rate(
+                lambda: custom_op.bn_relu_exact(x, mean, inv_std, gamma, beta), nbytes,
+                min_time, min_reps)
+            row["exact_relu_op"] = _rate(
+                lambda: custom_op.relu_exact(xhat, gamma, beta), nbytes, min_time, min_reps)
+            row["exact_backward_op"] = _rate(
+                lambda: custom_op.bn_backward_exact(g_a, xhat, gamma, beta, inv_std), nbytes,
+                min_time, min_reps)
     for name, (enc, dec, bwd) in impls.items():
         row[f"encode_{name}"] = _rate(lambda e=enc: e(x), nbytes, min_time, min_reps)
         row[f"decode_{name}"] = _rate(lambda d=dec: d(packed), nbytes, min_time, min_reps)
@@ -139,6 +164,48 @@ def bench_size(mib: int, bits: int, min_time: float, min_reps: int, use_op: bool
     dst = np.empty_like(src)
     row["copy_np"] = _rate(lambda: np.copyto(dst, src), nbytes, min_time, min_reps)
     return row
+
+
+# Bytes each kernel reads and writes per element (bits: codes per element).
+def moved_bytes(kernel: str, bits: int) -> float:
+    code = bits / 8
+    return {
+        "copy": 8.0,
+        "encode": 4 + 4 + code,  # x in; a and the code out
+        "decode_relu": code + 4,  # code in; a out
+        "backward": 2 * 4 + 2 * code + 4,  # g_a and codes twice (two passes); g_x out
+        "exact_forward": 4 + 8,  # x in; a and xhat out
+        "exact_relu": 4 + 4,  # xhat in; a out
+        "exact_backward": 2 * 4 + 2 * 4 + 4,  # g_a and xhat twice; g_x out
+    }[kernel]
+
+
+EXACT_ROW_BITS = 4
+VS_COPY = ["encode", "decode_relu", "backward", "exact_forward", "exact_relu",
+           "exact_backward"]
+
+
+def vs_copy(row: dict) -> dict:
+    """Each op's bandwidth in bytes moved, as a fraction of the copy's."""
+    copy = max(row["copy_tf"], row["copy_np"]) * moved_bytes("copy", row["bits"]) / 4
+    out = {}
+    for kernel in VS_COPY:
+        rate = row.get(f"{kernel}_op")
+        if rate is not None:
+            out[kernel] = rate * moved_bytes(kernel, row["bits"]) / 4 / copy
+    return out
+
+
+def markdown_vs_copy(rows: list[dict]) -> str:
+    lines = ["| MiB | bits | copy GB/s moved | " + " | ".join(VS_COPY) + " |",
+             "|---:|---:|---:|" + "---:|" * len(VS_COPY)]
+    for row in rows:
+        fractions = vs_copy(row)
+        copy = max(row["copy_tf"], row["copy_np"]) * 2
+        cells = [f"{100 * fractions[k]:.0f}%" if k in fractions else "" for k in VS_COPY]
+        lines.append(f"| {row['size_mib']} | {row['bits']} | {copy:.1f} | " + " | ".join(cells)
+                     + " |")
+    return "\n".join(lines)
 
 
 COLUMNS = [
@@ -215,7 +282,10 @@ def main(argv: list[str] | None = None) -> int:
         "channels": CHANNELS,
         "fn_call_us": fn_call_us,
     }
-    table = markdown(rows)
+    for row in rows:
+        row["vs_copy"] = vs_copy(row)
+    table = markdown(rows) + "\n\nBandwidth in bytes moved, vs the copy (exact path: "
+    table += "bits=None, in the 4-bit rows):\n\n" + markdown_vs_copy(rows)
     print(
         f"TF {tf.__version__}, {os.cpu_count()} CPUs, devices {devices}; GB/s of fp32; "
         f"tf.function call overhead {fn_call_us:.0f} us\n"
