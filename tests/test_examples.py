@@ -5,6 +5,7 @@ CIFAR and ImageNet go through the examples' real tfds loading code, with
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -16,11 +17,31 @@ import tensorflow_datasets as tfds
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-@pytest.mark.parametrize("name", ["quickstart", "train_cifar", "train_imagenet"])
+@pytest.mark.parametrize(
+    "name", ["quickstart", "train_cifar", "train_imagenet", "convert_applications"]
+)
 def test_help(name):
     out = subprocess.run([sys.executable, str(EXAMPLES / f"{name}.py"), "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "--bits" in out
+
+
+def test_convert_applications_tiny(load_example):
+    module = load_example("convert_applications")
+    summary = module.main([
+        "--size", "32", "--steps", "2", "--batch-size", "4", "--no-memory",
+        "--dataset", "fashion_mnist_subset",
+    ])
+    assert summary["fused"] == 49 and summary["left"] == 0  # ResNet50V2
+    assert len(summary["train_losses"]) == 2
+    assert all(math.isfinite(loss) for loss in summary["train_losses"])
+    assert summary["to_standard_max_difference"] < 1e-4
+    # The memory figures' measuring process (tiny batches: the harness, not a figure).
+    args = module.parse_args(["--size", "32", "--memory-batch-sizes", "2", "4",
+                              "--memory-steps", "1"])
+    result = module.measure_in_subprocess(args, "ResNet50", "4")
+    assert result["variant"] == "4" and min(result["peak_bytes"]) > 0
+    assert 0 < result["saved_mib_per_sample"] < 1
 
 
 def test_train_cifar_tiny(tmp_path, load_example):
