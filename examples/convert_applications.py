@@ -58,8 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    default="fashion_mnist",
                    help="fashion_mnist: the Debian package if installed, else the subset")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
-    p.add_argument("--memory-batch-sizes", type=training.positive_int, nargs=2,
-                   default=(24, 56), help="slope between these (default 24 56)")
+    p.add_argument("--memory-batch-sizes", type=training.positive_int, nargs="+",
+                   default=(40, 64, 88),
+                   help="slope from the first to the last (default 40 64 88; each step's "
+                   "slope goes to the JSON too)")
     p.add_argument("--memory-steps", type=training.positive_int, default=5,
                    help="measured steps per batch size; the lowest peak counts")
     p.add_argument("--memory-repeats", type=training.positive_int, default=1,
@@ -73,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.size < 32:
         p.error(f"argument --size: at least 32 (keras.applications); received {args.size}")
+    sizes = args.memory_batch_sizes
+    if len(sizes) < 2 or list(sizes) != sorted(set(sizes)):
+        p.error(f"argument --memory-batch-sizes: two or more increasing sizes; received {sizes}")
     return args
 
 
@@ -134,6 +139,8 @@ def measure(name: str, size: int, variant: str, batch_sizes, steps: int) -> dict
     span = (batch_sizes[-1] - batch_sizes[0]) * 2**20
     result = {"model": name, "size": size, "variant": variant, "batch_sizes": list(batch_sizes),
               "peak_bytes": peaks, "mib_per_sample": (peaks[-1] - peaks[0]) / span,
+              "step_slopes": [(p1 - p0) / (b1 - b0) / 2**20 for b0, b1, p0, p1 in zip(
+                  batch_sizes, batch_sizes[1:], peaks, peaks[1:])],
               "params": model.count_params()}
     if report is not None and report.fused:
         result["saved_mib_per_sample"] = profiling.saved_bytes_per_sample(model) / 2**20
@@ -174,7 +181,7 @@ def child(args) -> None:
 
 
 def memory_table(args, names) -> str:
-    b0, b1 = args.memory_batch_sizes
+    b0, b1 = args.memory_batch_sizes[0], args.memory_batch_sizes[-1]
     rows = [f"| model ({args.size}x{args.size}) | params | chains fused / left stock "
             "| stock | fused, bits=None | BLPA 4-bit | 4-bit vs stock "
             "| of which 4-bit codes (computed) |",
@@ -265,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
         summary["saved_mib_per_sample"] = saved
         print(f"Saved activations of the fused layers (computed): {saved:.2f} MiB/sample")
     if not args.no_memory:
-        b0, b1 = args.memory_batch_sizes
+        b0, b1 = args.memory_batch_sizes[0], args.memory_batch_sizes[-1]
         print(f"Activation memory: slope of the peak memory of a forward + backward pass "
               f"from batch {b0} to {b1}, a fresh process each", flush=True)
         variant = "none" if bits is None else str(bits)

@@ -295,14 +295,14 @@ def convert_graph(model, options: dict, keep: Callable, report: ConversionReport
     for name, entry in graph.entries:
         layer = graph.layers.get(name)
         if name in at_bn:
-            new_entries += [(e, True) for e in at_bn[name]]
+            new_entries += at_bn[name]
         elif name in removed:
             continue
         elif isinstance(layer, keras.Model):
             entry = _nested(layer, entry, options, keep, report, path, loaders)
-            new_entries.append((entry, True))
+            new_entries.append(entry)
         else:
-            new_entries.append((entry, True))
+            new_entries.append(entry)
     new_model = g.rebuild(graph, new_entries, mapping, model)
     return new_model, lambda new: transfer(new, model, loaders)
 

@@ -208,15 +208,15 @@ def _classes(model) -> dict:
 
 
 def rebuild(graph: Graph, new_entries: list, mapping: dict, model):
-    """The model from rewritten entries (`(entry, remap?)` pairs in order)."""
+    """The model from rewritten layer entries (in order) and tensor renames."""
     config = copy.deepcopy(graph.config)
     if graph.kind == "sequential":
-        config["layers"] = [entry for entry, _ in new_entries]
+        config["layers"] = list(new_entries)
         build = keras.Sequential.from_config
     else:
         config["layers"] = [
             {**entry, "inbound_nodes": remap_refs(entry["inbound_nodes"], mapping)}
-            for entry, _ in new_entries
+            for entry in new_entries
         ]
         config["output_layers"] = remap_outputs(config["output_layers"], mapping)
         build = keras.Model.from_config

@@ -120,7 +120,7 @@ def standard_graph(model):
                 else:
                     source = names["relu"] if role == "projection" else previous
                     node = [g.call_node(g.tensor(source, first))]
-                new_entries.append((g.serialize(roles[role], names[role], node), True))
+                new_entries.append(g.serialize(roles[role], names[role], node))
                 previous = names[role]
             if "projection" in roles:
                 mapping[(name, 0, 1)] = (names["projection"], 0, 0)
@@ -134,9 +134,9 @@ def standard_graph(model):
             for key in ("name", "inbound_nodes"):
                 if key in entry:
                     new_entry[key] = entry[key]
-            new_entries.append((new_entry, True))
+            new_entries.append(new_entry)
         else:
-            new_entries.append((entry, True))
+            new_entries.append(entry)
     new_model = g.rebuild(graph, new_entries, mapping, model)
 
     def load(new) -> None:
