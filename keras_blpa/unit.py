@@ -50,6 +50,7 @@ def bn_relu_linear(
     naive: bool,
     epsilon: float,
     window: float | None = None,
+    synchronized: bool = False,
     name: str = "bn_relu_linear",
 ) -> tuple[list[tf.Tensor], tf.Tensor, tf.Tensor]:
     """Training-mode forward of BN (batch statistics) -> ReLU -> linear.
@@ -64,6 +65,11 @@ def bn_relu_linear(
       epsilon: BN's epsilon.
       window: quantizer range in standard deviations (None: the default for
         `bits`, see `quantizer.DEFAULT_WINDOW`).
+      synchronized: take the batch moments over the global batch of a
+        `tf.distribute` strategy (all-reduced across replicas), and all-reduce
+        the backward's per-channel sums, so that every replica's gradients are
+        those of one replica on the concatenated batch. With one replica in
+        sync, or outside any replica context, this is the unsynchronized unit.
       name: the layer's name, for the error on second-order gradients.
 
     Returns:
@@ -72,13 +78,19 @@ def bn_relu_linear(
     """
     axes = list(range(x.shape.rank - 1))
     compute_dtype = x.dtype
+    # Looked up while tracing the forward; the gradient runs in the same
+    # replica function, so the backward's all-reduce uses the same context.
+    replica = _sync_context(synchronized)
 
     def unit(*inputs):
         # Stop the outer tape from recording (and keeping alive) the forward's
         # full-precision intermediates in eager mode.
         x, gamma, beta, *weights = (tf.stop_gradient(t) for t in inputs)
         x32 = tf.cast(x, tf.float32)
-        mean, variance = tf.nn.moments(x32, axes)
+        if replica is None:
+            mean, variance = tf.nn.moments(x32, axes)
+        else:
+            mean, variance, count = _global_moments(x32, axes, replica, name)
         inv_std = tf.math.rsqrt(variance + epsilon)
         x_shape = tf.shape(x)
         if bits is None:
@@ -125,7 +137,16 @@ def bn_relu_linear(
                 g_a = tf.cast(linear.grad_input(weights_now, grads, x_shape), tf.float32)
             # With static shapes nothing else ties the second decode to g_a.
             with tf.control_dependencies([g_a]):
-                if bits is None:
+                if replica is not None:
+                    if bits is None:
+                        xhat, mask = saved_now, quantizer.exact_mask(saved_now, gamma, beta)
+                    else:
+                        xhat, mask = codes.decode(saved_now)
+                    g_x, d_gamma, d_beta = _global_bn_backward(
+                        g_a, xhat, mask, gamma, inv_std, count, replica, name
+                    )
+                    del xhat, mask
+                elif bits is None:
                     g_x, d_gamma, d_beta = custom_op.bn_backward_exact(
                         g_a, saved_now, gamma, beta, inv_std
                     )
@@ -150,6 +171,82 @@ def bn_relu_linear(
         results = tf.custom_gradient(unit)(*inputs)
     *outputs, mean, variance = results
     return outputs, tf.stop_gradient(mean), tf.stop_gradient(variance)
+
+
+def _sync_context(synchronized: bool) -> tf.distribute.ReplicaContext | None:
+    """The replica context to all-reduce in, or None when there is nothing to sync.
+
+    None unless `synchronized`, inside a replica context (`strategy.run`,
+    `model.fit`), with more than one replica in sync. Cross-replica context
+    (a call under `strategy.scope()` but outside `strategy.run`) uses the
+    local batch, as `keras.layers.BatchNormalization(synchronized=True)` does.
+    """
+    if not synchronized:
+        return None
+    replica = tf.distribute.get_replica_context()
+    if replica is None or replica.num_replicas_in_sync <= 1:
+        return None
+    return replica
+
+
+def _all_reduce_sum(replica, value: tf.Tensor, name: str) -> tf.Tensor:
+    """`replica.all_reduce(SUM, value)`, with an error that names the strategy."""
+    try:
+        return replica.all_reduce(tf.distribute.ReduceOp.SUM, value)
+    except NotImplementedError as err:
+        strategy = type(replica.strategy).__name__
+        raise ValueError(
+            f"{name!r} has synchronized=True, but {strategy} cannot all-reduce "
+            f"across its replicas ({err}). Use synchronized=False with this "
+            "strategy, or a strategy whose replicas all-reduce (MirroredStrategy, "
+            "MultiWorkerMirroredStrategy, TPUStrategy)."
+        ) from err
+
+
+def _global_moments(
+    x32: tf.Tensor, axes: list[int], replica, name: str
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """`(mean, variance, count)` of the global batch, per channel (float32).
+
+    Two all-reduces: `[sum, count]`, then the sum of squared deviations from
+    the global mean (centred, so no `E[x^2] - E[x]^2` cancellation). Each
+    replica may hold a different (even empty) share of the batch.
+    """
+    local_count = tf.cast(tf.reduce_prod(tf.shape(x32)[:-1]), tf.float32)
+    totals = _all_reduce_sum(
+        replica, tf.concat([tf.reduce_sum(x32, axes), local_count[None]], 0), name
+    )
+    count = totals[-1]
+    mean = totals[:-1] / count
+    squares = _all_reduce_sum(
+        replica, tf.reduce_sum(tf.math.squared_difference(x32, mean), axes), name
+    )
+    return mean, squares / count, count
+
+
+def _global_bn_backward(
+    g_a: tf.Tensor,
+    xhat: tf.Tensor,
+    mask: tf.Tensor,
+    gamma: tf.Tensor,
+    inv_std: tf.Tensor,
+    count: tf.Tensor,
+    replica,
+    name: str,
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """`quantizer.relu_bn_backward` with the per-channel sums of the global batch.
+
+    The input gradient uses the all-reduced sums and the global `count`; the
+    returned `d_gamma`, `d_beta` are this replica's own sums, since the
+    strategy sums variable gradients across replicas itself.
+    """
+    axes = list(range(g_a.shape.rank - 1))
+    g_y = tf.where(mask, g_a, 0.0)
+    d_beta = tf.reduce_sum(g_y, axes)
+    d_gamma = tf.reduce_sum(g_y * xhat, axes)
+    sums = _all_reduce_sum(replica, tf.stack([d_beta, d_gamma]), name)
+    g_x = (gamma * inv_std) * (g_y - sums[0] / count - xhat * (sums[1] / count))
+    return g_x, d_gamma, d_beta
 
 
 def _first_order_only(gradients: list[tf.Tensor], name: str) -> list[tf.Tensor]:
@@ -216,6 +313,12 @@ class _Codes:
             )
         xhat, mask = quantizer.decode_words(codes, self.params, self.shape, self.bits)
         return quantizer.relu_from_decoded(xhat, mask, gamma, beta)
+
+    def decode(self, codes) -> tuple[tf.Tensor, tf.Tensor]:
+        """`(xhat, mask)`, float32 and bool of the input's shape."""
+        if not self.words:
+            return custom_op.decode(codes, self.params, self.shape, self.bits)
+        return quantizer.decode_words(codes, self.params, self.shape, self.bits)
 
     def decode_bn_backward(self, g_a, codes, gamma, inv_std):
         if not self.words:

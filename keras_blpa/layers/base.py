@@ -43,10 +43,12 @@ class BNReLUBase(keras.layers.Layer):
         bias_regularizer=None,
         kernel_constraint=None,
         bias_constraint=None,
+        synchronized: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
         quantizer.check_bits(bits)
+        synchronized = validation.boolean("synchronized", synchronized)
         naive = validation.boolean("naive", naive)
         if naive and bits is None:
             raise ValueError(
@@ -97,6 +99,9 @@ class BNReLUBase(keras.layers.Layer):
         self.bias_regularizer = regularizers.get(bias_regularizer)
         self.kernel_constraint = constraints.get(kernel_constraint)
         self.bias_constraint = constraints.get(bias_constraint)
+        # Global batch statistics under a tf.distribute strategy, as in
+        # `keras.layers.BatchNormalization(synchronized=True)`.
+        self.synchronized = synchronized
         self.supports_masking = False
 
     # Rank and channel checks shared by build and call.
@@ -209,7 +214,9 @@ class BNReLUBase(keras.layers.Layer):
             epsilon=self.epsilon, window=self.window, name=self.name,
         )
         if training and self.trainable:
-            outputs, mean, variance = unit.bn_relu_linear(x, gamma, beta, weights, **options)
+            outputs, mean, variance = unit.bn_relu_linear(
+                x, gamma, beta, weights, synchronized=self.synchronized, **options
+            )
             for stat, batch in ((self.moving_mean, mean), (self.moving_variance, variance)):
                 updated = _float32(stat) * self.momentum + batch * (1.0 - self.momentum)
                 stat.assign(tf.cast(updated, stat.dtype))
@@ -256,6 +263,7 @@ class BNReLUBase(keras.layers.Layer):
                 "bias_regularizer": regularizers.serialize(self.bias_regularizer),
                 "kernel_constraint": constraints.serialize(self.kernel_constraint),
                 "bias_constraint": constraints.serialize(self.bias_constraint),
+                "synchronized": self.synchronized,
             }
         )
         return config
