@@ -57,10 +57,13 @@ class ConversionReport:
 
     def __str__(self) -> str:
         bits = "exact (bits=None)" if self.bits is None else f"{self.bits}-bit"
+        def count(n, word):
+            return f"{n} {word}{'' if n == 1 else 's'}"
+
         lines = [
-            f"keras_blpa.convert: {len(self.fused)} chains fused into {self.fused_layers} "
-            f"{bits} layers ({self.stock_layers} stock layers replaced), "
-            f"{len(self.left)} left stock",
+            f"keras_blpa.convert: {count(len(self.fused), 'chain')} fused into "
+            f"{count(self.fused_layers, bits + ' layer')} "
+            f"({count(self.stock_layers, 'stock layer')} replaced), {len(self.left)} left stock",
         ]
         rows = [("", "chain", "fused layer / reason")] + [
             (
