@@ -173,9 +173,7 @@ def child(args) -> None:
     if profiling.memory_device() == "CPU:0":
         # One BFC region up front, so chunk addresses (and the peak) do not
         # depend on where the pool grew (see keras_blpa.profiling).
-        # (`reserve_cpu_pool`; `_reserve_cpu_pool` in earlier keras_blpa.)
-        reserve = getattr(profiling, "reserve_cpu_pool", None)
-        (reserve or profiling._reserve_cpu_pool)()
+        profiling.reserve_cpu_pool()
     print(json.dumps(measure(args.model, args.size, args.measure_child[0],
                              args.memory_batch_sizes, args.memory_steps)))
 
