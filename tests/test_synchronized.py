@@ -428,5 +428,25 @@ def test_config_and_saving_round_trip(tmp_path):
     np.testing.assert_allclose(loaded(x), model(x), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("stock", [False, True])
+def test_resnet_builders_pass_synchronized_through(stock):
+    from keras_blpa.models import preact_resnet_cifar, preact_resnet_imagenet
+
+    def bn_flags(model):
+        bn_types = (keras.layers.BatchNormalization, keras_blpa.BNReLUConv2D,
+                    keras_blpa.BNReLUDense)
+        return [layer.synchronized for layer in model.layers if isinstance(layer, bn_types)]
+
+    flags = bn_flags(preact_resnet_cifar(11, bits=4, stock=stock, synchronized=True))
+    assert len(flags) >= 4 and all(flags)
+    assert not any(bn_flags(preact_resnet_cifar(11, bits=4, stock=stock)))
+    imagenet = preact_resnet_imagenet(
+        50, width=0.125, classes=3, input_shape=(32, 32, 3), stock=stock, synchronized=True
+    )
+    assert all(bn_flags(imagenet)) and imagenet.get_layer("stem_bn").synchronized
+    with pytest.raises(ValueError, match="`synchronized`"):
+        preact_resnet_cifar(11, synchronized="yes")
+
+
 if __name__ == "__main__" and sys.argv[1:] == ["--child"]:
     print(json.dumps(_child_results()))

@@ -202,6 +202,14 @@ class BNReLUConv2D(BNReLUBase):
       moving_mean_initializer, moving_variance_initializer, beta_regularizer,
       gamma_regularizer, beta_constraint, gamma_constraint: as in
         `keras.layers.BatchNormalization` (same defaults).
+      synchronized: if True, under a `tf.distribute` strategy with several
+        replicas, the batch statistics are those of the global batch
+        (all-reduced across replicas in the forward pass, and the backward's
+        per-channel sums too), as in
+        `keras.layers.BatchNormalization(synchronized=True)`: every replica's
+        gradients are those of one replica on the concatenated batch. The
+        saved codes per replica are unchanged. Outside a strategy, or with
+        one replica, the same as False.
       data_format: only "channels_last" is supported.
       projection_filters: if set, the layer also returns a bias-free 1x1
         convolution of the same BN-ReLU output with this many filters (a

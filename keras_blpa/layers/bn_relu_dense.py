@@ -78,6 +78,14 @@ class BNReLUDense(BNReLUBase):
       bias_constraint: as in `keras.layers.Dense`.
       momentum, epsilon, center, scale and the BN initializers, regularizers
         and constraints: as in `keras.layers.BatchNormalization`.
+      synchronized: if True, under a `tf.distribute` strategy with several
+        replicas, the batch statistics are those of the global batch
+        (all-reduced across replicas in the forward pass, and the backward's
+        per-channel sums too), as in
+        `keras.layers.BatchNormalization(synchronized=True)`: every replica's
+        gradients are those of one replica on the concatenated batch. The
+        saved codes per replica are unchanged. Outside a strategy, or with
+        one replica, the same as False.
     """
 
     def __init__(

@@ -29,8 +29,9 @@ FLAT_LAYER_LIMIT = 2400
 class _Builder:
     """Emits fused or stock units with shared settings."""
 
-    def __init__(self, bits, naive, stock, momentum, epsilon, window=None):
+    def __init__(self, bits, naive, stock, momentum, epsilon, window=None, synchronized=False):
         stock = validation.boolean("stock", stock)
+        synchronized = validation.boolean("synchronized", synchronized)
         naive = validation.boolean("naive", naive)
         if stock and naive:
             raise ValueError("`naive=True` needs fused layers; received stock=True.")
@@ -38,7 +39,7 @@ class _Builder:
         self.naive = naive
         self.window = window
         self.stock = stock
-        self.bn = dict(momentum=momentum, epsilon=epsilon)
+        self.bn = dict(momentum=momentum, epsilon=epsilon, synchronized=synchronized)
         self.conv = dict(use_bias=False, kernel_initializer="he_normal")
         # BN, ReLU, conv per unit (or one fused layer), three units, the add.
         self.layers_per_block = 4 if not stock else 10
@@ -147,6 +148,7 @@ def preact_resnet_cifar(
     momentum: float = 0.9,
     epsilon: float = 1e-5,
     name: str | None = None,
+    synchronized: bool = False,
 ) -> keras.Model:
     """CIFAR pre-activation bottleneck ResNet of depth `9n + 2` (164, 254, 488, 1001).
 
@@ -166,6 +168,10 @@ def preact_resnet_cifar(
       stock: build the same network from stock Keras layers instead.
       input_shape: HWC input shape.
       momentum, epsilon: BatchNormalization settings of every unit.
+      synchronized: batch statistics over the global batch of a
+        `tf.distribute` strategy in every BatchNormalization (fused or
+        stock), as `keras.layers.BatchNormalization(synchronized=True)`; no
+        effect with one replica.
     """
     width = _check_common(bits, width, classes, input_shape, momentum, epsilon)
     depth = validation.positive_int("depth", depth)
@@ -174,7 +180,7 @@ def preact_resnet_cifar(
             f"`depth` must be 9n + 2 with n >= 1 (e.g. 164, 254, 488, 1001); received {depth}."
         )
     blocks = (depth - 2) // 9
-    builder = _Builder(bits, naive, stock, momentum, epsilon, window)
+    builder = _Builder(bits, naive, stock, momentum, epsilon, window, synchronized)
     inputs = keras.Input(input_shape)
     x = keras.layers.Conv2D(
         _scaled(16, width), 3, padding="same", use_bias=False,
@@ -200,6 +206,7 @@ def preact_resnet_imagenet(
     momentum: float = 0.9,
     epsilon: float = 1e-5,
     name: str | None = None,
+    synchronized: bool = False,
 ) -> keras.Model:
     """ImageNet pre-activation bottleneck ResNet-50/101/152.
 
@@ -212,13 +219,13 @@ def preact_resnet_imagenet(
     width = _check_common(bits, width, classes, input_shape, momentum, epsilon)
     if depth not in IMAGENET_STAGES:
         raise ValueError(f"`depth` must be one of {sorted(IMAGENET_STAGES)}; received {depth}.")
-    builder = _Builder(bits, naive, stock, momentum, epsilon, window)
+    builder = _Builder(bits, naive, stock, momentum, epsilon, window, synchronized)
     inputs = keras.Input(input_shape)
     x = keras.layers.Conv2D(
         _scaled(64, width), 7, strides=2, padding="same", use_bias=False,
         kernel_initializer="he_normal", name="stem",
     )(inputs)
-    x = keras.layers.BatchNormalization(momentum=momentum, epsilon=epsilon, name="stem_bn")(x)
+    x = keras.layers.BatchNormalization(**builder.bn, name="stem_bn")(x)
     x = keras.layers.ReLU(name="stem_relu")(x)
     x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool")(x)
     stages = IMAGENET_STAGES[depth]
