@@ -216,6 +216,83 @@ def _fit_results(tf, keras, keras_blpa, strategy) -> dict:
 
 
 # --------------------------------------------------------------------------
+# Child processes: MultiWorkerMirroredStrategy, two workers on localhost.
+# --------------------------------------------------------------------------
+
+MW_GLOBAL_BATCH = 16
+MW_STEPS = 3
+
+
+def _multi_worker_run(mode: str, outdir: str, index: int = 0) -> None:
+    """Trains a small synchronized 4-bit ResNet for `MW_STEPS` SGD steps.
+
+    `mode="single"`: one process, the whole batch (writes the initial weights
+    too); `mode="worker"`: one of two MultiWorkerMirroredStrategy workers
+    (`TF_CONFIG` set by the parent), each on its half of the same batch,
+    starting from the single run's initial weights.
+    """
+    import keras
+    import tensorflow as tf
+
+    from keras_blpa.models import preact_resnet_cifar
+
+    strategy = (
+        tf.distribute.MultiWorkerMirroredStrategy() if mode == "worker"
+        else tf.distribute.get_strategy()
+    )
+    assert strategy.num_replicas_in_sync == (2 if mode == "worker" else 1)
+    rng = np.random.default_rng(11)
+    x = rng.normal(0.3, 1.5, (MW_GLOBAL_BATCH, 8, 8, 3)).astype("float32")
+    y = rng.normal(size=(MW_GLOBAL_BATCH, 3)).astype("float32")
+    keras.utils.set_random_seed(2)
+    with strategy.scope():
+        model = preact_resnet_cifar(
+            11, width=0.25, classes=3, bits=4, input_shape=(8, 8, 3), synchronized=True
+        )
+        optimizer = keras.optimizers.SGD(0.1)
+        optimizer.build(model.trainable_variables)
+    initial = os.path.join(outdir, "initial.npz")
+    if mode == "single":
+        np.savez(initial, *model.get_weights())
+    else:
+        with np.load(initial) as saved:
+            model.set_weights([saved[f"arr_{i}"] for i in range(len(saved.files))])
+
+    def replica_step(xb, yb):
+        with tf.GradientTape() as tape:
+            pred = model(xb, training=True)
+            loss = tf.reduce_sum(tf.square(pred - yb)) / float(MW_GLOBAL_BATCH * 3)
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    @tf.function
+    def train_step(xb, yb):
+        losses = strategy.run(replica_step, args=(xb, yb))
+        return strategy.reduce("SUM", losses, axis=None)
+
+    if mode == "worker":
+        half = MW_GLOBAL_BATCH // 2
+
+        def shard(array):
+            return strategy.experimental_distribute_values_from_function(
+                lambda ctx: tf.constant(
+                    array[ctx.replica_id_in_sync_group * half:][:half]
+                )
+            )
+
+        inputs = (shard(x), shard(y))
+    else:
+        inputs = (tf.constant(x), tf.constant(y))
+    losses = [float(train_step(*inputs)) for _ in range(MW_STEPS)]
+    np.savez(
+        os.path.join(outdir, f"{mode}{index}.npz"),
+        losses=np.array(losses),
+        **{f"w{i}": w for i, w in enumerate(model.get_weights())},
+    )
+
+
+# --------------------------------------------------------------------------
 # Tests
 # --------------------------------------------------------------------------
 
@@ -448,5 +525,73 @@ def test_resnet_builders_pass_synchronized_through(stock):
         preact_resnet_cifar(11, synchronized="yes")
 
 
-if __name__ == "__main__" and sys.argv[1:] == ["--child"]:
-    print(json.dumps(_child_results()))
+def _free_ports(count: int) -> list[int]:
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("localhost", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+@pytest.mark.slow
+def test_multi_worker_mirrored_two_processes_match_one_process(tmp_path):
+    """Two MultiWorkerMirroredStrategy workers (localhost, TF_CONFIG) train a
+    synchronized 4-bit ResNet on halves of a batch: losses and weights after
+    three SGD steps match one process on the whole batch."""
+    script = os.path.abspath(__file__)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env.pop("TF_CONFIG", None)
+    single = subprocess.run(
+        [sys.executable, script, "--single", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert single.returncode == 0, single.stderr[-4000:]
+    hosts = [f"localhost:{port}" for port in _free_ports(2)]
+    workers = []
+    for index in range(2):
+        tf_config = {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}}
+        workers.append(
+            subprocess.Popen(
+                [sys.executable, script, "--worker", str(index), str(tmp_path)],
+                env={**env, "TF_CONFIG": json.dumps(tf_config)},
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )
+        )
+    errors = []
+    for worker in workers:
+        try:
+            _, stderr = worker.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            _, stderr = worker.communicate()
+        errors.append(stderr[-3000:])
+    assert [w.returncode for w in workers] == [0, 0], "\n".join(errors)
+
+    with np.load(tmp_path / "single0.npz") as ref, \
+            np.load(tmp_path / "worker0.npz") as chief, \
+            np.load(tmp_path / "worker1.npz") as other:
+        # Both workers hold the same (mirrored) weights.
+        for key in chief.files:
+            np.testing.assert_array_equal(chief[key], other[key])
+        np.testing.assert_allclose(chief["losses"], ref["losses"], rtol=1e-5)
+        weights = [key for key in ref.files if key != "losses"]
+        assert len(weights) > 20
+        for key in weights:
+            assert _rel(chief[key], ref[key], 0.1) < 1e-4, key
+        # The weights moved: the comparison is not of initial values.
+        with np.load(tmp_path / "initial.npz") as initial:
+            moved = [_rel(ref[f"w{i}"], initial[f"arr_{i}"], 0.1) for i in range(len(weights))]
+        assert max(moved) > 1e-2
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--child"]:
+        print(json.dumps(_child_results()))
+    elif sys.argv[1] == "--single":
+        _multi_worker_run("single", sys.argv[2])
+    elif sys.argv[1] == "--worker":
+        _multi_worker_run("worker", sys.argv[3], int(sys.argv[2]))
