@@ -375,14 +375,16 @@ def test_mixed_synchronized_and_unsynchronized_layers(mirrored):
 # In-process tests: no strategy, or a stand-in replica context.
 
 
-def _pair(kind, bits, seed=0):
+def _pair(kind, bits, seed=0, **kwargs):
+    """An unsynchronized and a synchronized layer with the same weights."""
     layers = []
     for synchronized in (False, True):
+        options = dict(bits=bits, synchronized=synchronized, **kwargs)
         if kind == "conv":
-            layer = keras_blpa.BNReLUConv2D(4, 3, bits=bits, synchronized=synchronized)
+            layer = keras_blpa.BNReLUConv2D(4, 3, **options)
             layer.build((None, 5, 5, 3))
         else:
-            layer = keras_blpa.BNReLUDense(4, bits=bits, synchronized=synchronized)
+            layer = keras_blpa.BNReLUDense(4, **options)
             layer.build((None, 6))
         _randomize(layer, np.random.default_rng(seed))
         layers.append(layer)
@@ -435,15 +437,18 @@ class _TwinReplicas:
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["graph", "jit"])
-@pytest.mark.parametrize("bits", [None, 4, 8])
+@pytest.mark.parametrize(
+    "bits, naive", [(None, False), (4, False), (8, False), (4, True)],
+    ids=["exact", "4bit", "8bit", "naive4"],
+)
 @pytest.mark.parametrize("kind", KINDS)
 def test_synchronized_unit_under_xla_matches_doubled_batch(
-    monkeypatch, implementation, kind, bits, jit
+    monkeypatch, implementation, kind, bits, naive, jit
 ):
     """The synchronized code under jit_compile=True (pure-TF route) against one
     replica on the batch stacked twice: a wrong count or unsummed backward
     sums would change the input gradient by a factor of two."""
-    ref, layer = _pair(kind, bits, seed=2)
+    ref, layer = _pair(kind, bits, seed=2, naive=naive)
     twins = _TwinReplicas()
     monkeypatch.setattr(unit, "_sync_context", lambda sync: twins if sync else None)
     rng = np.random.default_rng(4)
@@ -465,6 +470,29 @@ def test_synchronized_unit_under_xla_matches_doubled_batch(
     np.testing.assert_allclose(
         layer.moving_variance, ref.moving_variance, rtol=1e-5, atol=1e-6
     )
+
+
+def test_synchronized_mixed_precision_matches_doubled_batch(monkeypatch, implementation):
+    """float16 compute: statistics and the BN backward stay float32."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    ref, layer = _pair("conv", 4, seed=3)
+    twins = _TwinReplicas()
+    monkeypatch.setattr(unit, "_sync_context", lambda sync: twins if sync else None)
+    rng = np.random.default_rng(5)
+    x = rng.normal(0.3, 1.5, (4, 5, 5, 3)).astype("float16")
+    g = rng.normal(size=(4, 5, 5, 4)).astype("float16")
+    out_1, gx_1, *gv_1 = tf.function(_train_step)(
+        ref, *[tf.constant(np.concatenate([t, t])) for t in (x, g)]
+    )
+    out_2, gx_2, *gv_2 = tf.function(_train_step)(layer, tf.constant(x), tf.constant(g))
+    assert out_2.dtype == tf.float16 and gx_2.dtype == tf.float16
+    np.testing.assert_allclose(np.float32(out_2), np.float32(out_1[:4]), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(np.float32(gx_2), np.float32(gx_1[:4]), rtol=1e-2, atol=1e-2)
+    for a, b in zip(gv_2, gv_1):
+        np.testing.assert_allclose(
+            2.0 * np.float32(a), np.float32(b), rtol=1e-2, atol=2e-2
+        )
+    np.testing.assert_allclose(layer.moving_mean, ref.moving_mean, rtol=1e-5, atol=1e-6)
 
 
 def test_strategy_without_all_reduce_is_named():
@@ -523,6 +551,56 @@ def test_resnet_builders_pass_synchronized_through(stock):
     assert all(bn_flags(imagenet)) and imagenet.get_layer("stem_bn").synchronized
     with pytest.raises(ValueError, match="`synchronized`"):
         preact_resnet_cifar(11, synchronized="yes")
+
+
+def _memory_slopes(bits: int | None) -> dict:
+    """Peak training-step memory per unit (MiB), unsynchronized and synchronized.
+
+    The growth of the peak from a 2-unit to an 18-unit stack of
+    BN -> ReLU -> 3x3 conv units (input 2 MiB each), divided by 16: what each
+    unit keeps from the forward into the backward pass. The synchronized
+    stack runs with the two-replica stand-in context.
+    """
+    import tensorflow as tf
+
+    import keras_blpa
+
+    def peak(depth: int, synchronized: bool) -> float:
+        layers = [
+            keras_blpa.BNReLUConv2D(32, 3, bits=bits, synchronized=synchronized, use_bias=False)
+            for _ in range(depth)
+        ]
+        x = tf.random.normal((16, 32, 32, 32))
+        for layer in layers:
+            layer.build(x.shape)
+        variables = [v for layer in layers for v in layer.trainable_variables]
+
+        @tf.function
+        def step(x):
+            with tf.GradientTape() as tape:
+                h = x
+                for layer in layers:
+                    h = layer(h, training=True)
+                loss = tf.reduce_sum(h)
+            return tape.gradient(loss, variables)
+
+        del step(x)[:]
+        peaks = []
+        for _ in range(2):
+            tf.config.experimental.reset_memory_stats("CPU:0")
+            base = tf.config.experimental.get_memory_info("CPU:0")["current"]
+            del step(x)[:]
+            peaks.append(tf.config.experimental.get_memory_info("CPU:0")["peak"] - base)
+        return min(peaks) / 2**20
+
+    twins = _TwinReplicas()
+    unit._sync_context = lambda sync: twins if sync else None
+    results = {}
+    for synchronized in (False, True):
+        low, high = peak(2, synchronized), peak(18, synchronized)
+        results["synchronized" if synchronized else "unsynchronized"] = (high - low) / 16
+        results[("synchronized" if synchronized else "unsynchronized") + "_peak2"] = low
+    return results
 
 
 def _free_ports(count: int) -> list[int]:
@@ -588,10 +666,31 @@ def test_multi_worker_mirrored_two_processes_match_one_process(tmp_path):
         assert max(moved) > 1e-2
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [4, None], ids=["4bit", "exact"])
+def test_synchronized_units_keep_what_unsynchronized_units_keep(bits):
+    """Memory per replica: the saved state per unit is unchanged (the backward's
+    plain-TF BN gradient adds a transient of about one unit input, 2 MiB)."""
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--memory", str(bits)],
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    slopes = json.loads(proc.stdout.strip().splitlines()[-1])
+    print("MiB per unit:", slopes)
+    # 4-bit codes of a 2 MiB input are 0.25 MiB; exact keeps 2 MiB.
+    assert slopes["unsynchronized"] < (0.5 if bits else 2.2)
+    assert slopes["synchronized"] <= slopes["unsynchronized"] + 0.1
+    assert slopes["synchronized_peak2"] <= slopes["unsynchronized_peak2"] + 3.0
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["--child"]:
         print(json.dumps(_child_results()))
     elif sys.argv[1] == "--single":
         _multi_worker_run("single", sys.argv[2])
+    elif sys.argv[1] == "--memory":
+        print(json.dumps(_memory_slopes(None if sys.argv[2] == "None" else int(sys.argv[2]))))
     elif sys.argv[1] == "--worker":
         _multi_worker_run("worker", sys.argv[3], int(sys.argv[2]))
