@@ -109,11 +109,16 @@ def bn_relu_linear(
         with tf.control_dependencies([saved]):
             outputs = linear.forward(tf.cast(a, compute_dtype), weights)
 
+        # Only the outputs' shapes and dtypes: in eager mode `grad` lives on the
+        # tape until the backward pass, and capturing the outputs themselves
+        # would keep one full-precision tensor per unit alive.
+        output_specs = [(tf.shape(out), out.dtype) for out in outputs]
+
         def grad(*upstream):
             # Moment gradients are ignored; an unused head gets a zero gradient.
             grads = [
-                tf.zeros_like(out) if g is None else g
-                for g, out in zip(upstream[: len(outputs)], outputs)
+                tf.zeros(shape, dtype) if g is None else g
+                for g, (shape, dtype) in zip(upstream[: len(output_specs)], output_specs)
             ]
             # Decode only once the upstream gradient exists, so that graph
             # executors (and XLA) cannot run it early and hold the result.
