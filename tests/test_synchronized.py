@@ -285,6 +285,11 @@ def _multi_worker_run(mode: str, outdir: str, index: int = 0) -> None:
     else:
         inputs = (tf.constant(x), tf.constant(y))
     losses = [float(train_step(*inputs)) for _ in range(MW_STEPS)]
+    if mode == "worker":
+        # Multi-worker saving as Keras and TF document it: every worker
+        # saves, the chief to the real path, the others to a scratch path.
+        target = "model.keras" if index == 0 else f"scratch_worker{index}.keras"
+        model.save(os.path.join(outdir, target))
     np.savez(
         os.path.join(outdir, f"{mode}{index}.npz"),
         losses=np.array(losses),
@@ -660,6 +665,13 @@ def test_multi_worker_mirrored_two_processes_match_one_process(tmp_path):
         assert len(weights) > 20
         for key in weights:
             assert _rel(chief[key], ref[key], 0.1) < 1e-4, key
+        # The chief's saved model loads in one process, with its weights,
+        # its moving statistics and synchronized layers.
+        loaded = keras.saving.load_model(tmp_path / "model.keras")
+        for i, value in enumerate(loaded.get_weights()):
+            np.testing.assert_array_equal(value, chief[f"w{i}"])
+        fused = [layer for layer in loaded.layers if hasattr(layer, "bits")]
+        assert fused and all(layer.synchronized for layer in fused)
         # The weights moved: the comparison is not of initial values.
         with np.load(tmp_path / "initial.npz") as initial:
             moved = [_rel(ref[f"w{i}"], initial[f"arr_{i}"], 0.1) for i in range(len(weights))]
