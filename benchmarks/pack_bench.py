@@ -11,6 +11,9 @@ decoded `xhat` for decode), measured in the same process:
 - copy: memory-copy references, `x * 1.0` in eager TF (a real read + write of
   fp32) and numpy `copyto` into a preallocated array.
 
+Everything of one size is timed round-robin (the best call of each counts),
+so that noise from other work on the machine hits every column alike.
+
 Encode reads 4 B and writes 4 B (+0.5 or 1 B of codes) per element; decode
 reads 0.5 or 1 B and writes 5 B (xhat + bool mask), so "copy" is the natural
 ceiling for both. The backward columns (`bwd`) time `decode_bn_backward`
@@ -73,9 +76,26 @@ def _best(fn: Callable[[], object], min_time: float, min_reps: int) -> float:
     return best
 
 
-def _rate(fn: Callable[[], object], nbytes: int, min_time: float, min_reps: int) -> float:
-    """GB/s moving `nbytes` per call."""
-    return nbytes / _best(fn, min_time, min_reps) / 1e9
+def _best_interleaved(
+    fns: dict[str, Callable[[], object]], min_time: float, min_reps: int
+) -> dict[str, float]:
+    """Seconds of each function's fastest call, calling them in turn (after a
+    warm-up call each) for at least `min_reps` rounds and `min_time` seconds
+    per function on average."""
+    for fn in fns.values():
+        fn()
+    _sync()
+    best = dict.fromkeys(fns, float("inf"))
+    rounds = 0
+    start = time.perf_counter()
+    while rounds < min_reps or time.perf_counter() - start < min_time * len(fns):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            _sync()
+            best[name] = min(best[name], time.perf_counter() - t0)
+        rounds += 1
+    return best
 
 
 def _inputs(mib: int, bits: int):
@@ -141,28 +161,28 @@ def bench_size(mib: int, bits: int, min_time: float, min_reps: int, use_op: bool
     g_a = tf.random.normal(x.shape, seed=2)
 
     row: dict = {"size_mib": mib, "bits": bits, "elements": int(x.shape.num_elements())}
+    # Everything of one size is timed round-robin, so that machine noise hits
+    # the ops and the copies alike: each entry's best call counts.
+    fns: dict[str, Callable[[], object]] = {}
     if use_op:
-        row["decode_relu_op"] = _rate(
-            lambda: decode_relu_with(custom_op)(packed), nbytes, min_time, min_reps)
+        fns["decode_relu_op"] = lambda: decode_relu_with(custom_op)(packed)
         if bits == EXACT_ROW_BITS:  # the exact path has no bits: once per size
             _, xhat = custom_op.bn_relu_exact(x, mean, inv_std, gamma, beta)
-            row["exact_forward_op"] = _rate(
-                lambda: custom_op.bn_relu_exact(x, mean, inv_std, gamma, beta), nbytes,
-                min_time, min_reps)
-            row["exact_relu_op"] = _rate(
-                lambda: custom_op.relu_exact(xhat, gamma, beta), nbytes, min_time, min_reps)
-            row["exact_backward_op"] = _rate(
-                lambda: custom_op.bn_backward_exact(g_a, xhat, gamma, beta, inv_std), nbytes,
-                min_time, min_reps)
+            fns["exact_forward_op"] = lambda: custom_op.bn_relu_exact(
+                x, mean, inv_std, gamma, beta)
+            fns["exact_relu_op"] = lambda: custom_op.relu_exact(xhat, gamma, beta)
+            fns["exact_backward_op"] = lambda: custom_op.bn_backward_exact(
+                g_a, xhat, gamma, beta, inv_std)
     for name, (enc, dec, bwd) in impls.items():
-        row[f"encode_{name}"] = _rate(lambda e=enc: e(x), nbytes, min_time, min_reps)
-        row[f"decode_{name}"] = _rate(lambda d=dec: d(packed), nbytes, min_time, min_reps)
-        row[f"backward_{name}"] = _rate(lambda b=bwd: b(g_a, packed), nbytes, min_time, min_reps)
-
-    row["copy_tf"] = _rate(lambda: x * 1.0, nbytes, min_time, min_reps)
+        fns[f"encode_{name}"] = lambda e=enc: e(x)
+        fns[f"decode_{name}"] = lambda d=dec: d(packed)
+        fns[f"backward_{name}"] = lambda b=bwd: b(g_a, packed)
+    fns["copy_tf"] = lambda: x * 1.0
     src = x.numpy()
     dst = np.empty_like(src)
-    row["copy_np"] = _rate(lambda: np.copyto(dst, src), nbytes, min_time, min_reps)
+    fns["copy_np"] = lambda: np.copyto(dst, src)
+    for key, seconds in _best_interleaved(fns, min_time, min_reps).items():
+        row[key] = nbytes / seconds / 1e9
     return row
 
 
