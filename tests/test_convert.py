@@ -250,6 +250,22 @@ def test_keep_by_name_and_predicate():
     assert {c.fused_as for c in by_type.fused} == TOY_FUSED - {"dw3"}
 
 
+def test_synchronized_batch_norm_fuses_synchronized_and_comes_back():
+    inputs = keras.Input((8, 8, 4))
+    a = L.ReLU()(L.BatchNormalization(synchronized=True, name="bn")(inputs))
+    b = L.ReLU()(L.BatchNormalization(name="bn2")(L.Conv2D(4, 3, padding="same")(a)))
+    model = keras.Model(inputs, L.Conv2D(4, 1)(b))
+    converted, report = keras_blpa.convert(model, bits=None, return_report=True)
+    fused = {layer.name: layer for layer in converted.layers if isinstance(layer, BNReLUBase)}
+    assert len(report.fused) == 2 and not report.left
+    assert sorted(layer.synchronized for layer in fused.values()) == [False, True]
+    back = keras_blpa.to_standard(converted)
+    bns = [layer for layer in back.layers if isinstance(layer, L.BatchNormalization)]
+    assert sorted(layer.synchronized for layer in bns) == [False, True]
+    x = _x((2, 8, 8, 4))
+    np.testing.assert_allclose(converted(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_three_readers_and_two_non_projection_readers_stay_stock():
     inputs = keras.Input((8, 8, 4))
     a = L.ReLU(name="r")(L.BatchNormalization(name="bn")(inputs))

@@ -15,7 +15,7 @@ LINEAR = ("Conv2D", "DepthwiseConv2D", "Dense")
 BN_KEYS = (
     "momentum", "epsilon", "center", "scale", "beta_initializer", "gamma_initializer",
     "moving_mean_initializer", "moving_variance_initializer", "beta_regularizer",
-    "gamma_regularizer", "beta_constraint", "gamma_constraint",
+    "gamma_regularizer", "beta_constraint", "gamma_constraint", "synchronized",
 )
 BIAS_KEYS = ("use_bias", "bias_initializer", "bias_regularizer", "bias_constraint")
 
@@ -139,8 +139,6 @@ def _check_chain(graph: g.Graph, bn: str, act: str, heads: tuple, keep) -> None:
     rank = len(graph.layers[bn].input.shape)
     if bn_layer.axis not in (-1, rank - 1):
         raise _Left(f"{bn} normalizes axis {bn_layer.axis}, not the channel (last) axis")
-    if bn_layer.synchronized:
-        raise _Left(f"{bn} has synchronized=True (fused layers use per-replica statistics)")
     for name in (bn, act):
         if graph.layers[name].activity_regularizer is not None:
             raise _Left(f"{name} has an activity_regularizer")
