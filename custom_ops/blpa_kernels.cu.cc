@@ -345,26 +345,27 @@ const char* LaunchDecodeBnBackwardGpu(const BnBackwardArgs& args,
   return LastError();
 }
 
-const char* LaunchNormalizeReluGpu(const ExactArgs& args, void* stream) {
+namespace {
+
+// Launches an elementwise exact-path kernel: its 32-bit-index instance where
+// every index fits, else its 64-bit one.
+const char* LaunchExact(void (*narrow)(ExactArgs), void (*wide)(ExactArgs),
+                        const ExactArgs& args, void* stream) {
   if (args.n == 0) return nullptr;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (Fits32(args.n)) {
-    NormalizeReluKernel<uint32_t><<<GridFor(args.n), kThreads, 0, s>>>(args);
-  } else {
-    NormalizeReluKernel<uint64_t><<<GridFor(args.n), kThreads, 0, s>>>(args);
-  }
+  (Fits32(args.n) ? narrow : wide)<<<GridFor(args.n), kThreads, 0, s>>>(args);
   return LastError();
 }
 
+}  // namespace
+
+const char* LaunchNormalizeReluGpu(const ExactArgs& args, void* stream) {
+  return LaunchExact(NormalizeReluKernel<uint32_t>, NormalizeReluKernel<uint64_t>,
+                     args, stream);
+}
+
 const char* LaunchExactReluGpu(const ExactArgs& args, void* stream) {
-  if (args.n == 0) return nullptr;
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (Fits32(args.n)) {
-    ExactReluKernel<uint32_t><<<GridFor(args.n), kThreads, 0, s>>>(args);
-  } else {
-    ExactReluKernel<uint64_t><<<GridFor(args.n), kThreads, 0, s>>>(args);
-  }
-  return LastError();
+  return LaunchExact(ExactReluKernel<uint32_t>, ExactReluKernel<uint64_t>, args, stream);
 }
 
 }  // namespace blpa
