@@ -9,7 +9,9 @@ decoded `xhat` for decode), measured in the same process:
   (tf and xla include the tf.function call overhead, printed as `fn_call_us`;
   it dominates at 1 MiB on slow machines);
 - copy: memory-copy references, `x * 1.0` in eager TF (a real read + write of
-  fp32) and numpy `copyto` into a preallocated array.
+  fp32) and numpy `copyto` into a preallocated array;
+- fill: write-only references, `tf.fill` and numpy's `fill` of a preallocated
+  array: the rate at which this machine can store fp32 at all.
 
 Everything of one size is timed round-robin (the best call of each counts),
 so that noise from other work on the machine hits every column alike.
@@ -26,6 +28,11 @@ The second table ("vs copy") counts the bytes each kernel really moves
 measured in the same run, for the ops the training step runs: encode,
 `decode_relu` and the fused backward at 4 and 8 bits, and the exact path
 (bits=None: forward, rebuild, backward). 100% is the copy's bandwidth.
+
+The third table sets `decode_relu` beside the fills. It reads half or one
+byte per element and writes four, so it is bound by stores, not by reads:
+in bytes moved it cannot pass about 4.5/8 of a copy (56%) unless this
+machine stores faster than it copies, which the fills measure.
 
     python benchmarks/pack_bench.py                       # 1..256 MiB, 4 and 8 bits
     python benchmarks/pack_bench.py --sizes-mib 1,4,16,64,256 --bits 4,8 --out r.json
@@ -181,6 +188,9 @@ def bench_size(mib: int, bits: int, min_time: float, min_reps: int, use_op: bool
     src = x.numpy()
     dst = np.empty_like(src)
     fns["copy_np"] = lambda: np.copyto(dst, src)
+    filled = np.empty_like(src)
+    fns["fill_tf"] = lambda: tf.fill(shape, 1.5)
+    fns["fill_np"] = lambda: filled.fill(1.5)
     for key, seconds in _best_interleaved(fns, min_time, min_reps).items():
         row[key] = nbytes / seconds / 1e9
     return row
@@ -228,6 +238,21 @@ def markdown_vs_copy(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown_vs_fill(rows: list[dict]) -> str:
+    """decode_relu's fp32 written per second against the faster fill's."""
+    lines = ["| MiB | bits | fill GB/s | copy GB/s | decode_relu GB/s | vs fill |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        if "fill_tf" not in row or "decode_relu_op" not in row:
+            continue
+        fill = max(row["fill_tf"], row["fill_np"])
+        copy = max(row["copy_tf"], row["copy_np"])
+        rate = row["decode_relu_op"]
+        lines.append(f"| {row['size_mib']} | {row['bits']} | {fill:.2f} | {copy:.2f} | "
+                     f"{rate:.2f} | {100 * rate / fill:.0f}% |")
+    return "\n".join(lines)
+
+
 COLUMNS = [
     ("size_mib", "MiB"),
     ("bits", "bits"),
@@ -242,6 +267,8 @@ COLUMNS = [
     ("backward_xla", "bwd XLA"),
     ("copy_tf", "copy TF"),
     ("copy_np", "copy np"),
+    ("fill_tf", "fill TF"),
+    ("fill_np", "fill np"),
 ]
 
 
@@ -306,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
         row["vs_copy"] = vs_copy(row)
     table = markdown(rows) + "\n\nBandwidth in bytes moved, vs the copy (exact path: "
     table += "bits=None, in the 4-bit rows):\n\n" + markdown_vs_copy(rows)
+    if use_op:
+        table += ("\n\ndecode_relu's fp32 stores against a write-only fill "
+                  "(GB/s of fp32 written):\n\n" + markdown_vs_fill(rows))
     print(
         f"TF {tf.__version__}, {os.cpu_count()} CPUs, devices {devices}; GB/s of fp32; "
         f"tf.function call overhead {fn_call_us:.0f} us\n"

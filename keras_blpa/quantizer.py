@@ -355,26 +355,34 @@ def bn_relu_encode(
     beta: tf.Tensor,
     params: QuantParams,
     bits: int,
+    negative_slope: float = 0.0,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Fused forward of one unit: normalize, ReLU and quantize.
 
     All inputs float32; per-channel tensors of shape `[C]`.
 
     Returns:
-      `(a, packed)`: the exact ReLU output `max(gamma * xhat + beta, 0)` and
-      the packed codes of `xhat`.
+      `(a, packed)`: the exact (leaky) ReLU output of `y = gamma * xhat + beta`
+      (`y` where `y > 0`, else `negative_slope * y`) and the packed codes of
+      `xhat`. The codes do not depend on the slope: the kink is at `y = 0`.
     """
-    xhat, on, a = _normalize_relu(x, mean, inv_std, gamma, beta)
+    xhat, on, a = _normalize_relu(x, mean, inv_std, gamma, beta, negative_slope)
     return a, encode(xhat, on, params, bits)
 
 
-def _normalize_relu(x, mean, inv_std, gamma, beta):
+def leaky(y: tf.Tensor, on: tf.Tensor, negative_slope: float) -> tf.Tensor:
+    """`where(on, y, negative_slope * y)`; slope 0 gives an exact 0.0 (never
+    -0.0 or NaN), as `tf.nn.relu` does. Used for activations and gradients."""
+    return tf.where(on, y, 0.0 if negative_slope == 0.0 else y * negative_slope)
+
+
+def _normalize_relu(x, mean, inv_std, gamma, beta, negative_slope=0.0):
     xhat = (x - mean) * inv_std
     y = xhat * gamma + beta
     on = y > 0.0
     # `a` lets NaN through (as tf.nn.relu does): a non-finite input must show
     # in the layer's output, not hide behind finite codes.
-    return xhat, on, tf.where(y <= 0.0, 0.0, y)
+    return xhat, on, leaky(y, ~(y <= 0.0), negative_slope)
 
 
 def quantize_relu(
@@ -385,21 +393,26 @@ def quantize_relu(
     beta: tf.Tensor,
     params: QuantParams,
     bits: int,
+    negative_slope: float = 0.0,
 ) -> tf.Tensor:
     """`decode_relu(bn_relu_encode(...))` without packing: the ReLU output
     rebuilt from the codes (the naive forward), bit for bit."""
     check_bits(bits, allow_none=False)
     xhat, on, _ = _normalize_relu(x, mean, inv_std, gamma, beta)
     centres, mask = _centres_and_mask(encode_codes(xhat, on, params, bits), params, bits)
-    return relu_from_decoded(centres, mask, gamma, beta)
+    return relu_from_decoded(centres, mask, gamma, beta, negative_slope)
 
 
 def relu_from_decoded(
-    xhat: tf.Tensor, mask: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor
+    xhat: tf.Tensor,
+    mask: tf.Tensor,
+    gamma: tf.Tensor,
+    beta: tf.Tensor,
+    negative_slope: float = 0.0,
 ) -> tf.Tensor:
-    """The ReLU output rebuilt from decoded `(xhat, mask)`: the mask, not the
-    sign of the rebuilt `y`, decides (it is exact; `y` is approximate)."""
-    return tf.where(mask, xhat * gamma + beta, 0.0)
+    """The (leaky) ReLU output rebuilt from decoded `(xhat, mask)`: the mask,
+    not the sign of the rebuilt `y`, decides (it is exact; `y` is approximate)."""
+    return leaky(xhat * gamma + beta, mask, negative_slope)
 
 
 def bn_relu_encode_words(
@@ -411,16 +424,24 @@ def bn_relu_encode_words(
     params: QuantParams,
     bits: int,
     sum_windows=None,
+    negative_slope: float = 0.0,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """`bn_relu_encode` into the word layout: `(a, words)`, see `pack_words`."""
-    xhat, on, a = _normalize_relu(x, mean, inv_std, gamma, beta)
+    xhat, on, a = _normalize_relu(x, mean, inv_std, gamma, beta, negative_slope)
     return a, encode_words(xhat, on, params, bits, sum_windows)
 
 
 def relu_bn_backward(
-    g_a: tf.Tensor, xhat: tf.Tensor, mask: tf.Tensor, gamma: tf.Tensor, inv_std: tf.Tensor
+    g_a: tf.Tensor,
+    xhat: tf.Tensor,
+    mask: tf.Tensor,
+    gamma: tf.Tensor,
+    inv_std: tf.Tensor,
+    negative_slope: float = 0.0,
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """Backward of `a = relu(gamma * xhat + beta)`, `xhat` from batch statistics.
+
+    With `negative_slope`, of the leaky ReLU: `g_y = where(mask, g_a, s * g_a)`.
 
     Args:
       g_a: float32 gradient w.r.t. `a`, channels last.
@@ -434,7 +455,7 @@ def relu_bn_backward(
     """
     axes = list(range(g_a.shape.rank - 1))
     count = tf.cast(tf.reduce_prod(tf.shape(g_a)[:-1]), tf.float32)
-    g_y = tf.where(mask, g_a, 0.0)
+    g_y = leaky(g_a, mask, negative_slope)
     d_beta = tf.reduce_sum(g_y, axes)
     d_gamma = tf.reduce_sum(g_y * xhat, axes)
     g_x = (gamma * inv_std) * (g_y - d_beta / count - xhat * (d_gamma / count))
@@ -442,13 +463,19 @@ def relu_bn_backward(
 
 
 def bn_relu_exact(
-    x: tf.Tensor, mean: tf.Tensor, inv_std: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor
+    x: tf.Tensor,
+    mean: tf.Tensor,
+    inv_std: tf.Tensor,
+    gamma: tf.Tensor,
+    beta: tf.Tensor,
+    negative_slope: float = 0.0,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """`(a, xhat)`: the exact path's forward (bits=None), which keeps `xhat`.
 
-    `xhat = (x - mean) * inv_std`, `a = relu(xhat * gamma + beta)` (NaN passes).
+    `xhat = (x - mean) * inv_std`, `a = relu(xhat * gamma + beta)` (NaN passes;
+    leaky with `negative_slope`).
     """
-    xhat, _, a = _normalize_relu(x, mean, inv_std, gamma, beta)
+    xhat, _, a = _normalize_relu(x, mean, inv_std, gamma, beta, negative_slope)
     return a, xhat
 
 
@@ -457,17 +484,26 @@ def exact_mask(xhat: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor) -> tf.Tensor:
     return xhat * gamma + beta > 0.0
 
 
-def relu_exact(xhat: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor) -> tf.Tensor:
-    """The ReLU output rebuilt from the exact `xhat`: `where(y > 0, y, 0)`."""
+def relu_exact(
+    xhat: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, negative_slope: float = 0.0
+) -> tf.Tensor:
+    """The ReLU output rebuilt from the exact `xhat`: `where(y > 0, y, 0)`
+    (`s * y` instead of 0 with `negative_slope` s)."""
     y = xhat * gamma + beta
-    return tf.where(y > 0.0, y, 0.0)
+    return leaky(y, y > 0.0, negative_slope)
 
 
 def bn_backward_exact(
-    g_a: tf.Tensor, xhat: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, inv_std: tf.Tensor
+    g_a: tf.Tensor,
+    xhat: tf.Tensor,
+    gamma: tf.Tensor,
+    beta: tf.Tensor,
+    inv_std: tf.Tensor,
+    negative_slope: float = 0.0,
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """`relu_bn_backward` with the mask rebuilt from the exact `xhat`."""
-    return relu_bn_backward(g_a, xhat, exact_mask(xhat, gamma, beta), gamma, inv_std)
+    mask = exact_mask(xhat, gamma, beta)
+    return relu_bn_backward(g_a, xhat, mask, gamma, inv_std, negative_slope)
 
 
 def decode_bn_backward(
@@ -477,7 +513,8 @@ def decode_bn_backward(
     gamma: tf.Tensor,
     inv_std: tf.Tensor,
     bits: int,
+    negative_slope: float = 0.0,
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """`relu_bn_backward` with `xhat` and the mask decoded from packed codes."""
     xhat, mask = decode(packed, params, tf.shape(g_a), bits)
-    return relu_bn_backward(g_a, xhat, mask, gamma, inv_std)
+    return relu_bn_backward(g_a, xhat, mask, gamma, inv_std, negative_slope)
