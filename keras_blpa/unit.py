@@ -51,6 +51,7 @@ def bn_relu_linear(
     epsilon: float,
     window: float | None = None,
     synchronized: bool = False,
+    negative_slope: float = 0.0,
     name: str = "bn_relu_linear",
 ) -> tuple[list[tf.Tensor], tf.Tensor, tf.Tensor]:
     """Training-mode forward of BN (batch statistics) -> ReLU -> linear.
@@ -70,6 +71,8 @@ def bn_relu_linear(
         the backward's per-channel sums, so that every replica's gradients are
         those of one replica on the concatenated batch. With one replica in
         sync, or outside any replica context, this is the unsynchronized unit.
+      negative_slope: leaky ReLU, `y if y > 0 else negative_slope * y` (as
+        `tf.nn.leaky_relu`); 0 is the ReLU. The codes do not depend on it.
       name: the layer's name, for the error on second-order gradients.
 
     Returns:
@@ -81,6 +84,7 @@ def bn_relu_linear(
     # Looked up while tracing the forward; the gradient runs in the same
     # replica function, so the backward's all-reduce uses the same context.
     replica = _sync_context(synchronized)
+    slope = float(negative_slope)
 
     def unit(*inputs):
         # Stop the outer tape from recording (and keeping alive) the forward's
@@ -94,9 +98,13 @@ def bn_relu_linear(
         inv_std = tf.math.rsqrt(variance + epsilon)
         x_shape = tf.shape(x)
         if bits is None:
-            a, saved = custom_op.bn_relu_exact(x32, mean, inv_std, gamma, beta)
+            a, saved = custom_op.bn_relu_exact(
+                x32, mean, inv_std, gamma, beta, negative_slope=slope
+            )
         else:
-            codes = _Codes(bits, quantizer.quantizer_params(gamma, beta, bits, window), x_shape)
+            codes = _Codes(
+                bits, quantizer.quantizer_params(gamma, beta, bits, window), x_shape, slope
+            )
             a, saved = codes.encode(x32, mean, inv_std, gamma, beta)
             if naive:
                 # `+ 0 * a`: the codes are finite even for a NaN or Inf input;
@@ -127,7 +135,9 @@ def bn_relu_linear(
             )
             with tf.control_dependencies(grads):
                 if bits is None:
-                    a_approx = custom_op.relu_exact(saved_now, gamma, beta)
+                    a_approx = custom_op.relu_exact(
+                        saved_now, gamma, beta, negative_slope=slope
+                    )
                 else:
                     a_approx = codes.decode_relu(saved_now, gamma, beta)
             a_approx = tf.cast(a_approx, compute_dtype)
@@ -148,12 +158,12 @@ def bn_relu_linear(
                     else:
                         xhat, mask = codes.decode(saved_now)
                     g_x, d_gamma, d_beta = _global_bn_backward(
-                        g_a, xhat, mask, gamma, inv_std, count, replica, name
+                        g_a, xhat, mask, gamma, inv_std, count, replica, name, slope
                     )
                     del xhat, mask
                 elif bits is None:
                     g_x, d_gamma, d_beta = custom_op.bn_backward_exact(
-                        g_a, saved_now, gamma, beta, inv_std
+                        g_a, saved_now, gamma, beta, inv_std, negative_slope=slope
                     )
                 else:
                     g_x, d_gamma, d_beta = codes.decode_bn_backward(
@@ -238,6 +248,7 @@ def _global_bn_backward(
     count: tf.Tensor,
     replica,
     name: str,
+    negative_slope: float = 0.0,
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """`quantizer.relu_bn_backward` with the per-channel sums of the global batch.
 
@@ -246,7 +257,7 @@ def _global_bn_backward(
     strategy sums variable gradients across replicas itself.
     """
     axes = list(range(g_a.shape.rank - 1))
-    g_y = tf.where(mask, g_a, 0.0)
+    g_y = quantizer.leaky(g_a, mask, negative_slope)
     d_beta = tf.reduce_sum(g_y, axes)
     d_gamma = tf.reduce_sum(g_y * xhat, axes)
     sums = _all_reduce_sum(replica, tf.stack([d_beta, d_gamma]), name)
@@ -294,30 +305,38 @@ class _Codes:
     keeping that input alive. Both layouts hold the same codes.
     """
 
-    def __init__(self, bits: int, params: quantizer.QuantParams, shape: tf.Tensor):
+    def __init__(
+        self, bits: int, params: quantizer.QuantParams, shape: tf.Tensor, slope: float
+    ):
         self.bits = bits
         self.params = params
         self.shape = shape
+        self.slope = slope
         self.words = xla.in_xla_context()
 
     def encode(self, x32, mean, inv_std, gamma, beta) -> tuple[tf.Tensor, tf.Tensor]:
         """`(a, codes)`: the exact ReLU output and the packed codes."""
         if not self.words:
             return custom_op.bn_relu_encode(
-                x32, mean, inv_std, gamma, beta, self.params, self.bits
+                x32, mean, inv_std, gamma, beta, self.params, self.bits,
+                negative_slope=self.slope,
             )
         a, words = quantizer.bn_relu_encode_words(
-            x32, mean, inv_std, gamma, beta, self.params, self.bits, xla.sum_windows()
+            x32, mean, inv_std, gamma, beta, self.params, self.bits, xla.sum_windows(),
+            negative_slope=self.slope,
         )
         return xla.tie(a, words), words
 
     def decode_relu(self, codes, gamma, beta) -> tf.Tensor:
         if not self.words:
             return custom_op.decode_relu(
-                codes, self.params, gamma, beta, self.shape, self.bits
+                codes, self.params, gamma, beta, self.shape, self.bits,
+                negative_slope=self.slope,
             )
         xhat, mask = quantizer.decode_words(codes, self.params, self.shape, self.bits)
-        return quantizer.relu_from_decoded(xhat, mask, gamma, beta)
+        return quantizer.relu_from_decoded(
+            xhat, mask, gamma, beta, negative_slope=self.slope
+        )
 
     def decode(self, codes) -> tuple[tf.Tensor, tf.Tensor]:
         """`(xhat, mask)`, float32 and bool of the input's shape."""
@@ -328,10 +347,13 @@ class _Codes:
     def decode_bn_backward(self, g_a, codes, gamma, inv_std):
         if not self.words:
             return custom_op.decode_bn_backward(
-                g_a, codes, self.params, gamma, inv_std, self.bits
+                g_a, codes, self.params, gamma, inv_std, self.bits,
+                negative_slope=self.slope,
             )
         xhat, mask = quantizer.decode_words(codes, self.params, self.shape, self.bits)
-        return quantizer.relu_bn_backward(g_a, xhat, mask, gamma, inv_std)
+        return quantizer.relu_bn_backward(
+            g_a, xhat, mask, gamma, inv_std, negative_slope=self.slope
+        )
 
 
 def bn_relu_linear_inference(
@@ -347,6 +369,7 @@ def bn_relu_linear_inference(
     naive: bool,
     epsilon: float,
     window: float | None = None,
+    negative_slope: float = 0.0,
     name: str = "bn_relu_linear",
 ) -> list[tf.Tensor]:
     """Forward with given statistics (inference): plain ops, plain autodiff.
@@ -357,10 +380,13 @@ def bn_relu_linear_inference(
     """
     x32 = tf.cast(x, tf.float32)
     inv_std = tf.math.rsqrt(variance + epsilon)
-    a = tf.nn.relu((x32 - mean) * inv_std * gamma + beta)
+    y = (x32 - mean) * inv_std * gamma + beta
+    a = tf.nn.leaky_relu(y, negative_slope) if negative_slope else tf.nn.relu(y)
     if naive and bits is not None:
         params = quantizer.quantizer_params(gamma, beta, bits, window)
-        a_quantized = quantizer.quantize_relu(x32, mean, inv_std, gamma, beta, params, bits)
+        a_quantized = quantizer.quantize_relu(
+            x32, mean, inv_std, gamma, beta, params, bits, negative_slope=negative_slope
+        )
         # Straight-through: the quantized value forward (bit for bit: `a - a`
         # is exactly 0 for finite `a`, NaN for NaN or Inf, which so surfaces),
         # the exact ReLU's gradient backward, so that a frozen naive layer

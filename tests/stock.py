@@ -2,7 +2,6 @@
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 import keras_blpa
 
@@ -18,10 +17,15 @@ def randomize_bn(layer, channels, rng):
 
 
 class StockUnit:
-    """BatchNormalization -> ReLU -> [pool] -> Conv2D/Dense mirroring a fused layer."""
+    """BatchNormalization -> ReLU (leaky with the fused layer's `negative_slope`)
+    -> [pool] -> Conv2D/Dense mirroring a fused layer."""
 
     def __init__(self, fused, input_shape):
         cfg = fused.get_config()
+        slope = cfg.get("negative_slope", 0.0)
+        self.activation = (
+            keras.layers.LeakyReLU(negative_slope=slope) if slope else keras.layers.ReLU()
+        )
         self.bn = keras.layers.BatchNormalization(
             momentum=cfg["momentum"], epsilon=cfg["epsilon"], center=cfg["center"],
             scale=cfg["scale"],
@@ -51,7 +55,7 @@ class StockUnit:
             self.linear.bias.assign(fused.bias)
 
     def __call__(self, x, training):
-        a = tf.nn.relu(self.bn(x, training=training))
+        a = self.activation(self.bn(x, training=training))
         if self.pool is not None:
             a = self.pool(a)
         return self.linear(a)

@@ -38,9 +38,9 @@ def _conv_input(rng, shape=(3, 9, 9, 8)):
     return tf.constant(rng.normal(0.5, 2.0, shape).astype("float32"))
 
 
-def _make(kind, kwargs, bits, input_shape, rng, naive=False):
+def _make(kind, kwargs, bits, input_shape, rng, naive=False, negative_slope=0.0):
     cls = keras_blpa.BNReLUConv2D if kind == "conv" else keras_blpa.BNReLUDense
-    layer = cls(bits=bits, naive=naive, **kwargs)
+    layer = cls(bits=bits, naive=naive, negative_slope=negative_slope, **kwargs)
     layer.build(input_shape)
     randomize_bn(layer, input_shape[-1], rng)
     if layer.use_bias:
@@ -105,6 +105,60 @@ def test_blpa_gradients_close_to_stock(kind, kwargs, shape, bits):
     ref = _grads(stock, stock.weights, x)
     for a, b in zip(ours, ref):
         assert cosine(a, b) >= COSINE_FLOOR[bits]
+
+
+# Leaky ReLU: a conv with padding and groups, and a pooled dense head.
+LEAKY_CASES = [CASES[0], CASES[4], CASES[-1]]
+LEAKY_IDS = [f"{k}-{i}" for i, (k, _, _) in enumerate(LEAKY_CASES)]
+
+
+@pytest.mark.parametrize("slope", [0.1, 0.3])
+@pytest.mark.parametrize("bits", [None, 4])
+@pytest.mark.parametrize("kind,kwargs,shape", LEAKY_CASES, ids=LEAKY_IDS)
+def test_leaky_relu_matches_stock(kind, kwargs, shape, bits, slope):
+    """BN -> LeakyReLU -> linear: outputs as stock's; gradients equal with
+    bits=None and close at 4 bits (the kink is exact, as for the ReLU)."""
+    rng = np.random.default_rng(11)
+    layer, stock = _make(kind, kwargs, bits, shape, rng, negative_slope=slope)
+    x = _conv_input(rng, shape)
+    for training in (True, False):
+        np.testing.assert_allclose(
+            layer(x, training=training), stock(x, training=training), rtol=1e-4, atol=1e-4
+        )
+    ours = _grads(layer, fused_weights(layer), x)
+    ref = _grads(stock, stock.weights, x)
+    relu, _ = _make(kind, kwargs, bits, shape, np.random.default_rng(11))
+    relu_grads = _grads(relu, fused_weights(relu), x)
+    for a, b, c in zip(ours, ref, relu_grads):
+        if bits is None:
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
+        else:
+            assert cosine(a, b) >= COSINE_FLOOR[bits]
+        # The slope reaches the gradients: not the ReLU's.
+        assert cosine(a, c) < 0.9999
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_leaky_relu_under_xla_matches_eager(bits):
+    rng = np.random.default_rng(12)
+    kind, kwargs, shape = CASES[0]
+    layer, _ = _make(kind, kwargs, bits, shape, rng, negative_slope=0.2)
+    x = _conv_input(rng, shape)
+    weights = fused_weights(layer)
+    eager = _grads(layer, weights, x)
+    compiled = tf.function(lambda x: _grads(layer, weights, x), jit_compile=True)(x)
+    for a, b in zip(eager, compiled):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(a).max())
+
+
+def test_leaky_relu_naive_inference_quantizes_the_leaky_output():
+    rng = np.random.default_rng(13)
+    kind, kwargs, shape = CASES[-1]
+    layer, stock = _make(kind, kwargs, 8, shape, rng, naive=True, negative_slope=0.25)
+    x = _conv_input(rng, shape)
+    out, ref = layer(x, training=False), stock(x, training=False)
+    np.testing.assert_allclose(out, ref, rtol=0.05, atol=0.05 * np.abs(ref).max())
+    assert not np.array_equal(out, ref)
 
 
 def test_four_bits_is_less_accurate_than_eight():
@@ -277,10 +331,16 @@ def test_config_round_trip():
     )
     clone = keras_blpa.BNReLUConv2D.from_config(layer.get_config())
     assert clone.get_config() == layer.get_config()
-    dense = keras_blpa.BNReLUDense(3, bits=None, pooling="avg", center=False)
+    dense = keras_blpa.BNReLUDense(
+        3, bits=None, pooling="avg", center=False, negative_slope=0.2
+    )
     assert keras_blpa.BNReLUDense.from_config(dense.get_config()).get_config() == (
         dense.get_config()
     )
+    assert dense.get_config()["negative_slope"] == 0.2
+    # Saved before `negative_slope` existed: the ReLU.
+    old = {k: v for k, v in layer.get_config().items() if k != "negative_slope"}
+    assert keras_blpa.BNReLUConv2D.from_config(old).negative_slope == 0.0
 
 
 def test_window_is_resolved_and_saved():
@@ -367,6 +427,9 @@ def test_compute_output_shape():
         (lambda: keras_blpa.BNReLUConv2D(4, 3, window=0.0), "window"),
         (lambda: keras_blpa.BNReLUDense(4, bits=8, window="wide"), "window"),
         (lambda: keras_blpa.BNReLUConv2D(4, 3, bits=None, window=8.0), "window"),
+        (lambda: keras_blpa.BNReLUConv2D(4, 3, negative_slope=-0.1), "negative_slope"),
+        (lambda: keras_blpa.BNReLUDense(4, negative_slope=float("nan")), "negative_slope"),
+        (lambda: keras_blpa.BNReLUDense(4, negative_slope="0.2"), "negative_slope"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(make, match):

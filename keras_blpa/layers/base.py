@@ -44,11 +44,15 @@ class BNReLUBase(keras.layers.Layer):
         kernel_constraint=None,
         bias_constraint=None,
         synchronized: bool = False,
+        negative_slope: float = 0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
         quantizer.check_bits(bits)
         synchronized = validation.boolean("synchronized", synchronized)
+        # The kink stays at 0, so the codes and the exact mask are unchanged;
+        # only the activation and the gradient of the "off" side scale.
+        negative_slope = validation.real("negative_slope", negative_slope, low=0.0)
         naive = validation.boolean("naive", naive)
         if naive and bits is None:
             raise ValueError(
@@ -102,6 +106,7 @@ class BNReLUBase(keras.layers.Layer):
         # Global batch statistics under a tf.distribute strategy, as in
         # `keras.layers.BatchNormalization(synchronized=True)`.
         self.synchronized = synchronized
+        self.negative_slope = negative_slope
         self.supports_masking = False
 
     # Rank and channel checks shared by build and call.
@@ -212,6 +217,7 @@ class BNReLUBase(keras.layers.Layer):
         options = dict(
             linear=self._linear_map(), bits=self.bits, naive=self.naive,
             epsilon=self.epsilon, window=self.window, name=self.name,
+            negative_slope=self.negative_slope,
         )
         if training and self.trainable:
             outputs, mean, variance = unit.bn_relu_linear(
@@ -264,6 +270,7 @@ class BNReLUBase(keras.layers.Layer):
                 "kernel_constraint": constraints.serialize(self.kernel_constraint),
                 "bias_constraint": constraints.serialize(self.bias_constraint),
                 "synchronized": self.synchronized,
+                "negative_slope": self.negative_slope,
             }
         )
         return config
