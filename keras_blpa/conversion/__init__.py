@@ -29,7 +29,9 @@ def convert(
     `BNReLUDense` with the same weights, which keeps only a `bits`-bit code
     of the activation for the backward pass:
 
-    - the ReLU: `keras.layers.ReLU()` or `Activation("relu")`;
+    - the activation: `keras.layers.ReLU()` or `Activation("relu")`, or a
+      leaky ReLU (`LeakyReLU(negative_slope=s)`, `ReLU(negative_slope=s)`,
+      `Activation("leaky_relu")`: slope 0.2), fused with `negative_slope=s`;
     - the linear layer: `Conv2D` (with `groups`), `DepthwiseConv2D`, `Dense`,
       or `GlobalAveragePooling2D -> Dense` (the `pooling="avg"` head). Its
       own activation (e.g. a softmax) follows as an `Activation` layer that
@@ -41,7 +43,7 @@ def convert(
       head: both read one saved code.
 
     Chains that cannot fuse stay stock and the report says why: another
-    activation (ReLU6, LeakyReLU, swish...), a BN or ReLU output read by
+    activation (ReLU6, a thresholded ReLU, swish...), a BN or ReLU output read by
     other layers too (several linear readers other than the projection pair
     included: their full-precision input stays alive anyway), a subclassed
     layer in between, `keep`. Everything else is untouched. The new model is
@@ -92,7 +94,8 @@ def to_standard(model: keras.Model) -> keras.Model:
 
     Each `BNReLUConv2D` / `BNReLUDense` becomes `BatchNormalization -> ReLU
     -> [ZeroPadding2D] -> Conv2D / DepthwiseConv2D` (or `[GlobalAveragePooling2D
-    ->] Dense`), plus a bias-free 1x1 `Conv2D` for a projection head, with the
+    ->] Dense`), with `LeakyReLU(negative_slope=s)` for a layer with a nonzero
+    `negative_slope`, plus a bias-free 1x1 `Conv2D` for a projection head, with the
     same weights: the model computes the same outputs (training and
     inference) without keras_blpa, for export and serving. The linear layer
     keeps the fused layer's name; the others are named `<name>_bn`,

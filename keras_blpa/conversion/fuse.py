@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import math
 from collections.abc import Callable, Iterable
 
 import keras
@@ -28,29 +30,62 @@ def is_stock(layer) -> bool:
     return type(layer).__module__.startswith("keras.")
 
 
-def activation_kind(layer) -> str | None:
-    """"relu" for a plain ReLU layer, a description for another activation
-    layer, None for a layer that is not an activation."""
+def _slope(value) -> float:
+    """A negative slope as a float (NaN for anything that is not a number)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def activation_kind(layer) -> tuple[str, float | None] | None:
+    """(description, negative slope) for an activation layer, None for a layer
+    that is not one. The slope is that of a ReLU (0.0) or leaky ReLU
+    (`y if y > 0 else slope * y`), the activations that fuse; None for another
+    activation."""
     if not is_stock(layer):
         return None
     cls = type(layer).__name__
     if cls == "ReLU":
-        if layer.max_value is None and not layer.negative_slope and not layer.threshold:
-            return "relu"
+        slope = _slope(layer.negative_slope)
+        if layer.max_value is None and not layer.threshold:
+            if slope == 0.0:
+                return "ReLU", 0.0
+            return f"ReLU(negative_slope={layer.negative_slope})", slope
         if not layer.negative_slope and not layer.threshold:
-            return f"ReLU{float(layer.max_value):g} (ReLU(max_value={layer.max_value}))"
+            return f"ReLU{float(layer.max_value):g} (ReLU(max_value={layer.max_value}))", None
         return (
             f"ReLU(max_value={layer.max_value}, negative_slope={layer.negative_slope}, "
-            f"threshold={layer.threshold})"
+            f"threshold={layer.threshold})", None,
         )
+    if cls == "LeakyReLU":
+        return f"LeakyReLU(negative_slope={layer.negative_slope})", _slope(layer.negative_slope)
     if cls == "Activation":
         fn = layer.activation
         if fn is keras.activations.relu:
-            return "relu"
-        return f"Activation({getattr(fn, '__name__', fn)!r})"
-    if cls in ("LeakyReLU", "PReLU", "ELU", "Softmax"):
-        return cls
+            return "ReLU", 0.0
+        if fn is keras.activations.leaky_relu:
+            # keras.activations.leaky_relu's default slope (0.2 in Keras 3).
+            default = inspect.signature(fn).parameters["negative_slope"].default
+            return f"Activation('leaky_relu') (negative_slope={default})", _slope(default)
+        return f"Activation({getattr(fn, '__name__', fn)!r})", None
+    if cls in ("PReLU", "ELU", "Softmax"):
+        return cls, None
     return None
+
+
+def fusable_slope(kind: tuple) -> float:
+    """The negative slope of a chain's activation, or `_Left` saying why it
+    does not fuse."""
+    description, slope = kind
+    if slope is None:
+        raise _Left(f"the activation is {description}; only ReLU and leaky ReLU fuse")
+    if not (math.isfinite(slope) and slope >= 0.0):
+        raise _Left(
+            f"the activation is {description}: a leaky ReLU fuses only with a finite "
+            "negative_slope >= 0"
+        )
+    return slope
 
 
 def _describe(graph: g.Graph, name: str) -> str:
@@ -160,7 +195,8 @@ def _check_chain(graph: g.Graph, bn: str, act: str, heads: tuple, keep) -> None:
         raise _Left(f"{linear.name} has an activity_regularizer and a projection head")
 
 
-def _fused_layer(graph: g.Graph, bn: str, heads: tuple, name: str, options: dict):
+def _fused_layer(graph: g.Graph, bn: str, heads: tuple, name: str, options: dict,
+                 slope: float = 0.0):
     """The fused layer (unbuilt) and a function that loads its weights."""
     bn_layer = graph.layers[bn]
     main, projection = heads
@@ -176,6 +212,8 @@ def _fused_layer(graph: g.Graph, bn: str, heads: tuple, name: str, options: dict
     if linear.activation is keras.activations.linear and lin_cfg.get("activity_regularizer"):
         kwargs["activity_regularizer"] = lin_cfg["activity_regularizer"]
     kwargs.update(options, name=name, dtype=linear.dtype_policy, trainable=bn_layer.trainable)
+    if slope:
+        kwargs["negative_slope"] = slope
     if isinstance(linear, keras.layers.Dense):
         layer = BNReLUDense(linear.units, pooling="avg" if main["pool"] else None, **kwargs)
     else:
@@ -240,9 +278,7 @@ def convert_graph(model, options: dict, keep: Callable, report: ConversionReport
                     f"subclassed layer {_describe(graph, readers[0])} between the BN and "
                     "the activation"
                 )
-            kind = activation_kind(graph.layers[act])
-            if kind != "relu":
-                raise _Left(f"the activation is {kind}; only ReLU fuses")
+            slope = fusable_slope(activation_kind(graph.layers[act]))
             if graph.calls[bn] != 1 or graph.calls[act] != 1:
                 raise _Left("the BN or ReLU layer is shared (called more than once)")
             act_readers = graph.readers.get((act, 0, 0), [])
@@ -256,7 +292,7 @@ def convert_graph(model, options: dict, keep: Callable, report: ConversionReport
                 g.unique_name(f"{linear.name}_fused", taken) if activated else linear.name
             )
             try:
-                fused, load = _fused_layer(graph, bn, heads, name, options)
+                fused, load = _fused_layer(graph, bn, heads, name, options, slope)
             except ValueError as err:
                 raise _Left(f"the fused layer rejects it: {err}") from None
         except _Left as left:
@@ -285,7 +321,7 @@ def convert_graph(model, options: dict, keep: Callable, report: ConversionReport
         loaders[name] = load
         report.chains.append(Chain(
             tuple(parts), fused_as=name, model=path, linear=linear.name,
-            projection=projection["linear"] if projection else None,
+            projection=projection["linear"] if projection else None, negative_slope=slope,
         ))
         report.stock_layers += len(parts)
         report.fused_layers += 1

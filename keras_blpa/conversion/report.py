@@ -17,6 +17,8 @@ class Chain:
       model: the nested model it sits in ("" for the top level).
       linear: the main linear layer's name (fused chains).
       projection: the 1x1 projection Conv2D's name, if one was fused in.
+      negative_slope: the fused activation's negative slope (fused chains):
+        0.0 for a ReLU, that of the leaky ReLU otherwise.
     """
 
     layers: tuple
@@ -25,10 +27,17 @@ class Chain:
     model: str = ""
     linear: str | None = None
     projection: str | None = None
+    negative_slope: float | None = None
 
     @property
     def fused(self) -> bool:
         return self.fused_as is not None
+
+
+def _fused_text(chain: Chain) -> str:
+    if chain.negative_slope:
+        return f"{chain.fused_as} (leaky ReLU, negative_slope={chain.negative_slope:g})"
+    return chain.fused_as
 
 
 @dataclass
@@ -69,7 +78,7 @@ class ConversionReport:
             (
                 "fused" if c.fused else "stock",
                 (f"{c.model}/" if c.model else "") + " -> ".join(c.layers),
-                c.fused_as if c.fused else c.reason,
+                _fused_text(c) if c.fused else c.reason,
             )
             for c in self.chains
         ]

@@ -24,8 +24,16 @@ def _stock_layers(fused, names: dict) -> dict:
         "bn": keras.layers.BatchNormalization(
             axis=-1, **{k: cfg[k] for k in BN_KEYS}, name=names["bn"], **common
         ),
-        "relu": keras.layers.ReLU(name=names["relu"], dtype=fused.dtype_policy),
     }
+    slope = getattr(fused, "negative_slope", 0.0)
+    if slope:
+        # keras.layers.LeakyReLU is tf.nn.leaky_relu: `y if y > 0 else slope * y`,
+        # the fused layer's activation.
+        layers["relu"] = keras.layers.LeakyReLU(
+            negative_slope=slope, name=names["relu"], dtype=fused.dtype_policy
+        )
+    else:
+        layers["relu"] = keras.layers.ReLU(name=names["relu"], dtype=fused.dtype_policy)
     linear_kwargs = {k: cfg.get(k) for k in _LINEAR_KEYS}
     linear_kwargs["activity_regularizer"] = fused.activity_regularizer
     if isinstance(fused, BNReLUConv2D):
