@@ -106,10 +106,36 @@ inline void ForEachRun(const Periodic& p, int64_t begin, int64_t end, Fn fn) {
 // ---- inner loops ------------------------------------------------------------
 // One run of elements whose parameters are contiguous. Plain pointer/value
 // arguments (no closures) so GCC vectorizes them; each has an AVX2 clone.
+//
+// The loops that produce an activation or a gradient take the leaky ReLU's
+// negative slope `s` and are templates on kLeaky: the cloned entry point picks
+// the instance once per run, and the ReLU instance (kLeaky false) passes the
+// per-element functions a literal 0.0f, so it compiles to exactly the loop of
+// the plain ReLU (LeakyNeg folds to 0.0f).
 
 // `a` may alias `x` (the op forwards x's buffer): each element is read before
 // it is written and no element depends on another, which `ivdep` promises so
 // that the loop still vectorizes without __restrict on the pair.
+template <bool kLeaky>
+inline void EncodeLoop(const float* x, const float* __restrict mean,
+                       const float* __restrict inv_std,
+                       const float* __restrict gamma,
+                       const float* __restrict beta, const float* __restrict lo,
+                       const float* __restrict lower_on,
+                       const float* __restrict upper_on,
+                       const float* __restrict lower_off,
+                       const float* __restrict upper_off, int64_t len, Grid g,
+                       float* a, uint8_t* __restrict codes, float s) {
+  const float slope = kLeaky ? s : 0.0f;
+#pragma GCC ivdep
+  for (int64_t t = 0; t < len; ++t) {
+    a[t] = EncodeOneBounded(x[t], mean[t], inv_std[t], gamma[t], beta[t], lo[t],
+                            Bounds{lower_on[t], upper_on[t]},
+                            Bounds{lower_off[t], upper_off[t]}, g, &codes[t],
+                            slope);
+  }
+}
+
 BLPA_CPU_CLONES
 void EncodeRun(const float* x, const float* __restrict mean,
                const float* __restrict inv_std, const float* __restrict gamma,
@@ -117,12 +143,13 @@ void EncodeRun(const float* x, const float* __restrict mean,
                const float* __restrict lower_on, const float* __restrict upper_on,
                const float* __restrict lower_off,
                const float* __restrict upper_off, int64_t len, Grid g,
-               float* a, uint8_t* __restrict codes) {
-#pragma GCC ivdep
-  for (int64_t t = 0; t < len; ++t) {
-    a[t] = EncodeOneBounded(x[t], mean[t], inv_std[t], gamma[t], beta[t], lo[t],
-                            Bounds{lower_on[t], upper_on[t]},
-                            Bounds{lower_off[t], upper_off[t]}, g, &codes[t]);
+               float* a, uint8_t* __restrict codes, float s) {
+  if (s == 0.0f) {
+    EncodeLoop<false>(x, mean, inv_std, gamma, beta, lo, lower_on, upper_on,
+                      lower_off, upper_off, len, g, a, codes, s);
+  } else {
+    EncodeLoop<true>(x, mean, inv_std, gamma, beta, lo, lower_on, upper_on,
+                     lower_off, upper_off, len, g, a, codes, s);
   }
 }
 
@@ -157,13 +184,30 @@ void DecodeRun(const uint8_t* __restrict codes, const float* __restrict lo,
   }
 }
 
+template <bool kLeaky>
+inline void DecodeReluLoop(const uint8_t* __restrict codes,
+                           const float* __restrict lo,
+                           const float* __restrict k,
+                           const float* __restrict flip,
+                           const float* __restrict gamma,
+                           const float* __restrict beta, int64_t len, Grid g,
+                           float* __restrict a, float s) {
+  const float slope = kLeaky ? s : 0.0f;
+  for (int64_t t = 0; t < len; ++t) {
+    a[t] = DecodeReluOne(codes[t], lo[t], k[t], flip[t], gamma[t], beta[t], g,
+                         slope);
+  }
+}
+
 BLPA_CPU_CLONES
 void DecodeReluRun(const uint8_t* __restrict codes, const float* __restrict lo,
                    const float* __restrict k, const float* __restrict flip,
                    const float* __restrict gamma, const float* __restrict beta,
-                   int64_t len, Grid g, float* __restrict a) {
-  for (int64_t t = 0; t < len; ++t) {
-    a[t] = DecodeReluOne(codes[t], lo[t], k[t], flip[t], gamma[t], beta[t], g);
+                   int64_t len, Grid g, float* __restrict a, float s) {
+  if (s == 0.0f) {
+    DecodeReluLoop<false>(codes, lo, k, flip, gamma, beta, len, g, a, s);
+  } else {
+    DecodeReluLoop<true>(codes, lo, k, flip, gamma, beta, len, g, a, s);
   }
 }
 
@@ -171,15 +215,17 @@ void DecodeReluRun(const uint8_t* __restrict codes, const float* __restrict lo,
 // own slot of accumulators (one per parameter-period entry, so slots are
 // distinct within a run and the loop vectorizes). Acc is float for short
 // per-block partial sums (flushed into double), or double.
-template <typename Acc>
+template <bool kLeaky, typename Acc>
 inline void BnSumsLoop(const uint8_t* __restrict codes,
                        const float* __restrict g_a, const float* __restrict lo,
                        const float* __restrict k, const float* __restrict flip,
                        int64_t len, Grid g, Acc* __restrict sum_b,
-                       Acc* __restrict sum_g) {
+                       Acc* __restrict sum_g, float s) {
+  const float slope = kLeaky ? s : 0.0f;
   for (int64_t t = 0; t < len; ++t) {
     float xhat;
-    const float g_y = MaskedGradOne(codes[t], g_a[t], lo[t], k[t], flip[t], g, &xhat);
+    const float g_y =
+        MaskedGradOne(codes[t], g_a[t], lo[t], k[t], flip[t], g, &xhat, slope);
     sum_b[t] += static_cast<Acc>(g_y);
     sum_g[t] += static_cast<Acc>(g_y * xhat);
   }
@@ -189,16 +235,24 @@ BLPA_CPU_CLONES
 void BnSumsRun(const uint8_t* __restrict codes, const float* __restrict g_a,
                const float* __restrict lo, const float* __restrict k,
                const float* __restrict flip, int64_t len, Grid g,
-               float* __restrict sum_b, float* __restrict sum_g) {
-  BnSumsLoop(codes, g_a, lo, k, flip, len, g, sum_b, sum_g);
+               float* __restrict sum_b, float* __restrict sum_g, float s) {
+  if (s == 0.0f) {
+    BnSumsLoop<false>(codes, g_a, lo, k, flip, len, g, sum_b, sum_g, s);
+  } else {
+    BnSumsLoop<true>(codes, g_a, lo, k, flip, len, g, sum_b, sum_g, s);
+  }
 }
 
 BLPA_CPU_CLONES
 void BnSumsRun(const uint8_t* __restrict codes, const float* __restrict g_a,
                const float* __restrict lo, const float* __restrict k,
                const float* __restrict flip, int64_t len, Grid g,
-               double* __restrict sum_b, double* __restrict sum_g) {
-  BnSumsLoop(codes, g_a, lo, k, flip, len, g, sum_b, sum_g);
+               double* __restrict sum_b, double* __restrict sum_g, float s) {
+  if (s == 0.0f) {
+    BnSumsLoop<false>(codes, g_a, lo, k, flip, len, g, sum_b, sum_g, s);
+  } else {
+    BnSumsLoop<true>(codes, g_a, lo, k, flip, len, g, sum_b, sum_g, s);
+  }
 }
 
 // Adds float partial sums into double ones and clears them.
@@ -211,50 +265,102 @@ void FlushSums(float* __restrict part, int64_t len, double* __restrict sum) {
 }
 
 // Pass 2 of the BN backward: the input gradient. g_x may alias g_a (see
-// EncodeRun).
+// EncodeLoop).
+template <bool kLeaky>
+inline void BnBackwardLoop(const uint8_t* __restrict codes, const float* g_a,
+                           const float* __restrict lo,
+                           const float* __restrict k,
+                           const float* __restrict flip,
+                           const float* __restrict scale,
+                           const float* __restrict mean_dbeta,
+                           const float* __restrict mean_dgamma, int64_t len,
+                           Grid g, float* g_x, float s) {
+  const float slope = kLeaky ? s : 0.0f;
+#pragma GCC ivdep
+  for (int64_t t = 0; t < len; ++t) {
+    g_x[t] = BnBackwardOne(codes[t], g_a[t], lo[t], k[t], flip[t], scale[t],
+                           mean_dbeta[t], mean_dgamma[t], g, slope);
+  }
+}
+
 BLPA_CPU_CLONES
 void BnBackwardRun(const uint8_t* __restrict codes, const float* g_a,
                    const float* __restrict lo, const float* __restrict k,
                    const float* __restrict flip, const float* __restrict scale,
                    const float* __restrict mean_dbeta,
                    const float* __restrict mean_dgamma, int64_t len, Grid g,
-                   float* g_x) {
-#pragma GCC ivdep
-  for (int64_t t = 0; t < len; ++t) {
-    g_x[t] = BnBackwardOne(codes[t], g_a[t], lo[t], k[t], flip[t], scale[t],
-                           mean_dbeta[t], mean_dgamma[t], g);
+                   float* g_x, float s) {
+  if (s == 0.0f) {
+    BnBackwardLoop<false>(codes, g_a, lo, k, flip, scale, mean_dbeta,
+                          mean_dgamma, len, g, g_x, s);
+  } else {
+    BnBackwardLoop<true>(codes, g_a, lo, k, flip, scale, mean_dbeta,
+                         mean_dgamma, len, g, g_x, s);
   }
 }
 
 // The exact path's loops (bits=None): xhat is stored, not codes. In the
-// forward, xhat may alias x; in pass 2, g_x may alias g_a (see EncodeRun).
+// forward, xhat may alias x; in pass 2, g_x may alias g_a (see EncodeLoop).
+template <bool kLeaky>
+inline void NormalizeReluLoop(const float* x, const float* __restrict mean,
+                              const float* __restrict inv_std,
+                              const float* __restrict gamma,
+                              const float* __restrict beta, int64_t len,
+                              float* __restrict a, float* xhat, float s) {
+  const float slope = kLeaky ? s : 0.0f;
+#pragma GCC ivdep
+  for (int64_t t = 0; t < len; ++t) {
+    a[t] = NormalizeReluOne(x[t], mean[t], inv_std[t], gamma[t], beta[t],
+                            &xhat[t], slope);
+  }
+}
+
 BLPA_CPU_CLONES
 void NormalizeReluRun(const float* x, const float* __restrict mean,
                       const float* __restrict inv_std,
                       const float* __restrict gamma,
                       const float* __restrict beta, int64_t len,
-                      float* __restrict a, float* xhat) {
-#pragma GCC ivdep
+                      float* __restrict a, float* xhat, float s) {
+  if (s == 0.0f) {
+    NormalizeReluLoop<false>(x, mean, inv_std, gamma, beta, len, a, xhat, s);
+  } else {
+    NormalizeReluLoop<true>(x, mean, inv_std, gamma, beta, len, a, xhat, s);
+  }
+}
+
+template <bool kLeaky>
+inline void ExactReluLoop(const float* __restrict xhat,
+                          const float* __restrict gamma,
+                          const float* __restrict beta, int64_t len,
+                          float* __restrict a, float s) {
+  const float slope = kLeaky ? s : 0.0f;
   for (int64_t t = 0; t < len; ++t) {
-    a[t] = NormalizeReluOne(x[t], mean[t], inv_std[t], gamma[t], beta[t], &xhat[t]);
+    a[t] = ExactReluOne(xhat[t], gamma[t], beta[t], slope);
   }
 }
 
 BLPA_CPU_CLONES
 void ExactReluRun(const float* __restrict xhat, const float* __restrict gamma,
                   const float* __restrict beta, int64_t len,
-                  float* __restrict a) {
-  for (int64_t t = 0; t < len; ++t) a[t] = ExactReluOne(xhat[t], gamma[t], beta[t]);
+                  float* __restrict a, float s) {
+  if (s == 0.0f) {
+    ExactReluLoop<false>(xhat, gamma, beta, len, a, s);
+  } else {
+    ExactReluLoop<true>(xhat, gamma, beta, len, a, s);
+  }
 }
 
-template <typename Acc>
+template <bool kLeaky, typename Acc>
 inline void ExactSumsLoop(const float* __restrict xhat,
                           const float* __restrict g_a,
                           const float* __restrict gamma,
                           const float* __restrict beta, int64_t len,
-                          Acc* __restrict sum_b, Acc* __restrict sum_g) {
+                          Acc* __restrict sum_b, Acc* __restrict sum_g,
+                          float s) {
+  const float slope = kLeaky ? s : 0.0f;
   for (int64_t t = 0; t < len; ++t) {
-    const float g_y = ExactMaskedGradOne(xhat[t], g_a[t], gamma[t], beta[t]);
+    const float g_y =
+        ExactMaskedGradOne(xhat[t], g_a[t], gamma[t], beta[t], slope);
     sum_b[t] += static_cast<Acc>(g_y);
     sum_g[t] += static_cast<Acc>(g_y * xhat[t]);
   }
@@ -263,16 +369,42 @@ inline void ExactSumsLoop(const float* __restrict xhat,
 BLPA_CPU_CLONES
 void ExactSumsRun(const float* __restrict xhat, const float* __restrict g_a,
                   const float* __restrict gamma, const float* __restrict beta,
-                  int64_t len, float* __restrict sum_b, float* __restrict sum_g) {
-  ExactSumsLoop(xhat, g_a, gamma, beta, len, sum_b, sum_g);
+                  int64_t len, float* __restrict sum_b, float* __restrict sum_g,
+                  float s) {
+  if (s == 0.0f) {
+    ExactSumsLoop<false>(xhat, g_a, gamma, beta, len, sum_b, sum_g, s);
+  } else {
+    ExactSumsLoop<true>(xhat, g_a, gamma, beta, len, sum_b, sum_g, s);
+  }
 }
 
 BLPA_CPU_CLONES
 void ExactSumsRun(const float* __restrict xhat, const float* __restrict g_a,
                   const float* __restrict gamma, const float* __restrict beta,
                   int64_t len, double* __restrict sum_b,
-                  double* __restrict sum_g) {
-  ExactSumsLoop(xhat, g_a, gamma, beta, len, sum_b, sum_g);
+                  double* __restrict sum_g, float s) {
+  if (s == 0.0f) {
+    ExactSumsLoop<false>(xhat, g_a, gamma, beta, len, sum_b, sum_g, s);
+  } else {
+    ExactSumsLoop<true>(xhat, g_a, gamma, beta, len, sum_b, sum_g, s);
+  }
+}
+
+template <bool kLeaky>
+inline void ExactBnBackwardLoop(const float* __restrict xhat, const float* g_a,
+                                const float* __restrict gamma,
+                                const float* __restrict beta,
+                                const float* __restrict scale,
+                                const float* __restrict mean_dbeta,
+                                const float* __restrict mean_dgamma,
+                                int64_t len, float* g_x, float s) {
+  const float slope = kLeaky ? s : 0.0f;
+#pragma GCC ivdep
+  for (int64_t t = 0; t < len; ++t) {
+    const float g_y =
+        ExactMaskedGradOne(xhat[t], g_a[t], gamma[t], beta[t], slope);
+    g_x[t] = BnInputGradOne(g_y, xhat[t], scale[t], mean_dbeta[t], mean_dgamma[t]);
+  }
 }
 
 BLPA_CPU_CLONES
@@ -282,11 +414,13 @@ void ExactBnBackwardRun(const float* __restrict xhat, const float* g_a,
                         const float* __restrict scale,
                         const float* __restrict mean_dbeta,
                         const float* __restrict mean_dgamma, int64_t len,
-                        float* g_x) {
-#pragma GCC ivdep
-  for (int64_t t = 0; t < len; ++t) {
-    const float g_y = ExactMaskedGradOne(xhat[t], g_a[t], gamma[t], beta[t]);
-    g_x[t] = BnInputGradOne(g_y, xhat[t], scale[t], mean_dbeta[t], mean_dgamma[t]);
+                        float* g_x, float s) {
+  if (s == 0.0f) {
+    ExactBnBackwardLoop<false>(xhat, g_a, gamma, beta, scale, mean_dbeta,
+                               mean_dgamma, len, g_x, s);
+  } else {
+    ExactBnBackwardLoop<true>(xhat, g_a, gamma, beta, scale, mean_dbeta,
+                              mean_dgamma, len, g_x, s);
   }
 }
 
@@ -300,7 +434,7 @@ void EncodeBlock(const EncodeArgs& args, const Periodic& p, int64_t begin,
   ForEachRun(p, begin, end, [&](int64_t o, int64_t c, int64_t len) {
     EncodeRun(args.x + begin + o, p[0] + c, p[1] + c, p[2] + c, p[3] + c,
               p[4] + c, p[5] + c, p[6] + c, p[7] + c, p[8] + c, len, g,
-              args.a + begin + o, codes + o);
+              args.a + begin + o, codes + o, args.negative_slope);
   });
   if (args.bits == 4) PackRun(buffer, end - begin, args.packed + begin / 2);
 }
@@ -353,7 +487,7 @@ void DecodeReluBlock(const DecodeArgs& args, const Periodic& p, int64_t begin,
   const uint8_t* codes = BlockCodes(args, begin, end, buffer);
   ForEachRun(p, begin, end, [&](int64_t o, int64_t c, int64_t len) {
     DecodeReluRun(codes + o, p[0] + c, p[1] + c, p[2] + c, p[3] + c, p[4] + c,
-                  len, g, args.a + begin + o);
+                  len, g, args.a + begin + o, args.negative_slope);
   });
 }
 
@@ -362,7 +496,8 @@ void NormalizeReluBlock(const ExactArgs& args, const Periodic& p, int64_t begin,
                         int64_t end) {
   ForEachRun(p, begin, end, [&](int64_t o, int64_t c, int64_t len) {
     NormalizeReluRun(args.x + begin + o, p[0] + c, p[1] + c, p[2] + c, p[3] + c,
-                     len, args.a + begin + o, args.xhat + begin + o);
+                     len, args.a + begin + o, args.xhat + begin + o,
+                     args.negative_slope);
   });
 }
 
@@ -370,7 +505,8 @@ void NormalizeReluBlock(const ExactArgs& args, const Periodic& p, int64_t begin,
 void ExactReluBlock(const ExactArgs& args, const Periodic& p, int64_t begin,
                     int64_t end) {
   ForEachRun(p, begin, end, [&](int64_t o, int64_t c, int64_t len) {
-    ExactReluRun(args.x + begin + o, p[0] + c, p[1] + c, len, args.a + begin + o);
+    ExactReluRun(args.x + begin + o, p[0] + c, p[1] + c, len, args.a + begin + o,
+                 args.negative_slope);
   });
 }
 
@@ -386,6 +522,7 @@ constexpr int64_t kMaxFloatPeriod = kBlock / 16;
 void BnSumsShard(const BnBackwardArgs& args, const Periodic& p, int64_t begin,
                  int64_t end, double* sum_b, double* sum_g) {
   const Grid g = MakeGrid(args.bits, args.window);
+  const float s = args.negative_slope;
   const int64_t period = p.period();
   const bool use_float = period <= kMaxFloatPeriod;
   alignas(64) uint8_t buffer[kBlock];
@@ -400,16 +537,18 @@ void BnSumsShard(const BnBackwardArgs& args, const Periodic& p, int64_t begin,
         const float* xhat = args.xhat + b + o;
         const float* g_a = args.g_a + b + o;
         if (use_float) {
-          ExactSumsRun(xhat, g_a, p[0] + c, p[1] + c, len, part + c, part + period + c);
+          ExactSumsRun(xhat, g_a, p[0] + c, p[1] + c, len, part + c,
+                       part + period + c, s);
         } else {
-          ExactSumsRun(xhat, g_a, p[0] + c, p[1] + c, len, sum_b + c, sum_g + c);
+          ExactSumsRun(xhat, g_a, p[0] + c, p[1] + c, len, sum_b + c,
+                       sum_g + c, s);
         }
       } else if (use_float) {
         BnSumsRun(codes + o, args.g_a + b + o, p[0] + c, p[1] + c, p[2] + c,
-                  len, g, part + c, part + period + c);
+                  len, g, part + c, part + period + c, s);
       } else {
         BnSumsRun(codes + o, args.g_a + b + o, p[0] + c, p[1] + c, p[2] + c,
-                  len, g, sum_b + c, sum_g + c);
+                  len, g, sum_b + c, sum_g + c, s);
       }
     });
     if (use_float) {
@@ -427,7 +566,7 @@ void BnBackwardBlock(const BnBackwardArgs& args, const Periodic& p,
     ForEachRun(p, begin, end, [&](int64_t o, int64_t c, int64_t len) {
       ExactBnBackwardRun(args.xhat + begin + o, args.g_a + begin + o, p[0] + c,
                          p[1] + c, p[2] + c, p[3] + c, p[4] + c, len,
-                         args.g_x + begin + o);
+                         args.g_x + begin + o, args.negative_slope);
     });
     return;
   }
@@ -436,7 +575,8 @@ void BnBackwardBlock(const BnBackwardArgs& args, const Periodic& p,
   const uint8_t* codes = BlockCodes(args.packed, args.bits, begin, end, buffer);
   ForEachRun(p, begin, end, [&](int64_t o, int64_t c, int64_t len) {
     BnBackwardRun(codes + o, args.g_a + begin + o, p[0] + c, p[1] + c, p[2] + c,
-                  p[3] + c, p[4] + c, p[5] + c, len, g, args.g_x + begin + o);
+                  p[3] + c, p[4] + c, p[5] + c, len, g, args.g_x + begin + o,
+                  args.negative_slope);
   });
 }
 
@@ -463,6 +603,15 @@ void ParallelBlocks(OpKernelContext* ctx, int64_t n,
 // ---- shared validation ------------------------------------------------------
 
 int64_t ByteCount(int64_t n, int bits) { return bits == 8 ? n : (n + 1) / 2; }
+
+// Reads and validates the `negative_slope` attr (the leaky ReLU's slope).
+void GetSlopeAttr(OpKernelConstruction* ctx, float* slope) {
+  OP_REQUIRES_OK(ctx, ctx->GetAttr("negative_slope", slope));
+  OP_REQUIRES(ctx, std::isfinite(*slope) && *slope >= 0.0f,
+              absl::InvalidArgumentError(absl::StrCat(
+                  "negative_slope must be a finite number >= 0, got ", *slope)));
+  // -0.0 is the ReLU too: the kernels test `slope == 0`, never its sign.
+}
 
 void GetGridAttrs(OpKernelConstruction* ctx, int* bits, float* window) {
   OP_REQUIRES_OK(ctx, ctx->GetAttr("bits", bits));
@@ -820,14 +969,38 @@ class GridOp : public OpKernel {
   float window_;
 };
 
-template <typename Device>
-class EncodeOp : public GridOp {
+// A GridOp whose output is a (leaky) ReLU activation or its backward: also
+// reads `negative_slope`.
+class LeakyGridOp : public GridOp {
  public:
-  using GridOp::GridOp;
+  explicit LeakyGridOp(OpKernelConstruction* ctx) : GridOp(ctx) {
+    GetSlopeAttr(ctx, &slope_);
+  }
+
+ protected:
+  float slope_ = 0.0f;
+};
+
+// The exact-path ops (no grid): only `negative_slope`.
+class LeakyOp : public OpKernel {
+ public:
+  explicit LeakyOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    GetSlopeAttr(ctx, &slope_);
+  }
+
+ protected:
+  float slope_ = 0.0f;
+};
+
+template <typename Device>
+class EncodeOp : public LeakyGridOp {
+ public:
+  using LeakyGridOp::LeakyGridOp;
 
   void Compute(OpKernelContext* ctx) override {
     EncodeArgs args{};
     OP_REQUIRES_OK(ctx, PrepareEncode(ctx, bits_, window_, &args));
+    args.negative_slope = slope_;
     Tensor* a = nullptr;
     Tensor* packed = nullptr;
     // `a` in x's buffer when no one else holds x: the forward pass then
@@ -864,14 +1037,15 @@ class DecodeOp : public GridOp {
 };
 
 template <typename Device>
-class DecodeReluOp : public GridOp {
+class DecodeReluOp : public LeakyGridOp {
  public:
-  using GridOp::GridOp;
+  using LeakyGridOp::LeakyGridOp;
 
   void Compute(OpKernelContext* ctx) override {
     DecodeArgs args{};
     TensorShape shape;
     OP_REQUIRES_OK(ctx, PrepareDecode(ctx, bits_, window_, 6, &shape, &args));
+    args.negative_slope = slope_;
     Tensor* a = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &a));
     if (args.n == 0) return;
@@ -881,13 +1055,14 @@ class DecodeReluOp : public GridOp {
 };
 
 template <typename Device>
-class DecodeBnBackwardOp : public GridOp {
+class DecodeBnBackwardOp : public LeakyGridOp {
  public:
-  using GridOp::GridOp;
+  using LeakyGridOp::LeakyGridOp;
 
   void Compute(OpKernelContext* ctx) override {
     BnBackwardArgs args{};
     OP_REQUIRES_OK(ctx, PrepareBnBackward(ctx, bits_, window_, &args));
+    args.negative_slope = slope_;
     OP_REQUIRES_OK(ctx, AllocateBnBackward(ctx, &args));
     OP_REQUIRES_OK(ctx, Device::BnBackward(ctx, args));
   }
@@ -910,13 +1085,14 @@ absl::Status PrepareExact(OpKernelContext* ctx, int last, ExactArgs* args) {
 
 // BlpaBnReluExact: (a, xhat), xhat in x's buffer when no one else holds x.
 template <typename Device>
-class NormalizeReluOp : public OpKernel {
+class NormalizeReluOp : public LeakyOp {
  public:
-  using OpKernel::OpKernel;
+  using LeakyOp::LeakyOp;
 
   void Compute(OpKernelContext* ctx) override {
     ExactArgs args{};
     OP_REQUIRES_OK(ctx, PrepareExact(ctx, 5, &args));
+    args.negative_slope = slope_;
     args.mean = ctx->input(1).flat<float>().data();
     args.inv_std = ctx->input(2).flat<float>().data();
     args.gamma = ctx->input(3).flat<float>().data();
@@ -933,15 +1109,16 @@ class NormalizeReluOp : public OpKernel {
   }
 };
 
-// BlpaReluExact: a = where(y > 0, y, 0), y = xhat * gamma + beta.
+// BlpaReluExact: a = where(y > 0, y, s * y), y = xhat * gamma + beta.
 template <typename Device>
-class ExactReluOp : public OpKernel {
+class ExactReluOp : public LeakyOp {
  public:
-  using OpKernel::OpKernel;
+  using LeakyOp::LeakyOp;
 
   void Compute(OpKernelContext* ctx) override {
     ExactArgs args{};
     OP_REQUIRES_OK(ctx, PrepareExact(ctx, 3, &args));
+    args.negative_slope = slope_;
     args.gamma = ctx->input(1).flat<float>().data();
     args.beta = ctx->input(2).flat<float>().data();
     Tensor* a = nullptr;
@@ -954,13 +1131,14 @@ class ExactReluOp : public OpKernel {
 
 // BlpaBnBackwardExact: the fused ReLU + BN backward from xhat.
 template <typename Device>
-class ExactBnBackwardOp : public OpKernel {
+class ExactBnBackwardOp : public LeakyOp {
  public:
-  using OpKernel::OpKernel;
+  using LeakyOp::LeakyOp;
 
   void Compute(OpKernelContext* ctx) override {
     BnBackwardArgs args{};
     OP_REQUIRES_OK(ctx, PrepareExactBnBackward(ctx, &args));
+    args.negative_slope = slope_;
     OP_REQUIRES_OK(ctx, AllocateBnBackward(ctx, &args));
     OP_REQUIRES_OK(ctx, Device::BnBackward(ctx, args));
   }

@@ -34,7 +34,8 @@ __device__ __forceinline__ uint8_t EncodeAt(const EncodeArgs& p, Index i,
   const Index c = i % channels;
   uint8_t code;
   p.a[i] = EncodeOne(p.x[i], p.mean[c], p.inv_std[c], p.gamma[c], p.beta[c],
-                     p.lo[c], p.k[c], p.flip[c], p.aligned[c], g, &code);
+                     p.lo[c], p.k[c], p.flip[c], p.aligned[c], g, &code,
+                     p.negative_slope);
   return code;
 }
 
@@ -96,7 +97,7 @@ __global__ void DecodeReluKernel(DecodeArgs p, Grid g) {
        i < n; i += stride) {
     const Index c = i % channels;
     p.a[i] = DecodeReluOne(CodeAt(p, i), p.lo[c], p.k[c], p.flip[c],
-                           p.gamma[c], p.beta[c], g);
+                           p.gamma[c], p.beta[c], g, p.negative_slope);
   }
 }
 
@@ -113,7 +114,7 @@ __global__ void NormalizeReluKernel(ExactArgs p) {
     const Index c = i % channels;
     float xhat;
     p.a[i] = NormalizeReluOne(p.x[i], p.mean[c], p.inv_std[c], p.gamma[c],
-                              p.beta[c], &xhat);
+                              p.beta[c], &xhat, p.negative_slope);
     p.xhat[i] = xhat;
   }
 }
@@ -126,7 +127,7 @@ __global__ void ExactReluKernel(ExactArgs p) {
   for (Index i = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x;
        i < n; i += stride) {
     const Index c = i % channels;
-    p.a[i] = ExactReluOne(p.x[i], p.gamma[c], p.beta[c]);
+    p.a[i] = ExactReluOne(p.x[i], p.gamma[c], p.beta[c], p.negative_slope);
   }
 }
 
@@ -138,10 +139,11 @@ __device__ __forceinline__ float MaskedGradAt(const BnBackwardArgs& p,
                                               float* xhat) {
   if constexpr (kExact) {
     *xhat = p.xhat[i];
-    return ExactMaskedGradOne(*xhat, p.g_a[i], p.gamma[c], p.beta[c]);
+    return ExactMaskedGradOne(*xhat, p.g_a[i], p.gamma[c], p.beta[c],
+                              p.negative_slope);
   } else {
     return MaskedGradOne(CodeAt(p.packed, p.bits, i), p.g_a[i], p.lo[c], p.k[c],
-                         p.flip[c], g, xhat);
+                         p.flip[c], g, xhat, p.negative_slope);
   }
 }
 

@@ -83,33 +83,43 @@ BLPA_HD uint8_t ClampedCode(float xhat, float lo, Bounds b, const Grid& g) {
   return static_cast<uint8_t>(static_cast<int32_t>(q));
 }
 
-// The forward's exact ReLU output. A NaN passes through (as tf.nn.relu's
-// does) so that a non-finite input surfaces in the layer's output instead of
-// hiding behind finite codes; for every other value this is `y > 0 ? y : 0`.
-BLPA_HD float ReluKeepNan(float y) { return y <= 0.0f ? 0.0f : y; }
+// The leaky ReLU's negative side, quantizer.leaky: `y * s`, but exactly 0.0
+// at slope 0 (never -0.0, nor NaN from -Inf or NaN), as tf.nn.relu gives.
+// The CPU loops pass a literal 0.0f for slope 0, so that this folds away and
+// the ReLU runs exactly as before the slope existed.
+BLPA_HD float LeakyNeg(float y, float s) { return s == 0.0f ? 0.0f : y * s; }
+
+// The forward's exact (leaky) ReLU output. A NaN passes through (as
+// tf.nn.relu's does) so that a non-finite input surfaces in the layer's
+// output instead of hiding behind finite codes; for every other value this is
+// `y > 0 ? y : LeakyNeg(y, s)`.
+BLPA_HD float ReluKeepNan(float y, float s) {
+  return y <= 0.0f ? LeakyNeg(y, s) : y;
+}
 
 // quantizer.bn_relu_encode for one element with precomputed per-side bounds:
-// returns `a`, writes the code.
+// returns `a` (negative slope `s`), writes the code (which `s` does not change).
 BLPA_HD float EncodeOneBounded(float x, float mean, float inv_std, float gamma,
                                float beta, float lo, Bounds on_bounds,
-                               Bounds off_bounds, const Grid& g,
-                               uint8_t* code) {
+                               Bounds off_bounds, const Grid& g, uint8_t* code,
+                               float s) {
   const float xhat = (x - mean) * inv_std;
   const float y = xhat * gamma + beta;
   const bool on = y > 0.0f;
   *code = ClampedCode(xhat, lo, on ? on_bounds : off_bounds, g);
-  return ReluKeepNan(y);
+  return ReluKeepNan(y, s);
 }
 
 // The same from the raw grid parameters (what the CUDA kernel calls).
 BLPA_HD float EncodeOne(float x, float mean, float inv_std, float gamma,
                         float beta, float lo, float k, float flip,
-                        float aligned, const Grid& g, uint8_t* code) {
+                        float aligned, const Grid& g, uint8_t* code,
+                        float s) {
   const float xhat = (x - mean) * inv_std;
   const float y = xhat * gamma + beta;
   const bool on = y > 0.0f;
   *code = ClampedCode(xhat, lo, SideBounds(on, k, flip, aligned, g), g);
-  return ReluKeepNan(y);
+  return ReluKeepNan(y, s);
 }
 
 // 4-bit packing as in quantizer.pack: element 2j in the low nibble.
@@ -127,13 +137,14 @@ BLPA_HD float DecodeOne(uint8_t code, float lo, float k, float flip,
   return (q + 0.5f) * g.w + lo;
 }
 
-// Fused decode + BN affine + ReLU: where(mask, xhat * gamma + beta, 0).
+// Fused decode + BN affine + (leaky) ReLU:
+// where(mask, y, LeakyNeg(y, s)), y = xhat * gamma + beta.
 BLPA_HD float DecodeReluOne(uint8_t code, float lo, float k, float flip,
-                            float gamma, float beta, const Grid& g) {
+                            float gamma, float beta, const Grid& g, float s) {
   bool mask;
   const float xhat = DecodeOne(code, lo, k, flip, g, &mask);
   const float y = xhat * gamma + beta;
-  return mask ? y : 0.0f;
+  return mask ? y : LeakyNeg(y, s);
 }
 
 // ---- fused decode + ReLU/BN backward (quantizer.decode_bn_backward) --------
@@ -142,12 +153,13 @@ BLPA_HD float DecodeReluOne(uint8_t code, float lo, float k, float flip,
 // (their order differs); each product and the pass-2 formula are float32 in
 // TF's order.
 
-// g_y = where(mask, g_a, 0) of one element; writes the decoded xhat.
+// g_y = where(mask, g_a, LeakyNeg(g_a, s)) of one element; writes the
+// decoded xhat.
 BLPA_HD float MaskedGradOne(uint8_t code, float g_a, float lo, float k,
-                            float flip, const Grid& g, float* xhat) {
+                            float flip, const Grid& g, float* xhat, float s) {
   bool mask;
   *xhat = DecodeOne(code, lo, k, flip, g, &mask);
-  return mask ? g_a : 0.0f;
+  return mask ? g_a : LeakyNeg(g_a, s);
 }
 
 // Per-channel coefficients of g_x = scale * (g_y - mean_dbeta - xhat * mean_dgamma).
@@ -177,9 +189,9 @@ BLPA_HD float BnInputGradOne(float g_y, float xhat, float scale,
 // Pass 2 for one element, with the decode of pass 1 redone.
 BLPA_HD float BnBackwardOne(uint8_t code, float g_a, float lo, float k,
                             float flip, float scale, float mean_dbeta,
-                            float mean_dgamma, const Grid& g) {
+                            float mean_dgamma, const Grid& g, float s) {
   float xhat;
-  const float g_y = MaskedGradOne(code, g_a, lo, k, flip, g, &xhat);
+  const float g_y = MaskedGradOne(code, g_a, lo, k, flip, g, &xhat, s);
   return BnInputGradOne(g_y, xhat, scale, mean_dbeta, mean_dgamma);
 }
 
@@ -187,24 +199,26 @@ BLPA_HD float BnBackwardOne(uint8_t code, float g_a, float lo, float k,
 // The float32 operations of quantizer.py's exact path, in its order, so that
 // the mask rebuilt in the backward pass is the forward's, bit for bit.
 
-// Forward: xhat = (x - mean) * inv_std (written), a = relu(xhat * gamma + beta).
+// Forward: xhat = (x - mean) * inv_std (written),
+// a = leaky_relu(xhat * gamma + beta) (NaN passes).
 BLPA_HD float NormalizeReluOne(float x, float mean, float inv_std, float gamma,
-                               float beta, float* xhat) {
+                               float beta, float* xhat, float s) {
   const float h = (x - mean) * inv_std;
   *xhat = h;
-  return ReluKeepNan(h * gamma + beta);
+  return ReluKeepNan(h * gamma + beta, s);
 }
 
-// The ReLU output rebuilt from xhat: where(y > 0, y, 0), y = xhat * gamma + beta.
-BLPA_HD float ExactReluOne(float xhat, float gamma, float beta) {
+// The (leaky) ReLU output rebuilt from xhat: where(y > 0, y, LeakyNeg(y, s)),
+// y = xhat * gamma + beta (a NaN y gives 0 at slope 0, as quantizer.relu_exact).
+BLPA_HD float ExactReluOne(float xhat, float gamma, float beta, float s) {
   const float y = xhat * gamma + beta;
-  return y > 0.0f ? y : 0.0f;
+  return y > 0.0f ? y : LeakyNeg(y, s);
 }
 
-// g_y = where(xhat * gamma + beta > 0, g_a, 0).
+// g_y = where(xhat * gamma + beta > 0, g_a, LeakyNeg(g_a, s)).
 BLPA_HD float ExactMaskedGradOne(float xhat, float g_a, float gamma,
-                                 float beta) {
-  return xhat * gamma + beta > 0.0f ? g_a : 0.0f;
+                                 float beta, float s) {
+  return xhat * gamma + beta > 0.0f ? g_a : LeakyNeg(g_a, s);
 }
 
 // Arguments of one encode over `n` elements with `channels` channels (channel
@@ -225,6 +239,7 @@ struct EncodeArgs {
   float window;  // grid window in standard deviations
   float* a;         // [n]
   uint8_t* packed;  // [n] (8 bits) or [(n + 1) / 2] (4 bits)
+  float negative_slope = 0.0f;  // leaky ReLU slope of `a` (>= 0, finite)
 };
 
 // Arguments of one decode. gamma/beta/a are for the fused decode + ReLU,
@@ -243,6 +258,7 @@ struct DecodeArgs {
   float* xhat;
   bool* mask;
   float* a;
+  float negative_slope = 0.0f;  // leaky ReLU slope of `a` (>= 0, finite)
 };
 
 // Arguments of one exact forward (NormalizeReluOne) or exact rebuild
@@ -257,6 +273,7 @@ struct ExactArgs {
   int64_t channels;
   float* a;
   float* xhat;  // forward only; may alias x (the op forwards x's buffer)
+  float negative_slope = 0.0f;  // leaky ReLU slope of `a` (>= 0, finite)
 };
 
 // Arguments of one fused BN backward over `n` elements (`n / channels` rows),
@@ -285,6 +302,8 @@ struct BnBackwardArgs {
   bool exact;
   const float* xhat;  // [n]
   const float* beta;  // [channels]
+  // Leaky ReLU slope (>= 0, finite): g_y = mask ? g_a : g_a * slope.
+  float negative_slope = 0.0f;
 };
 
 inline int64_t BnBackwardScratchBytes(int64_t channels) {

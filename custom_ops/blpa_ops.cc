@@ -1,7 +1,9 @@
 // Op registrations for the BLPA quantizer (kernels in blpa_kernels.cc).
 //
 // Semantics are those of keras_blpa/quantizer.py; the Python wrappers live in
-// keras_blpa/custom_op.py. Per-channel tensors have shape [C], C being the
+// keras_blpa/custom_op.py. The ops that produce an activation or a backward
+// take `negative_slope` (the leaky ReLU's, >= 0 and finite; the default 0 is
+// the ReLU, so graphs and saved models from before the attr stay valid). Per-channel tensors have shape [C], C being the
 // last (channel) axis of the activations.
 
 #include <cstdint>
@@ -60,6 +62,7 @@ REGISTER_OP("BlpaBnReluEncode")
     .Output("packed: uint8")
     .Attr("bits: int")
     .Attr("window: float = 6.0")
+    .Attr("negative_slope: float = 0.0")
     .SetShapeFn([](InferenceContext* c) -> absl::Status {
       int bits;
       TF_RETURN_IF_ERROR(GetBits(c, &bits));
@@ -78,9 +81,12 @@ REGISTER_OP("BlpaBnReluEncode")
     .Doc(R"doc(
 Fused BN-normalize, ReLU and quantize (quantizer.bn_relu_encode).
 
-xhat = (x - mean) * inv_std; y = xhat * gamma + beta; a = y <= 0 ? 0 : y (NaN passes);
+xhat = (x - mean) * inv_std; y = xhat * gamma + beta;
+a = y <= 0 ? (s == 0 ? 0 : y * s) : y with s = negative_slope (the leaky ReLU;
+NaN passes, slope 0 is the ReLU, never -0.0);
 packed = the codes of xhat on the grid (lo, k, flip, aligned), 4-bit codes two
-per byte (element 2j in the low nibble), 8-bit codes one per byte.
+per byte (element 2j in the low nibble), 8-bit codes one per byte. The codes
+do not depend on negative_slope (the kink stays at y = 0).
 )doc");
 
 REGISTER_OP("BlpaDecode")
@@ -129,6 +135,7 @@ REGISTER_OP("BlpaDecodeRelu")
     .Attr("bits: int")
     .Attr("window: float = 6.0")
     .Attr("Tshape: {int32, int64} = DT_INT32")
+    .Attr("negative_slope: float = 0.0")
     .SetShapeFn([](InferenceContext* c) -> absl::Status {
       int bits;
       TF_RETURN_IF_ERROR(GetBits(c, &bits));
@@ -146,7 +153,8 @@ REGISTER_OP("BlpaDecodeRelu")
       return absl::OkStatus();
     })
     .Doc(R"doc(
-Decode fused with the BN affine map and ReLU: where(mask, xhat * gamma + beta, 0).
+Decode fused with the BN affine map and (leaky) ReLU: with y = xhat * gamma + beta,
+where(mask, y, s == 0 ? 0 : y * s), s = negative_slope.
 )doc");
 
 REGISTER_OP("BlpaDecodeBnBackward")
@@ -162,6 +170,7 @@ REGISTER_OP("BlpaDecodeBnBackward")
     .Output("d_beta: float")
     .Attr("bits: int")
     .Attr("window: float = 6.0")
+    .Attr("negative_slope: float = 0.0")
     .SetShapeFn([](InferenceContext* c) -> absl::Status {
       int bits;
       TF_RETURN_IF_ERROR(GetBits(c, &bits));
@@ -187,7 +196,8 @@ REGISTER_OP("BlpaDecodeBnBackward")
 Fused decode and ReLU + batch-norm backward (quantizer.decode_bn_backward).
 
 With xhat, mask decoded from `packed` (the codes of a tensor of g_a's shape,
-channels last) and g_y = where(mask, g_a, 0), summed over all rows:
+channels last) and g_y = where(mask, g_a, s == 0 ? 0 : g_a * s) (s =
+negative_slope, the leaky ReLU's slope), summed over all rows:
 d_beta = sum(g_y), d_gamma = sum(g_y * xhat) and
 g_x = (gamma * inv_std) * (g_y - d_beta / count - xhat * (d_gamma / count)),
 count = number of rows. Neither xhat, the mask nor g_y is materialized. Sums
@@ -221,6 +231,7 @@ REGISTER_OP("BlpaBnReluExact")
     .Input("beta: float")
     .Output("a: float")
     .Output("xhat: float")
+    .Attr("negative_slope: float = 0.0")
     .SetShapeFn([](InferenceContext* c) -> absl::Status {
       ShapeHandle x;
       TF_RETURN_IF_ERROR(ChannelsLastLike(c, 1, 5, &x));
@@ -231,8 +242,9 @@ REGISTER_OP("BlpaBnReluExact")
     .Doc(R"doc(
 Fused BN-normalize and ReLU that keeps the normalized input (bits=None).
 
-xhat = (x - mean) * inv_std; a = y <= 0 ? 0 : y with y = xhat * gamma + beta
-(NaN passes). xhat takes x's buffer when nothing else holds x.
+xhat = (x - mean) * inv_std; a = y <= 0 ? (s == 0 ? 0 : y * s) : y with
+y = xhat * gamma + beta and s = negative_slope (NaN passes). xhat takes x's
+buffer when nothing else holds x.
 )doc");
 
 REGISTER_OP("BlpaReluExact")
@@ -240,6 +252,7 @@ REGISTER_OP("BlpaReluExact")
     .Input("gamma: float")
     .Input("beta: float")
     .Output("a: float")
+    .Attr("negative_slope: float = 0.0")
     .SetShapeFn([](InferenceContext* c) -> absl::Status {
       ShapeHandle x;
       TF_RETURN_IF_ERROR(ChannelsLastLike(c, 1, 3, &x));
@@ -247,7 +260,8 @@ REGISTER_OP("BlpaReluExact")
       return absl::OkStatus();
     })
     .Doc(R"doc(
-The ReLU output rebuilt from xhat: where(y > 0, y, 0), y = xhat * gamma + beta.
+The (leaky) ReLU output rebuilt from xhat: where(y > 0, y, s == 0 ? 0 : y * s),
+y = xhat * gamma + beta, s = negative_slope.
 )doc");
 
 REGISTER_OP("BlpaBnBackwardExact")
@@ -259,6 +273,7 @@ REGISTER_OP("BlpaBnBackwardExact")
     .Output("g_x: float")
     .Output("d_gamma: float")
     .Output("d_beta: float")
+    .Attr("negative_slope: float = 0.0")
     .SetShapeFn([](InferenceContext* c) -> absl::Status {
       ShapeHandle g_a;
       TF_RETURN_IF_ERROR(ChannelsLastLike(c, 2, 5, &g_a));
@@ -271,7 +286,8 @@ REGISTER_OP("BlpaBnBackwardExact")
     .Doc(R"doc(
 Fused ReLU + batch-norm backward from the exact xhat (bits=None).
 
-With g_y = where(xhat * gamma + beta > 0, g_a, 0), summed over all rows:
+With g_y = where(xhat * gamma + beta > 0, g_a, s == 0 ? 0 : g_a * s) (s =
+negative_slope), summed over all rows:
 d_beta = sum(g_y), d_gamma = sum(g_y * xhat) and
 g_x = (gamma * inv_std) * (g_y - d_beta / count - xhat * (d_gamma / count)).
 Sums in double (they agree with TF's float reductions to float rounding); g_x

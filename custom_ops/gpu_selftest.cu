@@ -17,6 +17,8 @@
 // The exact path (bits=None: LaunchNormalizeReluGpu, LaunchExactReluGpu and
 // the BN backward from xhat) is checked the same way (ExactCase), in place
 // too (xhat over x, g_x over g_a), as the ops forward those buffers.
+// Every check runs at the ReLU (negative_slope 0: never -0.0) and at leaky
+// slopes (0.2, 0.01): activation `y * s` and gradient `g_a * s` off the mask.
 //
 // Build and run (nvcc 13, any GPU of sm_75 or newer; -arch=native picks it):
 //   nvcc -std=c++17 -O3 --fmad=false -Xcompiler -ffp-contract=off
@@ -83,6 +85,14 @@ uint32_t Bits(float f) {
 bool SameFloat(float a, float b) {
   if (std::isnan(a) || std::isnan(b)) return std::isnan(a) && std::isnan(b);
   return Bits(a) == Bits(b);
+}
+
+// quantizer.leaky's negative side, from the spec: tf.where(on, v, 0.0 if s == 0
+// else v * s).
+float SpecLeakyNeg(float v, float s) {
+  if (s == 0.0f) return 0.0f;
+  volatile float prod = v * s;  // volatile: no contraction
+  return prod;
 }
 
 template <typename T>
@@ -182,7 +192,7 @@ struct BnGrads {
 BnGrads SpecBnBackward(const std::vector<uint8_t>& codes, const std::vector<float>& g_a,
                        const Params& p, const std::vector<float>& gamma,
                        const std::vector<float>& inv_std, int64_t C, int bits,
-                       float window) {
+                       float window, float slope) {
   const int64_t n = static_cast<int64_t>(codes.size());
   const float w = static_cast<float>(static_cast<double>(window) / (1 << bits));
   std::vector<float> xhat(n), g_y(n);
@@ -193,7 +203,7 @@ BnGrads SpecBnBackward(const std::vector<uint8_t>& codes, const std::vector<floa
     volatile float scaled = (q + 0.5f) * w;  // volatile: no contraction
     xhat[i] = scaled + p.lo[c];
     const bool mask = (q >= p.k[c]) != (p.flip[c] > 0.5f);
-    g_y[i] = mask ? g_a[i] : 0.0f;
+    g_y[i] = mask ? g_a[i] : SpecLeakyNeg(g_a[i], slope);
     volatile float prod = g_y[i] * xhat[i];
     sum_b[c] += g_y[i];
     sum_g[c] += prod;
@@ -223,14 +233,15 @@ BnGrads SpecBnBackward(const std::vector<uint8_t>& codes, const std::vector<floa
 BnGrads HostBnBackward(const std::vector<uint8_t>& codes, const std::vector<float>& g_a,
                        const Params& p, const std::vector<float>& gamma,
                        const std::vector<float>& inv_std, int64_t C, int bits,
-                       float window) {
+                       float window, float slope) {
   const int64_t n = static_cast<int64_t>(codes.size());
   const Grid g = blpa::MakeGrid(bits, window);
   std::vector<double> sum_b(C, 0.0), sum_g(C, 0.0);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t c = i % C;
     float xhat;
-    const float g_y = blpa::MaskedGradOne(codes[i], g_a[i], p.lo[c], p.k[c], p.flip[c], g, &xhat);
+    const float g_y =
+        blpa::MaskedGradOne(codes[i], g_a[i], p.lo[c], p.k[c], p.flip[c], g, &xhat, slope);
     sum_b[c] += g_y;
     sum_g[c] += g_y * xhat;
   }
@@ -246,7 +257,7 @@ BnGrads HostBnBackward(const std::vector<uint8_t>& codes, const std::vector<floa
   for (int64_t i = 0; i < n; ++i) {
     const blpa::BnCoef& k = coef[i % C];
     r.g_x[i] = blpa::BnBackwardOne(codes[i], g_a[i], p.lo[i % C], p.k[i % C], p.flip[i % C],
-                                   k.scale, k.mean_dbeta, k.mean_dgamma, g);
+                                   k.scale, k.mean_dbeta, k.mean_dgamma, g, slope);
   }
   return r;
 }
@@ -284,6 +295,7 @@ struct Case {
   int bits;
   bool specials;  // NaN/Inf/huge/denormal inputs and odd parameters
   float window;   // grid window in standard deviations
+  float slope;    // leaky ReLU negative_slope (0: the ReLU)
 };
 
 // Per-channel BN statistics and parameters, with the edge cases every C >= 7
@@ -361,13 +373,14 @@ void RunCase(const Case& tc, std::mt19937& rng, cudaStream_t stream, bool device
     const int64_t c = i % C;
     a_host[i] = blpa::EncodeOne(x[i], mean[c], inv_std[c], gamma[c], beta[c],
                                 p.lo[c], p.k[c], p.flip[c], p.aligned[c], g,
-                                &codes[i]);
+                                &codes[i], tc.slope);
     // The CPU kernels' formulation: bounds precomputed per channel.
     uint8_t code_cpu;
     const float a_cpu = blpa::EncodeOneBounded(
         x[i], mean[c], inv_std[c], gamma[c], beta[c], p.lo[c],
         blpa::SideBounds(true, p.k[c], p.flip[c], p.aligned[c], g),
-        blpa::SideBounds(false, p.k[c], p.flip[c], p.aligned[c], g), g, &code_cpu);
+        blpa::SideBounds(false, p.k[c], p.flip[c], p.aligned[c], g), g, &code_cpu,
+        tc.slope);
     if (code_cpu != codes[i] || !SameFloat(a_cpu, a_host[i])) ++spec_mismatch;
     volatile float xhat = (x[i] - mean[c]) * inv_std[c];
     volatile float prod = xhat * gamma[c];
@@ -375,7 +388,8 @@ void RunCase(const Case& tc, std::mt19937& rng, cudaStream_t stream, bool device
     const bool on = y > 0.0f;
     spec_codes[i] = SpecCode(xhat, on, p.lo[c], p.k[c], p.flip[c], p.aligned[c], tc.bits,
                              tc.window);
-    const float a_spec = on ? y : (y <= 0.0f ? 0.0f : y);  // NaN passes
+    // tf.where(~(y <= 0), y, leaky): NaN passes, the negative side is y * s.
+    const float a_spec = on ? y : (y <= 0.0f ? SpecLeakyNeg(y, tc.slope) : y);
     if (spec_codes[i] != codes[i] || !SameFloat(a_spec, a_host[i])) ++spec_mismatch;
   }
   for (int64_t i = 0; i < n; ++i) {
@@ -400,9 +414,26 @@ void RunCase(const Case& tc, std::mt19937& rng, cudaStream_t stream, bool device
   for (const auto* src : {&packed_host, &bn_random_packed}) {
     const std::vector<uint8_t> src_codes = Unpack(*src, n, tc.bits);
     bn_ref.push_back(HostBnBackward(src_codes, g_a, bn_p, gamma, bn_inv_std, C, tc.bits,
-                                    tc.window));
+                                    tc.window, tc.slope));
     const BnGrads spec = SpecBnBackward(src_codes, g_a, bn_p, gamma, bn_inv_std, C, tc.bits,
-                                          tc.window);
+                                          tc.window, tc.slope);
+    // decode_relu (quantizer.relu_from_decoded) against the spec.
+    const float w = static_cast<float>(static_cast<double>(tc.window) / (1 << tc.bits));
+    int64_t relu_bad = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t c = i % C;
+      const float q = static_cast<float>(src_codes[i]);
+      volatile float scaled = (q + 0.5f) * w;
+      volatile float xhat = scaled + bn_p.lo[c];
+      volatile float prod = xhat * gamma[c];
+      const float y = prod + beta[c];
+      const bool mask = (q >= bn_p.k[c]) != (bn_p.flip[c] > 0.5f);
+      const float spec_relu = mask ? y : SpecLeakyNeg(y, tc.slope);
+      relu_bad += !SameFloat(spec_relu,
+                             blpa::DecodeReluOne(src_codes[i], bn_p.lo[c], bn_p.k[c],
+                                                 bn_p.flip[c], gamma[c], beta[c], g, tc.slope));
+    }
+    Report(tc.name + " decode_relu host-vs-spec", relu_bad, n);
     const BnGrads& host = bn_ref.back();
     Report(tc.name + " bn_backward host-vs-spec",
            CountDifferent(host.g_x, spec.g_x) + CountDifferent(host.d_gamma, spec.d_gamma) +
@@ -432,6 +463,7 @@ void RunCase(const Case& tc, std::mt19937& rng, cudaStream_t stream, bool device
   ea.window = tc.window;
   ea.a = d_a.ptr;
   ea.packed = d_packed.ptr;
+  ea.negative_slope = tc.slope;
   if (const char* err = blpa::LaunchEncodeGpu(ea, stream)) {
     std::fprintf(stderr, "encode launch failed: %s\n", err);
     std::exit(2);
@@ -471,6 +503,7 @@ void RunCase(const Case& tc, std::mt19937& rng, cudaStream_t stream, bool device
     da.xhat = d_xhat.ptr;
     da.mask = d_mask.ptr;
     da.a = d_relu.ptr;
+    da.negative_slope = tc.slope;
     const char* err = blpa::LaunchDecodeGpu(da, stream);
     if (err == nullptr) err = blpa::LaunchDecodeReluGpu(da, stream);
     if (err != nullptr) {
@@ -494,7 +527,7 @@ void RunCase(const Case& tc, std::mt19937& rng, cudaStream_t stream, bool device
       bool mask;
       const float xhat = blpa::DecodeOne(code, p.lo[c], p.k[c], p.flip[c], g, &mask);
       const float relu = blpa::DecodeReluOne(code, p.lo[c], p.k[c], p.flip[c],
-                                             gamma[c], beta[c], g);
+                                             gamma[c], beta[c], g, tc.slope);
       bad_x += !SameFloat(xhat_dev[i], xhat);
       bad_m += mask_dev[i] != mask;
       bad_r += !SameFloat(relu_dev[i], relu);
@@ -533,6 +566,7 @@ void RunCase(const Case& tc, std::mt19937& rng, cudaStream_t stream, bool device
     ba.d_gamma = d_dgamma.ptr;
     ba.d_beta = d_dbeta.ptr;
     ba.scratch = d_scratch.ptr;
+    ba.negative_slope = tc.slope;
     if (const char* err = blpa::LaunchDecodeBnBackwardGpu(ba, stream)) {
       std::fprintf(stderr, "bn_backward launch failed: %s\n", err);
       std::exit(2);
@@ -552,11 +586,12 @@ void RunCase(const Case& tc, std::mt19937& rng, cudaStream_t stream, bool device
 // backward against a double-sum reference. Device: the kernels against the
 // host functions (bit for bit; the backward within 1e-5), out of place and
 // in place.
-void ExactCase(int64_t rows, int64_t C, bool specials, std::mt19937& rng,
+void ExactCase(int64_t rows, int64_t C, bool specials, float slope, std::mt19937& rng,
                cudaStream_t stream, bool device) {
   const int64_t n = rows * C;
   const std::string name = "exact C=" + std::to_string(C) + " n=" + std::to_string(n) +
-                           (specials ? " specials" : "");
+                           (specials ? " specials" : "") +
+                           " slope=" + std::to_string(slope);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   Channels ch = RandomChannels(C, rng);
   std::vector<float> x(n), g_a(n);
@@ -573,24 +608,31 @@ void ExactCase(int64_t rows, int64_t C, bool specials, std::mt19937& rng,
   for (int64_t i = 0; i < n; ++i) {
     const int64_t c = i % C;
     a[i] = blpa::NormalizeReluOne(x[i], ch.mean[c], ch.inv_std[c], ch.gamma[c], ch.beta[c],
-                                  &xhat[i]);
-    relu[i] = blpa::ExactReluOne(xhat[i], ch.gamma[c], ch.beta[c]);
+                                  &xhat[i], slope);
+    relu[i] = blpa::ExactReluOne(xhat[i], ch.gamma[c], ch.beta[c], slope);
     volatile float centred = x[i] - ch.mean[c];
     volatile float h = centred * ch.inv_std[c];
     volatile float scaled = h * ch.gamma[c];
     volatile float y = scaled + ch.beta[c];
-    const float spec_a = y <= 0.0f ? 0.0f : y;  // tf.where(y <= 0, 0, y)
-    const float spec_relu = y > 0.0f ? y : 0.0f;  // tf.where(y > 0, y, 0)
+    // tf.where(~(y <= 0), y, leaky) and tf.where(y > 0, y, leaky).
+    const float spec_a = y <= 0.0f ? SpecLeakyNeg(y, slope) : y;
+    const float spec_relu = y > 0.0f ? y : SpecLeakyNeg(y, slope);
     bad += !SameFloat(xhat[i], h) + !SameFloat(a[i], spec_a) + !SameFloat(relu[i], spec_relu);
   }
   Report(name + " host forward/rebuild vs spec", bad, n);
   std::vector<double> sum_b(C, 0.0), sum_g(C, 0.0);
+  int64_t bad_gy = 0;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t c = i % C;
-    const float g_y = blpa::ExactMaskedGradOne(xhat[i], g_a[i], ch.gamma[c], ch.beta[c]);
+    const float g_y = blpa::ExactMaskedGradOne(xhat[i], g_a[i], ch.gamma[c], ch.beta[c], slope);
+    volatile float scaled = xhat[i] * ch.gamma[c];
+    const float y = scaled + ch.beta[c];
+    // quantizer.relu_bn_backward: leaky(g_a, exact_mask, s).
+    bad_gy += !SameFloat(g_y, y > 0.0f ? g_a[i] : SpecLeakyNeg(g_a[i], slope));
     sum_b[c] += g_y;
     sum_g[c] += static_cast<double>(g_y) * xhat[i];
   }
+  Report(name + " host g_y vs spec", bad_gy, n);
   BnGrads ref;
   ref.g_x.resize(n);
   for (int64_t c = 0; c < C; ++c) {
@@ -600,7 +642,8 @@ void ExactCase(int64_t rows, int64_t C, bool specials, std::mt19937& rng,
   const double count = static_cast<double>(rows);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t c = i % C;
-    const double g_y = blpa::ExactMaskedGradOne(xhat[i], g_a[i], ch.gamma[c], ch.beta[c]);
+    const double g_y =
+        blpa::ExactMaskedGradOne(xhat[i], g_a[i], ch.gamma[c], ch.beta[c], slope);
     const double scale = static_cast<double>(ch.gamma[c]) * ch.inv_std[c];
     ref.g_x[i] = static_cast<float>(
         scale * ((g_y - sum_b[c] / count) - static_cast<double>(xhat[i]) * (sum_g[c] / count)));
@@ -628,6 +671,7 @@ void ExactCase(int64_t rows, int64_t C, bool specials, std::mt19937& rng,
     fa.channels = C;
     fa.a = d_a.ptr;
     fa.xhat = in_place ? d_x.ptr : d_xhat.ptr;
+    fa.negative_slope = slope;
     if (const char* err = blpa::LaunchNormalizeReluGpu(fa, stream)) {
       std::fprintf(stderr, "exact forward launch failed: %s\n", err);
       std::exit(2);
@@ -644,6 +688,7 @@ void ExactCase(int64_t rows, int64_t C, bool specials, std::mt19937& rng,
     ra.n = n;
     ra.channels = C;
     ra.a = d_a.ptr;
+    ra.negative_slope = slope;
     if (const char* err = blpa::LaunchExactReluGpu(ra, stream)) {
       std::fprintf(stderr, "exact relu launch failed: %s\n", err);
       std::exit(2);
@@ -665,6 +710,7 @@ void ExactCase(int64_t rows, int64_t C, bool specials, std::mt19937& rng,
     ba.d_gamma = d_dgamma.ptr;
     ba.d_beta = d_dbeta.ptr;
     ba.scratch = d_scratch.ptr;
+    ba.negative_slope = slope;
     if (const char* err = blpa::LaunchDecodeBnBackwardGpu(ba, stream)) {
       std::fprintf(stderr, "exact bn_backward launch failed: %s\n", err);
       std::exit(2);
@@ -688,8 +734,10 @@ void LargeIndexCheck(cudaStream_t stream, int bits) {
   const int64_t n = ((int64_t{1} << 31) / C + 3) * C;  // whole rows, past 2^31
   const int64_t bytes = bits == 8 ? n : (n + 1) / 2;
   const float window = bits == 4 ? 8.0f : 12.0f;
+  const float slope = bits == 4 ? 0.0f : 0.2f;  // the ReLU at 4 bits, leaky at 8
   const std::string name = "bits=" + std::to_string(bits) + " C=37 n=2^31+" +
-                           std::to_string(n - (int64_t{1} << 31)) + " (64-bit index)";
+                           std::to_string(n - (int64_t{1} << 31)) + " (64-bit index)" +
+                           " slope=" + std::to_string(slope);
   std::mt19937 rng(99);
   const Channels ch = RandomChannels(C, rng);
   const Params p = QuantizerParams(ch.gamma, ch.beta, bits, window);
@@ -727,7 +775,7 @@ void LargeIndexCheck(cudaStream_t stream, int bits) {
   // Encode: codes and activations, element by element.
   CUDA_CHECK(cudaMemset(d_packed.ptr, 0xAB, bytes));
   EncodeArgs ea{d_x.ptr, mean, inv_std, gamma, beta, lo, k, flip, aligned,
-                n, C, bits, window, d_out.ptr, d_packed.ptr};
+                n, C, bits, window, d_out.ptr, d_packed.ptr, slope};
   check("encode", blpa::LaunchEncodeGpu(ea, stream));
   CUDA_CHECK(cudaStreamSynchronize(stream));
   const std::vector<uint8_t> packed = Download(d_packed.ptr, bytes);
@@ -737,7 +785,8 @@ void LargeIndexCheck(cudaStream_t stream, int bits) {
   for (int64_t i = 0; i < n; ++i) {
     const int64_t c = i % C;
     const float a = blpa::EncodeOne(x[i], ch.mean[c], ch.inv_std[c], ch.gamma[c], ch.beta[c],
-                                    p.lo[c], p.k[c], p.flip[c], p.aligned[c], g, &codes[i]);
+                                    p.lo[c], p.k[c], p.flip[c], p.aligned[c], g, &codes[i],
+                                    slope);
     const uint8_t b = packed[bits == 8 ? i : i / 2];
     bad_code += codes[i] != (bits == 8 ? b : ((i & 1) ? blpa::HighNibble(b)
                                                       : blpa::LowNibble(b)));
@@ -748,7 +797,7 @@ void LargeIndexCheck(cudaStream_t stream, int bits) {
 
   // Decode + ReLU (the forward's inference path) of those codes.
   DecodeArgs da{d_packed.ptr, lo, k, flip, gamma, beta, n, C, bits, window,
-                nullptr, nullptr, d_out.ptr};
+                nullptr, nullptr, d_out.ptr, slope};
   CUDA_CHECK(cudaMemset(d_out.ptr, 0xFF, n * sizeof(float)));
   check("decode_relu", blpa::LaunchDecodeReluGpu(da, stream));
   CUDA_CHECK(cudaStreamSynchronize(stream));
@@ -757,7 +806,7 @@ void LargeIndexCheck(cudaStream_t stream, int bits) {
   for (int64_t i = 0; i < n; ++i) {
     const int64_t c = i % C;
     bad += !SameFloat(out[i], blpa::DecodeReluOne(codes[i], p.lo[c], p.k[c], p.flip[c],
-                                                  ch.gamma[c], ch.beta[c], g));
+                                                  ch.gamma[c], ch.beta[c], g, slope));
   }
   Report(name + " decode_relu", bad, n);
 
@@ -765,9 +814,10 @@ void LargeIndexCheck(cudaStream_t stream, int bits) {
   CUDA_CHECK(cudaMemset(d_out.ptr, 0xFF, n * sizeof(float)));
   BnBackwardArgs ba{d_x.ptr, d_packed.ptr, lo, k, flip, gamma, inv_std, n, C, bits, window,
                     d_out.ptr, d_gamma, d_beta, d_scratch.ptr};
+  ba.negative_slope = slope;
   check("bn_backward", blpa::LaunchDecodeBnBackwardGpu(ba, stream));
   CUDA_CHECK(cudaStreamSynchronize(stream));
-  const BnGrads ref = HostBnBackward(codes, x, p, ch.gamma, ch.inv_std, C, bits, window);
+  const BnGrads ref = HostBnBackward(codes, x, p, ch.gamma, ch.inv_std, C, bits, window, slope);
   Report(name + " bn_backward g_x", CountNotClose(Download(d_out.ptr, n), ref.g_x, 1e-5), n);
   Report(name + " bn_backward d_gamma", CountNotClose(Download(d_gamma, C), ref.d_gamma, 1e-5),
          C);
@@ -878,11 +928,16 @@ int main(int argc, char** argv) {
         const int64_t n = (size / C) * C + (size % 2 ? C : 0);  // whole rows
         for (bool specials : {false, true}) {
           // The paper's window, the wider 4- and 8-bit ones and an odd one.
-          for (float window : {6.0f, bits == 4 ? 8.0f : 12.0f, 7.3f}) {
+          // Each window with its own negative_slope: the ReLU at the paper's
+          // window, leaky slopes at the others.
+          const float windows[] = {6.0f, bits == 4 ? 8.0f : 12.0f, 7.3f};
+          const float slopes[] = {0.0f, 0.2f, 0.01f};
+          for (int j = 0; j < 3; ++j) {
             cases.push_back({"bits=" + std::to_string(bits) + " C=" + std::to_string(C) +
                                  " n=" + std::to_string(n) + (specials ? " specials" : "") +
-                                 " window=" + std::to_string(window),
-                             n, C, bits, specials, window});
+                                 " window=" + std::to_string(windows[j]) +
+                                 " slope=" + std::to_string(slopes[j]),
+                             n, C, bits, specials, windows[j], slopes[j]});
           }
         }
       }
@@ -891,7 +946,11 @@ int main(int argc, char** argv) {
   for (const Case& tc : cases) RunCase(tc, rng, stream, !host_only);
   for (int64_t C : channel_counts) {
     for (int64_t rows : {1, 7, 4096}) {
-      for (bool specials : {false, true}) ExactCase(rows, C, specials, rng, stream, !host_only);
+      for (bool specials : {false, true}) {
+        for (float slope : {0.0f, 0.2f}) {
+          ExactCase(rows, C, specials, slope, rng, stream, !host_only);
+        }
+      }
     }
   }
   if (!host_only) {

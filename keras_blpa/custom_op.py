@@ -14,6 +14,10 @@ rounding), and use that pure-TF code whenever the op cannot be used:
 - inside an XLA-compiled function (`jit_compile=True`, TPU): the op has no XLA
   kernel, and the pure-TF code compiles.
 
+The wrappers that produce an activation or a backward take `negative_slope`
+(leaky ReLU, default 0: the ReLU), passed to the op as an attr and to the
+pure-TF twin alike; it must be a finite number >= 0.
+
 `KERAS_BLPA_OP_LIBRARY=/path/to/lib.so` loads that file instead of building.
 The ops have no registered gradient: they are meant for the forward and
 backward passes of a `tf.custom_gradient` unit.
@@ -21,6 +25,8 @@ backward passes of a `tf.custom_gradient` unit.
 
 from __future__ import annotations
 
+import inspect
+import math
 import os
 import threading
 import warnings
@@ -46,6 +52,8 @@ _REQUIRED_OPS = (
     "blpa_relu_exact",
     "blpa_bn_backward_exact",
 )
+# The ops with the leaky ReLU's `negative_slope` attr (all but the plain decode).
+_SLOPE_OPS = tuple(name for name in _REQUIRED_OPS if name != "blpa_decode")
 
 
 def disabled() -> bool:
@@ -72,6 +80,16 @@ def _load_library() -> ModuleType:
     if missing:
         # A stale library, or these ops were already registered by another one.
         raise RuntimeError(f"{path} does not define {', '.join(missing)}")
+    stale = [
+        name
+        for name in _SLOPE_OPS
+        if "negative_slope" not in inspect.signature(getattr(module, name)).parameters
+    ]
+    if stale:
+        # Built from sources older than the leaky ReLU (KERAS_BLPA_OP_LIBRARY).
+        raise RuntimeError(
+            f"{path} is stale: {', '.join(stale)} lack the `negative_slope` attr"
+        )
     return module
 
 
@@ -184,6 +202,27 @@ def _static_channels(shape) -> int | None:
     return None if dims.rank in (None, 0) else dims[-1]
 
 
+def _slope(negative_slope) -> float:
+    """The leaky ReLU slope as the op sees it (a float32 attr), validated.
+
+    Rounded to float32 here for both paths, so that a slope that rounds to 0
+    is the exact ReLU on both (the pure-TF twin tests the Python float).
+    """
+    try:
+        with np.errstate(over="ignore"):  # a finite double past float32: Inf, refused
+            value = float(np.float32(negative_slope))
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"`negative_slope` must be a Python number, got {negative_slope!r}"
+        ) from err
+    if not math.isfinite(value) or value < 0.0:
+        raise ValueError(
+            f"`negative_slope` must be a finite number >= 0 (in float32); received "
+            f"{negative_slope!r}."
+        )
+    return 0.0 if value == 0.0 else value
+
+
 def _params_tensors(params: QuantParams) -> dict:
     return {"params.lo": params.lo, "params.k": params.k, "params.flip": params.flip}
 
@@ -196,9 +235,11 @@ def bn_relu_encode(
     beta: tf.Tensor,
     params: QuantParams,
     bits: int,
+    negative_slope: float = 0.0,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Same as `quantizer.bn_relu_encode`: `(a, packed)`, one fused pass."""
     quantizer.check_bits(bits, allow_none=False)
+    negative_slope = _slope(negative_slope)
     # Both paths take any float dtype and compute in float32, as the op does.
     x, mean, inv_std, gamma, beta = (_f32(t) for t in (x, mean, inv_std, gamma, beta))
     _check_input(x)
@@ -208,7 +249,9 @@ def bn_relu_encode(
     )
     mod = _op()
     if mod is None:
-        return quantizer.bn_relu_encode(x, mean, inv_std, gamma, beta, params, bits)
+        return quantizer.bn_relu_encode(
+            x, mean, inv_std, gamma, beta, params, bits, negative_slope
+        )
     return mod.blpa_bn_relu_encode(
         _f32(x),
         _f32(mean),
@@ -221,6 +264,7 @@ def bn_relu_encode(
         _f32(params.aligned),
         bits=bits,
         window=params.window,
+        negative_slope=negative_slope,
     )
 
 
@@ -255,9 +299,12 @@ def decode_relu(
     beta: tf.Tensor,
     shape: tf.TensorShape | list | tf.Tensor,
     bits: int,
+    negative_slope: float = 0.0,
 ) -> tf.Tensor:
-    """Rebuilt ReLU output `where(mask, xhat * gamma + beta, 0)` in one pass."""
+    """Rebuilt (leaky) ReLU output `where(mask, y, negative_slope * y)`,
+    `y = xhat * gamma + beta`, in one pass (`quantizer.relu_from_decoded`)."""
     quantizer.check_bits(bits, allow_none=False)
+    negative_slope = _slope(negative_slope)
     _check_packed(packed, shape, bits)
     _check_channels(
         _static_channels(shape), gamma=gamma, beta=beta, **_params_tensors(params)
@@ -266,7 +313,7 @@ def decode_relu(
     mod = _op()
     if mod is None:
         xhat, mask = quantizer.decode(packed, params, shape, bits)
-        return quantizer.relu_from_decoded(xhat, mask, gamma, beta)
+        return quantizer.relu_from_decoded(xhat, mask, gamma, beta, negative_slope)
     return mod.blpa_decode_relu(
         packed,
         _f32(params.lo),
@@ -277,6 +324,7 @@ def decode_relu(
         _shape_tensor(shape),
         bits=bits,
         window=params.window,
+        negative_slope=negative_slope,
     )
 
 
@@ -287,6 +335,7 @@ def decode_bn_backward(
     gamma: tf.Tensor,
     inv_std: tf.Tensor,
     bits: int,
+    negative_slope: float = 0.0,
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """Same as `quantizer.decode_bn_backward`: `(g_x, d_gamma, d_beta)`, fused.
 
@@ -296,6 +345,7 @@ def decode_bn_backward(
     the pure-TF function to float rounding, not bit for bit.
     """
     quantizer.check_bits(bits, allow_none=False)
+    negative_slope = _slope(negative_slope)
     g_a, gamma, inv_std = _f32(g_a), _f32(gamma), _f32(inv_std)
     _check_packed(packed, g_a.shape, bits)
     _check_input(g_a)
@@ -304,7 +354,9 @@ def decode_bn_backward(
     )
     mod = _op()
     if mod is None:
-        return quantizer.decode_bn_backward(g_a, packed, params, gamma, inv_std, bits)
+        return quantizer.decode_bn_backward(
+            g_a, packed, params, gamma, inv_std, bits, negative_slope
+        )
     g_x, d_gamma, d_beta = mod.blpa_decode_bn_backward(
         _f32(g_a),
         packed,
@@ -315,39 +367,56 @@ def decode_bn_backward(
         _f32(inv_std),
         bits=bits,
         window=params.window,
+        negative_slope=negative_slope,
     )
     return g_x, d_gamma, d_beta
 
 
 def bn_relu_exact(
-    x: tf.Tensor, mean: tf.Tensor, inv_std: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor
+    x: tf.Tensor,
+    mean: tf.Tensor,
+    inv_std: tf.Tensor,
+    gamma: tf.Tensor,
+    beta: tf.Tensor,
+    negative_slope: float = 0.0,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Same as `quantizer.bn_relu_exact`: `(a, xhat)` in one pass (bits=None).
 
     The op writes `xhat` into `x`'s buffer when nothing else holds `x`.
     """
+    negative_slope = _slope(negative_slope)
     x, mean, inv_std, gamma, beta = (_f32(t) for t in (x, mean, inv_std, gamma, beta))
     _check_input(x)
     _check_channels(x.shape[-1], mean=mean, inv_std=inv_std, gamma=gamma, beta=beta)
     mod = _op()
     if mod is None:
-        return quantizer.bn_relu_exact(x, mean, inv_std, gamma, beta)
-    return mod.blpa_bn_relu_exact(x, mean, inv_std, gamma, beta)
+        return quantizer.bn_relu_exact(x, mean, inv_std, gamma, beta, negative_slope)
+    return mod.blpa_bn_relu_exact(
+        x, mean, inv_std, gamma, beta, negative_slope=negative_slope
+    )
 
 
-def relu_exact(xhat: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor) -> tf.Tensor:
+def relu_exact(
+    xhat: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, negative_slope: float = 0.0
+) -> tf.Tensor:
     """Same as `quantizer.relu_exact`, in one pass."""
+    negative_slope = _slope(negative_slope)
     xhat, gamma, beta = _f32(xhat), _f32(gamma), _f32(beta)
     _check_input(xhat)
     _check_channels(xhat.shape[-1], gamma=gamma, beta=beta)
     mod = _op()
     if mod is None:
-        return quantizer.relu_exact(xhat, gamma, beta)
-    return mod.blpa_relu_exact(xhat, gamma, beta)
+        return quantizer.relu_exact(xhat, gamma, beta, negative_slope)
+    return mod.blpa_relu_exact(xhat, gamma, beta, negative_slope=negative_slope)
 
 
 def bn_backward_exact(
-    g_a: tf.Tensor, xhat: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, inv_std: tf.Tensor
+    g_a: tf.Tensor,
+    xhat: tf.Tensor,
+    gamma: tf.Tensor,
+    beta: tf.Tensor,
+    inv_std: tf.Tensor,
+    negative_slope: float = 0.0,
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """Same as `quantizer.bn_backward_exact`: `(g_x, d_gamma, d_beta)`, fused.
 
@@ -356,6 +425,7 @@ def bn_backward_exact(
     masked gradient is materialized. Agrees with the pure-TF function to
     float rounding, not bit for bit (the sums' order differs).
     """
+    negative_slope = _slope(negative_slope)
     g_a, xhat, gamma, beta, inv_std = (_f32(t) for t in (g_a, xhat, gamma, beta, inv_std))
     _check_input(g_a)
     if g_a.shape.rank is not None and not g_a.shape.is_compatible_with(xhat.shape):
@@ -366,5 +436,7 @@ def bn_backward_exact(
     _check_channels(g_a.shape[-1], gamma=gamma, beta=beta, inv_std=inv_std)
     mod = _op()
     if mod is None:
-        return quantizer.bn_backward_exact(g_a, xhat, gamma, beta, inv_std)
-    return mod.blpa_bn_backward_exact(g_a, xhat, gamma, beta, inv_std)
+        return quantizer.bn_backward_exact(g_a, xhat, gamma, beta, inv_std, negative_slope)
+    return mod.blpa_bn_backward_exact(
+        g_a, xhat, gamma, beta, inv_std, negative_slope=negative_slope
+    )

@@ -29,6 +29,20 @@ SHAPES = [
     (2, 64, 64, 64),
 ]
 
+# Leaky ReLU slopes: 0 is the ReLU (exact 0.0, never -0.0), the others leaky.
+SLOPES = [0.0, 0.2, 0.01]
+# The backward tests, which are slower, at the ReLU and one leaky slope.
+BN_SLOPES = [0.0, 0.2]
+
+
+def _slope_id(s: float) -> str:
+    return f"slope{s:g}"
+
+
+def _reference_relu(y: tf.Tensor, slope: float) -> tf.Tensor:
+    """TF's own activation: tf.nn.relu at slope 0, tf.nn.leaky_relu otherwise."""
+    return tf.nn.relu(y) if slope == 0.0 else tf.nn.leaky_relu(y, alpha=slope)
+
 
 @pytest.fixture(scope="module")
 def op_lib():
@@ -90,16 +104,25 @@ def _make_case(shape, bits, seed, specials=False, kind_offset=0, window=None):
     return (*tensors, params)
 
 
+@pytest.mark.parametrize("slope", SLOPES, ids=_slope_id)
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("specials", [False, True], ids=["finite", "nan_inf"])
-def test_encode_decode_bit_exact(op_lib, shape, bits, specials):
+def test_encode_decode_bit_exact(op_lib, shape, bits, specials, slope):
     x, mean, inv_std, gamma, beta, params = _make_case(shape, bits, hash(shape) % 1000, specials)
-    a_ref, packed_ref = quantizer.bn_relu_encode(x, mean, inv_std, gamma, beta, params, bits)
-    a, packed = custom_op.bn_relu_encode(x, mean, inv_std, gamma, beta, params, bits)
+    a_ref, packed_ref = quantizer.bn_relu_encode(
+        x, mean, inv_std, gamma, beta, params, bits, slope
+    )
+    a, packed = custom_op.bn_relu_encode(x, mean, inv_std, gamma, beta, params, bits, slope)
     assert packed.dtype == tf.uint8 and packed.shape == packed_ref.shape
     np.testing.assert_array_equal(packed.numpy(), packed_ref.numpy())
     _assert_same_float(a, a_ref)
+    # TF's own activation of the same y, NaN and Inf included.
+    _assert_same_float(a, _reference_relu((x - mean) * inv_std * gamma + beta, slope))
+    if slope != 0.0:
+        # The codes do not depend on the slope (the kink stays at y = 0).
+        _, packed_relu = custom_op.bn_relu_encode(x, mean, inv_std, gamma, beta, params, bits)
+        np.testing.assert_array_equal(packed.numpy(), packed_relu.numpy())
 
     xhat_ref, mask_ref = quantizer.decode(packed_ref, params, x.shape, bits)
     xhat, mask = custom_op.decode(packed_ref, params, x.shape, bits)
@@ -107,8 +130,12 @@ def test_encode_decode_bit_exact(op_lib, shape, bits, specials):
     _assert_same_float(xhat, xhat_ref)
     np.testing.assert_array_equal(mask.numpy(), mask_ref.numpy())
 
-    relu = custom_op.decode_relu(packed_ref, params, gamma, beta, x.shape, bits)
-    _assert_same_float(relu, tf.where(mask_ref, xhat_ref * gamma + beta, 0.0))
+    relu = custom_op.decode_relu(packed_ref, params, gamma, beta, x.shape, bits, slope)
+    _assert_same_float(
+        relu, quantizer.relu_from_decoded(xhat_ref, mask_ref, gamma, beta, slope)
+    )
+    y_ref = xhat_ref * gamma + beta
+    _assert_same_float(relu, tf.where(mask_ref, y_ref, 0.0 if slope == 0.0 else y_ref * slope))
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -133,8 +160,9 @@ def test_windows_bit_exact(op_lib, bits, window):
     _check_bn_backward(*_bn_case(shape, bits, 12, window=window), bits)
 
 
+@pytest.mark.parametrize("slope", SLOPES, ids=_slope_id)
 @pytest.mark.parametrize("bits", [4, 8])
-def test_decode_every_byte_value(op_lib, bits):
+def test_decode_every_byte_value(op_lib, bits, slope):
     """Random bytes (not just encoder output), so every code and nibble is decoded."""
     shape = (5, 7, 37)
     _, _, _, gamma, beta, params = _make_case(shape, bits, 7)
@@ -146,8 +174,10 @@ def test_decode_every_byte_value(op_lib, bits):
     xhat, mask = custom_op.decode(packed, params, list(shape), bits)
     _assert_same_float(xhat, xhat_ref)
     np.testing.assert_array_equal(mask.numpy(), mask_ref.numpy())
-    relu = custom_op.decode_relu(packed, params, gamma, beta, tf.constant(shape), bits)
-    _assert_same_float(relu, tf.where(mask_ref, xhat_ref * gamma + beta, 0.0))
+    relu = custom_op.decode_relu(packed, params, gamma, beta, tf.constant(shape), bits, slope)
+    _assert_same_float(
+        relu, quantizer.relu_from_decoded(xhat_ref, mask_ref, gamma, beta, slope)
+    )
 
 
 def test_inside_tf_function(op_lib):
@@ -226,6 +256,110 @@ def test_invalid_inputs(op_lib):
         custom_op.bn_relu_encode(x, mean, inv_std, gamma, beta, params, 2)
 
 
+BAD_SLOPES = [-0.1, float("nan"), float("inf"), 1e39]  # 1e39: Inf in float32
+
+
+@pytest.mark.parametrize("bad", BAD_SLOPES, ids=["negative", "nan", "inf", "f32_overflow"])
+def test_invalid_slope_raises(op_lib, bad):
+    """The wrappers refuse a bad slope on both paths; the op's kernel too."""
+    x, mean, inv_std, gamma, beta, params = _make_case((3, 7), 4, 2)
+    _, packed = custom_op.bn_relu_encode(x, mean, inv_std, gamma, beta, params, 4)
+    calls = {
+        "encode": lambda s: custom_op.bn_relu_encode(
+            x, mean, inv_std, gamma, beta, params, 4, negative_slope=s
+        ),
+        "decode_relu": lambda s: custom_op.decode_relu(
+            packed, params, gamma, beta, x.shape, 4, negative_slope=s
+        ),
+        "backward": lambda s: custom_op.decode_bn_backward(
+            x, packed, params, gamma, inv_std, 4, negative_slope=s
+        ),
+    }
+    for call in calls.values():
+        with pytest.raises(ValueError, match="negative_slope"):
+            call(bad)
+    # The kernels' own check (the attr reaches them unchecked here).
+    lo, k, flip, aligned = params.lo, params.k, params.flip, params.aligned
+    raw = [
+        lambda: op_lib.blpa_bn_relu_encode(
+            x, mean, inv_std, gamma, beta, lo, k, flip, aligned, bits=4, negative_slope=bad
+        ),
+        lambda: op_lib.blpa_decode_relu(
+            packed, lo, k, flip, gamma, beta, tf.constant([3, 7]), bits=4, negative_slope=bad
+        ),
+        lambda: op_lib.blpa_decode_bn_backward(
+            x, packed, lo, k, flip, gamma, inv_std, bits=4, negative_slope=bad
+        ),
+    ]
+    for call in raw:
+        with pytest.raises(tf.errors.InvalidArgumentError, match="negative_slope"):
+            call()
+
+
+def test_slope_on_the_pure_tf_paths(op_lib, monkeypatch):
+    """Disabled op and XLA: the wrappers pass the slope to the pure-TF twins."""
+    slope, bits = 0.2, 8
+    x, mean, inv_std, gamma, beta, params = _make_case((4, 9, 37), bits, 23)
+    g_a = tf.constant(np.random.default_rng(24).normal(size=(4, 9, 37)).astype(np.float32))
+    a_ref, packed_ref = quantizer.bn_relu_encode(
+        x, mean, inv_std, gamma, beta, params, bits, slope
+    )
+    xhat_ref, mask_ref = quantizer.decode(packed_ref, params, x.shape, bits)
+    ref = (
+        a_ref,
+        quantizer.relu_from_decoded(xhat_ref, mask_ref, gamma, beta, slope),
+        *quantizer.decode_bn_backward(g_a, packed_ref, params, gamma, inv_std, bits, slope),
+    )
+
+    def run(x, packed, g_a):  # the decodes from the given codes
+        a, _ = custom_op.bn_relu_encode(x, mean, inv_std, gamma, beta, params, bits, slope)
+        relu = custom_op.decode_relu(packed, params, gamma, beta, x.shape, bits, slope)
+        grads = custom_op.decode_bn_backward(g_a, packed, params, gamma, inv_std, bits, slope)
+        return a, relu, *grads
+
+    xla = tf.function(run, jit_compile=True)
+    graph = xla.get_concrete_function(x, packed_ref, g_a).graph
+    assert not any(op.type.startswith("Blpa") for op in graph.get_operations())
+    # XLA may contract into FMAs: close, not bit for bit.
+    for actual, expected in zip(xla(x, packed_ref, g_a), ref):
+        _assert_close(actual.numpy(), expected.numpy(), rtol=1e-4)
+    monkeypatch.setenv("KERAS_BLPA_DISABLE_CUSTOM_OPS", "1")
+    for actual, expected in zip(run(x, packed_ref, g_a), ref):
+        _assert_same_float(actual, expected)
+
+
+def test_graph_without_slope_attr_still_runs(op_lib):
+    """A GraphDef from before `negative_slope` (no such attr) loads and runs as
+    the ReLU: the attr's default fills in."""
+    x, mean, inv_std, gamma, beta, params = _make_case((3, 5, 37), 4, 25)
+
+    @tf.function
+    def f(x):
+        return custom_op.bn_relu_encode(x, mean, inv_std, gamma, beta, params, 4)
+
+    graph_def = f.get_concrete_function(x).graph.as_graph_def()
+    stripped = 0
+    for node in graph_def.node:
+        if node.op == "BlpaBnReluEncode":
+            del node.attr["negative_slope"]
+            stripped += 1
+    assert stripped == 1
+    outputs = [n.name for n in graph_def.node if n.op == "BlpaBnReluEncode"]
+
+    def imported(x_in):
+        return tf.graph_util.import_graph_def(
+            graph_def,
+            input_map={"x:0": x_in},
+            return_elements=[f"{outputs[0]}:0", f"{outputs[0]}:1"],
+        )
+
+    wrapped = tf.compat.v1.wrap_function(imported, [tf.TensorSpec(x.shape, tf.float32)])
+    a, packed = wrapped(x)
+    a_ref, packed_ref = quantizer.bn_relu_encode(x, mean, inv_std, gamma, beta, params, 4)
+    _assert_same_float(a, a_ref)
+    np.testing.assert_array_equal(packed.numpy(), packed_ref.numpy())
+
+
 def test_empty_tensor(op_lib):
     _, mean, inv_std, gamma, beta, params = _make_case((1, 3), 4, 0)
     x = tf.zeros([0, 3])
@@ -256,19 +390,40 @@ BN_SHAPES = [
 ]
 
 
-def _assert_close(actual, expected, rtol=1e-5):
-    """Within rtol of the largest magnitude of `expected` (per tensor)."""
+def _assert_close(actual, expected, rtol=1e-5, scale=None):
+    """Within rtol of the largest magnitude of `expected` (per tensor), or of
+    `scale` when given."""
     actual, expected = np.asarray(actual), np.asarray(expected)
     assert actual.shape == expected.shape and actual.dtype == expected.dtype
-    scale = float(np.abs(expected).max(initial=0.0))
+    if scale is None:
+        scale = float(np.abs(expected).max(initial=0.0))
     np.testing.assert_allclose(actual, expected, rtol=0, atol=rtol * scale + 1e-30)
 
 
-def _bn_backward_f64(g_a, packed, params, gamma, inv_std, bits):
-    """quantizer.decode_bn_backward in float64 (from the exact decoded xhat)."""
+def _leaky_grad_f64(g_a, mask, slope):
+    """g_y = where(mask, g_a, g_a * slope) (the float32 product), in float64."""
+    g_a = np.asarray(g_a, np.float32)
+    off = np.zeros_like(g_a) if slope == 0.0 else g_a * np.float32(slope)
+    return np.where(mask, g_a, off).astype(np.float64)
+
+
+def _sum_scales(g_y, xhat):
+    """Largest per-channel sums of |g_y * xhat| and |g_y|: the scale of the
+    rounding error of float sums (d_gamma, d_beta), which cancellation leaves
+    where the sums themselves are small (a leaky slope's always-off channels)."""
+    axes = tuple(range(g_y.ndim - 1))
+    return float(np.abs(g_y * xhat).sum(axes).max()), float(np.abs(g_y).sum(axes).max())
+
+
+def _bn_backward_f64(g_a, packed, params, gamma, inv_std, bits, slope=0.0, scales=None):
+    """quantizer.decode_bn_backward in float64 (from the exact decoded xhat).
+
+    `scales`, a list, receives `_sum_scales` of the case."""
     xhat, mask = quantizer.decode(packed, params, tf.shape(g_a), bits)
     xhat = xhat.numpy().astype(np.float64)
-    g_y = np.where(mask.numpy(), np.asarray(g_a, np.float64), 0.0)
+    g_y = _leaky_grad_f64(g_a, mask.numpy(), slope)
+    if scales is not None:
+        scales.extend(_sum_scales(g_y, xhat))
     axes = tuple(range(g_y.ndim - 1))
     count = g_y.size // g_y.shape[-1]
     d_beta, d_gamma = g_y.sum(axes), (g_y * xhat).sum(axes)
@@ -293,35 +448,53 @@ def _bn_case(shape, bits, seed, random_codes=False, kind_offset=0, window=None):
     return g_a, packed, params, gamma, inv_std
 
 
-def _check_bn_backward(g_a, packed, params, gamma, inv_std, bits):
-    ref = quantizer.decode_bn_backward(g_a, packed, params, gamma, inv_std, bits)
-    out = custom_op.decode_bn_backward(g_a, packed, params, gamma, inv_std, bits)
+def _check_bn_backward(g_a, packed, params, gamma, inv_std, bits, slope=0.0):
+    ref = quantizer.decode_bn_backward(g_a, packed, params, gamma, inv_std, bits, slope)
+    out = custom_op.decode_bn_backward(g_a, packed, params, gamma, inv_std, bits, slope)
     assert len(out) == 3
-    for actual, expected in zip(out, ref):
+    scales = []
+    f64 = _bn_backward_f64(g_a, packed, params, gamma, inv_std, bits, slope, scales)
+    # Float sums err by up to rtol of the sum of magnitudes (d_gamma, d_beta):
+    # the tolerance where a leaky slope's always-off channels cancel. At slope
+    # 0 those channels sum to 0 exactly, and the largest sum sets the scale.
+    if slope == 0.0:
+        scales = [None, None]
+    for actual, expected, scale in zip(out, ref, [None, *scales]):
         assert actual.dtype == tf.float32 and actual.shape == expected.shape
-        _assert_close(actual.numpy(), expected.numpy())
+        _assert_close(actual.numpy(), expected.numpy(), scale=scale)
     # Sums in double: closer to the exact result than TF's float reductions.
-    for actual, expected in zip(out, _bn_backward_f64(g_a, packed, params, gamma, inv_std, bits)):
-        _assert_close(actual.numpy().astype(np.float64), expected, rtol=1e-6)
+    for actual, expected, scale in zip(out, f64, [None, *scales]):
+        _assert_close(actual.numpy().astype(np.float64), expected, rtol=1e-6, scale=scale)
     return out
 
 
+@pytest.mark.parametrize("slope", BN_SLOPES, ids=_slope_id)
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("shape", BN_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("codes", ["encoded", "random"])
-def test_decode_bn_backward_matches_quantizer(op_lib, shape, bits, codes):
+def test_decode_bn_backward_matches_quantizer(op_lib, shape, bits, codes, slope):
     case = _bn_case(shape, bits, sum(shape) % 1000, random_codes=codes == "random")
-    _check_bn_backward(*case, bits)
+    _check_bn_backward(*case, bits, slope)
 
 
+@pytest.mark.parametrize("slope", BN_SLOPES, ids=_slope_id)
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("kind_offset", range(8))
-def test_decode_bn_backward_channel_kinds(op_lib, channels, bits, kind_offset):
+def test_decode_bn_backward_channel_kinds(op_lib, channels, bits, kind_offset, slope):
     """Few channels, each kind: gamma < 0 (flipped mask), gamma == 0, thresholds
     outside the window (always on/off) and at its edge."""
     case = _bn_case((5, 7, channels), bits, kind_offset, kind_offset=kind_offset)
-    _check_bn_backward(*case, bits)
+    _check_bn_backward(*case, bits, slope)
+
+
+def test_leaky_backward_differs_from_relu(op_lib):
+    """The slope reaches the backward kernel: g_x and both sums change with it."""
+    case = _bn_case((4, 9, 37), 4, 21)
+    relu = custom_op.decode_bn_backward(*case, 4)
+    leaky = custom_op.decode_bn_backward(*case, 4, negative_slope=0.2)
+    for a, b in zip(relu, leaky):
+        assert not np.array_equal(a.numpy(), b.numpy())
 
 
 def test_decode_bn_backward_zero_gamma_gives_zero_gx(op_lib):
