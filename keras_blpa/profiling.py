@@ -39,6 +39,8 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 
+from keras_blpa import validation
+
 VARIANTS = ("stock", "none", "8", "4", "naive8", "naive4")
 MODELS = ("stack", "residual_stack", "projection_stack", "cifar")
 # Bytes a fused unit keeps per element of its input: packed codes, or the
@@ -52,7 +54,9 @@ def _check_positive_int(name: str, value) -> None:
         raise ValueError(f"`{name}` must be a positive integer; received {name}={value!r}.")
 
 
-def _check_model_kwargs(model, variant, depth, width, channels, size, classes) -> None:
+def _check_model_kwargs(
+    model, variant, depth, width, channels, size, classes, negative_slope=0.0
+) -> None:
     """ValueErrors naming the argument, before any model is built."""
     if model not in MODELS:
         raise ValueError(f"`model` must be one of {MODELS}; received {model!r}.")
@@ -70,6 +74,11 @@ def _check_model_kwargs(model, variant, depth, width, channels, size, classes) -
         raise ValueError(
             f"`width` (channel multiplier) must be a finite positive number; "
             f"received width={width!r}."
+        )
+    if validation.real("negative_slope", negative_slope, low=0.0) and model == "cifar":
+        raise ValueError(
+            "`negative_slope` (leaky ReLU units) applies to the stack models; "
+            f"model='cifar' builds ReLU ResNets. Received negative_slope={negative_slope!r}."
         )
 
 
@@ -111,12 +120,14 @@ def conv_stack(
     size: int = 32,
     classes: int = 10,
     shortcut: str | None = None,
+    negative_slope: float = 0.0,
 ):
     """A stack of `depth` BN -> ReLU -> 3x3 conv units plus a linear head.
 
     `shortcut`: None (plain stack), "identity" (`x + unit(x)`) or "projection"
     (`unit(x) + conv1x1(relu(bn(x)))`, the 1x1 conv reading the unit's own
-    activation: the fused layer's projection head).
+    activation: the fused layer's projection head). `negative_slope`: leaky
+    ReLU units (stock: `keras.layers.LeakyReLU`).
     """
     import keras
 
@@ -126,13 +137,16 @@ def conv_stack(
         raise ValueError(
             f"`shortcut` must be None, 'identity' or 'projection'; received {shortcut!r}."
         )
-    _check_model_kwargs("stack", variant, depth, 1.0, channels, size, classes)
+    _check_model_kwargs("stack", variant, depth, 1.0, channels, size, classes,
+                        negative_slope)
     options = variant_options(variant)
     inputs = keras.Input((size, size, channels))
     x = inputs
     for _ in range(depth):
         if options["stock"]:
-            a = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))
+            activation = (keras.layers.LeakyReLU(negative_slope=negative_slope)
+                          if negative_slope else keras.layers.ReLU())
+            a = activation(keras.layers.BatchNormalization()(x))
             out = keras.layers.Conv2D(channels, 3, padding="same")(a)
             if shortcut == "projection":
                 short = keras.layers.Conv2D(channels, 1, use_bias=False)(a)
@@ -140,6 +154,7 @@ def conv_stack(
             layer = BNReLUConv2D(
                 channels, 3, bits=options["bits"], naive=options["naive"],
                 projection_filters=channels if shortcut == "projection" else None,
+                negative_slope=negative_slope,
             )
             out = layer(x)
             if shortcut == "projection":
@@ -160,14 +175,18 @@ def build_model(
     channels: int = 32,
     size: int = 32,
     classes: int = 10,
+    negative_slope: float = 0.0,
 ):
     """The model of a measurement: a `conv_stack` ("stack", "residual_stack",
-    "projection_stack") or "cifar" (`preact_resnet_cifar`)."""
-    _check_model_kwargs(model, variant, depth, width, channels, size, classes)
+    "projection_stack") or "cifar" (`preact_resnet_cifar`). `negative_slope`
+    (leaky ReLU units) applies to the stacks."""
+    _check_model_kwargs(model, variant, depth, width, channels, size, classes,
+                        negative_slope)
     if model.endswith("stack"):
         shortcut = {"stack": None, "residual_stack": "identity",
                     "projection_stack": "projection"}[model]
-        return conv_stack(variant, depth, channels, size, classes, shortcut)
+        return conv_stack(variant, depth, channels, size, classes, shortcut,
+                          negative_slope)
     if model == "cifar":
         from keras_blpa.models import preact_resnet_cifar
 
@@ -444,6 +463,8 @@ def main(argv=None) -> None:
     parser.add_argument("--channels", type=int, default=32)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--negative-slope", type=float, default=0.0,
+                        help="leaky ReLU units (stack models)")
     parser.add_argument("--batch-sizes", type=int, nargs=2, default=(8, 40))
     parser.add_argument("--steps", type=int, default=1,
                         help="measured steps per batch size; the lowest peak counts")
@@ -464,7 +485,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     try:
         _check_model_kwargs(args.model, args.variant, args.depth, args.width,
-                            args.channels, args.size, args.classes)
+                            args.channels, args.size, args.classes, args.negative_slope)
         _check_batch_sizes(args.batch_sizes)
         _check_positive_int("steps", args.steps)
         if args.inter_op_threads is not None:
@@ -494,7 +515,7 @@ def main(argv=None) -> None:
         tuple(args.batch_sizes), args.jit_compile, args.xla_dump_dir, steps=args.steps,
         model=args.model, variant=args.variant,
         depth=args.depth, width=args.width, channels=args.channels, size=args.size,
-        classes=args.classes,
+        classes=args.classes, negative_slope=args.negative_slope,
     )
     print(json.dumps(result))
 

@@ -381,8 +381,10 @@ def _normalize_relu(x, mean, inv_std, gamma, beta, negative_slope=0.0):
     y = xhat * gamma + beta
     on = y > 0.0
     # `a` lets NaN through (as tf.nn.relu does): a non-finite input must show
-    # in the layer's output, not hide behind finite codes.
-    return xhat, on, leaky(y, ~(y <= 0.0), negative_slope)
+    # in the layer's output, not hide behind finite codes. (Not `leaky(y,
+    # ~(y <= 0))`: grappler rewrites that negation into `y > 0`, dropping NaN.)
+    off = 0.0 if negative_slope == 0.0 else y * negative_slope
+    return xhat, on, tf.where(y <= 0.0, off, y)
 
 
 def quantize_relu(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import numpy as np
 import tensorflow as tf
 
 from keras_blpa import custom_op, quantizer, xla
@@ -84,7 +85,8 @@ def bn_relu_linear(
     # Looked up while tracing the forward; the gradient runs in the same
     # replica function, so the backward's all-reduce uses the same context.
     replica = _sync_context(synchronized)
-    slope = float(negative_slope)
+    # Rounded as the op's float attr is, so that every path agrees.
+    slope = _float32_slope(negative_slope)
 
     def unit(*inputs):
         # Stop the outer tape from recording (and keeping alive) the forward's
@@ -186,6 +188,10 @@ def bn_relu_linear(
         results = tf.custom_gradient(unit)(*inputs)
     *outputs, mean, variance = results
     return outputs, tf.stop_gradient(mean), tf.stop_gradient(variance)
+
+
+def _float32_slope(negative_slope: float) -> float:
+    return float(np.float32(negative_slope))
 
 
 def _sync_context(synchronized: bool) -> tf.distribute.ReplicaContext | None:
@@ -381,6 +387,7 @@ def bn_relu_linear_inference(
     x32 = tf.cast(x, tf.float32)
     inv_std = tf.math.rsqrt(variance + epsilon)
     y = (x32 - mean) * inv_std * gamma + beta
+    negative_slope = _float32_slope(negative_slope)
     a = tf.nn.leaky_relu(y, negative_slope) if negative_slope else tf.nn.relu(y)
     if naive and bits is not None:
         params = quantizer.quantizer_params(gamma, beta, bits, window)

@@ -146,6 +146,9 @@ def test_good_cli_values_parse(load_example):
     (dict(variant="4", aggregate="mean"), "`aggregate` must be 'median' or 'min'"),
     (dict(variant="4", inter_op_threads=0), "`inter_op_threads` must be a positive integer"),
     (dict(variant="4", depht=20), "Unknown model arguments ['depht']"),
+    (dict(variant="4", negative_slope=-0.1), "`negative_slope` must be a finite number"),
+    (dict(variant="4", model="cifar", depth=11, negative_slope=0.1),
+     "`negative_slope` (leaky ReLU units) applies to the stack models"),
 ])
 def test_measure_in_subprocess_rejects_bad_arguments_up_front(kwargs, message, monkeypatch):
     from keras_blpa import profiling

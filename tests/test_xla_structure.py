@@ -30,13 +30,16 @@ PROGRAM = os.path.join(os.path.dirname(__file__), "xla_program.py")
 FLOATS = ("f16", "bf16", "f32", "f64")
 
 
-@pytest.fixture(scope="module", params=[4, 8], ids=["bits4", "bits8"])
+# (bits, negative_slope): the leaky ReLU must keep the same structure.
+@pytest.fixture(scope="module", params=[(4, 0.0), (8, 0.0), (4, 0.1)],
+                ids=["bits4", "bits8", "bits4-leaky"])
 def compiled(request, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp(f"xla_bits{request.param}"))
+    bits, slope = request.param
+    out = str(tmp_path_factory.mktemp(f"xla_bits{bits}"))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     env.pop("XLA_FLAGS", None)
     result = subprocess.run(
-        [sys.executable, PROGRAM, out, "--bits", str(request.param)],
+        [sys.executable, PROGRAM, out, "--bits", str(bits), "--negative-slope", str(slope)],
         capture_output=True, text=True, env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]

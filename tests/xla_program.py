@@ -21,12 +21,12 @@ import sys
 BATCH, SIZE, CHANNELS, CLASSES = 4, 16, 8, 10
 
 
-def build(bits, naive=False):
+def build(bits, naive=False, negative_slope=0.0):
     import keras
 
     from keras_blpa.layers import BNReLUConv2D, BNReLUDense
 
-    options = dict(bits=bits, naive=naive)
+    options = dict(bits=bits, naive=naive, negative_slope=negative_slope)
     inputs = keras.Input((SIZE, SIZE, CHANNELS), batch_size=BATCH)
     x = BNReLUConv2D(CHANNELS, 3, **options)(inputs)
     x = keras.layers.Add()([x, BNReLUConv2D(CHANNELS, 3, **options)(x)])
@@ -42,6 +42,7 @@ def main(argv=None) -> None:
     parser.add_argument("dump_dir")
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--naive", action="store_true")
+    parser.add_argument("--negative-slope", type=float, default=0.0)
     args = parser.parse_args(argv)
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={args.dump_dir}"
@@ -50,7 +51,7 @@ def main(argv=None) -> None:
     import numpy as np
     import tensorflow as tf
 
-    model = build(args.bits, args.naive)
+    model = build(args.bits, args.naive, args.negative_slope)
     weights = model.trainable_weights
 
     def blpa_step(x, seed):
