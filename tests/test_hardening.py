@@ -375,3 +375,19 @@ def test_non_finite_weight_shows_in_training_outputs(bits, naive):
     layer, x = _layer_and_input("conv", bits, naive, np.random.default_rng(0))
     layer.gamma.assign(tf.tensor_scatter_nd_update(layer.gamma, [[1]], [np.nan]))
     assert np.isnan(layer(tf.constant(x), training=True).numpy()).all()
+
+
+# --- Keras backend ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [
+    lambda: keras_blpa.BNReLUConv2D(4, 3),
+    lambda: keras_blpa.BNReLUDense(4),
+    lambda: keras_blpa.convert(keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])),
+])
+def test_other_keras_backends_get_a_clear_error(make, monkeypatch):
+    """The layers are TensorFlow code: on JAX or PyTorch they would fail deep
+    inside a trace. Keras's backend is fixed at import, so it is faked here."""
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    with pytest.raises(RuntimeError, match=r"runs on 'jax'.*KERAS_BACKEND=tensorflow"):
+        make()

@@ -47,6 +47,7 @@ class BNReLUBase(keras.layers.Layer):
         negative_slope: float = 0.0,
         **kwargs,
     ):
+        validation.tensorflow_backend(f"The fused BLPA layer {type(self).__name__}")
         super().__init__(**kwargs)
         quantizer.check_bits(bits)
         synchronized = validation.boolean("synchronized", synchronized)
