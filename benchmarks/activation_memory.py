@@ -59,6 +59,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--channels", type=int, default=32)
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--variants", nargs="+", default=["stock", "none", "8", "4"])
+    p.add_argument("--negative-slope", type=float, default=0.0,
+                   help="leaky ReLU units (stack only; stock uses keras.layers.LeakyReLU)")
     p.add_argument("--batch-sizes", type=int, nargs=2, default=(8, 40))
     p.add_argument("--jit-compile", action="store_true")
     p.add_argument("--repeats", type=int, default=3, help="fresh processes per variant")
@@ -69,6 +71,8 @@ def main(argv=None) -> list[dict]:
     args = p.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     spec = dict(model=args.model, depth=args.depth, channels=args.channels, size=args.size)
+    if args.negative_slope:
+        spec["negative_slope"] = args.negative_slope
     elements = saved_elements(build_model(variant="4", **spec))
     rows = []
     for variant in args.variants:
@@ -95,7 +99,8 @@ def main(argv=None) -> list[dict]:
     source = "XLA temp slope" if args.jit_compile else "measured"
     lines = [
         f"{args.model}, depth {args.depth}, {args.channels} channels, {args.size}x{args.size}, "
-        f"jit_compile={args.jit_compile}, batch {args.batch_sizes[0]} -> "
+        + (f"negative_slope={args.negative_slope}, " if args.negative_slope else "")
+        + f"jit_compile={args.jit_compile}, batch {args.batch_sizes[0]} -> "
         f"{args.batch_sizes[1]} (MiB per sample)", "",
         f"| variant | {source} | allocator peak slope | input batch | activations "
         "| saved activations (theory) | transient | activations vs stock |",
