@@ -156,20 +156,32 @@ def test_toy_model_report_fuses_and_leaves_the_right_chains():
     assert all(name in text for name in TOY_FUSED) and "ReLU6" in text
 
 
-@pytest.mark.parametrize("bits", [None, 8, 4])
-def test_toy_model_inference_equals_original(bits):
-    model = toy_model()
+# The ReLU toy model, and the leaky one (defined below) at (None, 4) bits.
+TOY_MODELS = [("relu", None), ("relu", 8), ("relu", 4), ("leaky", None), ("leaky", 4)]
+
+
+def _toy(kind):
+    """`(model, input shape)` of a toy model kind."""
+    if kind == "relu":
+        return toy_model(), (3, 12, 12, 4)
+    return leaky_model(), (3, 10, 10, 4)
+
+
+@pytest.mark.parametrize("kind,bits", TOY_MODELS)
+def test_toy_model_inference_equals_original(kind, bits):
+    model, shape = _toy(kind)
     converted = keras_blpa.convert(model, bits=bits)
-    x = _x((3, 12, 12, 4))
+    x = _x(shape)
     np.testing.assert_allclose(
         converted(x, training=False), model(x, training=False), rtol=1e-5, atol=1e-6
     )
 
 
-def test_toy_model_exact_training_outputs_and_gradients_equal(implementation):
-    model = toy_model()
+@pytest.mark.parametrize("kind", ["relu", "leaky"])
+def test_toy_model_exact_training_outputs_and_gradients_equal(kind, implementation):
+    model, shape = _toy(kind)
     converted, report = keras_blpa.convert(model, bits=None, return_report=True)
-    out0, out1, grads = _compare_training(model, converted, report, _x((3, 12, 12, 4)))
+    out0, out1, grads = _compare_training(model, converted, report, _x(shape))
     np.testing.assert_allclose(out1, out0, rtol=1e-5, atol=1e-6)
     significant = _significant(grads)
     assert len(significant) >= len(grads) // 2
@@ -377,27 +389,6 @@ def test_leaky_relu_chains_fuse_with_their_slope():
         assert row.startswith("  fused") and row.endswith(words), row
     [row] = [r for r in text.splitlines() if " lbn4 ->" in r]
     assert row.endswith(" ld4") and "leaky" not in row  # slope 0: a plain ReLU
-
-
-@pytest.mark.parametrize("bits", [None, 4])
-def test_leaky_relu_inference_equals_original(bits):
-    model = leaky_model()
-    converted = keras_blpa.convert(model, bits=bits)
-    x = _x((3, 10, 10, 4))
-    np.testing.assert_allclose(
-        converted(x, training=False), model(x, training=False), rtol=1e-5, atol=1e-6
-    )
-
-
-def test_leaky_relu_exact_training_outputs_and_gradients_equal(implementation):
-    model = leaky_model()
-    converted, report = keras_blpa.convert(model, bits=None, return_report=True)
-    out0, out1, grads = _compare_training(model, converted, report, _x((3, 10, 10, 4)))
-    np.testing.assert_allclose(out1, out0, rtol=1e-5, atol=1e-6)
-    significant = _significant(grads)
-    assert len(significant) >= len(grads) // 2
-    for a, b in significant:
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
 
 
 def test_leaky_relu_4bit_gradients_close(implementation):
