@@ -135,10 +135,10 @@ def backward_peak(model, batch_size: int, steps: int = 3) -> int:
 def measure(name: str, size: int, variant: str, batch_sizes, steps: int) -> dict:
     """Per-sample slope of `backward_peak` between two batch sizes, in this process."""
     model, report = variant_model(name, size, variant)
-    # A discarded first trace: in this process the first traced step of a
-    # converted ResNet50V2 with bits=None (compiled op) peaked ~90 MB higher
-    # than every later trace, whatever its batch size, which made the first
-    # batch size's peak, and so the slope, wrong.
+    # A discarded first trace: the first traced step of a converted
+    # ResNet50V2 with bits=None (compiled op) often peaked ~90 MB higher than
+    # later traces, whatever its batch size, which skewed the slope (see the
+    # README; the jump is not fully understood).
     backward_peak(model, batch_sizes[0], 1)
     peaks = [backward_peak(model, b, steps) for b in batch_sizes]
     span = (batch_sizes[-1] - batch_sizes[0]) * 2**20
