@@ -86,6 +86,9 @@ class BNReLUDense(BNReLUBase):
         gradients are those of one replica on the concatenated batch. The
         saved codes per replica are unchanged. Outside a strategy, or with
         one replica, the same as False.
+      negative_slope: 0 (default) for the ReLU; s > 0 for the leaky ReLU
+        `y if y > 0 else s * y`, as `keras.layers.LeakyReLU(negative_slope=s)`.
+        The kink stays at 0, so the saved codes and the mask are the ReLU's.
     """
 
     def __init__(
