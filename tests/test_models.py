@@ -1,5 +1,10 @@
 """Pre-activation ResNet builders: depth, parameters, stock/fused equivalence."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -107,18 +112,21 @@ def _all_layers(model):
 
 
 @pytest.mark.parametrize("stock", [False, True])
-def test_nested_stages_equal_the_flat_model(stock, monkeypatch, tmp_path):
-    """Above `FLAT_LAYER_LIMIT` layers each stage is a nested functional model:
-    the same layers, names, weights and outputs as the flat graph, and it
-    saves and loads."""
+@pytest.mark.parametrize("depth,limit,parts", [
+    (11, 10, ["stage1", "stage2", "stage3"]),
+    (20, 10, [f"stage{s}_part{p}" for s in (1, 2, 3) for p in (1, 2)]),
+])
+def test_nested_stages_equal_the_flat_model(stock, depth, limit, parts, monkeypatch, tmp_path):
+    """Above `FLAT_LAYER_LIMIT` layers each stage is nested functional models
+    of at most that many (stock) layers: the same layers, names, weights and
+    outputs as the flat graph, and it saves and loads."""
     from keras_blpa.models import resnet
 
     kwargs = dict(classes=3, input_shape=(8, 8, 3), stock=stock)
-    flat = preact_resnet_cifar(11, **kwargs)
-    monkeypatch.setattr(resnet, "FLAT_LAYER_LIMIT", 0)
-    nested = preact_resnet_cifar(11, **kwargs)
-    assert [layer.name for layer in nested.layers if isinstance(layer, keras.Model)] == [
-        "stage1", "stage2", "stage3"]
+    flat = preact_resnet_cifar(depth, **kwargs)
+    monkeypatch.setattr(resnet, "FLAT_LAYER_LIMIT", limit)
+    nested = preact_resnet_cifar(depth, **kwargs)
+    assert [layer.name for layer in nested.layers if isinstance(layer, keras.Model)] == parts
     def names(layers):
         return {layer.name for layer in layers if not isinstance(layer, keras.layers.InputLayer)}
 
@@ -136,19 +144,61 @@ def test_nested_stages_equal_the_flat_model(stock, monkeypatch, tmp_path):
     np.testing.assert_array_equal(loaded(x, training=False), nested(x, training=False))
 
 
+def test_advertised_networks_stay_flat_or_nest_within_the_limit():
+    """Depth 164 and ImageNet-152 keep their flat graphs (layer names, files);
+    every graph of a deeper network, fused or stock, holds at most
+    `FLAT_LAYER_LIMIT` layers in its stock form."""
+    from keras_blpa.models import resnet
+
+    assert resnet.FLAT_LAYER_LIMIT * 1.5 < 1000  # room for the caller's stack
+    for stock in (False, True):
+        for model in (preact_resnet_cifar(164, stock=stock),
+                      preact_resnet_imagenet(152, width=0.125, stock=stock)):
+            assert not any(isinstance(layer, keras.Model) for layer in model.layers)
+        deep = preact_resnet_cifar(1001, classes=3, input_shape=(8, 8, 3), stock=stock)
+        parts = [layer for layer in deep.layers if isinstance(layer, keras.Model)]
+        assert len(parts) == 6
+        per_block = 10 if stock else 4
+        for part in parts:
+            assert len(part.layers) <= resnet.FLAT_LAYER_LIMIT * per_block // 10 + 1
+
+
+DEEP_CHILD = Path(__file__).resolve().parent / "deep_model_child.py"
+
+
+def _deep(*args: str, timeout: int = 900) -> None:
+    """Runs tests/deep_model_child.py in a fresh process at recursion limit 1000."""
+    cmd = [sys.executable, str(DEEP_CHILD), *args]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    assert result.returncode == 0 and "DONE" in result.stdout, (
+        f"{' '.join(cmd)} failed:\n{result.stderr[-4000:]}")
+
+
+def test_resnet1001_builds_saves_loads_and_converts_at_the_default_recursion_limit(tmp_path):
+    """The paper's headline network, as a new user meets it: built, summarized
+    and saved in one fresh process, loaded (same outputs) and given its stock
+    twin in another, both at Python's default recursion limit."""
+    path = str(tmp_path / "resnet1001.keras")
+    _deep("--depth", "1001", "--path", path, "summary", "save")
+    _deep("--load", "--path", path, "check", "to_standard")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("kwargs", [dict(stock=True), dict(bits=4, width=4.0)])
-def test_resnet1001_builds_summarizes_saves_loads_and_trains(kwargs, tmp_path):
-    """The paper's headline depth, stock (nested stages) and 4x-wide BLPA,
-    at the recursion limit TensorFlow sets: no RecursionError anywhere."""
-    model = preact_resnet_cifar(1001, classes=3, input_shape=(8, 8, 3), **kwargs)
-    lines = []
-    model.summary(print_fn=lambda *a, **k: lines.append(a))
-    assert lines
-    model.save(tmp_path / "deep.keras")
-    loaded = keras.models.load_model(tmp_path / "deep.keras")
-    loaded.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(2, 8, 8, 3)).astype("float32")
-    history = loaded.fit(x, rng.integers(0, 3, 2), epochs=1, batch_size=2, verbose=0)
-    assert np.isfinite(history.history["loss"]).all()
+@pytest.mark.parametrize("args", [
+    ["--depth", "1001", "--stock"],
+    ["--depth", "1001", "--width", "4"],
+    ["--depth", "1001", "--width", "4", "--stock"],
+    ["--depth", "488"], ["--depth", "488", "--stock"],
+    ["--depth", "254"], ["--depth", "254", "--stock"],
+    ["--depth", "164", "--stock"],
+    ["--builder", "imagenet", "--depth", "152", "--width", "0.125", "--stock"],
+], ids=lambda a: "-".join(x.strip("-") for x in a))
+def test_every_advertised_depth_builds_trains_saves_and_loads(args, tmp_path):
+    """Every depth the README advertises, fused and stock, at Python's default
+    recursion limit: build, summary and save in one fresh process; load, same
+    outputs, fit and the fused/stock twin in another."""
+    path = str(tmp_path / "deep.keras")
+    _deep(*args, "--path", path, "summary", "save")
+    twin = "convert" if "--stock" in args else "to_standard"
+    _deep("--load", "--path", path, "check", "fit", twin)

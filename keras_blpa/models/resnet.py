@@ -16,14 +16,23 @@ from keras_blpa.layers import BNReLUConv2D, BNReLUDense
 
 IMAGENET_STAGES = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 
-# Keras maps a functional graph recursively, about one Python frame per layer
-# on its longest path, and TensorFlow sets Python's recursion limit to 3000:
-# the flat stock ResNet-1001 (3339 layers) fails to build, save or load. Above
-# this many layers each stage becomes a nested functional model ("stage1",
-# ...; the layers inside keep their names). Every model that built flat
-# before (fused up to depth 1001, stock up to 650) stays flat, so its layer
-# names and .keras files are unchanged.
-FLAT_LAYER_LIMIT = 2400
+# Keras maps a functional graph recursively (`map_graph`, when a model is
+# built and again when it is loaded), one Python frame per layer on the
+# graph's longest path. Python's default recursion limit is 1000 and nothing
+# we depend on raises it (IPython's jedi sets 3000 on import, which hid this),
+# so no functional graph we build may hold more than FLAT_LAYER_LIMIT layers:
+# the rest of the limit is left to the caller's stack (pytest, a notebook, a
+# Keras callback). Above the limit each stage becomes nested functional models
+# of whole blocks ("stage1", or "stage1_part1", "stage1_part2", ... when a
+# stage alone is too long; the layers inside keep their names), so the
+# recursion depth is bounded by the part size at any depth and no limit needs
+# raising. Layers are counted as in the stock network (10 a block) for fused
+# networks too: `to_standard` expands each fused part into its stock twin,
+# which must fit as well, and both networks nest alike. Networks up to
+# FLAT_LAYER_LIMIT layers stay flat (depth 164 and ImageNet 152, fused and
+# stock), so their layer names and .keras files are unchanged.
+FLAT_LAYER_LIMIT = 600
+STOCK_LAYERS_PER_BLOCK = 10  # BN, ReLU, conv per unit, three units, the add
 
 
 class _Builder:
@@ -41,22 +50,29 @@ class _Builder:
         self.stock = stock
         self.bn = dict(momentum=momentum, epsilon=epsilon, synchronized=synchronized)
         self.conv = dict(use_bias=False, kernel_initializer="he_normal")
-        # BN, ReLU, conv per unit (or one fused layer), three units, the add.
-        self.layers_per_block = 4 if not stock else 10
         self.nest = False
 
     def stage(self, x, stage: int, blocks: int, planes: int, strides: int):
-        """`blocks` bottleneck blocks, the first with `strides`; nested in a
-        functional model named `stage{stage}` when `self.nest` is set."""
-        inputs = keras.Input(x.shape[1:], name=f"stage{stage}_input") if self.nest else x
-        h = inputs
-        for block in range(blocks):
-            h = self.bottleneck(
-                h, planes, strides if block == 0 else 1, name=f"s{stage}b{block + 1}"
-            )
+        """`blocks` bottleneck blocks, the first with `strides`; with `self.nest`
+        set, as nested functional models of at most FLAT_LAYER_LIMIT layers."""
         if not self.nest:
-            return h
-        return keras.Model(inputs, h, name=f"stage{stage}")(x)
+            return self._blocks(x, stage, range(blocks), planes, strides)
+        parts = min(blocks, -(-blocks * STOCK_LAYERS_PER_BLOCK // FLAT_LAYER_LIMIT))
+        bounds = [blocks * p // parts for p in range(parts + 1)]
+        for part in range(parts):
+            name = f"stage{stage}" if parts == 1 else f"stage{stage}_part{part + 1}"
+            inputs = keras.Input(x.shape[1:], name=f"{name}_input")
+            h = self._blocks(inputs, stage, range(bounds[part], bounds[part + 1]), planes,
+                             strides)
+            x = keras.Model(inputs, h, name=name)(x)
+        return x
+
+    def _blocks(self, x, stage, blocks, planes, strides):
+        for block in blocks:
+            x = self.bottleneck(
+                x, planes, strides if block == 0 else 1, name=f"s{stage}b{block + 1}"
+            )
+        return x
 
     def unit(self, x, filters, kernel_size, strides=1, projection=None, name=None):
         """BN -> ReLU -> conv; with `projection=(filters, strides)` also the shortcut."""
@@ -186,7 +202,7 @@ def preact_resnet_cifar(
         _scaled(16, width), 3, padding="same", use_bias=False,
         kernel_initializer="he_normal", name="stem",
     )(inputs)
-    builder.nest = builder.layers_per_block * 3 * blocks > FLAT_LAYER_LIMIT
+    builder.nest = STOCK_LAYERS_PER_BLOCK * 3 * blocks > FLAT_LAYER_LIMIT
     for stage, (planes, strides) in enumerate(((16, 1), (32, 2), (64, 2)), start=1):
         x = builder.stage(x, stage, blocks, _scaled(planes, width), strides)
     outputs = builder.head(x, classes)
@@ -229,7 +245,7 @@ def preact_resnet_imagenet(
     x = keras.layers.ReLU(name="stem_relu")(x)
     x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool")(x)
     stages = IMAGENET_STAGES[depth]
-    builder.nest = builder.layers_per_block * sum(stages) > FLAT_LAYER_LIMIT
+    builder.nest = STOCK_LAYERS_PER_BLOCK * sum(stages) > FLAT_LAYER_LIMIT
     for stage, (blocks, planes) in enumerate(zip(stages, (64, 128, 256, 512)), start=1):
         x = builder.stage(x, stage, blocks, _scaled(planes, width), 2 if stage > 1 else 1)
     outputs = builder.head(x, classes)
