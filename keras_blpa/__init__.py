@@ -1,6 +1,6 @@
 """keras_blpa: Backprop with Low-Precision Approximate Activations for Keras 3."""
 
-from keras_blpa import layers, models, ops
+from keras_blpa import layers, models
 from keras_blpa.conversion import ConversionReport, convert, to_standard
 from keras_blpa.layers import BNReLUConv2D, BNReLUDense
 
@@ -10,3 +10,13 @@ __all__ = [
     "BNReLUConv2D", "BNReLUDense", "ConversionReport", "convert", "layers", "models",
     "ops", "to_standard", "__version__",
 ]
+
+
+def __getattr__(name: str):
+    # `keras_blpa.ops` (the quantizer ops, TensorFlow code) loads on first
+    # use, so that importing keras_blpa on the JAX backend imports no TensorFlow.
+    if name == "ops":
+        import importlib
+
+        return importlib.import_module("keras_blpa.ops")
+    raise AttributeError(f"module 'keras_blpa' has no attribute {name!r}")

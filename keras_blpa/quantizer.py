@@ -29,77 +29,21 @@ is the channel axis.
 
 from __future__ import annotations
 
-import numbers
-from typing import NamedTuple
-
 import numpy as np
 import tensorflow as tf
 
-PAPER_WINDOW = 6.0
-# Grid window (standard deviations) per bit width when the caller gives none.
-# Measured on partly trained ResNets (benchmarks/results/accuracy/): at 8 bits
-# a 12-sigma window cuts the weight-gradient error about 8x against the
-# paper's 6. At 4 bits rounding and clipping balance between 6 and 8 (7 is at
-# most 7% better per layer; 6 and 8 train alike over 11 paired runs), so the
-# paper's 6 stays.
-DEFAULT_WINDOW = {4: 6.0, 8: 12.0}
-SUPPORTED_BITS = (4, 8)
-
-
-class QuantParams(NamedTuple):
-    """Per-channel grid parameters, all float32 of shape `[C]`.
-
-    lo: lower edge of the grid in normalized units.
-    k: index of the bin edge at the ReLU threshold; codes `>= k` are on
-      when `flip == 0`. Constant channels use `k = 0` (on) or `k = n` (off).
-    flip: 1.0 where gamma < 0 (codes `< k` are on), else 0.0.
-    aligned: 1.0 where the threshold lies inside the window (mask exact for
-      every value), 0.0 for constant-mask channels.
-    window: the grid window in standard deviations (a Python float, already
-      rounded to float32 so that the custom op's attribute sees the same value).
-    """
-
-    lo: tf.Tensor
-    k: tf.Tensor
-    flip: tf.Tensor
-    aligned: tf.Tensor
-    window: float = PAPER_WINDOW
-
-
-def check_bits(bits: int | None, allow_none: bool = True) -> None:
-    """Raises a ValueError naming `bits` unless it is 4, 8 (or None)."""
-    allowed = SUPPORTED_BITS + ((None,) if allow_none else ())
-    is_int = isinstance(bits, numbers.Integral) and not isinstance(bits, bool)
-    if not (bits is None and allow_none) and not (is_int and bits in SUPPORTED_BITS):
-        exact = ", or bits=None to keep exact activations" if allow_none else ""
-        raise ValueError(
-            f"`bits` must be one of {allowed}; received bits={bits!r}. Use "
-            f"bits=4 or bits=8 for BLPA{exact}."
-        )
-
-
-def check_window(window: float | None) -> None:
-    """Raises a ValueError naming `window` unless it is None or a number in (0, 64]."""
-    is_number = isinstance(window, numbers.Real) and not isinstance(window, bool)
-    if window is not None and not (is_number and 0.0 < float(window) <= 64.0):
-        raise ValueError(
-            "`window` is the quantization range in standard deviations and must be "
-            f"a number in (0, 64], or None for the default per bit width "
-            f"{DEFAULT_WINDOW}; received window={window!r}."
-        )
-
-
-def resolve_window(bits: int, window: float | None = None) -> float:
-    """The window for `bits`: `window` rounded to float32, or the default."""
-    check_bits(bits, allow_none=False)
-    check_window(window)
-    value = DEFAULT_WINDOW[bits] if window is None else window
-    return float(np.float32(value))
-
-
-def bin_width(bits: int, window: float | None = None) -> float:
-    """Width of one bin in normalized units: `window / 2**bits`."""
-    return resolve_window(bits, window) / (1 << bits)
+from keras_blpa.grid import (  # noqa: F401  (re-exported: the public names live here too)
+    DEFAULT_WINDOW,
+    PAPER_WINDOW,
+    SUPPORTED_BITS,
+    QuantParams,
+    bin_width,
+    check_bits,
+    check_window,
+    codes_per_word,
+    resolve_window,
+    word_axis,
+)
 
 
 def quantizer_params(
@@ -248,17 +192,6 @@ def _centres_and_mask(codes: tf.Tensor, params: QuantParams, bits: int):
 #   8-bit integer arithmetic).
 # The flat byte layout of `pack` stays the public format shared with the
 # compiled op; both hold the same codes.
-
-
-def codes_per_word(bits: int) -> int:
-    """How many `bits`-bit codes one uint32 word of `pack_words` holds."""
-    check_bits(bits, allow_none=False)
-    return 32 // bits
-
-
-def word_axis(rank: int) -> int:
-    """The axis `pack_words` packs along: 1 (rows) for rank >= 4, else 0."""
-    return 1 if rank >= 4 else 0
 
 
 def words_shape(shape: tf.TensorShape | list, bits: int) -> list[int | None]:

@@ -85,21 +85,3 @@ def boolean(name: str, value) -> bool:
     if isinstance(value, numbers.Integral) and value in (0, 1):
         return bool(value)
     raise ValueError(f"`{name}` must be True or False; received {name}={value!r}.")
-
-
-def tensorflow_backend(what: str) -> None:
-    """Raises a RuntimeError unless Keras runs on its TensorFlow backend.
-
-    The fused layers are TensorFlow code (`tf.custom_gradient`, the compiled
-    op); on another backend they would fail deep inside a trace instead.
-    """
-    import keras
-
-    backend = keras.backend.backend()
-    if backend != "tensorflow":
-        raise RuntimeError(
-            f"{what} needs Keras's TensorFlow backend, but Keras runs on "
-            f"{backend!r}. Set the environment variable KERAS_BACKEND=tensorflow "
-            "before Keras is first imported (the JAX and PyTorch backends are not "
-            "supported yet)."
-        )

@@ -76,6 +76,11 @@ def parse(path: str) -> BufferAssignment:
     match = _MODULE.search(os.path.basename(path))
     module_id, module = (int(match.group(1)), match.group(2)) if match else (-1, path)
     temps = [int(m) for m in _TEMP.findall(text)]
+    live_range = path.replace("-buffer-assignment.txt", "-live-range.txt")
+    if "InstructionSequence:" not in text and os.path.exists(live_range):
+        # Newer XLA (jaxlib 0.10) writes the live ranges to a file of their own.
+        with open(live_range) as f:
+            text += "\n" + f.read()
     head = text.split("InstructionSequence:", 1)
     if len(head) < 2 or "BufferLiveRange:" not in head[1]:
         raise ValueError(f"{path}: no HloLiveRange section (unknown dump format)")

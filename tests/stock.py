@@ -30,10 +30,15 @@ class StockUnit:
             momentum=cfg["momentum"], epsilon=cfg["epsilon"], center=cfg["center"],
             scale=cfg["scale"],
         )
+        self.zero_pad = None
         if isinstance(fused, keras_blpa.BNReLUConv2D):
+            padding = cfg["padding"]
+            if not isinstance(padding, str):  # explicit: ZeroPadding2D, then "valid"
+                self.zero_pad = keras.layers.ZeroPadding2D([tuple(p) for p in padding])
+                padding = "valid"
             self.linear = keras.layers.Conv2D(
                 cfg["filters"], cfg["kernel_size"], strides=cfg["strides"],
-                padding=cfg["padding"], dilation_rate=cfg["dilation_rate"],
+                padding=padding, dilation_rate=cfg["dilation_rate"],
                 groups=cfg["groups"], use_bias=cfg["use_bias"],
             )
             self.pool = None
@@ -47,6 +52,8 @@ class StockUnit:
             if hasattr(fused, name):
                 getattr(self.bn, name).assign(getattr(fused, name))
         linear_in = list(input_shape)
+        if self.zero_pad is not None:
+            linear_in = list(self.zero_pad.compute_output_shape(tuple(input_shape)))
         if self.pool is not None:
             linear_in = [input_shape[0], input_shape[-1]]
         self.linear.build(tuple(linear_in))
@@ -58,6 +65,8 @@ class StockUnit:
         a = self.activation(self.bn(x, training=training))
         if self.pool is not None:
             a = self.pool(a)
+        if self.zero_pad is not None:
+            a = self.zero_pad(a)
         return self.linear(a)
 
     @property

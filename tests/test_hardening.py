@@ -386,8 +386,10 @@ def test_non_finite_weight_shows_in_training_outputs(bits, naive):
     lambda: keras_blpa.convert(keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])),
 ])
 def test_other_keras_backends_get_a_clear_error(make, monkeypatch):
-    """The layers are TensorFlow code: on JAX or PyTorch they would fail deep
-    inside a trace. Keras's backend is fixed at import, so it is faked here."""
-    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
-    with pytest.raises(RuntimeError, match=r"runs on 'jax'.*KERAS_BACKEND=tensorflow"):
+    """TensorFlow and JAX have implementations; on PyTorch the layers would
+    fail deep inside a trace. Keras's backend is fixed at import, so it is
+    faked here."""
+    monkeypatch.setattr(keras.backend, "backend", lambda: "torch")
+    with pytest.raises(RuntimeError, match=r"runs on 'torch'.*KERAS_BACKEND=tensorflow or "
+                                           r"KERAS_BACKEND=jax"):
         make()

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable
 
 import keras
 
-from keras_blpa import validation
+from keras_blpa import backend
 from keras_blpa.conversion.fuse import convert_graph, keep_predicate
 from keras_blpa.conversion.report import Chain, ConversionReport
 from keras_blpa.conversion.standard import standard_graph
@@ -79,7 +79,7 @@ def convert(
         its Python code), an unbuilt Sequential model, or a bad argument.
       RuntimeError: when Keras does not run on its TensorFlow backend.
     """
-    validation.tensorflow_backend("keras_blpa.convert")
+    backend.check("keras_blpa.convert")
     # The fused layers' own checks name `bits`, `naive` and `window`.
     BNReLUDense(1, bits=bits, naive=naive, window=window)
     keep = keep_predicate(keep)

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import keras
-import tensorflow as tf
-from keras import constraints, initializers, regularizers
+from keras import constraints, initializers, ops, regularizers
 
-from keras_blpa import quantizer, unit, validation
+from keras_blpa import backend, grid, validation
 
 _SUPPORTED_DTYPES = ("float16", "bfloat16", "float32")
 
@@ -47,9 +46,9 @@ class BNReLUBase(keras.layers.Layer):
         negative_slope: float = 0.0,
         **kwargs,
     ):
-        validation.tensorflow_backend(f"The fused BLPA layer {type(self).__name__}")
+        backend.check(f"The fused BLPA layer {type(self).__name__}")
         super().__init__(**kwargs)
-        quantizer.check_bits(bits)
+        grid.check_bits(bits)
         synchronized = validation.boolean("synchronized", synchronized)
         # The kink stays at 0, so the codes and the exact mask are unchanged;
         # only the activation and the gradient of the "off" side scale.
@@ -60,7 +59,7 @@ class BNReLUBase(keras.layers.Layer):
                 "`naive=True` quantizes the forward pass and needs `bits` of 4 "
                 "or 8; received bits=None."
             )
-        quantizer.check_window(window)
+        grid.check_window(window)
         if window is not None and bits is None:
             raise ValueError(
                 "`window` sets the quantizer's range and needs `bits` of 4 or 8; "
@@ -83,7 +82,7 @@ class BNReLUBase(keras.layers.Layer):
         self.bits = bits
         self.naive = naive
         # Resolved now so that a saved model keeps its grid if defaults change.
-        self.window = None if bits is None else quantizer.resolve_window(bits, window)
+        self.window = None if bits is None else grid.resolve_window(bits, window)
         self.momentum = float(momentum)
         self.epsilon = float(epsilon)
         self.center = validation.boolean("center", center)
@@ -173,7 +172,8 @@ class BNReLUBase(keras.layers.Layer):
                 constraint=self.bias_constraint,
             )
 
-    def _linear_map(self) -> unit.LinearMap:
+    def _linear_map(self):
+        """The backend's linear map (`backend.linear()`) for this layer."""
         raise NotImplementedError
 
     def _linear_weights(self) -> list:
@@ -203,30 +203,32 @@ class BNReLUBase(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         self._check_call_shape(inputs.shape)
-        if inputs.dtype.name not in _SUPPORTED_DTYPES:
+        dtype = keras.backend.standardize_dtype(inputs.dtype)
+        if dtype not in _SUPPORTED_DTYPES:
             raise ValueError(
-                f"Unsupported input dtype {inputs.dtype.name}: {self.name} "
+                f"Unsupported input dtype {dtype}: {self.name} "
                 f"takes one of {_SUPPORTED_DTYPES}; cast the input first."
             )
-        x = tf.cast(self._prepare_input(inputs), self.compute_dtype)
+        x = ops.cast(self._prepare_input(inputs), self.compute_dtype)
         channels = x.shape[-1]
         # BN runs in float32 whatever the layer's dtype (as Keras's BN does for
         # float16 and bfloat16), so its weights are cast, not the statistics.
-        gamma = _float32(self.gamma) if self.scale else tf.ones([channels])
-        beta = _float32(self.beta) if self.center else tf.zeros([channels])
-        weights = [tf.cast(w, self.compute_dtype) for w in self._linear_weights()]
+        gamma = _float32(self.gamma) if self.scale else ops.ones([channels])
+        beta = _float32(self.beta) if self.center else ops.zeros([channels])
+        weights = [ops.cast(w, self.compute_dtype) for w in self._linear_weights()]
         options = dict(
             linear=self._linear_map(), bits=self.bits, naive=self.naive,
             epsilon=self.epsilon, window=self.window, name=self.name,
             negative_slope=self.negative_slope,
         )
+        unit = backend.unit()
         if training and self.trainable:
             outputs, mean, variance = unit.bn_relu_linear(
                 x, gamma, beta, weights, synchronized=self.synchronized, **options
             )
             for stat, batch in ((self.moving_mean, mean), (self.moving_variance, variance)):
                 updated = _float32(stat) * self.momentum + batch * (1.0 - self.momentum)
-                stat.assign(tf.cast(updated, stat.dtype))
+                stat.assign(ops.cast(updated, stat.dtype))
         else:
             outputs = unit.bn_relu_linear_inference(
                 x,
@@ -281,9 +283,9 @@ class BNReLUBase(keras.layers.Layer):
         if config.get("bits") is not None and "window" not in config:
             # Saved before `window` existed, when every bit width used the
             # paper's grid: keep it (a naive layer's inference depends on it).
-            config = {**config, "window": quantizer.PAPER_WINDOW}
+            config = {**config, "window": grid.PAPER_WINDOW}
         return super().from_config(config)
 
 
-def _float32(variable) -> tf.Tensor:
-    return tf.cast(tf.convert_to_tensor(variable), tf.float32)
+def _float32(variable):
+    return ops.cast(ops.convert_to_tensor(variable), "float32")

@@ -3,42 +3,10 @@
 from __future__ import annotations
 
 import keras
-import tensorflow as tf
+from keras import ops
 
-from keras_blpa import validation
+from keras_blpa import backend, validation
 from keras_blpa.layers.base import BNReLUBase
-
-
-class _DenseMap:
-    """`a @ kernel (+ bias)` on 2-D `a`, or on the spatial mean of 4-D `a`.
-
-    Weights: `[kernel, bias?]`.
-    """
-
-    def __init__(self, pooled: bool, use_bias: bool):
-        self.pooled = pooled
-        self.use_bias = use_bias
-
-    def _pool(self, a):
-        return tf.reduce_mean(a, axis=[1, 2]) if self.pooled else a
-
-    def forward(self, a, weights):
-        out = tf.matmul(self._pool(a), weights[0])
-        return [tf.nn.bias_add(out, weights[1]) if self.use_bias else out]
-
-    def grad_weights(self, a, grads, weights):
-        d_weights = [tf.matmul(self._pool(a), grads[0], transpose_a=True)]
-        if self.use_bias:
-            d_bias = tf.reduce_sum(tf.cast(grads[0], tf.float32), 0)
-            d_weights.append(tf.cast(d_bias, weights[1].dtype))
-        return d_weights
-
-    def grad_input(self, weights, grads, a_shape):
-        g_a = tf.matmul(grads[0], weights[0], transpose_b=True)
-        if not self.pooled:
-            return g_a
-        area = tf.cast(a_shape[1] * a_shape[2], g_a.dtype)
-        return tf.broadcast_to((g_a / area)[:, None, None, :], a_shape)
 
 
 @keras.saving.register_keras_serializable(package="keras_blpa")
@@ -127,22 +95,20 @@ class BNReLUDense(BNReLUBase):
         self._add_bias(self.units)
 
     def _linear_map(self):
-        return _DenseMap(pooled=self.pooling == "avg", use_bias=self.use_bias)
+        return backend.linear().DenseMap(pooled=self.pooling == "avg", use_bias=self.use_bias)
 
     def _linear_weights(self):
         return [self.kernel] + ([self.bias] if self.use_bias else [])
 
     def _prepare_input(self, inputs):
         # BN statistics over all leading axes equal those of the flattened rows.
-        if self.pooling is None and inputs.shape.rank > 2:
-            return tf.reshape(inputs, [-1, inputs.shape[-1]])
+        if self.pooling is None and len(inputs.shape) > 2:
+            return ops.reshape(inputs, (-1, inputs.shape[-1]))
         return inputs
 
     def _finish_outputs(self, outputs, inputs):
-        if self.pooling is None and inputs.shape.rank > 2:
-            return tf.reshape(
-                outputs[0], tf.concat([tf.shape(inputs)[:-1], [self.units]], axis=0)
-            )
+        if self.pooling is None and len(inputs.shape) > 2:
+            return ops.reshape(outputs[0], (*ops.shape(inputs)[:-1], self.units))
         return outputs[0]
 
     def compute_output_shape(self, input_shape):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import keras
 
-from keras_blpa import quantizer, validation
+from keras_blpa import grid, validation
 from keras_blpa.layers import BNReLUConv2D, BNReLUDense
 
 IMAGENET_STAGES = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
@@ -133,7 +133,7 @@ def _scaled(channels: int, width: float) -> int:
 
 def _check_common(bits, width, classes, input_shape, momentum, epsilon) -> float:
     """Checks shared by the builders (the layers check the rest); the width."""
-    quantizer.check_bits(bits)
+    grid.check_bits(bits)
     validation.positive_int("classes", classes)
     validation.real("momentum", momentum, low=0.0, high=1.0)
     validation.real("epsilon", epsilon, low=0.0, low_open=True)

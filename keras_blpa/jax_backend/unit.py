@@ -1,0 +1,162 @@
+"""The BN -> ReLU -> linear unit on JAX: BLPA's backward as a `jax.custom_vjp`.
+
+The JAX twin of `keras_blpa.unit`, with the same signature and results. The
+forward runs at full precision; the residuals that `jax.jit` keeps from the
+forward for the backward are the unit's packed codes (uint32 words, see
+`quantizer.pack_words`), or `xhat` itself with `bits=None`, plus per-channel
+vectors and the weights. The backward rebuilds the ReLU output and the mask
+from the codes and differentiates the linear map with `jax.vjp`.
+
+Keeping XLA from undoing that (measured on XLA:CPU, see the README):
+- the codes are packed by a reduce-window, which XLA:CPU does not fuse into
+  the backward (an elementwise encode is recomputed there from the float32
+  input, which then stays alive: more memory than stock layers);
+- the forward output is tied to the codes (`xla.tie`), so the encoder runs
+  in the forward pass;
+- every decode is gated on the upstream gradient (`xla.after`): XLA drops
+  optimization barriers on CPU before scheduling, and would otherwise run a
+  decode, which depends only on the codes, right after the forward and hold
+  its float32 result;
+- optimization barriers around both, which the GPU and TPU pipelines keep.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from keras_blpa.jax_backend import quantizer, xla
+
+
+class LinearMap(Protocol):
+    """What a unit needs from its linear map: the forward `outputs = W(a)`,
+    one output per head; `jax.vjp` gives the gradients."""
+
+    def forward(self, a, weights: list) -> list: ...
+
+
+def bn_relu_linear(
+    x,
+    gamma,
+    beta,
+    weights: list,
+    *,
+    linear: LinearMap,
+    bits: int | None,
+    naive: bool,
+    epsilon: float,
+    window: float | None = None,
+    synchronized: bool = False,
+    negative_slope: float = 0.0,
+    name: str = "bn_relu_linear",
+):
+    """Training-mode forward of BN (batch statistics) -> ReLU -> linear.
+
+    Arguments and results as `keras_blpa.unit.bn_relu_linear`. `synchronized`
+    changes nothing here: under `jax.jit` the batch moments are those of the
+    whole (global) batch, also when `keras.distribution.DataParallel` shards
+    it over devices (XLA inserts the all-reduce), which is what the flag asks.
+    """
+    del synchronized, name
+    axes = tuple(range(x.ndim - 1))
+    shape = tuple(x.shape)
+    compute_dtype = x.dtype
+    slope = float(np.float32(negative_slope))
+
+    def forward(x, gamma, beta, weights):
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axes)
+        variance = jnp.var(x32, axes)
+        inv_std = jax.lax.rsqrt(variance + epsilon)
+        if bits is None:
+            xhat, _, a = quantizer.normalize_relu(x32, mean, inv_std, gamma, beta, slope)
+            saved = xhat
+        else:
+            params = quantizer.quantizer_params(gamma, beta, bits, window)
+            xhat, on, a = quantizer.normalize_relu(x32, mean, inv_std, gamma, beta, slope)
+            saved = quantizer.pack_words(quantizer.encode_codes(xhat, on, params, bits), bits)
+            a = xla.tie(a, saved)
+            if naive:
+                # `+ 0 * a`: a NaN or Inf input still reaches the output.
+                xhat_q, mask = quantizer.decode_words(saved, params, shape, bits)
+                a = quantizer.relu_from_decoded(xhat_q, mask, gamma, beta, slope) + 0.0 * a
+        saved, a = xla.optimization_barrier((saved, a))
+        outputs = linear.forward(a.astype(compute_dtype), list(weights))
+        residuals = (saved, gamma, beta, inv_std, weights)
+        return (tuple(outputs), mean, variance), residuals
+
+    def backward(residuals, cotangents):
+        saved, gamma, beta, inv_std, weights = residuals
+        grads = list(cotangents[0])  # the moments' cotangents are ignored
+        # Recomputed from gamma and beta ([C] each): residuals must be arrays.
+        params = None if bits is None else quantizer.quantizer_params(gamma, beta, bits, window)
+        saved, grads = xla.optimization_barrier((xla.after(saved, grads[0]), grads))
+        if bits is None:
+            a_approx = quantizer.relu_exact(saved, gamma, beta, slope)
+        else:
+            xhat, mask = quantizer.decode_words(saved, params, shape, bits)
+            a_approx = quantizer.relu_from_decoded(xhat, mask, gamma, beta, slope)
+        _, linear_vjp = jax.vjp(
+            lambda a, w: tuple(linear.forward(a, list(w))),
+            a_approx.astype(compute_dtype), weights,
+        )
+        g_a, d_weights = linear_vjp(tuple(grads))
+        g_a = g_a.astype(jnp.float32)
+        # The second decode waits for g_a, so that it does not live beside
+        # the first one while the linear map's gradients run.
+        saved = xla.after(saved, g_a)
+        if bits is None:
+            g_x, d_gamma, d_beta = quantizer.relu_bn_backward(
+                g_a, saved, quantizer.exact_mask(saved, gamma, beta), gamma, inv_std, slope
+            )
+        else:
+            g_x, d_gamma, d_beta = quantizer.decode_bn_backward(
+                g_a, saved, params, gamma, inv_std, bits, slope
+            )
+        return g_x.astype(compute_dtype), d_gamma, d_beta, d_weights
+
+    @jax.custom_vjp
+    def unit(x, gamma, beta, weights):
+        return forward(x, gamma, beta, weights)[0]
+
+    unit.defvjp(forward, backward)
+    outputs, mean, variance = unit(x, gamma, beta, tuple(weights))
+    return list(outputs), jax.lax.stop_gradient(mean), jax.lax.stop_gradient(variance)
+
+
+def bn_relu_linear_inference(
+    x,
+    mean,
+    variance,
+    gamma,
+    beta,
+    weights: list,
+    *,
+    linear: LinearMap,
+    bits: int | None,
+    naive: bool,
+    epsilon: float,
+    window: float | None = None,
+    negative_slope: float = 0.0,
+    name: str = "bn_relu_linear",
+) -> list:
+    """Forward with given statistics: plain jnp, plain autodiff (as
+    `keras_blpa.unit.bn_relu_linear_inference`)."""
+    del name
+    x32 = x.astype(jnp.float32)
+    inv_std = jax.lax.rsqrt(variance + epsilon)
+    slope = float(np.float32(negative_slope))
+    y = (x32 - mean) * inv_std * gamma + beta
+    # As stock Keras's ReLU / LeakyReLU on JAX compute them.
+    a = jax.nn.leaky_relu(y, slope) if slope else jax.nn.relu(y)
+    if naive and bits is not None:
+        params = quantizer.quantizer_params(gamma, beta, bits, window)
+        a_quantized = quantizer.quantize_relu(
+            x32, mean, inv_std, gamma, beta, params, bits, negative_slope=slope
+        )
+        # Straight-through: the quantized value forward, the exact gradient back.
+        a = jax.lax.stop_gradient(a_quantized) + (a - jax.lax.stop_gradient(a))
+    return linear.forward(a.astype(x.dtype), list(weights))

@@ -1,0 +1,34 @@
+"""XLA structure helpers for the JAX unit (twins of `keras_blpa.xla`).
+
+Under `jax.jit` everything is XLA, so unlike TensorFlow no context detection
+is needed: these always apply. See `keras_blpa.xla` for why each one exists.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def optimization_barrier(tree):
+    """`jax.lax.optimization_barrier`: kept by XLA:GPU and TPU through fusion
+    and scheduling; XLA:CPU removes it before fusion (hence `after`, `tie`)."""
+    return jax.lax.optimization_barrier(tree)
+
+
+def after(tensor, gate):
+    """`tensor`, made data-dependent on `gate`: a select on a predicate from
+    the full sum of `gate` (a reduction gets a kernel of its own, so the
+    consumer reads one scalar). False only when the sum is NaN, and then the
+    gradient is NaN anyway."""
+    total = jnp.sum(gate)
+    return jnp.where(total == total, tensor, jnp.zeros_like(tensor))
+
+
+def tie(tensor, source):
+    """`tensor + 0 * source[0, ..., 0]`: every schedule must finish `source`
+    (the codes, finite integers) before `tensor` (the forward output) is used,
+    so the encoder runs in the forward pass. XLA does not fold `0 * x` for
+    floats (NaN semantics)."""
+    first = source[(0,) * source.ndim]
+    return tensor + 0.0 * first.astype(tensor.dtype)
