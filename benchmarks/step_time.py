@@ -13,9 +13,13 @@ step and the ratio to the exact fused model (bits=None) at the same batch.
 The last column compares each variant with stock Keras layers under the same
 compiler (stock for plain variants, stock-xla for -xla ones).
 
+With `KERAS_BACKEND=jax` the variants are stock, none, 8 and 4: every step is
+jitted (the JAX unit and its jnp quantizer), stock layers on JAX alike.
+
     python benchmarks/step_time.py --depth 29 --batch-size 64 --rounds 5
     python benchmarks/step_time.py --depth 56 --batch-size 32 \
         --variants stock-xla none-xla 8-xla 4-xla stock 4
+    KERAS_BACKEND=jax python benchmarks/step_time.py --depth 56 --batch-size 32
 """
 
 from __future__ import annotations
@@ -31,10 +35,21 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from keras_blpa import ops  # noqa: E402
 from keras_blpa.models import preact_resnet_cifar  # noqa: E402
 
-VARIANTS = ("stock", "none", "8", "4", "4-puretf", "stock-xla", "none-xla", "8-xla", "4-xla")
+JAX = keras.backend.backend() == "jax"
+VARIANTS = ("stock", "none", "8", "4") + (
+    () if JAX else ("4-puretf", "stock-xla", "none-xla", "8-xla", "4-xla"))
+
+
+def implementation() -> str:
+    if JAX:
+        import jax
+
+        return f"JAX {jax.__version__} (jnp quantizer, jitted) on {jax.devices()[0].platform}"
+    from keras_blpa import ops
+
+    return ops.implementation()
 
 
 def make(variant: str, depth: int, x, y):
@@ -43,7 +58,7 @@ def make(variant: str, depth: int, x, y):
     model = preact_resnet_cifar(depth, bits=bits, stock=name == "stock",
                                 input_shape=x.shape[1:])
     model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  jit_compile=variant.endswith("xla"))
+                  jit_compile=True if JAX else variant.endswith("xla"))
     # The path is fixed when the step is traced: trace the fallback variant
     # with the custom op switched off.
     if variant.endswith("puretf"):
@@ -80,7 +95,7 @@ def main(argv=None) -> dict:
     median = {v: statistics.median(t) for v, t in times.items()}
     base = median.get("none")
     print(f"Pre-activation ResNet-{args.depth}, batch {args.batch_size}, "
-          f"{args.size}x{args.size}; op: {ops.implementation()}\n")
+          f"{args.size}x{args.size}; op: {implementation()}\n")
     print("| variant | ms / step (median) | vs bits=None | vs stock, same compiler |")
     print("|---|---|---|---|")
     for v, m in median.items():
@@ -89,7 +104,7 @@ def main(argv=None) -> dict:
         vs_stock = f"{m / stock:.2f}x" if stock else "-"
         print(f"| {v} | {1e3 * m:.1f} | {ratio} | {vs_stock} |")
     result = {"depth": args.depth, "batch_size": args.batch_size, "median_s": median,
-              "all_s": times, "implementation": ops.implementation()}
+              "all_s": times, "implementation": implementation()}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

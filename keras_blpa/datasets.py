@@ -12,9 +12,12 @@ from __future__ import annotations
 import gzip
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import tensorflow as tf
+
+if TYPE_CHECKING:  # TensorFlow is imported where tfds is used, not on import
+    import tensorflow as tf
 
 FASHION_MNIST_DIR = Path(
     os.environ.get("KERAS_BLPA_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
@@ -75,6 +78,8 @@ def load_fashion_mnist(source: str = "auto") -> tuple[tuple, tuple, str]:
 
 def _augment_cifar(image, label):
     """Standard CIFAR augmentation: 4-pixel pad, random 32x32 crop, flip."""
+    import tensorflow as tf
+
     image = tf.image.resize_with_crop_or_pad(image, 40, 40)
     image = tf.image.random_crop(image, [32, 32, 3])
     image = tf.image.random_flip_left_right(image)
@@ -84,7 +89,9 @@ def _augment_cifar(image, label):
 def cifar(
     name: str = "cifar10", batch_size: int = 128, data_dir: str | None = None
 ) -> tuple[tf.data.Dataset, tf.data.Dataset, int]:
-    """CIFAR-10/100 train (augmented, shuffled) and test pipelines from tfds."""
+    """CIFAR-10/100 train (augmented, shuffled) and test pipelines from tfds
+    (tf.data pipelines, which every Keras backend's `fit` reads)."""
+    import tensorflow as tf
     import tensorflow_datasets as tfds
 
     if name not in ("cifar10", "cifar100"):
@@ -112,6 +119,7 @@ def imagenet(
     Training: random resized crop and flip; validation: resize to 256/224 of
     `image_size` and centre crop.
     """
+    import tensorflow as tf
     import tensorflow_datasets as tfds
 
     config = tfds.download.DownloadConfig(manual_dir=manual_dir)

@@ -91,3 +91,12 @@ def codes_per_word(bits: int) -> int:
 def word_axis(rank: int) -> int:
     """The axis `pack_words` packs along: 1 (rows) for rank >= 4, else 0."""
     return 1 if rank >= 4 else 0
+
+
+def words_shape(shape, bits: int) -> tuple[int, ...]:
+    """Static shape of the word layout for codes of a static `shape`: the
+    word axis (`word_axis`) shrinks to `ceil(size / codes_per_word(bits))`."""
+    dims = [int(d) for d in shape]
+    axis = word_axis(len(dims))
+    dims[axis] = -(-dims[axis] // codes_per_word(bits))
+    return tuple(dims)

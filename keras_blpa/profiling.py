@@ -324,6 +324,54 @@ def per_sample_slope(
     return result
 
 
+def jax_step_temp_bytes(model, batch_size: int) -> int:
+    """XLA's temp buffer (bytes) for one jitted training step of `model` on
+    Keras's JAX backend: Keras's own `train_step` (forward, loss, gradients,
+    SGD update, BN statistics), lowered and compiled for `batch_size` with
+    `jax.jit`, read from `compiled.memory_analysis()`. Nothing runs.
+
+    The temp buffer holds every intermediate of the step (parameters,
+    optimizer state and the batch are arguments, not temps), so its slope
+    against the batch size is the activation memory per sample.
+    """
+    import jax
+    import jax.numpy as jnp
+    import keras
+
+    _check_positive_int("batch_size", batch_size)
+    if keras.backend.backend() != "jax":
+        raise RuntimeError("jax_step_temp_bytes needs KERAS_BACKEND=jax.")
+    if not model.compiled:
+        model.compile(optimizer="sgd",
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    state = tuple([v.value for v in variables] for variables in (
+        model.trainable_variables, model.non_trainable_variables,
+        model.optimizer.variables, model.metrics_variables))
+    x = jax.ShapeDtypeStruct((batch_size, *model.input_shape[1:]), jnp.float32)
+    y = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+    step = jax.jit(model.train_step, donate_argnums=0)
+    return int(step.lower(state, (x, y)).compile().memory_analysis().temp_size_in_bytes)
+
+
+def jax_temp_slope(batch_sizes=(8, 24), **model_kwargs) -> dict:
+    """`jax_step_temp_bytes` at each batch size and its slope in MiB per sample
+    (XLA's own account, free of allocator rounding), for `build_model(**model_kwargs)`."""
+    batch_sizes = _check_batch_sizes(batch_sizes)
+    model = build_model(**model_kwargs)
+    temps = [jax_step_temp_bytes(model, b) for b in batch_sizes]
+    span = batch_sizes[-1] - batch_sizes[0]
+    return {
+        **_model_kwargs(**model_kwargs),
+        "backend": "jax",
+        "batch_sizes": list(batch_sizes),
+        "temp_bytes": temps,
+        "mib_per_sample": (temps[-1] - temps[0]) / span / 2**20,
+        "params": model.count_params(),
+    }
+
+
 def _model_kwargs(**given) -> dict:
     """`build_model`'s keyword arguments with its defaults filled in."""
     import inspect

@@ -14,21 +14,28 @@ from keras_blpa.models import preact_resnet_cifar, preact_resnet_imagenet
 
 
 def _copy_fused_to_stock(fused, stock):
-    """Copies weights unit by unit, matching `<unit>` to `<unit>_bn/_conv/_proj`."""
+    """Copies weights unit by unit, matching `<unit>` to `<unit>_bn/_conv/_proj`.
+
+    As numpy copies: on JAX an assigned variable would share the other's
+    buffer, which `fit` then donates."""
     by_name = {layer.name: layer for layer in stock.layers}
+
+    def copy(target, source):
+        target.assign(np.array(source))
+
     for layer in fused.layers:
         if isinstance(layer, (BNReLUConv2D, BNReLUDense)):
             bn = by_name[f"{layer.name}_bn"]
             for w in ("gamma", "beta", "moving_mean", "moving_variance"):
-                getattr(bn, w).assign(getattr(layer, w))
+                copy(getattr(bn, w), getattr(layer, w))
             if isinstance(layer, BNReLUDense):
                 dense = by_name[f"{layer.name}_dense"]
-                dense.kernel.assign(layer.kernel)
-                dense.bias.assign(layer.bias)
+                copy(dense.kernel, layer.kernel)
+                copy(dense.bias, layer.bias)
                 continue
-            by_name[f"{layer.name}_conv"].kernel.assign(layer.kernel)
+            copy(by_name[f"{layer.name}_conv"].kernel, layer.kernel)
             if layer.projection_filters:
-                by_name[f"{layer.name}_proj"].kernel.assign(layer.projection_kernel)
+                copy(by_name[f"{layer.name}_proj"].kernel, layer.projection_kernel)
         elif layer.weights:
             by_name[layer.name].set_weights(layer.get_weights())
 

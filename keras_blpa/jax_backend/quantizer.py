@@ -22,6 +22,7 @@ from keras_blpa.grid import (
     codes_per_word,
     resolve_window,
     word_axis,
+    words_shape,  # noqa: F401  (the layout's shape, re-exported)
 )
 
 
@@ -112,14 +113,6 @@ def decode(packed, params: QuantParams, shape, bits: int):
     """`(xhat, mask)` from flat bytes (`keras_blpa.quantizer.decode`)."""
     check_bits(bits, allow_none=False)
     return centres_and_mask(unpack(packed, tuple(shape), bits), params, bits)
-
-
-def words_shape(shape, bits: int) -> tuple[int, ...]:
-    """Shape of `pack_words`'s result for codes of `shape`."""
-    dims = list(shape)
-    axis = word_axis(len(dims))
-    dims[axis] = -(-dims[axis] // codes_per_word(bits))
-    return tuple(dims)
 
 
 def _along(axis: int, rank: int, values):

@@ -60,7 +60,7 @@ def bn_relu_linear(
     whole (global) batch, also when `keras.distribution.DataParallel` shards
     it over devices (XLA inserts the all-reduce), which is what the flag asks.
     """
-    del synchronized, name
+    del synchronized
     axes = tuple(range(x.ndim - 1))
     shape = tuple(x.shape)
     compute_dtype = x.dtype
@@ -116,7 +116,7 @@ def bn_relu_linear(
             g_x, d_gamma, d_beta = quantizer.decode_bn_backward(
                 g_a, saved, params, gamma, inv_std, bits, slope
             )
-        return g_x.astype(compute_dtype), d_gamma, d_beta, d_weights
+        return _first_order_only((g_x.astype(compute_dtype), d_gamma, d_beta, d_weights), name)
 
     @jax.custom_vjp
     def unit(x, gamma, beta, weights):
@@ -125,6 +125,36 @@ def bn_relu_linear(
     unit.defvjp(forward, backward)
     outputs, mean, variance = unit(x, gamma, beta, tuple(weights))
     return list(outputs), jax.lax.stop_gradient(mean), jax.lax.stop_gradient(variance)
+
+
+def _first_order_only(gradients, name: str):
+    """The unit's gradients, unchanged; differentiating them raises.
+
+    JAX would differentiate the hand-written backward itself (the codes are
+    integers, so the result would silently miss every path through them): a
+    gradient penalty or a Hessian-vector product through the layer gets one
+    clear error instead, as on TensorFlow.
+    """
+
+    @jax.custom_vjp
+    def identity(tree):
+        return tree
+
+    def forward(tree):
+        return tree, None
+
+    def backward(_, cotangents):
+        raise NotImplementedError(
+            f"Second-order gradients through the fused BLPA layer {name!r} are not "
+            "supported (a gradient of its gradient: a gradient penalty, nested "
+            "jax.grad, a Hessian-vector product). Its backward pass is a first-order "
+            "gradient rebuilt from the saved codes, with bits=None too. Build this "
+            "part of the model from stock keras.layers.BatchNormalization, ReLU and "
+            "Conv2D/Dense layers."
+        )
+
+    identity.defvjp(forward, backward)
+    return identity(gradients)
 
 
 def bn_relu_linear_inference(

@@ -22,7 +22,10 @@ def after(tensor, gate):
     consumer reads one scalar). False only when the sum is NaN, and then the
     gradient is NaN anyway."""
     total = jnp.sum(gate)
-    return jnp.where(total == total, tensor, jnp.zeros_like(tensor))
+    # lax.select, not jnp.where (a nested call before optimization): the
+    # gate is one plain select on every backend's input program.
+    keep = jax.lax.broadcast(total == total, tensor.shape)
+    return jax.lax.select(keep, tensor, jnp.zeros_like(tensor))
 
 
 def tie(tensor, source):

@@ -239,3 +239,19 @@ def test_synchronized_layers_build_and_train_as_unsynchronized_ones():
     np.testing.assert_array_equal(a[0], b[0])
     for g, h in zip(a[1] + a[2], b[1] + b[2]):
         np.testing.assert_array_equal(g, h)
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_second_order_gradients_raise_a_clear_error(bits):
+    layer = keras_blpa.BNReLUConv2D(3, 3, bits=bits, name="unit")
+    model = _model(layer, (2, 5, 5, 4))
+    x = np.random.default_rng(11).normal(size=(2, 5, 5, 4)).astype("float32")
+    trainable = [v.value for v in model.trainable_variables]
+    fixed = [v.value for v in model.non_trainable_variables]
+
+    def loss(x):
+        return jnp.sum(model.stateless_call(trainable, fixed, x, training=True)[0] ** 2)
+
+    assert np.isfinite(np.asarray(jax.grad(loss)(x))).all()  # first order works
+    with pytest.raises(NotImplementedError, match="Second-order gradients.*'unit'"):
+        jax.grad(lambda x: jnp.sum(jax.grad(loss)(x) ** 2))(x)

@@ -1,0 +1,91 @@
+"""Activation memory per sample on Keras's JAX backend, from the compiled step.
+
+For each variant (stock Keras layers, fused bits=None, 8 and 4 bits) the
+training step (`model.train_step` under `jax.jit`) is compiled at two batch
+sizes and XLA's temp buffer is read from `memory_analysis()`
+(`keras_blpa.profiling.jax_temp_slope`): its slope is the activation memory
+per sample, XLA's own account. Nothing runs, so one process serves every
+variant, side by side. The table sets the slope against the saved bytes in
+theory (4 bytes per element for bits=None, bits/8 for BLPA); the rest is the
+backward pass's transient working memory.
+
+    KERAS_BACKEND=jax python benchmarks/jax_memory.py --channels 64
+    KERAS_BACKEND=jax python benchmarks/jax_memory.py --model cifar --depth 164 --channels 3
+
+XLA:CPU in jaxlib 0.10 fuses reductions into YNNPACK kernels that take
+broadcast operands at full size; `--no-ynn` sets
+`XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=` (before JAX starts) to
+measure without them, as older jaxlibs compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+BYTES_PER_ELEMENT = {"none": 4.0, "8": 1.0, "4": 0.5}
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="stack", choices=["stack", "cifar"])
+    p.add_argument("--depth", type=int, default=20)
+    p.add_argument("--channels", type=int, default=64)
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--variants", nargs="+", default=["stock", "none", "8", "4"])
+    p.add_argument("--batch-sizes", type=int, nargs=2, default=(8, 24))
+    p.add_argument("--no-ynn", action="store_true", help="XLA:CPU without YNNPACK fusions")
+    p.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = p.parse_args(argv)
+    if args.no_ynn:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + " --xla_cpu_experimental_ynn_fusion_type=").strip()
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    import jax
+    import keras
+
+    from keras_blpa.profiling import build_model, jax_temp_slope
+
+    if keras.backend.backend() != "jax":
+        sys.exit("Run with KERAS_BACKEND=jax.")
+    from activation_memory import saved_elements
+
+    spec = dict(model=args.model, depth=args.depth, channels=args.channels, size=args.size)
+    elements = saved_elements(build_model(variant="4", **spec))
+    rows = []
+    for variant in args.variants:
+        r = jax_temp_slope(batch_sizes=tuple(args.batch_sizes), variant=variant, **spec)
+        saved = elements * BYTES_PER_ELEMENT.get(variant, float("nan")) / 2**20
+        rows.append({**r, "saved_mib_per_sample": saved,
+                     "transient_mib_per_sample": r["mib_per_sample"] - saved,
+                     "jax": jax.__version__, "device": jax.devices()[0].platform,
+                     "ynn": not args.no_ynn})
+    stock = next((r["mib_per_sample"] for r in rows if r["variant"] == "stock"), None)
+    lines = [
+        f"{args.model}, depth {args.depth}, {args.channels} channels, {args.size}x{args.size}, "
+        f"JAX {jax.__version__} on {jax.devices()[0].platform}"
+        f"{'' if not args.no_ynn else ' (no YNN fusions)'}, batch {args.batch_sizes[0]} -> "
+        f"{args.batch_sizes[1]} (MiB per sample, XLA temp slope)",
+        "",
+        "| variant | XLA temp slope | saved activations (theory) | transient | vs stock |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ratio = f"{stock / r['mib_per_sample']:.1f}x less" if stock else "-"
+        saved = "-" if r["variant"] == "stock" else f"{r['saved_mib_per_sample']:.3f}"
+        transient = "-" if r["variant"] == "stock" else f"{r['transient_mib_per_sample']:.3f}"
+        lines.append(f"| {r['variant']} | {r['mib_per_sample']:.3f} | {saved} | {transient} "
+                     f"| {ratio} |")
+    print("\n".join(lines))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=2)
+        with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

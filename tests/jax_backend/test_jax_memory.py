@@ -1,0 +1,45 @@
+"""Measured activation memory on JAX: XLA's temp buffer of the compiled step.
+
+The slope of `memory_analysis().temp_size_in_bytes` of Keras's jitted
+`train_step` between two batch sizes, for a stack of 20 BN -> ReLU -> 3x3
+conv units (32 channels, 32x32), against stock Keras layers on JAX. The
+thresholds guard the savings with room for compiler changes; the measured
+figures are in the README and `benchmarks/results/cpu/jax_memory_*.md`.
+"""
+
+import pytest
+
+from keras_blpa import profiling
+
+
+@pytest.fixture(scope="module")
+def slopes():
+    return {
+        v: profiling.jax_temp_slope(model="stack", variant=v, depth=20, channels=32)
+        for v in ("stock", "none", "8", "4")
+    }
+
+
+def test_four_bit_keeps_under_a_fifth_of_stock_memory(slopes):
+    mib = {v: r["mib_per_sample"] for v, r in slopes.items()}
+    print("MiB/sample:", mib)
+    assert mib["4"] < mib["stock"] / 5
+    assert mib["4"] < mib["8"] < mib["none"] < mib["stock"]
+
+
+def test_four_bit_keeps_its_codes_and_about_one_unit_of_working_memory(slopes):
+    """Codes (20 units x 32x32x32 x 0.5 byte) plus the backward's working set
+    of a few float32 activations (0.125 MiB each), independent of depth."""
+    codes = 20 * 32 * 32 * 32 * 0.5 / 2**20
+    assert slopes["4"]["mib_per_sample"] < codes + 4 * 0.125
+
+
+def test_temp_bytes_grow_with_the_batch_and_need_the_jax_backend(monkeypatch):
+    model = profiling.build_model("stack", "4", depth=2, channels=8, size=8)
+    small, large = (profiling.jax_step_temp_bytes(model, b) for b in (4, 12))
+    assert large > small > 0
+    with pytest.raises(ValueError, match="batch_size"):
+        profiling.jax_step_temp_bytes(model, 0)
+    monkeypatch.setattr("keras.backend.backend", lambda: "tensorflow")
+    with pytest.raises(RuntimeError, match="KERAS_BACKEND=jax"):
+        profiling.jax_step_temp_bytes(model, 4)

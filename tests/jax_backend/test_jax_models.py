@@ -1,0 +1,182 @@
+"""Builders, `model.fit`, conversion and `.keras` files on Keras's JAX backend.
+
+Cross-backend files: a model saved here loads in a fresh TensorFlow-backend
+process with the same predictions, and the other way round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+from test_models import _copy_fused_to_stock
+
+import keras_blpa
+from keras_blpa import datasets
+from keras_blpa.models import preact_resnet_cifar
+
+
+def _compiled(model, lr=0.05):
+    model.compile(keras.optimizers.SGD(lr, momentum=0.9),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    return model
+
+
+def test_fit_with_bits_none_follows_stock_layers_weight_for_weight():
+    """bits=None gradients are stock's: after `fit`, every weight and BN
+    moving statistic of the fused ResNet equals the stock one's."""
+    kwargs = dict(classes=3, input_shape=(8, 8, 3))
+    fused = _compiled(preact_resnet_cifar(11, bits=None, **kwargs))
+    stock = _compiled(preact_resnet_cifar(11, stock=True, **kwargs))
+    _copy_fused_to_stock(fused, stock)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 8, 8, 3)).astype("float32")
+    y = rng.integers(0, 3, 16)
+    for model in (fused, stock):
+        model.fit(x, y, epochs=2, batch_size=8, verbose=0, shuffle=False)
+    by_name = {layer.name: layer for layer in stock.layers}
+    for layer in fused.layers:
+        if isinstance(layer, keras_blpa.layers.BNReLUConv2D):
+            bn = by_name[f"{layer.name}_bn"]
+            for w in ("gamma", "beta", "moving_mean", "moving_variance"):
+                np.testing.assert_allclose(getattr(layer, w), getattr(bn, w),
+                                           rtol=2e-4, atol=2e-5, err_msg=f"{layer.name} {w}")
+            np.testing.assert_allclose(layer.kernel, by_name[f"{layer.name}_conv"].kernel,
+                                       rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(fused.predict(x, verbose=0), stock.predict(x, verbose=0),
+                               rtol=1e-3, atol=1e-3)
+
+
+def test_4bit_resnet_learns_fashion_mnist_on_jax():
+    """A small real training run: 4-bit BLPA ResNet-11 on 2,000 Fashion-MNIST
+    images (the shipped subset) beats chance by far on held-out images."""
+    (x_train, y_train), (x_test, y_test), _ = datasets.load_fashion_mnist("subset")
+    x_train, y_train = x_train[:2000], y_train[:2000]
+    model = _compiled(preact_resnet_cifar(11, classes=10, input_shape=x_train.shape[1:],
+                                          bits=4), lr=0.1)
+    history = model.fit(x_train, y_train, epochs=3, batch_size=64, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    _, accuracy = model.evaluate(x_test, y_test, verbose=0)
+    assert accuracy > 0.6, accuracy
+
+
+def test_convert_and_to_standard_on_jax():
+    base = keras.Sequential([
+        keras.Input((8, 8, 3)),
+        keras.layers.Conv2D(6, 3, padding="same"),
+        keras.layers.BatchNormalization(),
+        keras.layers.ReLU(),
+        keras.layers.Conv2D(5, 3, padding="same"),
+        keras.layers.BatchNormalization(),
+        keras.layers.LeakyReLU(0.2),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(4),
+    ])
+    x = np.random.default_rng(1).normal(size=(4, 8, 8, 3)).astype("float32")
+    converted, report = keras_blpa.convert(base, bits=4, return_report=True)
+    assert sum(isinstance(layer, keras_blpa.layers.base.BNReLUBase)
+               for layer in converted.layers) == 2, report
+    np.testing.assert_allclose(converted(x, training=False), base(x, training=False),
+                               rtol=1e-5, atol=1e-5)
+    back = keras_blpa.to_standard(converted)
+    np.testing.assert_allclose(back(x, training=False), base(x, training=False),
+                               rtol=1e-5, atol=1e-5)
+    _compiled(converted).fit(x, np.arange(4) % 4, epochs=1, verbose=0)
+
+
+_OTHER_BACKEND = textwrap.dedent("""
+    import os, sys
+    import numpy as np
+    import keras
+    import keras_blpa
+    path, x_path, mode = sys.argv[1:]
+    x = np.load(x_path)
+    if mode == "load":
+        model = keras.models.load_model(path)
+    else:
+        from keras_blpa.models import preact_resnet_cifar
+        model = preact_resnet_cifar(11, classes=3, input_shape=(8, 8, 3), bits=8)
+        rng = np.random.default_rng(2)
+        model.set_weights([rng.normal(1.0, 0.3, w.shape).astype("float32")
+                           for w in model.weights])
+        model.save(path)
+    np.save(path + "." + keras.backend.backend() + ".npy", model.predict(x, verbose=0))
+""")
+
+
+def _in_backend(backend: str, *args: str) -> None:
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run([sys.executable, "-c", _OTHER_BACKEND, *args], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _batch(tmp_path):
+    x = np.random.default_rng(3).normal(size=(4, 8, 8, 3)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    return x, str(tmp_path / "x.npy")
+
+
+@pytest.mark.parametrize("bits,naive", [(4, False), (8, True), (None, False)])
+def test_saved_on_jax_loads_on_tensorflow(tmp_path, bits, naive):
+    x, x_path = _batch(tmp_path)
+    model = preact_resnet_cifar(11, classes=3, input_shape=(8, 8, 3), bits=bits, naive=naive)
+    _compiled(model).fit(x, np.arange(4) % 3, epochs=1, verbose=0)  # moving statistics move
+    path = str(tmp_path / "jax.keras")
+    model.save(path)
+    _in_backend("tensorflow", path, x_path, "load")
+    on_tf, on_jax = np.load(path + ".tensorflow.npy"), model.predict(x, verbose=0)
+    if not naive:
+        np.testing.assert_allclose(on_tf, on_jax, rtol=1e-4, atol=1e-4)
+        return
+    # Naive inference quantizes: an activation within float rounding of a
+    # bin edge (the backends round rsqrt and the convolutions differently)
+    # may land in the neighbouring bin, a step of one bin in the next layer.
+    close = np.isclose(on_tf, on_jax, rtol=1e-4, atol=1e-4)
+    assert close.mean() >= 0.5, (on_tf, on_jax)
+    np.testing.assert_allclose(on_tf, on_jax, rtol=0.05, atol=0.05)
+
+
+def test_saved_on_tensorflow_loads_on_jax(tmp_path):
+    x, x_path = _batch(tmp_path)
+    path = str(tmp_path / "tf.keras")
+    _in_backend("tensorflow", path, x_path, "save")
+    loaded = keras.models.load_model(path)
+    fused = [layer for layer in loaded.layers if isinstance(layer, keras_blpa.BNReLUConv2D)]
+    assert fused and all(layer.bits == 8 and layer.window == 12.0 for layer in fused)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), np.load(path + ".tensorflow.npy"),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_nothing_imports_tensorflow_on_jax(tmp_path):
+    """Build, fit, save, load, convert and the Fashion-MNIST loader on JAX, in
+    a fresh process where TensorFlow cannot be imported (as on a machine
+    without it, such as the GPU machine this project is lent)."""
+    script = textwrap.dedent("""
+        import json, sys
+        sys.modules["tensorflow"] = None  # any `import tensorflow` now fails
+        import numpy as np
+        import keras
+        import keras_blpa
+        from keras_blpa import datasets
+        from keras_blpa.models import preact_resnet_cifar
+        (x, y), _, _ = datasets.load_fashion_mnist("subset")
+        model = preact_resnet_cifar(11, classes=10, input_shape=x.shape[1:], bits=4)
+        model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.fit(x[:32], y[:32], batch_size=16, verbose=0)
+        model.save(sys.argv[1])
+        keras_blpa.to_standard(keras.models.load_model(sys.argv[1]))
+        print(json.dumps(sorted(m for m in sys.modules if m.startswith("tensorflow."))))
+    """)
+    env = dict(os.environ, KERAS_BACKEND="jax")
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "m.keras")],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
