@@ -324,23 +324,18 @@ def per_sample_slope(
     return result
 
 
-def jax_step_temp_bytes(model, batch_size: int) -> int:
-    """XLA's temp buffer (bytes) for one jitted training step of `model` on
-    Keras's JAX backend: Keras's own `train_step` (forward, loss, gradients,
-    SGD update, BN statistics), lowered and compiled for `batch_size` with
-    `jax.jit`, read from `compiled.memory_analysis()`. Nothing runs.
-
-    The temp buffer holds every intermediate of the step (parameters,
-    optimizer state and the batch are arguments, not temps), so its slope
-    against the batch size is the activation memory per sample.
-    """
+def jax_compiled_step(model, batch_size: int):
+    """Keras's own `train_step` of `model` (forward, loss, gradients, SGD
+    update, BN statistics) on the JAX backend, lowered and compiled with
+    `jax.jit` for `batch_size` (the global batch under a
+    `keras.distribution`, sharded as `model.fit` shards it). Nothing runs."""
     import jax
     import jax.numpy as jnp
     import keras
 
     _check_positive_int("batch_size", batch_size)
     if keras.backend.backend() != "jax":
-        raise RuntimeError("jax_step_temp_bytes needs KERAS_BACKEND=jax.")
+        raise RuntimeError("jax_compiled_step needs KERAS_BACKEND=jax.")
     if not model.compiled:
         model.compile(optimizer="sgd",
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -349,10 +344,28 @@ def jax_step_temp_bytes(model, batch_size: int) -> int:
     state = tuple([v.value for v in variables] for variables in (
         model.trainable_variables, model.non_trainable_variables,
         model.optimizer.variables, model.metrics_variables))
-    x = jax.ShapeDtypeStruct((batch_size, *model.input_shape[1:]), jnp.float32)
-    y = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+    x_shape, y_shape = (batch_size, *model.input_shape[1:]), (batch_size,)
+    shardings = [None, None]
+    distribution = keras.distribution.distribution()
+    if distribution is not None:
+        # The variables' arrays carry their own layouts.
+        shardings = [distribution.get_data_layout(s).backend_layout for s in (x_shape, y_shape)]
+    x = jax.ShapeDtypeStruct(x_shape, jnp.float32, sharding=shardings[0])
+    y = jax.ShapeDtypeStruct(y_shape, jnp.int32, sharding=shardings[1])
     step = jax.jit(model.train_step, donate_argnums=0)
-    return int(step.lower(state, (x, y)).compile().memory_analysis().temp_size_in_bytes)
+    return step.lower(state, (x, y)).compile()
+
+
+def jax_step_temp_bytes(model, batch_size: int) -> int:
+    """XLA's temp buffer (bytes) of `jax_compiled_step(model, batch_size)`,
+    from `memory_analysis()`: one device's under a `keras.distribution`.
+
+    The temp buffer holds every intermediate of the step (parameters,
+    optimizer state and the batch are arguments, not temps), so its slope
+    against the batch size is the activation memory per sample.
+    """
+    compiled = jax_compiled_step(model, batch_size)
+    return int(compiled.memory_analysis().temp_size_in_bytes)
 
 
 def jax_temp_slope(batch_sizes=(8, 24), **model_kwargs) -> dict:

@@ -41,5 +41,5 @@ def test_temp_bytes_grow_with_the_batch_and_need_the_jax_backend(monkeypatch):
     with pytest.raises(ValueError, match="batch_size"):
         profiling.jax_step_temp_bytes(model, 0)
     monkeypatch.setattr("keras.backend.backend", lambda: "tensorflow")
-    with pytest.raises(RuntimeError, match="KERAS_BACKEND=jax"):
+    with pytest.raises(RuntimeError, match="needs KERAS_BACKEND=jax"):
         profiling.jax_step_temp_bytes(model, 4)

@@ -1,0 +1,63 @@
+"""Process for tests/jax_backend/test_jax_distribution.py: a `fit` (two steps
+of global batch 16) of a ResNet-11 (fused, or `--bits stock`) on `--devices`
+CPU devices under `keras.distribution.DataParallel` (1: no distribution),
+then the compiled step's per-device temp buffer at two global batch sizes
+and the collectives in that program. Writes JSON and the weights (.npz) to
+`--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--devices", type=int, required=True)
+    parser.add_argument("--bits", default="4")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    os.environ["KERAS_BACKEND"] = "jax"
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+    import jax
+    import keras
+    import numpy as np
+
+    from keras_blpa import profiling
+    from keras_blpa.models import preact_resnet_cifar
+
+    assert len(jax.devices()) == args.devices
+    if args.devices > 1:
+        keras.distribution.set_distribution(
+            keras.distribution.DataParallel(devices=jax.devices()))
+    keras.utils.set_random_seed(0)
+    bits = None if args.bits in ("none", "stock") else int(args.bits)
+    model = preact_resnet_cifar(11, classes=3, input_shape=(8, 8, 3), bits=bits,
+                                stock=args.bits == "stock")
+    model.compile(keras.optimizers.SGD(0.1),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 8, 8, 3)).astype("float32")
+    y = rng.integers(0, 3, 32)
+    history = model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    np.savez(args.out + ".npz", *[np.asarray(w) for w in model.get_weights()])
+    compiled = {b: profiling.jax_compiled_step(model, b) for b in (64, 128)}
+    temps = {b: int(c.memory_analysis().temp_size_in_bytes) for b, c in compiled.items()}
+    # The collectives of the compiled step at global batch 128, with their
+    # sizes, against one activation of the first stage (per device).
+    hlo = compiled[128].as_text()
+    collectives = []
+    for m in re.finditer(r"= (\w+)\[([\d,]*)\][^ ]* (all-gather|all-reduce|all-to-all|"
+                         r"collective-permute)(?:-start)?\(", hlo):
+        elements = int(np.prod([int(d) for d in m.group(2).split(",") if d] or [1]))
+        collectives.append([m.group(3), elements])
+    with open(args.out + ".json", "w") as f:
+        json.dump({"loss": history.history["loss"], "temp_bytes": temps,
+                   "collectives": collectives}, f)
+
+
+if __name__ == "__main__":
+    main()
