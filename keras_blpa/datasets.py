@@ -5,6 +5,9 @@ Fashion-MNIST (MIT licence) is read from the Debian package
 installed, else from the 4,000 + 1,000 image subset shipped in
 `keras_blpa/data/`. CIFAR-10/100 and ImageNet use `tensorflow_datasets`, which
 downloads CIFAR on first use; ImageNet needs `manual_dir` with the archives.
+`cifar_arrays` and `CifarBatches` are the TensorFlow-free CIFAR route (Keras's
+own downloader, NumPy augmentation) for Keras's JAX backend, e.g. on a Colab
+TPU, which ships JAX without TensorFlow.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import keras
 import numpy as np
 
 if TYPE_CHECKING:  # TensorFlow is imported where tfds is used, not on import
@@ -109,6 +113,67 @@ def cifar(
              .map(_augment_cifar, auto).batch(batch_size, drop_remainder=True).prefetch(auto))
     test = test.map(normalize, auto).batch(batch_size).prefetch(auto)
     return train, test, info.features["label"].num_classes
+
+
+def cifar_arrays(name: str = "cifar10") -> tuple[tuple, tuple, int]:
+    """CIFAR-10/100 as normalized float32 NHWC arrays and int32 labels, from
+    `keras.datasets` (downloads on first use; no TensorFlow needed).
+
+    Returns:
+      `((x_train, y_train), (x_test, y_test), classes)`.
+    """
+    if name not in ("cifar10", "cifar100"):
+        raise ValueError(f"`name` must be cifar10 or cifar100; received {name!r}.")
+    loader = keras.datasets.cifar10 if name == "cifar10" else keras.datasets.cifar100
+    (x_train, y_train), (x_test, y_test) = loader.load_data()
+
+    def prep(x):
+        return ((x.astype("float32") / 255.0 - CIFAR_MEAN) / CIFAR_STD).astype("float32")
+
+    return ((prep(x_train), y_train.reshape(-1).astype("int32")),
+            (prep(x_test), y_test.reshape(-1).astype("int32")),
+            10 if name == "cifar10" else 100)
+
+
+class CifarBatches(keras.utils.PyDataset):
+    """Batches of CIFAR arrays for `model.fit` on any Keras backend: with
+    `augment`, the standard 4-pixel pad, random 32x32 crop and horizontal
+    flip and a new order every epoch (as the tf.data pipeline of `cifar`),
+    all drawn from `(seed, epoch, batch)`; without, every sample in order.
+    """
+
+    def __init__(self, x, y, batch_size: int, augment: bool = False, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.x, self.y, self.batch_size = x, y, int(batch_size)
+        self.augment, self.seed, self.epoch = augment, seed, 0
+        self._shuffle()
+
+    def _shuffle(self) -> None:
+        self.order = (np.random.default_rng([self.seed, self.epoch]).permutation(len(self.x))
+                      if self.augment else np.arange(len(self.x)))
+
+    def __len__(self) -> int:
+        if self.augment:  # whole batches only, as drop_remainder=True
+            return max(len(self.x) // self.batch_size, 1)
+        return -(-len(self.x) // self.batch_size)
+
+    def on_epoch_end(self) -> None:
+        self.epoch += 1
+        self._shuffle()
+
+    def __getitem__(self, index: int):
+        rows = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+        images, labels = self.x[rows], self.y[rows]
+        if not self.augment:
+            return images, labels
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        padded = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
+        top, left = rng.integers(0, 9, size=(2, len(rows)))
+        crops = np.stack([padded[i, t:t + 32, s:s + 32]
+                          for i, (t, s) in enumerate(zip(top, left))])
+        flip = rng.random(len(rows)) < 0.5
+        crops[flip] = crops[flip, :, ::-1]
+        return crops, labels
 
 
 def imagenet(
