@@ -12,6 +12,12 @@ backward pass's transient working memory.
     KERAS_BACKEND=jax python benchmarks/jax_memory.py --channels 64
     KERAS_BACKEND=jax python benchmarks/jax_memory.py --model cifar --depth 164 --channels 3
 
+On a GPU or TPU, `--peak` also measures what the device's allocator saw:
+`peak_bytes_in_use` from `jax.devices()[0].memory_stats()` after three
+`train_on_batch` steps, in a fresh process per variant and batch size (the
+peak never resets within a process), and its slope. CPU devices report no
+memory statistics.
+
 XLA:CPU in jaxlib 0.10 fuses reductions into YNNPACK kernels that take
 broadcast operands at full size; `--no-ynn` sets
 `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=` (before JAX starts) to
@@ -37,8 +43,13 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--variants", nargs="+", default=["stock", "none", "8", "4"])
     p.add_argument("--batch-sizes", type=int, nargs=2, default=(8, 24))
     p.add_argument("--no-ynn", action="store_true", help="XLA:CPU without YNNPACK fusions")
+    p.add_argument("--peak", action="store_true",
+                   help="also the device's peak_bytes_in_use, fresh process each (GPU, TPU)")
+    p.add_argument("--peak-child", nargs=2, metavar=("VARIANT", "BATCH"), help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
+    if args.peak_child:
+        return _peak_child(args, *args.peak_child)
     if args.no_ynn:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                    + " --xla_cpu_experimental_ynn_fusion_type=").strip()
@@ -50,6 +61,7 @@ def main(argv=None) -> list[dict]:
 
     if keras.backend.backend() != "jax":
         sys.exit("Run with KERAS_BACKEND=jax.")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from activation_memory import saved_elements
 
     spec = dict(model=args.model, depth=args.depth, channels=args.channels, size=args.size)
@@ -58,6 +70,12 @@ def main(argv=None) -> list[dict]:
     for variant in args.variants:
         r = jax_temp_slope(batch_sizes=tuple(args.batch_sizes), variant=variant, **spec)
         saved = elements * BYTES_PER_ELEMENT.get(variant, float("nan")) / 2**20
+        if args.peak:
+            peaks = [_peak_in_subprocess(args, variant, b) for b in args.batch_sizes]
+            r["peak_bytes"] = peaks
+            if None not in peaks:
+                r["peak_mib_per_sample"] = ((peaks[1] - peaks[0])
+                                            / (args.batch_sizes[1] - args.batch_sizes[0]) / 2**20)
         rows.append({**r, "saved_mib_per_sample": saved,
                      "transient_mib_per_sample": r["mib_per_sample"] - saved,
                      "jax": jax.__version__, "device": jax.devices()[0].platform,
@@ -76,8 +94,10 @@ def main(argv=None) -> list[dict]:
         ratio = f"{stock / r['mib_per_sample']:.1f}x less" if stock else "-"
         saved = "-" if r["variant"] == "stock" else f"{r['saved_mib_per_sample']:.3f}"
         transient = "-" if r["variant"] == "stock" else f"{r['transient_mib_per_sample']:.3f}"
-        lines.append(f"| {r['variant']} | {r['mib_per_sample']:.3f} | {saved} | {transient} "
-                     f"| {ratio} |")
+        peak = (f" (device peak slope {r['peak_mib_per_sample']:.3f})"
+                if "peak_mib_per_sample" in r else "")
+        lines.append(f"| {r['variant']} | {r['mib_per_sample']:.3f}{peak} | {saved} | "
+                     f"{transient} | {ratio} |")
     print("\n".join(lines))
     if args.out:
         with open(args.out, "w") as f:
@@ -85,6 +105,44 @@ def main(argv=None) -> list[dict]:
         with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
             f.write("\n".join(lines) + "\n")
     return rows
+
+
+def _spec_args(args) -> list[str]:
+    return ["--model", args.model, "--depth", str(args.depth), "--channels",
+            str(args.channels), "--size", str(args.size)]
+
+
+def _peak_in_subprocess(args, variant: str, batch: int) -> int | None:
+    import subprocess
+
+    cmd = [sys.executable, __file__, *_spec_args(args), "--peak-child", variant, str(batch)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"]
+
+
+def _peak_child(args, variant: str, batch: str) -> dict:
+    """Three training steps at `batch`; prints the device's peak bytes in use."""
+    import jax
+    import keras
+    import numpy as np
+
+    from keras_blpa.profiling import build_model
+
+    model = build_model(args.model, variant, depth=args.depth, channels=args.channels,
+                        size=args.size)
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(int(batch), *model.input_shape[1:])).astype("float32")
+    y = rng.integers(0, 10, int(batch))
+    for _ in range(3):
+        model.train_on_batch(x, y)
+    stats = jax.devices()[0].memory_stats() or {}
+    result = {"variant": variant, "batch": int(batch),
+              "peak_bytes": stats.get("peak_bytes_in_use")}
+    print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ CHILD = os.path.join(os.path.dirname(__file__), "data_parallel_child.py")
 
 def _run(tmp_path, devices: int, bits: str) -> tuple[dict, list]:
     out = str(tmp_path / f"dp{devices}_{bits}")
-    env = dict(os.environ)
+    # Two host (CPU) devices, also on a machine with a GPU.
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
     result = subprocess.run([sys.executable, CHILD, "--devices", str(devices), "--bits", bits,
                              "--out", out], capture_output=True, text=True, env=env,

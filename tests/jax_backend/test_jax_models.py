@@ -111,6 +111,16 @@ _OTHER_BACKEND = textwrap.dedent("""
 """)
 
 
+def _tensorflow_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+needs_tensorflow = pytest.mark.skipif(
+    not _tensorflow_installed(), reason="TensorFlow is not installed (e.g. the GPU machine)")
+
+
 def _in_backend(backend: str, *args: str) -> None:
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
     result = subprocess.run([sys.executable, "-c", _OTHER_BACKEND, *args], env=env,
@@ -124,6 +134,7 @@ def _batch(tmp_path):
     return x, str(tmp_path / "x.npy")
 
 
+@needs_tensorflow
 @pytest.mark.parametrize("bits,naive", [(4, False), (8, True), (None, False)])
 def test_saved_on_jax_loads_on_tensorflow(tmp_path, bits, naive):
     x, x_path = _batch(tmp_path)
@@ -144,6 +155,7 @@ def test_saved_on_jax_loads_on_tensorflow(tmp_path, bits, naive):
     np.testing.assert_allclose(on_tf, on_jax, rtol=0.05, atol=0.05)
 
 
+@needs_tensorflow
 def test_saved_on_tensorflow_loads_on_jax(tmp_path):
     x, x_path = _batch(tmp_path)
     path = str(tmp_path / "tf.keras")

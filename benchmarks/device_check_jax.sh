@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# One prepared run of the JAX backend on a GPU machine (sized for one H200 and a
+# 10-minute call; not yet run: no device was lent when it was written). The
+# lent machine has JAX with CUDA but neither TensorFlow nor Keras, and reaches
+# no package registry: carry Keras and what it needs as wheels. Here, first:
+#
+#   echo /.whl/ >> .git/info/exclude     # (.gitignore already has /.whl/)
+#   python -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux_2_28_x86_64 \
+#     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     keras==3.15.1 namex optree
+#
+# then run it there with `.whl` carried:
+#
+#   OUT=/some/dir bash benchmarks/device_check_jax.sh
+#
+# Each step has its own time limit; a failing step is recorded in summary.txt
+# and the next one still runs. Results under $OUT:
+#   1. devices                                              -> devices.txt
+#   2. the JAX suite on the GPU (tests/jax_backend; the
+#      two-device test runs on host devices)               -> tests_jax_gpu.txt
+#   3. ResNet-164 memory: XLA temp slope of the compiled step
+#      and the device's peak_bytes_in_use (fresh process
+#      per variant and batch), stock / bits=None / 4-bit     -> memory_resnet164.{txt,json,md}
+#   4. step time, ResNet-164, the same variants interleaved  -> step_time_resnet164.{txt,json}
+#   5. the jnp quantizer kernels against a device copy       -> pack_bench.{txt,json}
+# The XLA custom calls (jax.ffi C++/CUDA handlers) do not exist yet; when
+# they do, their build goes first.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-device_out}
+mkdir -p "$OUT"
+export KERAS_BACKEND=jax PYTHONUNBUFFERED=1
+summary="$OUT/summary.txt"
+: > "$summary"
+
+if ls .whl/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  local start=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
+  local rc=$?
+  echo "$name: exit $rc, $((SECONDS - start)) s" | tee -a "$summary"
+}
+
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+step devices 60 python3 -c \
+  "import jax, keras; print(jax.__version__, keras.__version__, jax.devices())"
+step tests_jax_gpu 240 python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/jax_backend
+step memory_resnet164 200 python3 benchmarks/jax_memory.py --model cifar --depth 164 \
+  --channels 3 --variants stock none 4 --batch-sizes 64 128 --peak \
+  --out "$OUT/memory_resnet164.json"
+step step_time_resnet164 120 python3 benchmarks/step_time.py --depth 164 --batch-size 128 \
+  --rounds 3 --steps 3 --variants stock none 4 --out "$OUT/step_time_resnet164.json"
+step pack_bench 60 python3 benchmarks/jax_pack_bench.py --sizes-mib 64 256 1024 \
+  --out "$OUT/pack_bench.json"
+cat "$summary"

@@ -1,0 +1,48 @@
+"""The JAX benchmarks that `benchmarks/device_check_jax.sh` runs, on tiny sizes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent.parent.parent / "benchmarks"
+
+
+def _load(name):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_jax_memory_table(tmp_path, capsys):
+    out = tmp_path / "memory.json"
+    rows = _load("jax_memory").main(["--depth", "3", "--channels", "8", "--size", "8",
+                                     "--variants", "stock", "4", "--out", str(out)])
+    assert [r["variant"] for r in rows] == ["stock", "4"]
+    assert rows[1]["mib_per_sample"] < rows[0]["mib_per_sample"]
+    assert json.loads(out.read_text())[1]["saved_mib_per_sample"] > 0
+    assert "| 4 |" in capsys.readouterr().out
+    assert out.with_suffix(".md").exists()
+
+
+def test_jax_pack_bench_rows(tmp_path):
+    rows = _load("jax_pack_bench").main(["--sizes-mib", "1", "--bits", "4", "--rounds", "1",
+                                         "--out", str(tmp_path / "pack.json")])
+    assert {r["op"] for r in rows} == {"encode", "decode_relu", "decode_bn_backward",
+                                       "copy (2 * x)"}
+    assert all(r["gb_per_s"] > 0 for r in rows)
+
+
+def test_step_time_on_jax(tmp_path):
+    result = _load("step_time").main(["--depth", "11", "--batch-size", "4", "--size", "8",
+                                      "--rounds", "1", "--steps", "1",
+                                      "--variants", "stock", "4"])
+    assert set(result["median_s"]) == {"stock", "4"}
+    assert result["implementation"].startswith("JAX")
