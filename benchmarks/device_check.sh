@@ -22,14 +22,7 @@ export TF_CPP_MIN_LOG_LEVEL=2
 summary="$OUT/summary.txt"
 : > "$summary"
 
-step() {  # step NAME SECONDS COMMAND...
-  local name=$1 limit=$2
-  shift 2
-  local start=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
-  local rc=$?
-  echo "$name: exit $rc, $((SECONDS - start)) s" | tee -a "$summary"
-}
+. benchmarks/device_steps.sh  # step NAME SECONDS COMMAND...
 
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 python -c "import tensorflow as tf; print(tf.__version__, tf.config.list_physical_devices())" \

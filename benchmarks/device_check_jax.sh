@@ -41,14 +41,7 @@ else
   export PYTHONPATH=$PWD
 fi
 
-step() {  # step NAME SECONDS COMMAND...
-  local name=$1 limit=$2
-  shift 2
-  local start=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
-  local rc=$?
-  echo "$name: exit $rc, $((SECONDS - start)) s" | tee -a "$summary"
-}
+. benchmarks/device_steps.sh  # step NAME SECONDS COMMAND...
 
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 step devices 60 python3 -c \

@@ -15,16 +15,10 @@ GPU and TPU cannot run here, so these tests inspect what XLA compiles:
 
 from __future__ import annotations
 
-import glob
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import xla_checks
-
-from keras_blpa import xla_dump
 
 PROGRAM = os.path.join(os.path.dirname(__file__), "xla_program.py")
 # The step's parameters: (x, seed).
@@ -37,22 +31,8 @@ SEED, INPUTS = "1", "0"
 def compiled(request, tmp_path_factory):
     bits, slope = request.param
     out = str(tmp_path_factory.mktemp(f"xla_bits{bits}"))
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    env.pop("XLA_FLAGS", None)
-    result = subprocess.run(
-        [sys.executable, PROGRAM, out, "--bits", str(bits), "--negative-slope", str(slope)],
-        capture_output=True, text=True, env=env,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    with open(os.path.join(out, "spec.json")) as f:
-        spec = json.load(f)
-    (before,) = glob.glob(os.path.join(out, "*blpa_step*before_optimizations.txt"))
-    with open(before) as f:
-        spec["before"] = xla_dump.entry_instructions(f.read())
-    assignment = xla_dump.load(out, "blpa_step")[-1]
-    spec["assignment"] = assignment
-    spec["after"] = xla_dump.entry_instructions(xla_dump.optimized_hlo(assignment))
-    return spec
+    return xla_checks.compile_program(PROGRAM, out, "--bits", str(bits), "--negative-slope",
+                                      str(slope), env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
 
 
 def test_codes_bundled_with_forward_output_and_upstream_gradient(compiled):

@@ -8,11 +8,35 @@ wrote (`bits`, `units` with their input shapes) plus the parsed programs:
 
 from __future__ import annotations
 
+import glob
+import json
+import os
+import subprocess
+import sys
 from collections import Counter
 
-from keras_blpa import grid
+from keras_blpa import grid, xla_dump
 
 FLOATS = ("f16", "bf16", "f32", "f64")
+
+
+def compile_program(program: str, out: str, *args: str, env: dict) -> dict:
+    """Runs `program` (which dumps one `blpa_step` into `out` and writes
+    `spec.json`) in a fresh process; the spec with the parsed programs."""
+    env = dict(env)
+    env.pop("XLA_FLAGS", None)
+    result = subprocess.run([sys.executable, program, out, *args], capture_output=True,
+                            text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(os.path.join(out, "spec.json")) as f:
+        spec = json.load(f)
+    (before,) = glob.glob(os.path.join(out, "*blpa_step*before_optimizations.txt"))
+    with open(before) as f:
+        spec["before"] = xla_dump.entry_instructions(f.read())
+    assignment = xla_dump.load(out, "blpa_step")[-1]
+    spec["assignment"] = assignment
+    spec["after"] = xla_dump.entry_instructions(xla_dump.optimized_hlo(assignment))
+    return spec
 
 
 def words_shapes(spec) -> Counter:

@@ -15,16 +15,10 @@ The checks of `tests/test_xla_structure.py`, on the JAX unit (`tests/xla_checks.
 
 from __future__ import annotations
 
-import glob
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import xla_checks
-
-from keras_blpa import xla_dump
 
 PROGRAM = os.path.join(os.path.dirname(__file__), "jax_program.py")
 
@@ -34,22 +28,8 @@ PROGRAM = os.path.join(os.path.dirname(__file__), "jax_program.py")
 def compiled(request, tmp_path_factory):
     bits, slope = request.param
     out = str(tmp_path_factory.mktemp(f"jax_bits{bits}"))
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
-    result = subprocess.run(
-        [sys.executable, PROGRAM, out, "--bits", bits, "--negative-slope", str(slope)],
-        capture_output=True, text=True, env=env, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    with open(os.path.join(out, "spec.json")) as f:
-        spec = json.load(f)
-    (before,) = glob.glob(os.path.join(out, "*blpa_step*before_optimizations.txt"))
-    with open(before) as f:
-        spec["before"] = xla_dump.entry_instructions(f.read())
-    assignment = xla_dump.load(out, "blpa_step")[-1]
-    spec["assignment"] = assignment
-    spec["after"] = xla_dump.entry_instructions(xla_dump.optimized_hlo(assignment))
-    return spec
+    return xla_checks.compile_program(PROGRAM, out, "--bits", bits, "--negative-slope",
+                                      str(slope), env=dict(os.environ))
 
 
 def test_codes_bundled_with_forward_output_and_upstream_gradient(compiled):
