@@ -18,5 +18,12 @@ def __getattr__(name: str):
     if name == "ops":
         import importlib
 
-        return importlib.import_module("keras_blpa.ops")
+        try:
+            return importlib.import_module("keras_blpa.ops")
+        except ImportError as err:
+            raise ImportError(
+                f"keras_blpa.ops is the TensorFlow quantizer and needs TensorFlow ({err}). "
+                "On Keras's JAX backend the same quantizer, bit for bit, is "
+                "keras_blpa.jax_backend.quantizer."
+            ) from err
     raise AttributeError(f"module 'keras_blpa' has no attribute {name!r}")

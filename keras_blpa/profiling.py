@@ -231,9 +231,23 @@ def input_bytes_per_sample(model) -> float:
     return float(math.prod(model.input_shape[1:]) * 4)
 
 
+def _tensorflow_backend(what: str) -> None:
+    """A clear error for TensorFlow's memory tools on another Keras backend."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        raise RuntimeError(
+            f"{what} measures TensorFlow's allocator and needs KERAS_BACKEND=tensorflow; "
+            f"Keras runs on {keras.backend.backend()!r}. On JAX use "
+            "keras_blpa.profiling.jax_temp_slope / jax_step_temp_bytes (the compiled "
+            "step's memory), or benchmarks/jax_memory.py."
+        )
+
+
 def memory_device() -> str:
     """The device whose memory a training step fills: the first TPU or GPU
     core when there is one, else "CPU:0"."""
+    _tensorflow_backend("memory_device")
     import tensorflow as tf
 
     for kind in ("TPU", "GPU"):
@@ -262,6 +276,7 @@ def peak_step_memory(
     `TF_CPU_ALLOCATOR_USE_BFC=true` before TensorFlow starts to count all
     (`measure_in_subprocess(cpu_bfc=True)`).
     """
+    _tensorflow_backend("peak_step_memory")
     import numpy as np
     import tensorflow as tf
 
@@ -436,8 +451,9 @@ def measure_in_subprocess(
 
     Raises:
       ValueError: for a bad argument (checked before any process starts).
-      RuntimeError: if the measuring process fails.
+      RuntimeError: if the measuring process fails, or Keras runs on JAX.
     """
+    _tensorflow_backend("measure_in_subprocess")
     batch_sizes = _check_batch_sizes(batch_sizes)
     _check_positive_int("repeats", repeats)
     _check_positive_int("steps", steps)

@@ -43,3 +43,12 @@ def test_temp_bytes_grow_with_the_batch_and_need_the_jax_backend(monkeypatch):
     monkeypatch.setattr("keras.backend.backend", lambda: "tensorflow")
     with pytest.raises(RuntimeError, match="needs KERAS_BACKEND=jax"):
         profiling.jax_step_temp_bytes(model, 4)
+
+
+@pytest.mark.parametrize("tool", ["memory_device", "peak_step_memory", "measure_in_subprocess"])
+def test_tensorflow_memory_tools_name_the_jax_ones(tool):
+    model = profiling.build_model("stack", "4", depth=1, channels=4, size=4)
+    args = {"memory_device": (), "peak_step_memory": (model, 4),
+            "measure_in_subprocess": ()}[tool]
+    with pytest.raises(RuntimeError, match="KERAS_BACKEND=tensorflow.*jax_temp_slope"):
+        getattr(profiling, tool)(*args)
