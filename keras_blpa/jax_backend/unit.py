@@ -71,12 +71,11 @@ def bn_relu_linear(
         mean = jnp.mean(x32, axes)
         variance = jnp.var(x32, axes)
         inv_std = jax.lax.rsqrt(variance + epsilon)
+        xhat, on, a = quantizer.normalize_relu(x32, mean, inv_std, gamma, beta, slope)
         if bits is None:
-            xhat, _, a = quantizer.normalize_relu(x32, mean, inv_std, gamma, beta, slope)
             saved = xhat
         else:
             params = quantizer.quantizer_params(gamma, beta, bits, window)
-            xhat, on, a = quantizer.normalize_relu(x32, mean, inv_std, gamma, beta, slope)
             saved = quantizer.pack_words(quantizer.encode_codes(xhat, on, params, bits), bits)
             a = xla.tie(a, saved)
             if naive:
