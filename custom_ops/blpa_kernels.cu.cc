@@ -288,26 +288,15 @@ const char* LaunchDecodeReluGpu(const DecodeArgs& args, void* stream) {
   return LastError();
 }
 
-const char* LaunchDecodeBnBackwardGpu(const BnBackwardArgs& args,
-                                      void* stream) {
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const int64_t channels = args.channels;
-  if (channels == 0) return nullptr;
-  cudaError_t err;
-  if (args.n == 0) {  // no rows: zero parameter gradients, empty g_x
-    err = cudaMemsetAsync(args.d_gamma, 0, channels * sizeof(float), s);
-    if (err == cudaSuccess) {
-      err = cudaMemsetAsync(args.d_beta, 0, channels * sizeof(float), s);
-    }
-    return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
-  }
-  const Grid g = MakeGrid(args.bits, args.window);
-  double* sums = static_cast<double*>(args.scratch);
-  float* coef = reinterpret_cast<float*>(sums + 2 * channels);
-  err = cudaMemsetAsync(sums, 0, 2 * channels * sizeof(double), s);
-  if (err != cudaSuccess) return cudaGetErrorString(err);
+namespace {
 
-  // Pass 1: at least one thread per channel; stride = a multiple of C.
+// Pass 1 into sums[2 * C] (double, zeroed here): at least one thread per
+// channel; stride = a multiple of C.
+cudaError_t LaunchSums(const BnBackwardArgs& args, const Grid& g, double* sums,
+                       cudaStream_t s) {
+  const int64_t channels = args.channels;
+  cudaError_t err = cudaMemsetAsync(sums, 0, 2 * channels * sizeof(double), s);
+  if (err != cudaSuccess) return err;
   int64_t blocks = (args.n + kThreads - 1) / kThreads;
   blocks = blocks < kReduceBlocks ? blocks : kReduceBlocks;
   const int64_t min_blocks = (channels + kThreads - 1) / kThreads;
@@ -330,10 +319,12 @@ const char* LaunchDecodeBnBackwardGpu(const BnBackwardArgs& args,
     BnSumsKernel<false, uint64_t><<<grid, kThreads, shared_bytes, s>>>(
         args, g, static_cast<uint64_t>(stride), sums);
   }
-  const float count = static_cast<float>(args.n / channels);
-  BnCoefKernel<<<GridFor(channels), kThreads, 0, s>>>(args, sums, count, coef);
+  return cudaSuccess;
+}
 
-  // Pass 2: elementwise.
+// Pass 2: elementwise, from coef[3 * C] (scale, mean_dbeta, mean_dgamma).
+void LaunchInputGrad(const BnBackwardArgs& args, const Grid& g,
+                     const float* coef, cudaStream_t s) {
   const int grid2 = GridFor(args.n);
   if (args.exact && Fits32(args.n)) {
     BnBackwardKernel<true, uint32_t><<<grid2, kThreads, 0, s>>>(args, g, coef);
@@ -344,6 +335,70 @@ const char* LaunchDecodeBnBackwardGpu(const BnBackwardArgs& args,
   } else {
     BnBackwardKernel<false, uint64_t><<<grid2, kThreads, 0, s>>>(args, g, coef);
   }
+}
+
+// The sums as float32: d_beta = sums[c], d_gamma = sums[C + c].
+__global__ void SumsToFloatKernel(const double* sums, int64_t channels,
+                                  float* d_beta, float* d_gamma) {
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+       c < channels; c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    d_beta[c] = static_cast<float>(sums[c]);
+    d_gamma[c] = static_cast<float>(sums[channels + c]);
+  }
+}
+
+}  // namespace
+
+const char* LaunchDecodeBnBackwardGpu(const BnBackwardArgs& args,
+                                      void* stream) {
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const int64_t channels = args.channels;
+  if (channels == 0) return nullptr;
+  cudaError_t err;
+  if (args.n == 0) {  // no rows: zero parameter gradients, empty g_x
+    err = cudaMemsetAsync(args.d_gamma, 0, channels * sizeof(float), s);
+    if (err == cudaSuccess) {
+      err = cudaMemsetAsync(args.d_beta, 0, channels * sizeof(float), s);
+    }
+    return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+  }
+  const Grid g = MakeGrid(args.bits, args.window);
+  double* sums = static_cast<double*>(args.scratch);
+  float* coef = reinterpret_cast<float*>(sums + 2 * channels);
+  err = LaunchSums(args, g, sums, s);
+  if (err != cudaSuccess) return cudaGetErrorString(err);
+  const float count = static_cast<float>(args.n / channels);
+  BnCoefKernel<<<GridFor(channels), kThreads, 0, s>>>(args, sums, count, coef);
+  LaunchInputGrad(args, g, coef, s);
+  return LastError();
+}
+
+const char* LaunchBnSumsGpu(const BnBackwardArgs& args, void* stream) {
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const int64_t channels = args.channels;
+  if (channels == 0) return nullptr;
+  double* sums = static_cast<double*>(args.scratch);
+  cudaError_t err;
+  if (args.n == 0) {
+    err = cudaMemsetAsync(sums, 0, 2 * channels * sizeof(double), s);
+  } else {
+    err = LaunchSums(args, MakeGrid(args.exact ? 8 : args.bits,
+                                    args.exact ? 1.0f : args.window),
+                     sums, s);
+  }
+  if (err != cudaSuccess) return cudaGetErrorString(err);
+  SumsToFloatKernel<<<GridFor(channels), kThreads, 0, s>>>(
+      sums, channels, args.d_beta, args.d_gamma);
+  return LastError();
+}
+
+const char* LaunchBnInputGradGpu(const BnBackwardArgs& args, const float* coef,
+                                 void* stream) {
+  if (args.n == 0) return nullptr;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  LaunchInputGrad(args, MakeGrid(args.exact ? 8 : args.bits,
+                                 args.exact ? 1.0f : args.window),
+                  coef, s);
   return LastError();
 }
 

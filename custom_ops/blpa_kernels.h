@@ -319,6 +319,13 @@ const char* LaunchDecodeGpu(const DecodeArgs& args, void* stream);
 const char* LaunchDecodeReluGpu(const DecodeArgs& args, void* stream);
 const char* LaunchDecodeBnBackwardGpu(const BnBackwardArgs& args,
                                       void* stream);
+// The two passes of LaunchDecodeBnBackwardGpu apart (the JAX custom calls,
+// whose sums are added over devices in between): the per-channel sums into
+// args.d_beta and args.d_gamma (args.scratch: BnBackwardScratchBytes), and
+// g_x from device coefficients coef[3 * C] (scale, mean_dbeta, mean_dgamma).
+const char* LaunchBnSumsGpu(const BnBackwardArgs& args, void* stream);
+const char* LaunchBnInputGradGpu(const BnBackwardArgs& args, const float* coef,
+                                 void* stream);
 const char* LaunchNormalizeReluGpu(const ExactArgs& args, void* stream);
 const char* LaunchExactReluGpu(const ExactArgs& args, void* stream);
 

@@ -1,4 +1,5 @@
-"""Builds the BLPA custom-op library against the installed TensorFlow.
+"""Builds the BLPA custom-op library against the installed TensorFlow (and,
+in `jax_library`, the XLA custom calls for JAX).
 
 `python -m keras_blpa.build_ops` builds explicitly and prints what it built and
 where (`__main__.py`). `ensure_built()` builds on first use into a cache directory keyed by the
@@ -27,8 +28,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 LIB_NAME = "libblpa_ops.so"
-SOURCES = ("blpa_ops.cc", "blpa_kernels.cc", "blpa_kernels.h", "blpa_kernels.cu.cc")
-CPU_SOURCES = ("blpa_ops.cc", "blpa_kernels.cc")
+SOURCES = (
+    "blpa_ops.cc",
+    "blpa_kernels.cc",
+    "blpa_cpu.cc",
+    "blpa_cpu.h",
+    "blpa_kernels.h",
+    "blpa_kernels.cu.cc",
+)
+CPU_SOURCES = ("blpa_ops.cc", "blpa_kernels.cc", "blpa_cpu.cc")
 CUDA_SOURCE = "blpa_kernels.cu.cc"
 
 # -ffp-contract=off: no FMA, so results match the pure-TF quantizer bit for bit.
@@ -295,24 +303,43 @@ def ensure_built() -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Builds the libraries the installed frameworks can load: the TensorFlow
+    op when TensorFlow is installed, the JAX custom calls when jax is."""
+    import importlib.util
+
     parser = argparse.ArgumentParser(
         prog="python -m keras_blpa.build_ops", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--out-dir", help="build here instead of the cache directory")
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
     parser.add_argument("--cpu-only", action="store_true", help="skip the CUDA kernels")
+    parser.add_argument(
+        "--only", choices=("tensorflow", "jax"), help="build for this framework only"
+    )
     args = parser.parse_args(argv)
-    try:
-        path = build(
-            out_dir=args.out_dir,
-            cuda=False if args.cpu_only else None,
-            force=args.force,
-            verbose=True,
-        )
-    except BuildError as err:
-        print(f"keras_blpa: build failed: {err}", file=sys.stderr)
+    builders = []
+    if args.only in (None, "tensorflow") and importlib.util.find_spec("tensorflow"):
+        builders.append(build)
+    if args.only in (None, "jax") and importlib.util.find_spec("jax"):
+        from keras_blpa.build_ops.jax_library import build_jax
+
+        builders.append(build_jax)
+    if not builders:
+        print("keras_blpa: neither tensorflow nor jax is installed", file=sys.stderr)
         return 1
-    info = (path.parent / "build.log").read_text() if (path.parent / "build.log").is_file() else ""
-    mode = info.splitlines()[0] if info else "mode: unknown (cached)"
-    print(f"{path}\n{mode}")
+    for builder in builders:
+        try:
+            path = builder(
+                out_dir=args.out_dir,
+                cuda=False if args.cpu_only else None,
+                force=args.force,
+                verbose=True,
+            )
+        except BuildError as err:
+            print(f"keras_blpa: build failed: {err}", file=sys.stderr)
+            return 1
+        log = path.parent / "build.log"
+        info = log.read_text() if log.is_file() else ""
+        mode = info.splitlines()[0] if info else "mode: unknown (cached)"
+        print(f"{path}\n{mode}")
     return 0

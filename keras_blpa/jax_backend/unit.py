@@ -7,7 +7,12 @@ forward for the backward are the unit's packed codes (uint32 words, see
 vectors and the weights. The backward rebuilds the ReLU output and the mask
 from the codes and differentiates the linear map with `jax.vjp`.
 
-Keeping XLA from undoing that (measured on XLA:CPU, see the README):
+On CPU and CUDA the kernels are XLA custom calls (`ffi`): the TensorFlow op's
+own kernels, opaque to fusion, so only the codes live from the forward into
+the backward; each decode takes a scalar of its upstream gradient as an
+operand, so that XLA cannot run it early. Elsewhere (TPU), or without the
+library, the jnp quantizer runs, and keeping XLA from undoing that takes
+(measured on XLA:CPU, see the README):
 - the codes are packed by a reduce-window, which XLA:CPU does not fuse into
   the backward (an elementwise encode is recomputed there from the float32
   input, which then stays alive: more memory than stock layers);
@@ -28,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from keras_blpa.jax_backend import quantizer, xla
+from keras_blpa.jax_backend import ffi, quantizer, xla
 
 
 class LinearMap(Protocol):
@@ -66,55 +71,87 @@ def bn_relu_linear(
     compute_dtype = x.dtype
     slope = float(np.float32(negative_slope))
 
+    # Custom calls where the platform has them (decided at trace time: the
+    # two paths keep different residuals, which lax.platform_dependent's
+    # branches cannot), the jnp quantizer elsewhere.
+    custom = ffi.usable(shape, bits)
+
     def forward(x, gamma, beta, weights):
         x32 = x.astype(jnp.float32)
         mean = jnp.mean(x32, axes)
         variance = jnp.var(x32, axes)
         inv_std = jax.lax.rsqrt(variance + epsilon)
-        xhat, on, a = quantizer.normalize_relu(x32, mean, inv_std, gamma, beta, slope)
-        if bits is None:
-            saved = xhat
+        params = None if bits is None else quantizer.quantizer_params(gamma, beta, bits, window)
+        if custom:
+            # Opaque to fusion: the codes are the only full-size residual.
+            if bits is None:
+                a, saved = ffi.exact_forward(x32, mean, inv_std, gamma, beta, slope)
+            else:
+                a, saved = ffi.encode(x32, mean, inv_std, gamma, beta, params, bits, window,
+                                      slope)
+                if naive:
+                    decoded = ffi.decode_relu(saved, params, gamma, beta, shape, bits, window,
+                                              slope, x32)
+                    a = decoded + 0.0 * a
         else:
-            params = quantizer.quantizer_params(gamma, beta, bits, window)
-            saved = quantizer.pack_words(quantizer.encode_codes(xhat, on, params, bits), bits)
-            a = xla.tie(a, saved)
-            if naive:
-                # `+ 0 * a`: a NaN or Inf input still reaches the output.
-                xhat_q, mask = quantizer.decode_words(saved, params, shape, bits)
-                a = quantizer.relu_from_decoded(xhat_q, mask, gamma, beta, slope) + 0.0 * a
+            xhat, on, a = quantizer.normalize_relu(x32, mean, inv_std, gamma, beta, slope)
+            if bits is None:
+                saved = xhat
+            else:
+                saved = quantizer.pack_words(quantizer.encode_codes(xhat, on, params, bits), bits)
+                a = xla.tie(a, saved)
+                if naive:
+                    # `+ 0 * a`: a NaN or Inf input still reaches the output.
+                    xhat_q, mask = quantizer.decode_words(saved, params, shape, bits)
+                    a = quantizer.relu_from_decoded(xhat_q, mask, gamma, beta, slope) + 0.0 * a
         saved, a = xla.optimization_barrier((saved, a))
         outputs = linear.forward(a.astype(compute_dtype), list(weights))
         residuals = (saved, gamma, beta, inv_std, weights)
         return (tuple(outputs), mean, variance), residuals
+
+    def decode_for_linear(saved, params, gamma, beta, gate):
+        """The approximate ReLU output, not before the upstream gradient
+        (the jnp path's `saved` is already gated on it)."""
+        if custom:
+            if bits is None:
+                return ffi.exact_relu(saved, gamma, beta, slope, gate)
+            return ffi.decode_relu(saved, params, gamma, beta, shape, bits, window, slope, gate)
+        if bits is None:
+            return quantizer.relu_exact(saved, gamma, beta, slope)
+        xhat, mask = quantizer.decode_words(saved, params, shape, bits)
+        return quantizer.relu_from_decoded(xhat, mask, gamma, beta, slope)
+
+    def bn_backward(g_a, saved, params, gamma, beta, inv_std):
+        if custom:
+            if bits is None:
+                return ffi.exact_bn_backward(g_a, saved, gamma, beta, inv_std, slope)
+            return ffi.decode_bn_backward(g_a, saved, params, gamma, inv_std, bits, window, slope)
+        # The second decode waits for g_a, so that it does not live beside
+        # the first one while the linear map's gradients run.
+        saved = xla.after(saved, g_a)
+        if bits is None:
+            return quantizer.relu_bn_backward(
+                g_a, saved, quantizer.exact_mask(saved, gamma, beta), gamma, inv_std, slope
+            )
+        return quantizer.decode_bn_backward(g_a, saved, params, gamma, inv_std, bits, slope)
 
     def backward(residuals, cotangents):
         saved, gamma, beta, inv_std, weights = residuals
         grads = list(cotangents[0])  # the moments' cotangents are ignored
         # Recomputed from gamma and beta ([C] each): residuals must be arrays.
         params = None if bits is None else quantizer.quantizer_params(gamma, beta, bits, window)
-        saved, grads = xla.optimization_barrier((xla.after(saved, grads[0]), grads))
-        if bits is None:
-            a_approx = quantizer.relu_exact(saved, gamma, beta, slope)
-        else:
-            xhat, mask = quantizer.decode_words(saved, params, shape, bits)
-            a_approx = quantizer.relu_from_decoded(xhat, mask, gamma, beta, slope)
+        if not custom:
+            saved = xla.after(saved, grads[0])
+        saved, grads = xla.optimization_barrier((saved, grads))
+        a_approx = decode_for_linear(saved, params, gamma, beta, grads[0])
         _, linear_vjp = jax.vjp(
             lambda a, w: tuple(linear.forward(a, list(w))),
             a_approx.astype(compute_dtype), weights,
         )
         g_a, d_weights = linear_vjp(tuple(grads))
-        g_a = g_a.astype(jnp.float32)
-        # The second decode waits for g_a, so that it does not live beside
-        # the first one while the linear map's gradients run.
-        saved = xla.after(saved, g_a)
-        if bits is None:
-            g_x, d_gamma, d_beta = quantizer.relu_bn_backward(
-                g_a, saved, quantizer.exact_mask(saved, gamma, beta), gamma, inv_std, slope
-            )
-        else:
-            g_x, d_gamma, d_beta = quantizer.decode_bn_backward(
-                g_a, saved, params, gamma, inv_std, bits, slope
-            )
+        g_x, d_gamma, d_beta = bn_backward(
+            g_a.astype(jnp.float32), saved, params, gamma, beta, inv_std
+        )
         return _first_order_only((g_x.astype(compute_dtype), d_gamma, d_beta, d_weights), name)
 
     @jax.custom_vjp
