@@ -5,9 +5,11 @@ training step (`model.train_step` under `jax.jit`) is compiled at two batch
 sizes and XLA's temp buffer is read from `memory_analysis()`
 (`keras_blpa.profiling.jax_temp_slope`): its slope is the activation memory
 per sample, XLA's own account. Nothing runs, so one process serves every
-variant, side by side. The table sets the slope against the saved bytes in
-theory (4 bytes per element for bits=None, bits/8 for BLPA); the rest is the
-backward pass's transient working memory.
+variant, side by side. The fused variants use the XLA custom calls where the
+platform has them (`--jnp`: the jnp quantizer, TPU's path, instead). The
+table sets the slope against the saved bytes in theory (4 bytes per element
+for bits=None, bits/8 for BLPA); the rest is the backward pass's transient
+working memory.
 
     KERAS_BACKEND=jax python benchmarks/jax_memory.py --channels 64
     KERAS_BACKEND=jax python benchmarks/jax_memory.py --model cifar --depth 164 --channels 3
@@ -45,6 +47,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--variants", nargs="+", default=["stock", "none", "8", "4"])
     p.add_argument("--batch-sizes", type=int, nargs=2, default=(8, 24))
     p.add_argument("--no-ynn", action="store_true", help="XLA:CPU without YNNPACK fusions")
+    p.add_argument("--jnp", action="store_true",
+                   help="the jnp quantizer instead of the custom calls (TPU's path)")
     p.add_argument("--peak", action="store_true",
                    help="also the device's peak_bytes_in_use, fresh process each (GPU, TPU)")
     p.add_argument("--peak-child", nargs=2, metavar=("VARIANT", "BATCH"), help=argparse.SUPPRESS)
@@ -55,6 +59,8 @@ def main(argv=None) -> list[dict]:
     if args.no_ynn:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                    + " --xla_cpu_experimental_ynn_fusion_type=").strip()
+    if args.jnp:
+        os.environ["KERAS_BLPA_DISABLE_CUSTOM_OPS"] = "1"  # the peak children inherit it
     os.environ.setdefault("KERAS_BACKEND", "jax")
     import jax
     import keras
@@ -66,6 +72,9 @@ def main(argv=None) -> list[dict]:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from activation_memory import saved_elements
 
+    from keras_blpa.jax_backend import ffi
+
+    kernels = "custom calls" if ffi.usable((2, 2), 4) else "jnp"
     spec = dict(model=args.model, depth=args.depth, channels=args.channels, size=args.size)
     elements = saved_elements(build_model(variant="4", **spec))
     rows = []
@@ -81,12 +90,13 @@ def main(argv=None) -> list[dict]:
         rows.append({**r, "saved_mib_per_sample": saved,
                      "transient_mib_per_sample": r["mib_per_sample"] - saved,
                      "jax": jax.__version__, "device": jax.devices()[0].platform,
-                     "ynn": not args.no_ynn})
+                     "ynn": not args.no_ynn, "kernels": kernels})
     stock = next((r["mib_per_sample"] for r in rows if r["variant"] == "stock"), None)
     lines = [
         f"{args.model}, depth {args.depth}, {args.channels} channels, {args.size}x{args.size}, "
         f"JAX {jax.__version__} on {jax.devices()[0].platform}"
-        f"{'' if not args.no_ynn else ' (no YNN fusions)'}, batch {args.batch_sizes[0]} -> "
+        f"{'' if not args.no_ynn else ' (no YNN fusions)'}, kernels: {kernels}, "
+        f"batch {args.batch_sizes[0]} -> "
         f"{args.batch_sizes[1]} (MiB per sample, XLA temp slope)",
         "",
         "| variant | XLA temp slope | saved activations (theory) | transient | vs stock |",

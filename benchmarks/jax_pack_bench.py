@@ -1,4 +1,5 @@
-"""Bandwidth of the JAX unit's quantizer kernels against a plain copy, per size.
+"""Bandwidth of the JAX unit's quantizer kernels against a plain copy, per size:
+the jnp quantizer and, where registered, the XLA custom calls.
 
 Each op is jitted on the default JAX device (CPU here, the GPU on a GPU
 machine) and timed round-robin with a reference that reads and writes the
@@ -47,6 +48,35 @@ def _ops(q, jax, x, g_a, mean, inv_std, gamma, beta, bits: int) -> dict:
     }
 
 
+def _custom_ops(jax, x, g_a, mean, inv_std, gamma, beta, bits: int) -> dict:
+    """The same three as XLA custom calls (`keras_blpa.jax_backend.ffi`)."""
+    from keras_blpa.jax_backend import ffi
+    from keras_blpa.jax_backend import quantizer as q
+
+    shape, elements = x.shape, x.size
+    params = q.quantizer_params(gamma, beta, bits)
+
+    def encode(x):
+        return ffi.encode(x, mean, inv_std, gamma, beta, params, bits, None, 0.0)
+
+    def decode_relu(codes, gate):
+        return ffi.decode_relu(codes, params, gamma, beta, shape, bits, None, 0.0, gate)
+
+    def decode_bn_backward(g_a, codes):
+        return ffi.decode_bn_backward(g_a, codes, params, gamma, inv_std, bits, None, 0.0)
+
+    codes = jax.jit(encode)(x)[1]
+    gate = x[:1, :1, :1, :1]  # a gate of one element: reading it costs nothing
+    code_bytes = elements * bits / 8
+    return {
+        "encode (custom call)": (jax.jit(encode), (x,), elements * 8 + code_bytes),
+        "decode_relu (custom call)": (jax.jit(decode_relu), (codes, gate),
+                                      elements * 4 + code_bytes),
+        "decode_bn_backward (custom call)": (jax.jit(decode_bn_backward), (g_a, codes),
+                                             elements * 8 + code_bytes),
+    }
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes-mib", type=int, nargs="+", default=[16, 64, 256],
@@ -60,6 +90,7 @@ def main(argv=None) -> list[dict]:
     import jax.numpy as jnp
     import numpy as np
 
+    from keras_blpa.jax_backend import ffi
     from keras_blpa.jax_backend import quantizer as q
 
     rows = []
@@ -75,6 +106,8 @@ def main(argv=None) -> list[dict]:
         beta = jnp.asarray(rng.normal(0, 0.5, c).astype(np.float32))
         for bits in args.bits:
             ops = _ops(q, jax, x, g_a, mean, inv_std, gamma, beta, bits)
+            if ffi.usable(shape, bits):
+                ops.update(_custom_ops(jax, x, g_a, mean, inv_std, gamma, beta, bits))
             times = {name: [] for name in ops}
             for fn, inputs, _ in ops.values():
                 jax.block_until_ready(fn(*inputs))

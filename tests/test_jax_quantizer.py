@@ -114,3 +114,37 @@ def test_bn_backward_from_words_agrees_with_tensorflow(shape, bits, slope):
     for mine, theirs in zip(got, expected):
         scale = np.abs(_np(theirs)).max()
         np.testing.assert_allclose(_np(mine), _np(theirs), rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("slope", [0.0, 0.2])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("specials", [False, True], ids=["finite", "nan_inf"])
+@pytest.mark.parametrize("shape", [s for s in SHAPES if len(s) > 1 and s[0] > 1],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_custom_calls_give_the_compiled_ops_bytes(shape, bits, specials, slope):
+    """The JAX custom calls (`jax_backend.ffi`) against the TensorFlow op: the
+    same encode bytes and ReLU output, the same rebuilt activation."""
+    ffi = pytest.importorskip("keras_blpa.jax_backend.ffi")
+    if "cpu" not in ffi.load():
+        pytest.fail(f"the custom calls did not load: {ffi.load_error()}")
+    per_sample = int(np.prod(shape[1:]))
+    if bits == 4 and per_sample % 2:
+        pytest.skip("odd codes per sample at 4 bits run on the jnp path")
+    if custom_op.load() is None:
+        pytest.fail(f"the TensorFlow op did not load: {custom_op.load_error()}")
+    x, mean, inv_std, gamma, beta, params = _make_case(shape, bits, 5, specials)
+    a_op, packed_op = custom_op.bn_relu_encode(x, mean, inv_std, gamma, beta, params, bits, slope)
+    relu_op = custom_op.decode_relu(packed_op, params, gamma, beta, shape, bits, slope)
+    jparams = _jax_params(params)
+    inputs = [jnp.asarray(_np(t)) for t in (x, mean, inv_std, gamma, beta)]
+
+    @jax.jit
+    def run(x, mean, inv_std, gamma, beta):
+        a, codes = ffi.encode(x, mean, inv_std, gamma, beta, jparams, bits, params.window, slope)
+        relu = ffi.decode_relu(codes, jparams, gamma, beta, shape, bits, params.window, slope, x)
+        return a, codes, relu
+
+    a, codes, relu = run(*inputs)
+    np.testing.assert_array_equal(_np(codes).reshape(-1), _np(packed_op))
+    _same_float(a, a_op)
+    _same_float(relu, relu_op)

@@ -143,10 +143,12 @@ def check_backward_reads_no_forward_activation(spec, seed_parameter, input_param
     assert not offending, "\n".join(offending)
 
 
-def check_only_codes_live_from_forward_into_backward(spec, seed_parameter,
-                                                     input_parameter) -> None:
+def check_only_codes_live_from_forward_into_backward(spec, seed_parameter, input_parameter,
+                                                     codes_dtype: str = "u32",
+                                                     expected: Counter | None = None) -> None:
     """After optimization: no float buffer of half an activation's size or
-    more is alive where the backward begins; every unit's words are."""
+    more is alive where the backward begins; every unit's codes are (the
+    words, or `expected` shapes of `codes_dtype`)."""
     after = spec["after"]
     assignment = spec["assignment"]
     _, start = boundary(after, seed_parameter, input_parameter)
@@ -157,6 +159,6 @@ def check_only_codes_live_from_forward_into_backward(spec, seed_parameter,
                 if b.start < step <= b.end and b.name not in parameters]
     big = [b for b in crossing if b.dtype in FLOATS and b.size >= 4 * limit // 2]
     assert not big, "\n".join(f"{b.name} {b.dtype}{b.dims} {b.start}-{b.end}" for b in big)
-    words = Counter(b.dims for b in crossing if b.dtype == "u32")
-    expected = words_shapes(spec)
+    words = Counter(b.dims for b in crossing if b.dtype == codes_dtype)
+    expected = words_shapes(spec) if expected is None else expected
     assert words & expected == expected, (words, expected)

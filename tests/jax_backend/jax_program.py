@@ -28,7 +28,10 @@ def main(argv=None) -> None:
     parser.add_argument("dump_dir")
     parser.add_argument("--bits", default="4")
     parser.add_argument("--negative-slope", type=float, default=0.0)
+    parser.add_argument("--jnp", action="store_true", help="the jnp quantizer, not custom calls")
     args = parser.parse_args(argv)
+    if args.jnp:
+        os.environ["KERAS_BLPA_DISABLE_CUSTOM_OPS"] = "1"
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={args.dump_dir}"
         " --xla_dump_hlo_module_re=.*blpa_step.*"

@@ -1,0 +1,192 @@
+"""The XLA custom calls (`keras_blpa.jax_backend.ffi`) against the jnp quantizer.
+
+Both run here on CPU: the codes and every elementwise result are bit-exact
+(the handlers run the TensorFlow op's kernels; `tests/test_jax_quantizer.py`
+checks them against the op itself), the BN sums agree to float rounding (their
+order differs). Also: the unit uses them where registered, a missing library
+is one warning and the jnp path, and the env switch forces jnp.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from keras_blpa.jax_backend import ffi, quantizer
+
+SHAPES = [(4, 5, 5, 8), (3, 7, 16), (6, 10)]
+
+
+def _inputs(shape, seed=0, special=True):
+    rng = np.random.default_rng(seed)
+    channels = shape[-1]
+    x = rng.normal(size=shape).astype(np.float32) * 2.0
+    if special:
+        flat = x.reshape(-1)
+        flat[:3] = [np.nan, np.inf, -np.inf]
+    gamma = rng.normal(size=channels).astype(np.float32)
+    gamma[0] = 0.0  # a dead channel
+    beta = rng.normal(size=channels).astype(np.float32)
+    finite = np.where(np.isfinite(x), x, 0.0)
+    axes = tuple(range(len(shape) - 1))
+    mean = finite.mean(axes).astype(np.float32)
+    inv_std = (1.0 / np.sqrt(finite.var(axes) + 1e-3)).astype(np.float32)
+    return tuple(jnp.asarray(v) for v in (x, mean, inv_std, gamma, beta))
+
+
+def test_the_library_builds_and_registers_for_cpu():
+    assert "cpu" in ffi.load(), ffi.load_error()
+    assert ffi.load_error() is None
+
+
+@pytest.mark.parametrize("slope", [0.0, 0.2])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_encode_and_decode_are_bit_exact_with_the_jnp_quantizer(shape, bits, slope):
+    x, mean, inv_std, gamma, beta = _inputs(shape)
+    params = quantizer.quantizer_params(gamma, beta, bits)
+
+    @jax.jit
+    def both(x, mean, inv_std, gamma, beta):
+        a, codes = ffi.encode(x, mean, inv_std, gamma, beta, params, bits, None, slope)
+        decoded = ffi.decode_relu(codes, params, gamma, beta, shape, bits, None, slope, x)
+        xhat, on, a_ref = quantizer.normalize_relu(x, mean, inv_std, gamma, beta, slope)
+        codes_ref = quantizer.encode(xhat, on, params, bits)
+        centres, mask = quantizer.decode(codes_ref, params, shape, bits)
+        decoded_ref = quantizer.relu_from_decoded(centres, mask, gamma, beta, slope)
+        return a, codes, decoded, a_ref, codes_ref, decoded_ref
+
+    a, codes, decoded, a_ref, codes_ref, decoded_ref = both(x, mean, inv_std, gamma, beta)
+    assert codes.shape == (shape[0], np.prod(shape[1:]) * bits // 8)
+    np.testing.assert_array_equal(np.asarray(codes).reshape(-1), np.asarray(codes_ref))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(a_ref))  # NaN at the same places
+    np.testing.assert_array_equal(np.asarray(decoded), np.asarray(decoded_ref))
+    assert not np.array_equal(np.asarray(codes), np.zeros_like(codes))  # real codes
+
+
+@pytest.mark.parametrize("slope", [0.0, 0.2])
+@pytest.mark.parametrize("bits", [4, 8, None])
+def test_bn_backward_matches_the_jnp_quantizer(bits, slope):
+    shape = (6, 5, 5, 16)
+    x, mean, inv_std, gamma, beta = _inputs(shape, seed=1, special=False)
+    g_a = jnp.asarray(np.random.default_rng(2).normal(size=shape).astype(np.float32))
+    params = None if bits is None else quantizer.quantizer_params(gamma, beta, bits)
+
+    @jax.jit
+    def both(x, g_a):
+        if bits is None:
+            a, xhat = ffi.exact_forward(x, mean, inv_std, gamma, beta, slope)
+            rebuilt = ffi.exact_relu(xhat, gamma, beta, slope, g_a)
+            got = ffi.exact_bn_backward(g_a, xhat, gamma, beta, inv_std, slope)
+            xhat_ref, on, a_ref = quantizer.normalize_relu(x, mean, inv_std, gamma, beta, slope)
+            want = quantizer.relu_bn_backward(
+                g_a, xhat_ref, quantizer.exact_mask(xhat_ref, gamma, beta), gamma, inv_std,
+                slope)
+            rebuilt_ref = quantizer.relu_exact(xhat_ref, gamma, beta, slope)
+            return (a, rebuilt, xhat), (a_ref, rebuilt_ref, xhat_ref), got, want
+        _, codes = ffi.encode(x, mean, inv_std, gamma, beta, params, bits, None, slope)
+        got = ffi.decode_bn_backward(g_a, codes, params, gamma, inv_std, bits, None, slope)
+        xhat, on, _ = quantizer.normalize_relu(x, mean, inv_std, gamma, beta, slope)
+        words = quantizer.pack_words(quantizer.encode_codes(xhat, on, params, bits), bits)
+        want = quantizer.decode_bn_backward(g_a, words, params, gamma, inv_std, bits, slope)
+        return (), (), got, want
+
+    exact, exact_ref, got, want = both(x, g_a)
+    for value, ref in zip(exact, exact_ref):
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(ref))
+    for value, ref in zip(got, want):  # g_x, d_gamma, d_beta
+        scale = float(np.max(np.abs(np.asarray(ref)))) or 1.0
+        np.testing.assert_allclose(np.asarray(value), np.asarray(ref), rtol=0, atol=2e-5 * scale)
+
+
+def _step_text(bits):
+    from keras_blpa.jax_backend import linear, unit
+
+    shape = (4, 6, 6, 8)
+    x, _, _, gamma, beta = _inputs(shape, special=False)
+    kernel = jnp.ones((3, 3, 8, 4), jnp.float32) * 0.1
+    conv = linear.Conv2DMap((1, 1), "same", (1, 1), False, None)
+
+    def loss(x, kernel):
+        outputs, _, _ = unit.bn_relu_linear(x, gamma, beta, [kernel], linear=conv, bits=bits,
+                                            naive=False, epsilon=1e-3)
+        return jnp.sum(outputs[0] ** 2)
+
+    step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    return step.lower(x, kernel).as_text(), step(x, kernel)
+
+
+@pytest.mark.parametrize("bits", [4, None])
+def test_the_unit_runs_custom_calls_unless_disabled(bits, monkeypatch):
+    text, grads = _step_text(bits)
+    if bits is None:
+        targets = ("blpa_exact_forward", "blpa_exact_relu", "blpa_exact_sums",
+                   "blpa_exact_input_grad")
+    else:
+        targets = ("blpa_encode", "blpa_decode_relu", "blpa_bn_sums", "blpa_bn_input_grad")
+    for target in targets:
+        assert f"@{target}" in text, target
+    monkeypatch.setenv("KERAS_BLPA_DISABLE_CUSTOM_OPS", "1")
+    jnp_text, jnp_grads = _step_text(bits)
+    assert "@blpa_" not in jnp_text
+    for value, ref in zip(grads, jnp_grads):
+        scale = float(np.max(np.abs(np.asarray(ref))))
+        np.testing.assert_allclose(np.asarray(value), np.asarray(ref), atol=1e-5 * scale)
+
+
+def test_odd_samples_at_four_bits_stay_on_the_jnp_path():
+    assert ffi.usable((4, 3, 3, 5), 4) is False  # 45 codes a sample: half a byte
+    assert ffi.usable((4, 3, 3, 5), 8) is True
+    assert ffi.usable((4, 3, 3, 6), 4) is True
+    assert ffi.usable((0, 4), 4) is False
+
+
+def test_a_missing_library_warns_once_and_falls_back_to_jnp(tmp_path):
+    script = textwrap.dedent(
+        """
+        import os, warnings
+        os.environ["KERAS_BACKEND"] = "jax"
+        os.environ["KERAS_BLPA_JAX_LIBRARY"] = "/nonexistent/libblpa_jax.so"
+        import numpy as np, keras
+        from keras_blpa import BNReLUConv2D
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            layer = BNReLUConv2D(4, 3, bits=4)
+            x = np.random.default_rng(0).normal(size=(2, 6, 6, 4)).astype("float32")
+            for _ in range(2):
+                y = layer(x, training=True)
+        ours = [w for w in caught if "custom calls for JAX unavailable" in str(w.message)]
+        assert len(ours) == 1, [str(w.message) for w in caught]
+        assert "KERAS_BLPA_JAX_LIBRARY" in str(ours[0].message)
+        assert np.all(np.isfinite(np.asarray(y)))
+        print("ok")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BLPA_DISABLE_CUSTOM_OPS"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ok" in result.stdout
+
+
+def test_handlers_reject_bad_attributes():
+    x, mean, inv_std, gamma, beta = _inputs((2, 4), special=False)
+    params = quantizer.quantizer_params(gamma, beta, 4)
+    call = jax.ffi.ffi_call(
+        "blpa_encode",
+        (jax.ShapeDtypeStruct(x.shape, jnp.float32), jax.ShapeDtypeStruct((2, 2), jnp.uint8)),
+    )
+    vectors = (mean, inv_std, gamma, beta, params.lo, params.k, params.flip, params.aligned)
+    with pytest.raises(Exception, match="bits must be 4 or 8"):
+        jax.block_until_ready(call(x, *vectors, bits=np.int32(3), window=np.float32(6.0),
+                                   negative_slope=np.float32(0.0)))
+    with pytest.raises(Exception, match="per-channel operands"):
+        jax.block_until_ready(call(x, *vectors[:-1], vectors[-1][:2], bits=np.int32(4),
+                                   window=np.float32(6.0), negative_slope=np.float32(0.0)))
