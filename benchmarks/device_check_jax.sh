@@ -16,6 +16,8 @@
 #
 # Each step has its own time limit; a failing step is recorded in summary.txt
 # and the next one still runs. Results under $OUT:
+#   0. the XLA custom calls built against the installed
+#      jaxlib, CUDA kernels included (nvcc)                -> build_jax.txt
 #   1. devices                                              -> devices.txt
 #   2. the JAX suite on the GPU (tests/jax_backend; the
 #      two-device test runs on host devices)               -> tests_jax_gpu.txt
@@ -23,14 +25,14 @@
 #      and the device's peak_bytes_in_use (fresh process
 #      per variant and batch), stock / bits=None / 4-bit     -> memory_resnet164.{txt,json,md}
 #   4. step time, ResNet-164, the same variants interleaved  -> step_time_resnet164.{txt,json}
-#   5. the jnp quantizer kernels against a device copy       -> pack_bench.{txt,json}
-# The XLA custom calls (jax.ffi C++/CUDA handlers) do not exist yet; when
-# they do, their build goes first.
+#   5. the custom calls and the jnp quantizer against a
+#      device-to-device copy                                -> pack_bench.{txt,json}
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-device_out}
 mkdir -p "$OUT"
-export KERAS_BACKEND=jax PYTHONUNBUFFERED=1
+# The CUDA custom calls are off by default until they have run on a GPU: on here.
+export KERAS_BACKEND=jax PYTHONUNBUFFERED=1 KERAS_BLPA_JAX_CUSTOM_CALLS=1
 summary="$OUT/summary.txt"
 : > "$summary"
 
@@ -44,14 +46,15 @@ fi
 . benchmarks/device_steps.sh  # step NAME SECONDS COMMAND...
 
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-step devices 60 python3 -c \
+step build_jax 120 python3 -m keras_blpa.build_ops --only jax
+step devices 30 python3 -c \
   "import jax, keras; print(jax.__version__, keras.__version__, jax.devices())"
-step tests_jax_gpu 240 python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/jax_backend
-step memory_resnet164 200 python3 benchmarks/jax_memory.py --model cifar --depth 164 \
+step tests_jax_gpu 180 python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/jax_backend
+step memory_resnet164 130 python3 benchmarks/jax_memory.py --model cifar --depth 164 \
   --channels 3 --variants stock none 4 --batch-sizes 64 128 --peak \
   --out "$OUT/memory_resnet164.json"
-step step_time_resnet164 120 python3 benchmarks/step_time.py --depth 164 --batch-size 128 \
+step step_time_resnet164 70 python3 benchmarks/step_time.py --depth 164 --batch-size 128 \
   --rounds 3 --steps 3 --variants stock none 4 --out "$OUT/step_time_resnet164.json"
-step pack_bench 60 python3 benchmarks/jax_pack_bench.py --sizes-mib 64 256 1024 \
+step pack_bench 40 python3 benchmarks/jax_pack_bench.py --sizes-mib 64 256 1024 \
   --out "$OUT/pack_bench.json"
 cat "$summary"

@@ -5,8 +5,9 @@ training step (`model.train_step` under `jax.jit`) is compiled at two batch
 sizes and XLA's temp buffer is read from `memory_analysis()`
 (`keras_blpa.profiling.jax_temp_slope`): its slope is the activation memory
 per sample, XLA's own account. Nothing runs, so one process serves every
-variant, side by side. The fused variants use the XLA custom calls where the
-platform has them (`--jnp`: the jnp quantizer, TPU's path, instead). The
+variant, side by side. The fused variants use the XLA custom calls where
+they run by default (CPU; `KERAS_BLPA_JAX_CUSTOM_CALLS=1` also on a GPU), the
+jnp quantizer with `--jnp` (TPU's path). The
 table sets the slope against the saved bytes in theory (4 bytes per element
 for bits=None, bits/8 for BLPA); the rest is the backward pass's transient
 working memory.
@@ -48,7 +49,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--batch-sizes", type=int, nargs=2, default=(8, 24))
     p.add_argument("--no-ynn", action="store_true", help="XLA:CPU without YNNPACK fusions")
     p.add_argument("--jnp", action="store_true",
-                   help="the jnp quantizer instead of the custom calls (TPU's path)")
+                   help="the jnp quantizer (TPU's path) instead of the custom calls")
     p.add_argument("--peak", action="store_true",
                    help="also the device's peak_bytes_in_use, fresh process each (GPU, TPU)")
     p.add_argument("--peak-child", nargs=2, metavar=("VARIANT", "BATCH"), help=argparse.SUPPRESS)
@@ -60,7 +61,7 @@ def main(argv=None) -> list[dict]:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                    + " --xla_cpu_experimental_ynn_fusion_type=").strip()
     if args.jnp:
-        os.environ["KERAS_BLPA_DISABLE_CUSTOM_OPS"] = "1"  # the peak children inherit it
+        os.environ["KERAS_BLPA_JAX_CUSTOM_CALLS"] = "0"  # the peak children inherit it
     os.environ.setdefault("KERAS_BACKEND", "jax")
     import jax
     import keras

@@ -22,14 +22,16 @@ from dataclasses import dataclass, field
 _VALUE = re.compile(r"value: <\d+ (\S+) @\d+> \(size=(\d+),offset=\d+\): (\w+)\[([\d,]*)\]")
 _TEMP = re.compile(r"^allocation \d+: size (\d+), preallocated-temp:", re.M)
 _SEQ = re.compile(r"^\s+(\d+):(\S+)$", re.M)
-_RANGE = re.compile(r"^\s+(\S+)\{[^}]*\}:(\d+)-(\d+)$", re.M)
+_RANGE = re.compile(r"^\s+(\S+?)\{([^}]*)\}:(\d+)-(\d+)$", re.M)
 _PARAM0 = re.compile(r"parameter 0, shape \|\w+\[([\d,]*)\]")
 _MODULE = re.compile(r"module_(\d+)\.(.*)\.\w*after_optimizations-buffer-assignment\.txt$")
 
 
 @dataclass
 class Buffer:
-    """One HLO value of the entry computation's schedule."""
+    """One HLO value of the entry computation's schedule: an instruction's
+    array result, or one element of its tuple result (`name` then carries the
+    index, as in `ffi_call.3{1}`, and `instruction` is `ffi_call.3`)."""
 
     name: str
     size: int
@@ -37,6 +39,11 @@ class Buffer:
     dims: tuple[int, ...]
     start: int
     end: int
+    instruction: str = ""
+
+    def __post_init__(self):
+        if not self.instruction:
+            self.instruction = self.name.split("{", 1)[0]
 
 
 @dataclass
@@ -91,10 +98,12 @@ def parse(path: str) -> BufferAssignment:
         shape = tuple(int(d) for d in dims.split(",") if d)
         values[name] = (int(size), dtype, shape)
     buffers = {}
-    for name, start, end in _RANGE.findall(range_text):
-        if name in values and not name.startswith(("arg", "param")):
+    for instruction, index, start, end in _RANGE.findall(range_text):
+        # Tuple elements (a custom call's several results) are values of their own.
+        name = f"{instruction}{{{index}}}" if index else instruction
+        if name in values and not instruction.startswith(("arg", "param")):
             size, dtype, dims = values[name]
-            buffers[name] = Buffer(name, size, dtype, dims, int(start), int(end))
+            buffers[name] = Buffer(name, size, dtype, dims, int(start), int(end), instruction)
     param = _PARAM0.search(text)
     first = tuple(int(d) for d in param.group(1).split(",") if d) if param else ()
     return BufferAssignment(

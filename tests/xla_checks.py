@@ -122,11 +122,23 @@ def boundary(after, seed_parameter: str, input_parameter: str) -> tuple[str, int
     raise AssertionError("no instruction combines the gradient seed with the forward pass")
 
 
+def from_seed(after, seed: str) -> set:
+    """Instructions computed from the gradient seed: backward values, also
+    those scheduled before the boundary (a pooled head's broadcast gradient
+    needs only the seed; in a real step the seed needs the forward output)."""
+    reached = {seed}
+    for instruction in after:
+        if reached.intersection(instruction.operands):
+            reached.add(instruction.name)
+    return reached
+
+
 def check_backward_reads_no_forward_activation(spec, seed_parameter, input_parameter) -> None:
     """After optimization: no backward instruction reads a full-precision
     tensor of an activation's size that the forward pass produced."""
     after = spec["after"]
     seed, start = boundary(after, seed_parameter, input_parameter)
+    backward_values = from_seed(after, seed)
     position = {i.name: p for p, i in enumerate(after)}
     by_name = {i.name: i for i in after}
     limit = largest_activation(spec)
@@ -134,7 +146,7 @@ def check_backward_reads_no_forward_activation(spec, seed_parameter, input_param
     for instruction in after[start:]:
         for name in instruction.operands:
             operand = by_name.get(name)
-            if operand is None or name == seed or position[name] >= start:
+            if operand is None or name in backward_values or position[name] >= start:
                 continue
             if operand.opcode == "parameter":
                 continue  # the step's inputs (weights, the batch) are not temporaries
@@ -151,12 +163,14 @@ def check_only_codes_live_from_forward_into_backward(spec, seed_parameter, input
     words, or `expected` shapes of `codes_dtype`)."""
     after = spec["after"]
     assignment = spec["assignment"]
-    _, start = boundary(after, seed_parameter, input_parameter)
+    seed, start = boundary(after, seed_parameter, input_parameter)
     step = assignment.position(after[start].name)
     limit = largest_activation(spec)
     parameters = {i.name for i in after if i.opcode == "parameter"}
+    backward_values = from_seed(after, seed)
     crossing = [b for b in assignment.buffers.values()
-                if b.start < step <= b.end and b.name not in parameters]
+                if b.start < step <= b.end and b.instruction not in parameters
+                and b.instruction not in backward_values]
     big = [b for b in crossing if b.dtype in FLOATS and b.size >= 4 * limit // 2]
     assert not big, "\n".join(f"{b.name} {b.dtype}{b.dims} {b.start}-{b.end}" for b in big)
     words = Counter(b.dims for b in crossing if b.dtype == codes_dtype)

@@ -4,10 +4,12 @@ The handlers (`custom_ops/jax_ffi.cc`) run the TensorFlow op's own CPU loops
 and CUDA kernels, so their codes are the op's, bit for bit. The library is
 built on first use (`keras_blpa.build_ops.jax_library`) and loaded once; each
 handler is registered for "cpu" and, when the library has CUDA kernels, for
-"CUDA" under one target name. `platforms()` says where they can run, and the
-unit (`keras_blpa.jax_backend.unit`) uses the jnp quantizer everywhere else
-(TPU, ROCm) and whenever the library is unavailable:
+"CUDA" under one target name. The unit (`keras_blpa.jax_backend.unit`) uses
+them where `usable` says so, and the jnp quantizer everywhere else (TPU,
+ROCm) and whenever the library is unavailable:
 
+- where: on CPU by default; `KERAS_BLPA_JAX_CUSTOM_CALLS=1` also on CUDA
+  (whose handlers compile but have not yet run on a GPU), `=0` nowhere;
 - `KERAS_BLPA_DISABLE_CUSTOM_OPS=1` (read on every call): jnp, silently;
 - the library is missing, fails to build or to load: one `RuntimeWarning`
   naming the cause, then jnp for the rest of the process.
@@ -128,14 +130,41 @@ def platform() -> str:
     return jax.default_backend()
 
 
+_ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+# Where the custom calls run unless told otherwise: platforms they have been
+# run and checked on (bit-exact with the jnp path, compiled-program checks).
+# The CUDA handlers compile but have not run on a GPU yet.
+_DEFAULT_PLATFORMS = ("cpu",)
+
+
+def enabled(here: str | None = None) -> bool:
+    """Whether the units use the custom calls on platform `here` (default:
+    `platform()`). `KERAS_BLPA_JAX_CUSTOM_CALLS=1` turns them on wherever the
+    library registered (CPU and CUDA), `=0` off; unset, they run on CPU only."""
+    value = os.environ.get("KERAS_BLPA_JAX_CUSTOM_CALLS", "").strip().lower()
+    if value in _ON:
+        return True
+    if value in _OFF:
+        return False
+    if value not in ("", "auto"):
+        raise ValueError(
+            f"KERAS_BLPA_JAX_CUSTOM_CALLS={value!r}: use 1 (custom calls wherever the "
+            "library registered), 0 (the jnp quantizer) or auto (unset: CPU only)."
+        )
+    return (here or platform()) in _DEFAULT_PLATFORMS
+
+
 def usable(shape, bits: int | None) -> bool:
-    """True when this unit's kernels run as custom calls: the library is
-    registered for the platform, the activation has a batch axis and at 4 bits
-    an even number of elements per sample (whole bytes per sample)."""
+    """True when this unit's kernels run as custom calls: `enabled` for the
+    platform, the library is registered for it, the activation has a batch
+    axis and at 4 bits an even number of elements per sample (whole bytes
+    per sample)."""
+    here = platform()
+    if not enabled(here):
+        return False
     registered = load()
     if not registered:
         return False
-    here = platform()
     if ("cuda" if here == "gpu" else here) not in registered:
         return False
     if len(shape) < 2 or 0 in shape:

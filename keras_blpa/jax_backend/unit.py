@@ -77,6 +77,8 @@ def bn_relu_linear(
     custom = ffi.usable(shape, bits)
 
     def forward(x, gamma, beta, weights):
+        if custom:
+            x, gamma, beta = _no_tangents((x, gamma, beta), name)
         x32 = x.astype(jnp.float32)
         mean = jnp.mean(x32, axes)
         variance = jnp.var(x32, axes)
@@ -136,6 +138,8 @@ def bn_relu_linear(
         return quantizer.decode_bn_backward(g_a, saved, params, gamma, inv_std, bits, slope)
 
     def backward(residuals, cotangents):
+        if custom:
+            residuals, cotangents = _no_tangents((residuals, cotangents), name)
         saved, gamma, beta, inv_std, weights = residuals
         grads = list(cotangents[0])  # the moments' cotangents are ignored
         # Recomputed from gamma and beta ([C] each): residuals must be arrays.
@@ -163,6 +167,34 @@ def bn_relu_linear(
     return list(outputs), jax.lax.stop_gradient(mean), jax.lax.stop_gradient(variance)
 
 
+def _second_order_error(name: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"Second-order gradients through the fused BLPA layer {name!r} are not "
+        "supported (a gradient of its gradient: a gradient penalty, nested "
+        "jax.grad, a Hessian-vector product). Its backward pass is a first-order "
+        "gradient rebuilt from the saved codes, with bits=None too. Build this "
+        "part of the model from stock keras.layers.BatchNormalization, ReLU and "
+        "Conv2D/Dense layers."
+    )
+
+
+def _no_tangents(tree, name: str):
+    """`tree`, unchanged; raises the second-order error where autodiff pushes
+    a tangent through it. Guards what the custom calls read: they have no
+    differentiation rule, and a `stop_gradient` instead would turn a
+    second-order gradient into a silently partial one."""
+
+    @jax.custom_jvp
+    def identity(tree):
+        return tree
+
+    @identity.defjvp
+    def _(primals, tangents):
+        raise _second_order_error(name)
+
+    return identity(tree)
+
+
 def _first_order_only(gradients, name: str):
     """The unit's gradients, unchanged; differentiating them raises.
 
@@ -180,14 +212,7 @@ def _first_order_only(gradients, name: str):
         return tree, None
 
     def backward(_, cotangents):
-        raise NotImplementedError(
-            f"Second-order gradients through the fused BLPA layer {name!r} are not "
-            "supported (a gradient of its gradient: a gradient penalty, nested "
-            "jax.grad, a Hessian-vector product). Its backward pass is a first-order "
-            "gradient rebuilt from the saved codes, with bits=None too. Build this "
-            "part of the model from stock keras.layers.BatchNormalization, ReLU and "
-            "Conv2D/Dense layers."
-        )
+        raise _second_order_error(name)
 
     identity.defvjp(forward, backward)
     return identity(gradients)

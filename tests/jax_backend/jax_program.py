@@ -32,6 +32,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.jnp:
         os.environ["KERAS_BLPA_DISABLE_CUSTOM_OPS"] = "1"
+    else:
+        os.environ["KERAS_BLPA_JAX_CUSTOM_CALLS"] = "1"
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={args.dump_dir}"
         " --xla_dump_hlo_module_re=.*blpa_step.*"

@@ -35,8 +35,10 @@ def test_jax_memory_table(tmp_path, capsys):
 def test_jax_pack_bench_rows(tmp_path):
     rows = _load("jax_pack_bench").main(["--sizes-mib", "1", "--bits", "4", "--rounds", "1",
                                          "--out", str(tmp_path / "pack.json")])
-    assert {r["op"] for r in rows} == {"encode", "decode_relu", "decode_bn_backward",
-                                       "copy (2 * x)"}
+    ops = {"encode", "decode_relu", "decode_bn_backward"}
+    # the custom calls run by default on CPU, next to the jnp quantizer
+    assert {r["op"] for r in rows} == ops | {f"{op} (custom call)" for op in ops} | {
+        "copy (2 * x)"}
     assert all(r["gb_per_s"] > 0 for r in rows)
 
 

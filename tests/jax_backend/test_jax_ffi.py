@@ -125,6 +125,7 @@ def _step_text(bits):
 
 @pytest.mark.parametrize("bits", [4, None])
 def test_the_unit_runs_custom_calls_unless_disabled(bits, monkeypatch):
+    monkeypatch.setenv("KERAS_BLPA_JAX_CUSTOM_CALLS", "1")
     text, grads = _step_text(bits)
     if bits is None:
         targets = ("blpa_exact_forward", "blpa_exact_relu", "blpa_exact_sums",
@@ -141,7 +142,8 @@ def test_the_unit_runs_custom_calls_unless_disabled(bits, monkeypatch):
         np.testing.assert_allclose(np.asarray(value), np.asarray(ref), atol=1e-5 * scale)
 
 
-def test_odd_samples_at_four_bits_stay_on_the_jnp_path():
+def test_odd_samples_at_four_bits_stay_on_the_jnp_path(monkeypatch):
+    monkeypatch.setenv("KERAS_BLPA_JAX_CUSTOM_CALLS", "1")
     assert ffi.usable((4, 3, 3, 5), 4) is False  # 45 codes a sample: half a byte
     assert ffi.usable((4, 3, 3, 5), 8) is True
     assert ffi.usable((4, 3, 3, 6), 4) is True
@@ -154,6 +156,7 @@ def test_a_missing_library_warns_once_and_falls_back_to_jnp(tmp_path):
         import os, warnings
         os.environ["KERAS_BACKEND"] = "jax"
         os.environ["KERAS_BLPA_JAX_LIBRARY"] = "/nonexistent/libblpa_jax.so"
+        os.environ["KERAS_BLPA_JAX_CUSTOM_CALLS"] = "1"
         import numpy as np, keras
         from keras_blpa import BNReLUConv2D
         with warnings.catch_warnings(record=True) as caught:
@@ -190,3 +193,16 @@ def test_handlers_reject_bad_attributes():
     with pytest.raises(Exception, match="per-channel operands"):
         jax.block_until_ready(call(x, *vectors[:-1], vectors[-1][:2], bits=np.int32(4),
                                    window=np.float32(6.0), negative_slope=np.float32(0.0)))
+
+
+def test_the_switch_picks_where_custom_calls_run(monkeypatch):
+    monkeypatch.delenv("KERAS_BLPA_JAX_CUSTOM_CALLS", raising=False)
+    assert ffi.enabled("cpu") and not ffi.enabled("gpu") and not ffi.enabled("tpu")
+    assert ffi.usable((4, 3, 3, 6), 4) is True  # CPU: on by default
+    monkeypatch.setenv("KERAS_BLPA_JAX_CUSTOM_CALLS", "1")
+    assert ffi.enabled("gpu")
+    monkeypatch.setenv("KERAS_BLPA_JAX_CUSTOM_CALLS", "0")
+    assert not ffi.enabled("cpu") and ffi.usable((4, 3, 3, 6), 4) is False
+    monkeypatch.setenv("KERAS_BLPA_JAX_CUSTOM_CALLS", "sometimes")
+    with pytest.raises(ValueError, match="KERAS_BLPA_JAX_CUSTOM_CALLS='sometimes'.*use 1"):
+        ffi.enabled("cpu")

@@ -241,8 +241,10 @@ def test_synchronized_layers_build_and_train_as_unsynchronized_ones():
         np.testing.assert_array_equal(g, h)
 
 
+@pytest.mark.parametrize("custom_calls", ["1", "0"], ids=["custom-calls", "jnp"])
 @pytest.mark.parametrize("bits", [None, 4])
-def test_second_order_gradients_raise_a_clear_error(bits):
+def test_second_order_gradients_raise_a_clear_error(bits, custom_calls, monkeypatch):
+    monkeypatch.setenv("KERAS_BLPA_JAX_CUSTOM_CALLS", custom_calls)
     layer = keras_blpa.BNReLUConv2D(3, 3, bits=bits, name="unit")
     model = _model(layer, (2, 5, 5, 4))
     x = np.random.default_rng(11).normal(size=(2, 5, 5, 4)).astype("float32")
