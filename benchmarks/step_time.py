@@ -13,8 +13,9 @@ step and the ratio to the exact fused model (bits=None) at the same batch.
 The last column compares each variant with stock Keras layers under the same
 compiler (stock for plain variants, stock-xla for -xla ones).
 
-With `KERAS_BACKEND=jax` the variants are stock, none, 8 and 4: every step is
-jitted (the JAX unit and its jnp quantizer), stock layers on JAX alike.
+With `KERAS_BACKEND=jax` the variants are stock, none, 8, 4 and 4-jnp: every
+step is jitted, stock layers on JAX alike; the fused ones run the XLA custom
+calls where they run by default (CPU), 4-jnp the jnp quantizer (TPU's path).
 
     python benchmarks/step_time.py --depth 29 --batch-size 64 --rounds 5
     python benchmarks/step_time.py --depth 56 --batch-size 32 \
@@ -39,14 +40,17 @@ from keras_blpa.models import preact_resnet_cifar  # noqa: E402
 
 JAX = keras.backend.backend() == "jax"
 VARIANTS = ("stock", "none", "8", "4") + (
-    () if JAX else ("4-puretf", "stock-xla", "none-xla", "8-xla", "4-xla"))
+    ("4-jnp",) if JAX else ("4-puretf", "stock-xla", "none-xla", "8-xla", "4-xla"))
 
 
 def implementation() -> str:
     if JAX:
         import jax
 
-        return f"JAX {jax.__version__} (jnp quantizer, jitted) on {jax.devices()[0].platform}"
+        from keras_blpa.jax_backend import ffi
+
+        kernels = "custom calls" if ffi.usable((2, 2), 4) else "jnp quantizer"
+        return f"JAX {jax.__version__} ({kernels}, jitted) on {jax.devices()[0].platform}"
     from keras_blpa import ops
 
     return ops.implementation()
@@ -59,14 +63,20 @@ def make(variant: str, depth: int, x, y):
                                 input_shape=x.shape[1:])
     model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   jit_compile=True if JAX else variant.endswith("xla"))
-    # The path is fixed when the step is traced: trace the fallback variant
-    # with the custom op switched off.
-    if variant.endswith("puretf"):
-        os.environ["KERAS_BLPA_DISABLE_CUSTOM_OPS"] = "1"
+    # The path is fixed when the step is traced: trace the fallback variants
+    # with the compiled kernels switched off.
+    switch = {"puretf": ("KERAS_BLPA_DISABLE_CUSTOM_OPS", "1"),
+              "jnp": ("KERAS_BLPA_JAX_CUSTOM_CALLS", "0")}.get(variant.split("-")[-1])
+    saved = os.environ.get(switch[0]) if switch else None
+    if switch:
+        os.environ[switch[0]] = switch[1]
     try:
         model.train_on_batch(x, y)
     finally:
-        os.environ.pop("KERAS_BLPA_DISABLE_CUSTOM_OPS", None)
+        if switch and saved is None:
+            os.environ.pop(switch[0], None)
+        elif switch:
+            os.environ[switch[0]] = saved
     model.train_on_batch(x, y)
     return model
 

@@ -45,6 +45,6 @@ def test_jax_pack_bench_rows(tmp_path):
 def test_step_time_on_jax(tmp_path):
     result = _load("step_time").main(["--depth", "11", "--batch-size", "4", "--size", "8",
                                       "--rounds", "1", "--steps", "1",
-                                      "--variants", "stock", "4"])
-    assert set(result["median_s"]) == {"stock", "4"}
+                                      "--variants", "stock", "4", "4-jnp"])
+    assert set(result["median_s"]) == {"stock", "4", "4-jnp"}
     assert result["implementation"].startswith("JAX")
