@@ -45,6 +45,46 @@ class QuantParams(NamedTuple):
     window: float = PAPER_WINDOW
 
 
+class CapParams(NamedTuple):
+    """Per-channel grid parameters of a capped ReLU's second kink
+    (`min(max(y, 0), max_value)`: saturated where `y >= max_value`), float32
+    `[C]` but `max_value`.
+
+    kc: index of the bin edge nearest the cap's kink; the saturated codes are
+      those `>= kc` when `flip == 0` (`< kc` when 1). Channels whose cap kink
+      lies outside the window use `kc = 0` (saturated) or `kc = n` (not).
+    flip: 1.0 where gamma < 0 and the kink lies inside the window.
+    aligned: 1.0 where the kink lies inside the window: encoding clamps each
+      code onto the side of `kc` that the forward's `y >= max_value` says, so
+      the saturated mask rebuilt from a code is exact for every value.
+    max_value: the cap (a Python float, rounded to float32).
+    """
+
+    kc: Any
+    flip: Any
+    aligned: Any
+    max_value: float
+
+
+def check_max_value(max_value: float | None) -> None:
+    """Raises a ValueError naming `max_value` unless it is None or a finite
+    number > 0 (the cap of `keras.layers.ReLU(max_value=...)`, 6 for ReLU6)."""
+    is_number = isinstance(max_value, numbers.Real) and not isinstance(max_value, bool)
+    finite = is_number and np.isfinite(max_value)
+    if max_value is not None and not (finite and 0 < max_value <= float(np.finfo(np.float32).max)):
+        raise ValueError(
+            "`max_value` caps the ReLU (`keras.layers.ReLU(max_value=...)`; 6.0 for ReLU6) "
+            f"and must be a finite number > 0, or None for no cap; received "
+            f"max_value={max_value!r}."
+        )
+
+
+def resolve_max_value(max_value: float | None) -> float | None:
+    """`max_value` checked and rounded to float32 (None stays None)."""
+    check_max_value(max_value)
+    return None if max_value is None else float(np.float32(max_value))
+
+
 def check_bits(bits: int | None, allow_none: bool = True) -> None:
     """Raises a ValueError naming `bits` unless it is 4, 8 (or None)."""
     allowed = SUPPORTED_BITS + ((None,) if allow_none else ())

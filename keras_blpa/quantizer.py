@@ -36,18 +36,24 @@ from keras_blpa.grid import (  # noqa: F401  (re-exported: the public names live
     DEFAULT_WINDOW,
     PAPER_WINDOW,
     SUPPORTED_BITS,
+    CapParams,
     QuantParams,
     bin_width,
     check_bits,
     check_window,
     codes_per_word,
+    resolve_max_value,
     resolve_window,
     word_axis,
 )
 
 
 def quantizer_params(
-    gamma: tf.Tensor, beta: tf.Tensor, bits: int, window: float | None = None
+    gamma: tf.Tensor,
+    beta: tf.Tensor,
+    bits: int,
+    window: float | None = None,
+    max_value: float | None = None,
 ) -> QuantParams:
     """Computes the threshold-aligned grid of each channel from BN's gamma and beta.
 
@@ -56,6 +62,9 @@ def quantizer_params(
       beta: BN offset, shape `[C]`.
       bits: 4 or 8.
       window: grid range in standard deviations; None for `DEFAULT_WINDOW[bits]`.
+      max_value: a capped ReLU's cap (see `cap_params`), or None. With a cap
+        the threshold edge keeps two bins from either end of the grid, so
+        that the cap's edge always finds a bin on each of its sides.
 
     Returns:
       A `QuantParams` of float32 `[C]` tensors and the resolved window.
@@ -75,13 +84,64 @@ def quantizer_params(
     # rounds to 0 on the edge would get a constant mask that is wrong there.
     aligned = (-half * gamma + beta > 0.0) != (half * gamma + beta > 0.0)
     t_in = tf.where(aligned, tf.clip_by_value(t, -half, half), 0.0)
-    k_aligned = tf.clip_by_value(tf.round((t_in + half) / w), 1.0, n - 1.0)
+    margin = 1.0 if max_value is None else 2.0
+    k_aligned = tf.clip_by_value(tf.round((t_in + half) / w), margin, n - margin)
     lo = tf.where(aligned, t_in - k_aligned * w, -half)
     # Constant channels: on everywhere in the window iff y(xhat=0) = beta > 0.
     k_const = tf.where(beta > 0.0, 0.0, n)
     k = tf.where(aligned, k_aligned, k_const)
     flip = tf.cast(aligned & (gamma < 0.0), tf.float32)
     return QuantParams(lo, k, flip, tf.cast(aligned, tf.float32), window)
+
+
+def cap_params(
+    gamma: tf.Tensor, beta: tf.Tensor, params: QuantParams, bits: int, max_value: float
+) -> CapParams:
+    """The grid's second edge, for a ReLU capped at `max_value` (ReLU6: 6).
+
+    The cap's kink lies at `t1 = (max_value - beta) / gamma` in normalized
+    units, in general inside a bin of the grid aligned to the ReLU's
+    threshold. Its edge `kc` is the bin edge nearest `t1`, kept on the
+    unsaturated side of the threshold edge with at least one bin between
+    them, and encoding clamps every code onto the side of `kc` that the
+    forward's own `y >= max_value` says: the saturated mask is exact for
+    every value. A value clamped over that edge decodes within 1.5 bins
+    (1.5 where the on-region is narrower than a bin) instead of half a bin;
+    keeping the threshold edge two bins from the grid's ends shifts the grid
+    by up to 1.5 bins against the window. Channels whose kink lies outside the window
+    have a constant saturated mask (exact inside the window), as the
+    threshold's unaligned channels do.
+
+    Args:
+      gamma, beta: BN's `[C]` scale and offset.
+      params: the channel's grid, `quantizer_params(..., max_value=max_value)`.
+      bits: 4 or 8.
+      max_value: the cap, > 0.
+
+    Returns:
+      A `CapParams` of float32 `[C]` tensors and the cap as a float32 float.
+    """
+    cap = resolve_max_value(max_value)
+    n = float(1 << bits)
+    w = bin_width(bits, params.window)
+    half = params.window / 2
+    gamma = tf.cast(gamma, tf.float32)
+    beta = tf.cast(beta, tf.float32)
+    # Saturated iff y >= cap, decided from y at the window's edges as the
+    # forward computes y (see `quantizer_params`).
+    aligned = (-half * gamma + beta >= cap) != (half * gamma + beta >= cap)
+    t1 = (cap - beta) / tf.where(tf.not_equal(gamma, 0.0), gamma, 1.0)
+    edge = tf.round((tf.clip_by_value(t1, params.lo, params.lo + n * w) - params.lo) / w)
+    # The unsaturated "on" codes lie between the two edges: at least one bin.
+    k_aligned = params.aligned > 0.5
+    low_side = gamma < 0.0  # saturated below the kink
+    lower = tf.where(~low_side & k_aligned, params.k + 1.0, 1.0)
+    upper = tf.where(low_side & k_aligned, params.k - 1.0, n - 1.0)
+    kc_aligned = tf.clip_by_value(edge, lower, upper)
+    kc_const = tf.where(beta >= cap, 0.0, n)
+    kc = tf.where(aligned, kc_aligned, kc_const)
+    flip = tf.cast(aligned & low_side, tf.float32)
+    return CapParams(kc, flip, tf.cast(aligned, tf.float32), cap)
 
 
 def _channel_count(x: tf.Tensor) -> int:
@@ -92,12 +152,19 @@ def _channel_count(x: tf.Tensor) -> int:
 
 
 def encode_codes(
-    xhat: tf.Tensor, on: tf.Tensor, params: QuantParams, bits: int
+    xhat: tf.Tensor,
+    on: tf.Tensor,
+    params: QuantParams,
+    bits: int,
+    cap: CapParams | None = None,
+    saturated: tf.Tensor | None = None,
 ) -> tf.Tensor:
     """Unpacked integer codes (float32 values in `[0, n)`) for `xhat`.
 
     `on` is the forward pass's ReLU mask `y > 0`; the code is clamped onto the
     matching side of the threshold edge so that `decode` rebuilds it exactly.
+    With a `cap` (`cap_params`), `saturated` is the forward's `y >= max_value`
+    and the code is clamped onto its side of the cap's edge as well.
     """
     n = float(1 << bits)
     inv_w = 1.0 / bin_width(bits, params.window)
@@ -109,6 +176,13 @@ def encode_codes(
     aligned = params.aligned > 0.5
     lower = tf.where(aligned & want_hi, params.k, 0.0)
     upper = tf.where(aligned & ~want_hi, params.k - 1.0, n - 1.0)
+    u = tf.minimum(tf.maximum(u, lower), upper)
+    if cap is None:
+        return u
+    want_hi = tf.equal(saturated, cap.flip < 0.5)
+    aligned = cap.aligned > 0.5
+    lower = tf.where(aligned & want_hi, cap.kc, 0.0)
+    upper = tf.where(aligned & ~want_hi, cap.kc - 1.0, n - 1.0)
     return tf.minimum(tf.maximum(u, lower), upper)
 
 
@@ -177,6 +251,30 @@ def _centres_and_mask(codes: tf.Tensor, params: QuantParams, bits: int):
     xhat = (q + 0.5) * bin_width(bits, params.window) + params.lo
     mask = tf.not_equal(q >= params.k, params.flip > 0.5)
     return xhat, mask
+
+
+def centres_and_masks_capped(codes: tf.Tensor, params: QuantParams, cap: CapParams, bits: int):
+    """`(xhat, mask, saturated)` from unpacked codes of a capped ReLU: bin
+    centres, the exact gradient mask `0 < y < max_value` and the exact
+    saturated mask `y >= max_value`."""
+    xhat, on = _centres_and_mask(codes, params, bits)
+    saturated = tf.not_equal(tf.cast(codes, tf.float32) >= cap.kc, cap.flip > 0.5)
+    return xhat, on & ~saturated, saturated
+
+
+def relu_from_decoded_capped(
+    xhat: tf.Tensor,
+    mask: tf.Tensor,
+    saturated: tf.Tensor,
+    gamma: tf.Tensor,
+    beta: tf.Tensor,
+    max_value: float,
+) -> tf.Tensor:
+    """The capped ReLU output rebuilt from decoded `(xhat, mask, saturated)`:
+    `max_value` where saturated, the rebuilt `y` (at most `max_value`) where
+    on, else 0. The masks decide, not the rebuilt `y`."""
+    y = tf.minimum(xhat * gamma + beta, max_value)
+    return tf.where(saturated, max_value, tf.where(mask, y, 0.0))
 
 
 # Word layout, used under XLA. Codes go into uint32 words along one axis that

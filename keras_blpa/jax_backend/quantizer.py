@@ -16,10 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from keras_blpa.grid import (
+    CapParams,
     QuantParams,
     bin_width,
     check_bits,
     codes_per_word,
+    resolve_max_value,
     resolve_window,
     word_axis,
     words_shape,  # noqa: F401  (the layout's shape, re-exported)
@@ -43,7 +45,8 @@ def rounded(product):
     return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
-def quantizer_params(gamma, beta, bits: int, window: float | None = None) -> QuantParams:
+def quantizer_params(gamma, beta, bits: int, window: float | None = None,
+                     max_value: float | None = None) -> QuantParams:
     """The threshold-aligned grid of each channel (`keras_blpa.quantizer.quantizer_params`)."""
     window = resolve_window(bits, window)
     n = float(1 << bits)
@@ -55,7 +58,8 @@ def quantizer_params(gamma, beta, bits: int, window: float | None = None) -> Qua
     # Decided from y at both window edges, as the forward computes y.
     aligned = (rounded(-half * gamma) + beta > 0.0) != (rounded(half * gamma) + beta > 0.0)
     t_in = jnp.where(aligned, jnp.clip(t, -half, half), 0.0)
-    k_aligned = jnp.clip(jnp.round((t_in + half) / w), 1.0, n - 1.0)
+    margin = 1.0 if max_value is None else 2.0
+    k_aligned = jnp.clip(jnp.round((t_in + half) / w), margin, n - margin)
     lo = jnp.where(aligned, t_in - rounded(k_aligned * w), -half)
     k_const = jnp.where(beta > 0.0, 0.0, n)
     k = jnp.where(aligned, k_aligned, k_const)
@@ -63,9 +67,32 @@ def quantizer_params(gamma, beta, bits: int, window: float | None = None) -> Qua
     return QuantParams(lo, k, flip, aligned.astype(jnp.float32), window)
 
 
-def encode_codes(xhat, on, params: QuantParams, bits: int):
+def cap_params(gamma, beta, params: QuantParams, bits: int, max_value: float) -> CapParams:
+    """The grid's edge at a capped ReLU's second kink
+    (`keras_blpa.quantizer.cap_params`)."""
+    cap = resolve_max_value(max_value)
+    n = float(1 << bits)
+    w = bin_width(bits, params.window)
+    half = params.window / 2
+    gamma = jnp.asarray(gamma, jnp.float32)
+    beta = jnp.asarray(beta, jnp.float32)
+    aligned = (rounded(-half * gamma) + beta >= cap) != (rounded(half * gamma) + beta >= cap)
+    t1 = (cap - beta) / jnp.where(gamma != 0.0, gamma, 1.0)
+    edge = jnp.round((jnp.clip(t1, params.lo, params.lo + n * w) - params.lo) / w)
+    k_aligned = params.aligned > 0.5
+    low_side = gamma < 0.0
+    lower = jnp.where(~low_side & k_aligned, params.k + 1.0, 1.0)
+    upper = jnp.where(low_side & k_aligned, params.k - 1.0, n - 1.0)
+    kc = jnp.where(aligned, jnp.clip(edge, lower, upper), jnp.where(beta >= cap, 0.0, n))
+    flip = (aligned & low_side).astype(jnp.float32)
+    return CapParams(kc, flip, aligned.astype(jnp.float32), cap)
+
+
+def encode_codes(xhat, on, params: QuantParams, bits: int, cap: CapParams | None = None,
+                 saturated=None):
     """Unpacked codes (float32 values in `[0, n)`), clamped onto the side of
-    the threshold edge that the forward's mask `on` says."""
+    the threshold edge that the forward's mask `on` says (and of the cap's
+    edge that `saturated`, `y >= max_value`, says)."""
     n = float(1 << bits)
     inv_w = 1.0 / bin_width(bits, params.window)
     u = jnp.floor((xhat - params.lo) * inv_w)
@@ -74,6 +101,13 @@ def encode_codes(xhat, on, params: QuantParams, bits: int):
     aligned = params.aligned > 0.5
     lower = jnp.where(aligned & want_hi, params.k, 0.0)
     upper = jnp.where(aligned & ~want_hi, params.k - 1.0, n - 1.0)
+    u = jnp.minimum(jnp.maximum(u, lower), upper)
+    if cap is None:
+        return u
+    want_hi = saturated == (cap.flip < 0.5)
+    aligned = cap.aligned > 0.5
+    lower = jnp.where(aligned & want_hi, cap.kc, 0.0)
+    upper = jnp.where(aligned & ~want_hi, cap.kc - 1.0, n - 1.0)
     return jnp.minimum(jnp.maximum(u, lower), upper)
 
 
@@ -83,6 +117,21 @@ def centres_and_mask(codes, params: QuantParams, bits: int):
     xhat = rounded((q + 0.5) * bin_width(bits, params.window)) + params.lo
     mask = (q >= params.k) != (params.flip > 0.5)
     return xhat, mask
+
+
+def centres_and_masks_capped(codes, params: QuantParams, cap: CapParams, bits: int):
+    """`(xhat, mask, saturated)` of a capped ReLU
+    (`keras_blpa.quantizer.centres_and_masks_capped`)."""
+    xhat, on = centres_and_mask(codes, params, bits)
+    saturated = (codes.astype(jnp.float32) >= cap.kc) != (cap.flip > 0.5)
+    return xhat, on & ~saturated, saturated
+
+
+def relu_from_decoded_capped(xhat, mask, saturated, gamma, beta, max_value: float):
+    """The capped ReLU output rebuilt from the decoded masks
+    (`keras_blpa.quantizer.relu_from_decoded_capped`)."""
+    y = jnp.minimum(rounded(xhat * gamma) + beta, max_value)
+    return jnp.where(saturated, max_value, jnp.where(mask, y, 0.0))
 
 
 def pack(codes, bits: int):
