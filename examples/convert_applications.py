@@ -37,7 +37,7 @@ from keras_blpa import datasets, profiling, training  # noqa: E402
 
 MODELS = (
     "ResNet50V2", "ResNet101V2", "ResNet152V2", "ResNet50", "ResNet101", "ResNet152",
-    "DenseNet121", "DenseNet169", "DenseNet201", "MobileNetV2",
+    "DenseNet121", "DenseNet169", "DenseNet201", "MobileNetV2", "MobileNet",
 )
 VARIANTS = ("stock", "none", "8", "4")
 

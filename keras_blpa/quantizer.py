@@ -262,6 +262,59 @@ def centres_and_masks_capped(codes: tf.Tensor, params: QuantParams, cap: CapPara
     return xhat, on & ~saturated, saturated
 
 
+def normalize_relu_capped(x, mean, inv_std, gamma, beta, max_value: float):
+    """`(xhat, on, saturated, a)` of a ReLU capped at `max_value`: the
+    normalized input, `y > 0`, `y >= max_value` and `a = min(max(y, 0),
+    max_value)`, which lets NaN through (as `_normalize_relu` does)."""
+    xhat = (x - mean) * inv_std
+    y = xhat * gamma + beta
+    a = tf.where(y <= 0.0, 0.0, tf.where(y >= max_value, max_value, y))
+    return xhat, y > 0.0, y >= max_value, a
+
+
+def bn_relu_encode_capped(
+    x, mean, inv_std, gamma, beta, params: QuantParams, cap: CapParams, bits: int,
+    words: bool = False, sum_windows=None,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """`(a, codes)` of a capped unit: the exact capped ReLU output and the
+    codes, flat bytes (`pack`) or, with `words`, the word layout."""
+    check_bits(bits, allow_none=False)
+    xhat, on, saturated, a = normalize_relu_capped(x, mean, inv_std, gamma, beta, cap.max_value)
+    codes = encode_codes(xhat, on, params, bits, cap, saturated)
+    return a, pack_words(codes, bits, sum_windows) if words else pack(codes, bits)
+
+
+def decode_capped(saved, params: QuantParams, cap: CapParams, shape, bits: int,
+                  words: bool = False):
+    """`(xhat, mask, saturated)` from a capped unit's codes (bytes or words)."""
+    check_bits(bits, allow_none=False)
+    codes = unpack_words(saved, shape, bits) if words else unpack(saved, shape, bits)
+    return centres_and_masks_capped(codes, params, cap, bits)
+
+
+def quantize_relu_capped(x, mean, inv_std, gamma, beta, params: QuantParams, cap: CapParams,
+                         bits: int) -> tf.Tensor:
+    """The capped ReLU output rebuilt from the codes without packing (the
+    naive forward), bit for bit what decoding the packed codes gives."""
+    xhat, on, saturated, _ = normalize_relu_capped(x, mean, inv_std, gamma, beta, cap.max_value)
+    codes = encode_codes(xhat, on, params, bits, cap, saturated)
+    centres, mask, saturated = centres_and_masks_capped(codes, params, cap, bits)
+    return relu_from_decoded_capped(centres, mask, saturated, gamma, beta, cap.max_value)
+
+
+def exact_masks_capped(xhat, gamma, beta, max_value: float):
+    """`(mask, saturated)` of a capped ReLU from the exact `xhat`, bit for
+    bit the forward's: `0 < y < max_value` and `y >= max_value`."""
+    y = xhat * gamma + beta
+    return (y > 0.0) & (y < max_value), y >= max_value
+
+
+def relu_exact_capped(xhat, gamma, beta, max_value: float) -> tf.Tensor:
+    """The capped ReLU output rebuilt from the exact `xhat`."""
+    y = xhat * gamma + beta
+    return tf.where(y <= 0.0, 0.0, tf.where(y >= max_value, max_value, y))
+
+
 def relu_from_decoded_capped(
     xhat: tf.Tensor,
     mask: tf.Tensor,

@@ -13,7 +13,7 @@ from typing import Protocol
 import numpy as np
 import tensorflow as tf
 
-from keras_blpa import custom_op, quantizer, xla
+from keras_blpa import custom_op, grid, quantizer, xla
 
 try:  # Internal API, used only to save memory in eager mode.
     from tensorflow.python.eager import record as _record
@@ -53,6 +53,7 @@ def bn_relu_linear(
     window: float | None = None,
     synchronized: bool = False,
     negative_slope: float = 0.0,
+    max_value: float | None = None,
     name: str = "bn_relu_linear",
 ) -> tuple[list[tf.Tensor], tf.Tensor, tf.Tensor]:
     """Training-mode forward of BN (batch statistics) -> ReLU -> linear.
@@ -74,6 +75,10 @@ def bn_relu_linear(
         sync, or outside any replica context, this is the unsynchronized unit.
       negative_slope: leaky ReLU, `y if y > 0 else negative_slope * y` (as
         `tf.nn.leaky_relu`); 0 is the ReLU. The codes do not depend on it.
+      max_value: cap the ReLU, `min(max(y, 0), max_value)` (ReLU6: 6), with
+        a second grid edge at the cap's kink (`quantizer.cap_params`); None:
+        no cap. Needs `negative_slope=0`. Capped units run the pure-TF
+        quantizer (the compiled op has no cap yet).
       name: the layer's name, for the error on second-order gradients.
 
     Returns:
@@ -87,6 +92,12 @@ def bn_relu_linear(
     replica = _sync_context(synchronized)
     # Rounded as the op's float attr is, so that every path agrees.
     slope = _float32_slope(negative_slope)
+    cap = grid.resolve_max_value(max_value)
+    if cap is not None and slope != 0.0:
+        raise ValueError(
+            f"{name!r}: a capped ReLU (max_value={max_value!r}) with a leaky slope "
+            f"(negative_slope={negative_slope!r}) is not supported; use one of them."
+        )
 
     def unit(*inputs):
         # Stop the outer tape from recording (and keeping alive) the forward's
@@ -99,14 +110,18 @@ def bn_relu_linear(
             mean, variance, count = _global_moments(x32, axes, replica, name)
         inv_std = tf.math.rsqrt(variance + epsilon)
         x_shape = tf.shape(x)
-        if bits is None:
+        if bits is None and cap is not None:
+            saved, _, _, a = quantizer.normalize_relu_capped(
+                x32, mean, inv_std, gamma, beta, cap
+            )
+        elif bits is None:
             a, saved = custom_op.bn_relu_exact(
                 x32, mean, inv_std, gamma, beta, negative_slope=slope
             )
         else:
-            codes = _Codes(
-                bits, quantizer.quantizer_params(gamma, beta, bits, window), x_shape, slope
-            )
+            params = quantizer.quantizer_params(gamma, beta, bits, window, max_value=cap)
+            caps = None if cap is None else quantizer.cap_params(gamma, beta, params, bits, cap)
+            codes = _Codes(bits, params, x_shape, slope, caps)
             a, saved = codes.encode(x32, mean, inv_std, gamma, beta)
             if naive:
                 # `+ 0 * a`: the codes are finite even for a NaN or Inf input;
@@ -136,7 +151,9 @@ def bn_relu_linear(
                 xla.after(saved, grads[0]), *grads
             )
             with tf.control_dependencies(grads):
-                if bits is None:
+                if bits is None and cap is not None:
+                    a_approx = quantizer.relu_exact_capped(saved_now, gamma, beta, cap)
+                elif bits is None:
                     a_approx = custom_op.relu_exact(
                         saved_now, gamma, beta, negative_slope=slope
                     )
@@ -156,13 +173,18 @@ def bn_relu_linear(
             with tf.control_dependencies([g_a]):
                 if replica is not None:
                     if bits is None:
-                        xhat, mask = saved_now, quantizer.exact_mask(saved_now, gamma, beta)
+                        xhat, mask = saved_now, _exact_mask(saved_now, gamma, beta, cap)
                     else:
                         xhat, mask = codes.decode(saved_now)
                     g_x, d_gamma, d_beta = _global_bn_backward(
                         g_a, xhat, mask, gamma, inv_std, count, replica, name, slope
                     )
                     del xhat, mask
+                elif bits is None and cap is not None:
+                    g_x, d_gamma, d_beta = quantizer.relu_bn_backward(
+                        g_a, saved_now, _exact_mask(saved_now, gamma, beta, cap), gamma,
+                        inv_std,
+                    )
                 elif bits is None:
                     g_x, d_gamma, d_beta = custom_op.bn_backward_exact(
                         g_a, saved_now, gamma, beta, inv_std, negative_slope=slope
@@ -188,6 +210,13 @@ def bn_relu_linear(
         results = tf.custom_gradient(unit)(*inputs)
     *outputs, mean, variance = results
     return outputs, tf.stop_gradient(mean), tf.stop_gradient(variance)
+
+
+def _exact_mask(xhat, gamma, beta, cap: float | None) -> tf.Tensor:
+    """The gradient mask rebuilt from the exact `xhat`: `y > 0`, and below the cap."""
+    if cap is None:
+        return quantizer.exact_mask(xhat, gamma, beta)
+    return quantizer.exact_masks_capped(xhat, gamma, beta, cap)[0]
 
 
 def _float32_slope(negative_slope: float) -> float:
@@ -308,20 +337,33 @@ class _Codes:
     `xla.sum_windows`) and the forward output is tied to them (`xla.tie`):
     XLA:CPU drops optimization barriers before fusion, and without these it
     recomputes the codes from the float32 input inside the backward pass,
-    keeping that input alive. Both layouts hold the same codes.
+    keeping that input alive. Both layouts hold the same codes. A capped
+    ReLU's codes (`cap`) come from the pure-TF quantizer in both layouts.
     """
 
     def __init__(
-        self, bits: int, params: quantizer.QuantParams, shape: tf.Tensor, slope: float
+        self, bits: int, params: quantizer.QuantParams, shape: tf.Tensor, slope: float,
+        cap: quantizer.CapParams | None = None,
     ):
         self.bits = bits
         self.params = params
         self.shape = shape
         self.slope = slope
+        self.cap = cap
         self.words = xla.in_xla_context()
+
+    def _decode_capped(self, codes):
+        return quantizer.decode_capped(codes, self.params, self.cap, self.shape, self.bits,
+                                       words=self.words)
 
     def encode(self, x32, mean, inv_std, gamma, beta) -> tuple[tf.Tensor, tf.Tensor]:
         """`(a, codes)`: the exact ReLU output and the packed codes."""
+        if self.cap is not None:
+            a, codes = quantizer.bn_relu_encode_capped(
+                x32, mean, inv_std, gamma, beta, self.params, self.cap, self.bits,
+                words=self.words, sum_windows=xla.sum_windows() if self.words else None,
+            )
+            return (xla.tie(a, codes), codes) if self.words else (a, codes)
         if not self.words:
             return custom_op.bn_relu_encode(
                 x32, mean, inv_std, gamma, beta, self.params, self.bits,
@@ -334,6 +376,10 @@ class _Codes:
         return xla.tie(a, words), words
 
     def decode_relu(self, codes, gamma, beta) -> tf.Tensor:
+        if self.cap is not None:
+            return quantizer.relu_from_decoded_capped(
+                *self._decode_capped(codes), gamma, beta, self.cap.max_value
+            )
         if not self.words:
             return custom_op.decode_relu(
                 codes, self.params, gamma, beta, self.shape, self.bits,
@@ -346,11 +392,16 @@ class _Codes:
 
     def decode(self, codes) -> tuple[tf.Tensor, tf.Tensor]:
         """`(xhat, mask)`, float32 and bool of the input's shape."""
+        if self.cap is not None:
+            return self._decode_capped(codes)[:2]
         if not self.words:
             return custom_op.decode(codes, self.params, self.shape, self.bits)
         return quantizer.decode_words(codes, self.params, self.shape, self.bits)
 
     def decode_bn_backward(self, g_a, codes, gamma, inv_std):
+        if self.cap is not None:
+            xhat, mask, _ = self._decode_capped(codes)
+            return quantizer.relu_bn_backward(g_a, xhat, mask, gamma, inv_std)
         if not self.words:
             return custom_op.decode_bn_backward(
                 g_a, codes, self.params, gamma, inv_std, self.bits,
@@ -376,6 +427,7 @@ def bn_relu_linear_inference(
     epsilon: float,
     window: float | None = None,
     negative_slope: float = 0.0,
+    max_value: float | None = None,
     name: str = "bn_relu_linear",
 ) -> list[tf.Tensor]:
     """Forward with given statistics (inference): plain ops, plain autodiff.
@@ -388,12 +440,23 @@ def bn_relu_linear_inference(
     inv_std = tf.math.rsqrt(variance + epsilon)
     y = (x32 - mean) * inv_std * gamma + beta
     negative_slope = _float32_slope(negative_slope)
-    a = tf.nn.leaky_relu(y, negative_slope) if negative_slope else tf.nn.relu(y)
+    cap = grid.resolve_max_value(max_value)
+    if cap is not None:
+        # As `keras.layers.ReLU(max_value=cap)` computes it.
+        a = tf.nn.relu6(y) if cap == 6.0 else tf.clip_by_value(tf.nn.relu(y), 0.0, cap)
+    else:
+        a = tf.nn.leaky_relu(y, negative_slope) if negative_slope else tf.nn.relu(y)
     if naive and bits is not None:
-        params = quantizer.quantizer_params(gamma, beta, bits, window)
-        a_quantized = quantizer.quantize_relu(
-            x32, mean, inv_std, gamma, beta, params, bits, negative_slope=negative_slope
-        )
+        params = quantizer.quantizer_params(gamma, beta, bits, window, max_value=cap)
+        if cap is not None:
+            a_quantized = quantizer.quantize_relu_capped(
+                x32, mean, inv_std, gamma, beta, params,
+                quantizer.cap_params(gamma, beta, params, bits, cap), bits,
+            )
+        else:
+            a_quantized = quantizer.quantize_relu(
+                x32, mean, inv_std, gamma, beta, params, bits, negative_slope=negative_slope
+            )
         # Straight-through: the quantized value forward (bit for bit: `a - a`
         # is exactly 0 for finite `a`, NaN for NaN or Inf, which so surfaces),
         # the exact ReLU's gradient backward, so that a frozen naive layer

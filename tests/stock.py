@@ -23,8 +23,10 @@ class StockUnit:
     def __init__(self, fused, input_shape):
         cfg = fused.get_config()
         slope = cfg.get("negative_slope", 0.0)
+        cap = cfg.get("max_value")
         self.activation = (
-            keras.layers.LeakyReLU(negative_slope=slope) if slope else keras.layers.ReLU()
+            keras.layers.LeakyReLU(negative_slope=slope) if slope
+            else keras.layers.ReLU(max_value=cap)
         )
         self.bn = keras.layers.BatchNormalization(
             momentum=cfg["momentum"], epsilon=cfg["epsilon"], center=cfg["center"],

@@ -50,8 +50,8 @@ def toy_model():
     # BN -> ReLU -> DepthwiseConv2D (depth multiplier 2).
     a = L.ReLU(name="r3")(L.BatchNormalization(name="bn3")(x))
     x = L.DepthwiseConv2D(3, padding="same", depth_multiplier=2, name="dw3")(a)
-    # Left stock: ReLU6; BN output read elsewhere; ReLU output read by a pool;
-    # a subclassed layer in between.
+    # BN -> ReLU6 -> 1x1 conv (a capped ReLU). Left stock: BN output read
+    # elsewhere; ReLU output read by a pool; a subclassed layer in between.
     x = L.Conv2D(8, 1, name="c4")(L.ReLU(6.0, name="r4")(L.BatchNormalization(name="bn4")(x)))
     b = L.BatchNormalization(name="bn5")(x)
     x = L.Add(name="add5")([L.Conv2D(8, 1, name="c5")(L.ReLU(name="r5")(b)), b])
@@ -64,8 +64,8 @@ def toy_model():
     return _randomize(keras.Model(inputs, outputs, name="toy"))
 
 
-TOY_FUSED = {"c1", "c2", "dw3", "head_fused"}
-TOY_LEFT = {"bn4": "ReLU6", "bn5": "also read by", "bn6": "MaxPooling2D", "bn7": "subclassed"}
+TOY_FUSED = {"c1", "c2", "dw3", "c4", "head_fused"}
+TOY_LEFT = {"bn5": "also read by", "bn6": "MaxPooling2D", "bn7": "subclassed"}
 
 
 def _x(shape, seed=0):
@@ -140,7 +140,7 @@ def test_toy_model_report_fuses_and_leaves_the_right_chains():
     for bn, words in TOY_LEFT.items():
         assert words in left[bn], (bn, left[bn])
     # Stock layers of the left chains are still there, untouched.
-    for name in ("bn4", "r4", "c4", "bn5", "r5", "bn6", "r6", "bn7", "scale7"):
+    for name in ("bn5", "r5", "bn6", "r6", "bn7", "scale7"):
         assert type(converted.get_layer(name)) is type(model.get_layer(name))
     fused = {layer.name: layer for layer in converted.layers if isinstance(layer, BNReLUBase)}
     assert set(fused) == TOY_FUSED
@@ -148,12 +148,13 @@ def test_toy_model_report_fuses_and_leaves_the_right_chains():
     assert fused["c2"].projection_filters == 12 and fused["c2"].projection_strides == (1, 1)
     assert fused["dw3"].groups == 12 and fused["dw3"].filters == 24
     assert fused["head_fused"].pooling == "avg"
+    assert fused["c4"].max_value == 6.0 and fused["c1"].max_value is None
     assert converted.get_layer("head").activation is keras.activations.softmax
     assert all(layer.bits == 4 for layer in fused.values())
-    assert report.stock_layers == 3 + 4 + 3 + 4 + 1 and report.fused_layers == 4
+    assert report.stock_layers == 3 + 4 + 3 + 3 + 4 + 1 and report.fused_layers == 5
     text = str(report)
-    assert "4 chains fused" in text and "4 left stock" in text
-    assert all(name in text for name in TOY_FUSED) and "ReLU6" in text
+    assert "5 chains fused" in text and "3 left stock" in text
+    assert all(name in text for name in TOY_FUSED) and "c4 (capped ReLU, max_value=6)" in text
 
 
 # The ReLU toy model, and the leaky one (defined below) at (None, 4) bits.
@@ -254,7 +255,7 @@ def test_to_standard_is_the_exact_inverse():
 def test_keep_by_name_and_predicate():
     model = toy_model()
     _, by_name = keras_blpa.convert(model, keep=["c2_short", "gap"], return_report=True)
-    assert {c.fused_as for c in by_name.fused} == {"c1", "dw3"}
+    assert {c.fused_as for c in by_name.fused} == {"c1", "dw3", "c4"}
     assert "kept stock by `keep` (c2_short)" in {c.layers[0]: c.reason for c in by_name.left}["bn2"]
     _, by_type = keras_blpa.convert(
         model, keep=lambda layer: isinstance(layer, L.DepthwiseConv2D), return_report=True
@@ -309,7 +310,7 @@ def test_sequential_and_nested_models():
     # A Functional model used as a layer (the usual fine-tuning set-up).
     outer = keras.Sequential([keras.Input((12, 12, 4)), toy_model(), L.Dense(2)], name="outer")
     converted, report = keras_blpa.convert(outer, return_report=True)
-    assert {c.model for c in report.chains} == {"toy"} and len(report.fused) == 4
+    assert {c.model for c in report.chains} == {"toy"} and len(report.fused) == 5
     assert any(isinstance(layer, BNReLUBase) for layer in converted.get_layer("toy").layers)
     x = _x((2, 12, 12, 4))
     np.testing.assert_allclose(converted(x), outer(x), rtol=1e-5, atol=1e-6)
@@ -345,7 +346,7 @@ def test_clear_errors():
 
 
 def leaky_model():
-    """Leaky ReLU in every form convert fuses, and a ReLU6 it leaves stock."""
+    """Leaky ReLU in every form convert fuses, and a ReLU6."""
     keras.utils.set_random_seed(0)
     inputs = keras.Input((10, 10, 4))
     x = L.Conv2D(8, 3, padding="same", name="stem")(inputs)
@@ -364,7 +365,7 @@ def leaky_model():
 
 
 # keras.activations.leaky_relu's default slope (Activation("leaky_relu")).
-LEAKY_SLOPES = {"lc1": 0.1, "lc2": 0.2, "ld4": 0.0, "lhead_fused": 0.3}
+LEAKY_SLOPES = {"lc1": 0.1, "lc2": 0.2, "lc3": 0.0, "ld4": 0.0, "lhead_fused": 0.3}
 
 
 def test_leaky_relu_chains_fuse_with_their_slope():
@@ -376,12 +377,11 @@ def test_leaky_relu_chains_fuse_with_their_slope():
     assert {n: layer.negative_slope for n, layer in fused.items()} == pytest.approx(LEAKY_SLOPES)
     assert fused["ld4"].pooling == "avg"
     assert converted.get_layer("lhead").activation is keras.activations.softmax
-    [left] = report.left
-    assert left.layers[:2] == ("lbn3", "lr3")
-    assert "ReLU6" in left.reason and "only ReLU and leaky ReLU fuse" in left.reason
-    assert isinstance(converted.get_layer("lr3"), L.ReLU)
+    assert not report.left
+    assert fused["lc3"].max_value == 6.0  # ReLU(max_value=6.0): capped
+    assert {c.fused_as: c.max_value for c in report.fused}["lc3"] == 6.0
     text = str(report)
-    assert "4 chains fused" in text and "1 left stock" in text
+    assert "5 chains fused" in text
     for line, words in (("lbn1", "lc1 (leaky ReLU, negative_slope=0.1)"),
                         ("lbn2", "lc2 (leaky ReLU, negative_slope=0.2)"),
                         ("lbn5", "lhead_fused (leaky ReLU, negative_slope=0.3)")):
@@ -417,6 +417,7 @@ def test_leaky_relu_to_standard_is_the_exact_inverse(tmp_path):
             assert type(act) is L.LeakyReLU and act.negative_slope == pytest.approx(slope)
         else:
             assert type(act) is L.ReLU
+            assert act.max_value == (6.0 if name == "lc3" else None)
     x = _x((3, 10, 10, 4))
     reference = model(x, training=False)
     np.testing.assert_array_equal(back(x, training=False), reference)
@@ -434,7 +435,6 @@ def test_leaky_relu_to_standard_is_the_exact_inverse(tmp_path):
 
 
 @pytest.mark.parametrize("activation,words", [
-    (lambda: L.ReLU(max_value=6.0), "ReLU6"),
     (lambda: L.ReLU(threshold=0.5), "threshold=0.5"),
     (lambda: L.ReLU(max_value=4.0, negative_slope=0.1), "max_value=4.0"),
     (lambda: L.Activation("swish"), "silu"),
@@ -451,7 +451,8 @@ def test_other_activations_stay_stock_with_their_reason(activation, words):
     assert not report.fused
     [left] = report.left
     assert left.layers[0] == "bn" and words in left.reason, left.reason
-    assert "only ReLU and leaky ReLU fuse" in left.reason or "finite" in left.reason
+    assert "only ReLU, capped ReLU (ReLU6) and leaky ReLU fuse" in left.reason \
+        or "finite" in left.reason
     assert not any(isinstance(layer, BNReLUBase) for layer in converted.layers)
 
 
@@ -534,6 +535,8 @@ APPLICATIONS = {
     "ResNet50V2": dict(fused=49, left=0),   # 16 blocks x 3 units + the head
     "DenseNet121": dict(fused=120, left=1),  # stem BN -> ReLU -> MaxPooling stays
     "ResNet50": dict(fused=32, left=1),      # post-activation: 2 units per block
+    "MobileNetV2": dict(fused=35, left=0),   # ReLU6: expansion and depthwise units, head
+    "MobileNet": dict(fused=26, left=1),     # ReLU6; the head's GAP -> Dropout stays
 }
 
 
@@ -572,7 +575,7 @@ def test_applications_exact_conversion(name):
     assert cosine(*grads[0]) >= 0.9999  # the input gradient
 
 
-@pytest.mark.parametrize("name", ["ResNet50V2", "ResNet50"])
+@pytest.mark.parametrize("name", ["ResNet50V2", "ResNet50", "MobileNetV2"])
 def test_applications_blpa_gradients(name):
     model = _randomize(_application(name, classifier_activation=None))
     x = _x((4, SIZE, SIZE, 3))
@@ -588,14 +591,17 @@ def test_applications_blpa_gradients(name):
     assert errors[4] > errors[8]
 
 
-def test_mobilenet_v2_relu6_chains_are_left_stock():
+def test_mobilenet_v2_relu6_chains_fuse_capped():
     model = _application("MobileNetV2", size=32)
     converted, report = keras_blpa.convert(model, return_report=True)
-    assert not report.fused and len(report.left) == 35
-    assert all("ReLU6" in c.reason for c in report.left)
-    assert not any(isinstance(layer, BNReLUBase) for layer in converted.layers)
+    assert len(report.fused) == 35 and not report.left
+    assert {c.max_value for c in report.fused} == {6.0}
+    fused = [layer for layer in converted.layers if isinstance(layer, BNReLUBase)]
+    assert all(layer.max_value == 6.0 for layer in fused)
     x = _x((2, 32, 32, 3))
     np.testing.assert_array_equal(converted(x, training=False), model(x, training=False))
+    back = keras_blpa.to_standard(converted)
+    np.testing.assert_array_equal(back(x, training=False), model(x, training=False))
 
 
 def test_converted_application_fits_saves_and_loads(tmp_path):

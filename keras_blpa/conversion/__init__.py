@@ -32,7 +32,9 @@ def convert(
 
     - the activation: `keras.layers.ReLU()` or `Activation("relu")`, or a
       leaky ReLU (`LeakyReLU(negative_slope=s)`, `ReLU(negative_slope=s)`,
-      `Activation("leaky_relu")`: slope 0.2), fused with `negative_slope=s`;
+      `Activation("leaky_relu")`: slope 0.2), fused with `negative_slope=s`,
+      or a capped ReLU (`ReLU(max_value=m)`, `ReLU(6.0)`,
+      `Activation("relu6")`), fused with `max_value=m`;
     - the linear layer: `Conv2D` (with `groups`), `DepthwiseConv2D`, `Dense`,
       or `GlobalAveragePooling2D -> Dense` (the `pooling="avg"` head). Its
       own activation (e.g. a softmax) follows as an `Activation` layer that
@@ -98,9 +100,10 @@ def to_standard(model: keras.Model) -> keras.Model:
     Each `BNReLUConv2D` / `BNReLUDense` becomes `BatchNormalization -> ReLU
     -> [ZeroPadding2D] -> Conv2D / DepthwiseConv2D` (or `[GlobalAveragePooling2D
     ->] Dense`), with `LeakyReLU(negative_slope=s)` for a layer with a nonzero
-    `negative_slope`, plus a bias-free 1x1 `Conv2D` for a projection head, with the
-    same weights: the model computes the same outputs (training and
-    inference) without keras_blpa, for export and serving. The linear layer
+    `negative_slope` and `ReLU(max_value=m)` for a capped one, plus a
+    bias-free 1x1 `Conv2D` for a projection head, with the same weights: the
+    model computes the same outputs (training and inference) without
+    keras_blpa, for export and serving. The linear layer
     keeps the fused layer's name; the others are named `<name>_bn`,
     `<name>_relu`, `<name>_pad`, `<name>_pool` and `<name>_projection`. A
     grouped convolution with one input channel per group comes back as a

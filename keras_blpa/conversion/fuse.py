@@ -38,54 +38,61 @@ def _slope(value) -> float:
         return math.nan
 
 
-def activation_kind(layer) -> tuple[str, float | None] | None:
-    """(description, negative slope) for an activation layer, None for a layer
-    that is not one. The slope is that of a ReLU (0.0) or leaky ReLU
-    (`y if y > 0 else slope * y`), the activations that fuse; None for another
-    activation."""
+def activation_kind(layer) -> tuple[str, float | None, float | None] | None:
+    """(description, negative slope, cap) for an activation layer, None for
+    a layer that is not one. The slope is that of a ReLU (0.0) or leaky ReLU
+    (`y if y > 0 else slope * y`), the activations that fuse, and the cap a
+    capped ReLU's `max_value` (ReLU6: 6.0; None: no cap); the slope is None
+    for an activation that does not fuse, whose description says why."""
     if not is_stock(layer):
         return None
     cls = type(layer).__name__
     if cls == "ReLU":
         slope = _slope(layer.negative_slope)
-        if layer.max_value is None and not layer.threshold:
+        if layer.threshold:
+            return (f"ReLU(threshold={layer.threshold}): a nonzero threshold moves the "
+                    "kink off y = 0, where the grid's edge is", None, None)
+        if layer.max_value is None:
             if slope == 0.0:
-                return "ReLU", 0.0
-            return f"ReLU(negative_slope={layer.negative_slope})", slope
-        if not layer.negative_slope and not layer.threshold:
-            return f"ReLU{float(layer.max_value):g} (ReLU(max_value={layer.max_value}))", None
-        return (
-            f"ReLU(max_value={layer.max_value}, negative_slope={layer.negative_slope}, "
-            f"threshold={layer.threshold})", None,
-        )
+                return "ReLU", 0.0, None
+            return f"ReLU(negative_slope={layer.negative_slope})", slope, None
+        if slope == 0.0:
+            return f"ReLU(max_value={layer.max_value})", 0.0, _slope(layer.max_value)
+        return (f"ReLU(max_value={layer.max_value}, negative_slope={layer.negative_slope}): "
+                "a capped leaky ReLU", None, None)
     if cls == "LeakyReLU":
-        return f"LeakyReLU(negative_slope={layer.negative_slope})", _slope(layer.negative_slope)
+        return (f"LeakyReLU(negative_slope={layer.negative_slope})",
+                _slope(layer.negative_slope), None)
     if cls == "Activation":
         fn = layer.activation
         if fn is keras.activations.relu:
-            return "ReLU", 0.0
+            return "ReLU", 0.0, None
+        if fn is keras.activations.relu6:
+            return "Activation('relu6')", 0.0, 6.0
         if fn is keras.activations.leaky_relu:
             # keras.activations.leaky_relu's default slope (0.2 in Keras 3).
             default = inspect.signature(fn).parameters["negative_slope"].default
-            return f"Activation('leaky_relu') (negative_slope={default})", _slope(default)
-        return f"Activation({getattr(fn, '__name__', fn)!r})", None
+            return (f"Activation('leaky_relu') (negative_slope={default})", _slope(default),
+                    None)
+        return f"Activation({getattr(fn, '__name__', fn)!r})", None, None
     if cls in ("PReLU", "ELU", "Softmax"):
-        return cls, None
+        return cls, None, None
     return None
 
 
-def fusable_slope(kind: tuple) -> float:
-    """The negative slope of a chain's activation, or `_Left` saying why it
-    does not fuse."""
-    description, slope = kind
+def fusable(kind: tuple) -> tuple[float, float | None]:
+    """`(negative_slope, max_value)` of a chain's activation, or `_Left`
+    saying why it does not fuse."""
+    description, slope, cap = kind
     if slope is None:
-        raise _Left(f"the activation is {description}; only ReLU and leaky ReLU fuse")
+        raise _Left(f"the activation is {description}; only ReLU, capped ReLU (ReLU6) and "
+                    "leaky ReLU fuse")
     if not (math.isfinite(slope) and slope >= 0.0):
         raise _Left(
             f"the activation is {description}: a leaky ReLU fuses only with a finite "
             "negative_slope >= 0"
         )
-    return slope
+    return slope, cap
 
 
 def _describe(graph: g.Graph, name: str) -> str:
@@ -196,7 +203,7 @@ def _check_chain(graph: g.Graph, bn: str, act: str, heads: tuple, keep) -> None:
 
 
 def _fused_layer(graph: g.Graph, bn: str, heads: tuple, name: str, options: dict,
-                 slope: float = 0.0):
+                 slope: float = 0.0, cap: float | None = None):
     """The fused layer (unbuilt) and a function that loads its weights."""
     bn_layer = graph.layers[bn]
     main, projection = heads
@@ -214,6 +221,8 @@ def _fused_layer(graph: g.Graph, bn: str, heads: tuple, name: str, options: dict
     kwargs.update(options, name=name, dtype=linear.dtype_policy, trainable=bn_layer.trainable)
     if slope:
         kwargs["negative_slope"] = slope
+    if cap is not None:
+        kwargs["max_value"] = cap
     if isinstance(linear, keras.layers.Dense):
         layer = BNReLUDense(linear.units, pooling="avg" if main["pool"] else None, **kwargs)
     else:
@@ -278,7 +287,7 @@ def convert_graph(model, options: dict, keep: Callable, report: ConversionReport
                     f"subclassed layer {_describe(graph, readers[0])} between the BN and "
                     "the activation"
                 )
-            slope = fusable_slope(activation_kind(graph.layers[act]))
+            slope, cap = fusable(activation_kind(graph.layers[act]))
             if graph.calls[bn] != 1 or graph.calls[act] != 1:
                 raise _Left("the BN or ReLU layer is shared (called more than once)")
             act_readers = graph.readers.get((act, 0, 0), [])
@@ -292,7 +301,7 @@ def convert_graph(model, options: dict, keep: Callable, report: ConversionReport
                 g.unique_name(f"{linear.name}_fused", taken) if activated else linear.name
             )
             try:
-                fused, load = _fused_layer(graph, bn, heads, name, options, slope)
+                fused, load = _fused_layer(graph, bn, heads, name, options, slope, cap)
             except ValueError as err:
                 raise _Left(f"the fused layer rejects it: {err}") from None
         except _Left as left:
@@ -322,6 +331,7 @@ def convert_graph(model, options: dict, keep: Callable, report: ConversionReport
         report.chains.append(Chain(
             tuple(parts), fused_as=name, model=path, linear=linear.name,
             projection=projection["linear"] if projection else None, negative_slope=slope,
+            max_value=cap,
         ))
         report.stock_layers += len(parts)
         report.fused_layers += 1

@@ -19,6 +19,7 @@ class Chain:
       projection: the 1x1 projection Conv2D's name, if one was fused in.
       negative_slope: the fused activation's negative slope (fused chains):
         0.0 for a ReLU, that of the leaky ReLU otherwise.
+      max_value: the fused capped ReLU's cap (6.0 for ReLU6), else None.
     """
 
     layers: tuple
@@ -28,6 +29,7 @@ class Chain:
     linear: str | None = None
     projection: str | None = None
     negative_slope: float | None = None
+    max_value: float | None = None
 
     @property
     def fused(self) -> bool:
@@ -37,6 +39,8 @@ class Chain:
 def _fused_text(chain: Chain) -> str:
     if chain.negative_slope:
         return f"{chain.fused_as} (leaky ReLU, negative_slope={chain.negative_slope:g})"
+    if chain.max_value is not None:
+        return f"{chain.fused_as} (capped ReLU, max_value={chain.max_value:g})"
     return chain.fused_as
 
 

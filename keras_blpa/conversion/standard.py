@@ -26,7 +26,13 @@ def _stock_layers(fused, names: dict) -> dict:
         ),
     }
     slope = getattr(fused, "negative_slope", 0.0)
-    if slope:
+    cap = getattr(fused, "max_value", None)
+    if cap is not None:
+        # keras.layers.ReLU(max_value=cap) is the fused layer's capped ReLU.
+        layers["relu"] = keras.layers.ReLU(
+            max_value=cap, name=names["relu"], dtype=fused.dtype_policy
+        )
+    elif slope:
         # keras.layers.LeakyReLU is tf.nn.leaky_relu: `y if y > 0 else slope * y`,
         # the fused layer's activation.
         layers["relu"] = keras.layers.LeakyReLU(

@@ -127,6 +127,36 @@ def centres_and_masks_capped(codes, params: QuantParams, cap: CapParams, bits: i
     return xhat, on & ~saturated, saturated
 
 
+def normalize_relu_capped(x, mean, inv_std, gamma, beta, max_value: float):
+    """`(xhat, on, saturated, a)` of a capped ReLU
+    (`keras_blpa.quantizer.normalize_relu_capped`)."""
+    xhat = rounded((x - mean) * inv_std)
+    y = rounded(xhat * gamma) + beta
+    a = jnp.where(y <= 0.0, 0.0, jnp.where(y >= max_value, max_value, y))
+    return xhat, y > 0.0, y >= max_value, a
+
+
+def exact_masks_capped(xhat, gamma, beta, max_value: float):
+    """`(mask, saturated)` of a capped ReLU from the exact `xhat`."""
+    y = rounded(xhat * gamma) + beta
+    return (y > 0.0) & (y < max_value), y >= max_value
+
+
+def relu_exact_capped(xhat, gamma, beta, max_value: float):
+    """The capped ReLU output rebuilt from the exact `xhat`."""
+    y = rounded(xhat * gamma) + beta
+    return jnp.where(y <= 0.0, 0.0, jnp.where(y >= max_value, max_value, y))
+
+
+def quantize_relu_capped(x, mean, inv_std, gamma, beta, params: QuantParams, cap: CapParams,
+                         bits: int):
+    """The capped ReLU output rebuilt from the codes without packing (naive)."""
+    xhat, on, saturated, _ = normalize_relu_capped(x, mean, inv_std, gamma, beta, cap.max_value)
+    codes = encode_codes(xhat, on, params, bits, cap, saturated)
+    centres, mask, saturated = centres_and_masks_capped(codes, params, cap, bits)
+    return relu_from_decoded_capped(centres, mask, saturated, gamma, beta, cap.max_value)
+
+
 def relu_from_decoded_capped(xhat, mask, saturated, gamma, beta, max_value: float):
     """The capped ReLU output rebuilt from the decoded masks
     (`keras_blpa.quantizer.relu_from_decoded_capped`)."""

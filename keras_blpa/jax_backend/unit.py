@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from keras_blpa.grid import resolve_max_value
 from keras_blpa.jax_backend import ffi, quantizer, xla
 
 
@@ -56,6 +57,7 @@ def bn_relu_linear(
     window: float | None = None,
     synchronized: bool = False,
     negative_slope: float = 0.0,
+    max_value: float | None = None,
     name: str = "bn_relu_linear",
 ):
     """Training-mode forward of BN (batch statistics) -> ReLU -> linear.
@@ -74,7 +76,21 @@ def bn_relu_linear(
     # Custom calls where the platform has them (decided at trace time: the
     # two paths keep different residuals, which lax.platform_dependent's
     # branches cannot), the jnp quantizer elsewhere.
-    custom = ffi.usable(shape, bits)
+    cap = resolve_max_value(max_value)
+    if cap is not None and slope != 0.0:
+        raise ValueError(
+            f"{name!r}: a capped ReLU (max_value={max_value!r}) with a leaky slope "
+            f"(negative_slope={negative_slope!r}) is not supported; use one of them."
+        )
+    # Capped units run the jnp quantizer: the custom calls have no cap yet.
+    custom = cap is None and ffi.usable(shape, bits)
+
+    def grid_of(gamma, beta):
+        if bits is None:
+            return None, None
+        params = quantizer.quantizer_params(gamma, beta, bits, window, max_value=cap)
+        caps = None if cap is None else quantizer.cap_params(gamma, beta, params, bits, cap)
+        return params, caps
 
     def forward(x, gamma, beta, weights):
         if custom:
@@ -83,7 +99,7 @@ def bn_relu_linear(
         mean = jnp.mean(x32, axes)
         variance = jnp.var(x32, axes)
         inv_std = jax.lax.rsqrt(variance + epsilon)
-        params = None if bits is None else quantizer.quantizer_params(gamma, beta, bits, window)
+        params, caps = grid_of(gamma, beta)
         if custom:
             # Opaque to fusion: the codes are the only full-size residual.
             if bits is None:
@@ -95,6 +111,17 @@ def bn_relu_linear(
                     decoded = ffi.decode_relu(saved, params, gamma, beta, shape, bits, window,
                                               slope, x32)
                     a = decoded + 0.0 * a
+        elif cap is not None:
+            xhat, on, saturated, a = quantizer.normalize_relu_capped(
+                x32, mean, inv_std, gamma, beta, cap)
+            if bits is None:
+                saved = xhat
+            else:
+                codes = quantizer.encode_codes(xhat, on, params, bits, caps, saturated)
+                saved = quantizer.pack_words(codes, bits)
+                a = xla.tie(a, saved)
+                if naive:
+                    a = decode_for_linear(saved, params, caps, gamma, beta, None) + 0.0 * a
         else:
             xhat, on, a = quantizer.normalize_relu(x32, mean, inv_std, gamma, beta, slope)
             if bits is None:
@@ -111,9 +138,18 @@ def bn_relu_linear(
         residuals = (saved, gamma, beta, inv_std, weights)
         return (tuple(outputs), mean, variance), residuals
 
-    def decode_for_linear(saved, params, gamma, beta, gate):
+    def decoded_capped(saved, params, caps):
+        codes = quantizer.unpack_words(saved, shape, bits)
+        return quantizer.centres_and_masks_capped(codes, params, caps, bits)
+
+    def decode_for_linear(saved, params, caps, gamma, beta, gate):
         """The approximate ReLU output, not before the upstream gradient
         (the jnp path's `saved` is already gated on it)."""
+        if cap is not None:
+            if bits is None:
+                return quantizer.relu_exact_capped(saved, gamma, beta, cap)
+            return quantizer.relu_from_decoded_capped(
+                *decoded_capped(saved, params, caps), gamma, beta, cap)
         if custom:
             if bits is None:
                 return ffi.exact_relu(saved, gamma, beta, slope, gate)
@@ -123,7 +159,7 @@ def bn_relu_linear(
         xhat, mask = quantizer.decode_words(saved, params, shape, bits)
         return quantizer.relu_from_decoded(xhat, mask, gamma, beta, slope)
 
-    def bn_backward(g_a, saved, params, gamma, beta, inv_std):
+    def bn_backward(g_a, saved, params, caps, gamma, beta, inv_std):
         if custom:
             if bits is None:
                 return ffi.exact_bn_backward(g_a, saved, gamma, beta, inv_std, slope)
@@ -131,6 +167,12 @@ def bn_relu_linear(
         # The second decode waits for g_a, so that it does not live beside
         # the first one while the linear map's gradients run.
         saved = xla.after(saved, g_a)
+        if cap is not None:
+            if bits is None:
+                mask = quantizer.exact_masks_capped(saved, gamma, beta, cap)[0]
+                return quantizer.relu_bn_backward(g_a, saved, mask, gamma, inv_std)
+            xhat, mask, _ = decoded_capped(saved, params, caps)
+            return quantizer.relu_bn_backward(g_a, xhat, mask, gamma, inv_std)
         if bits is None:
             return quantizer.relu_bn_backward(
                 g_a, saved, quantizer.exact_mask(saved, gamma, beta), gamma, inv_std, slope
@@ -143,18 +185,18 @@ def bn_relu_linear(
         saved, gamma, beta, inv_std, weights = residuals
         grads = list(cotangents[0])  # the moments' cotangents are ignored
         # Recomputed from gamma and beta ([C] each): residuals must be arrays.
-        params = None if bits is None else quantizer.quantizer_params(gamma, beta, bits, window)
+        params, caps = grid_of(gamma, beta)
         if not custom:
             saved = xla.after(saved, grads[0])
         saved, grads = xla.optimization_barrier((saved, grads))
-        a_approx = decode_for_linear(saved, params, gamma, beta, grads[0])
+        a_approx = decode_for_linear(saved, params, caps, gamma, beta, grads[0])
         _, linear_vjp = jax.vjp(
             lambda a, w: tuple(linear.forward(a, list(w))),
             a_approx.astype(compute_dtype), weights,
         )
         g_a, d_weights = linear_vjp(tuple(grads))
         g_x, d_gamma, d_beta = bn_backward(
-            g_a.astype(jnp.float32), saved, params, gamma, beta, inv_std
+            g_a.astype(jnp.float32), saved, params, caps, gamma, beta, inv_std
         )
         return _first_order_only((g_x.astype(compute_dtype), d_gamma, d_beta, d_weights), name)
 
@@ -232,6 +274,7 @@ def bn_relu_linear_inference(
     epsilon: float,
     window: float | None = None,
     negative_slope: float = 0.0,
+    max_value: float | None = None,
     name: str = "bn_relu_linear",
 ) -> list:
     """Forward with given statistics: plain jnp, plain autodiff (as
@@ -241,13 +284,22 @@ def bn_relu_linear_inference(
     inv_std = jax.lax.rsqrt(variance + epsilon)
     slope = float(np.float32(negative_slope))
     y = (x32 - mean) * inv_std * gamma + beta
-    # As stock Keras's ReLU / LeakyReLU on JAX compute them.
-    a = jax.nn.leaky_relu(y, slope) if slope else jax.nn.relu(y)
+    cap = resolve_max_value(max_value)
+    # As stock Keras's ReLU / ReLU(max_value) / LeakyReLU on JAX compute them.
+    if cap is not None:
+        a = jax.nn.relu6(y) if cap == 6.0 else jnp.clip(jax.nn.relu(y), 0.0, cap)
+    else:
+        a = jax.nn.leaky_relu(y, slope) if slope else jax.nn.relu(y)
     if naive and bits is not None:
-        params = quantizer.quantizer_params(gamma, beta, bits, window)
-        a_quantized = quantizer.quantize_relu(
-            x32, mean, inv_std, gamma, beta, params, bits, negative_slope=slope
-        )
+        params = quantizer.quantizer_params(gamma, beta, bits, window, max_value=cap)
+        if cap is not None:
+            a_quantized = quantizer.quantize_relu_capped(
+                x32, mean, inv_std, gamma, beta, params,
+                quantizer.cap_params(gamma, beta, params, bits, cap), bits)
+        else:
+            a_quantized = quantizer.quantize_relu(
+                x32, mean, inv_std, gamma, beta, params, bits, negative_slope=slope
+            )
         # Straight-through: the quantized value forward, the exact gradient back.
         a = jax.lax.stop_gradient(a_quantized) + (a - jax.lax.stop_gradient(a))
     return linear.forward(a.astype(x.dtype), list(weights))

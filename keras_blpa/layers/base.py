@@ -44,6 +44,7 @@ class BNReLUBase(keras.layers.Layer):
         bias_constraint=None,
         synchronized: bool = False,
         negative_slope: float = 0.0,
+        max_value: float | None = None,
         **kwargs,
     ):
         backend.check(f"The fused BLPA layer {type(self).__name__}")
@@ -53,6 +54,13 @@ class BNReLUBase(keras.layers.Layer):
         # The kink stays at 0, so the codes and the exact mask are unchanged;
         # only the activation and the gradient of the "off" side scale.
         negative_slope = validation.real("negative_slope", negative_slope, low=0.0)
+        # A capped ReLU (ReLU6: 6): a second kink, with its own grid edge.
+        max_value = grid.resolve_max_value(max_value)
+        if max_value is not None and negative_slope != 0.0:
+            raise ValueError(
+                f"`max_value={max_value!r}` with `negative_slope={negative_slope!r}`: a "
+                "capped leaky ReLU is not supported. Use one of them, or stock layers."
+            )
         naive = validation.boolean("naive", naive)
         if naive and bits is None:
             raise ValueError(
@@ -107,6 +115,7 @@ class BNReLUBase(keras.layers.Layer):
         # `keras.layers.BatchNormalization(synchronized=True)`.
         self.synchronized = synchronized
         self.negative_slope = negative_slope
+        self.max_value = max_value
         self.supports_masking = False
 
     # Rank and channel checks shared by build and call.
@@ -219,7 +228,7 @@ class BNReLUBase(keras.layers.Layer):
         options = dict(
             linear=self._linear_map(), bits=self.bits, naive=self.naive,
             epsilon=self.epsilon, window=self.window, name=self.name,
-            negative_slope=self.negative_slope,
+            negative_slope=self.negative_slope, max_value=self.max_value,
         )
         unit = backend.unit()
         if training and self.trainable:
@@ -274,6 +283,7 @@ class BNReLUBase(keras.layers.Layer):
                 "bias_constraint": constraints.serialize(self.bias_constraint),
                 "synchronized": self.synchronized,
                 "negative_slope": self.negative_slope,
+                "max_value": self.max_value,
             }
         )
         return config

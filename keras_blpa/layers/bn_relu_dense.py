@@ -56,6 +56,10 @@ class BNReLUDense(BNReLUBase):
         one replica, the same as False.
       negative_slope: 0 (default) for the ReLU; s > 0 for the leaky ReLU
         `y if y > 0 else s * y`, as `keras.layers.LeakyReLU(negative_slope=s)`.
+      max_value: None (default) for no cap; m > 0 caps the ReLU,
+        `min(max(y, 0), m)` as `keras.layers.ReLU(max_value=m)` (6 for ReLU6),
+        with both kinks' masks exact in the backward. Needs
+        `negative_slope=0`. Runs the pure-TF / jnp quantizer for now.
         The kink stays at 0, so the saved codes and the mask are the ReLU's.
     """
 

@@ -27,11 +27,14 @@ CONV_CASES = {
     "no_bias_center_scale": dict(filters=4, kernel_size=1, use_bias=False, center=False,
                                  scale=False),
     "leaky": dict(filters=4, kernel_size=3, negative_slope=0.2),
+    "relu6": dict(filters=4, kernel_size=3, max_value=6.0),
+    "capped": dict(filters=4, kernel_size=3, strides=2, max_value=1.5),
 }
 DENSE_CASES = {
     "rank2": (dict(units=5), (16, 12)),
     "rank3": (dict(units=3), (4, 6, 12)),
     "pooled": (dict(units=7, pooling="avg"), (4, 6, 6, 12)),
+    "capped": (dict(units=5, max_value=1.0), (16, 12)),
 }
 
 
