@@ -46,7 +46,7 @@ def convert(
       head: both read one saved code.
 
     Chains that cannot fuse stay stock and the report says why: another
-    activation (ReLU6, a thresholded ReLU, swish...), a BN or ReLU output read by
+    activation (a thresholded ReLU, swish...), a BN or ReLU output read by
     other layers too (several linear readers other than the projection pair
     included: their full-precision input stays alive anyway), a subclassed
     layer in between, `keep`. Everything else is untouched. The new model is
