@@ -48,3 +48,11 @@ def test_step_time_on_jax(tmp_path):
                                       "--variants", "stock", "4", "4-jnp"])
     assert set(result["median_s"]) == {"stock", "4", "4-jnp"}
     assert result["implementation"].startswith("JAX")
+
+
+def test_capped_memory_rows():
+    rows = _load("jax_capped_memory").main(["--depth", "4", "--channels", "16", "--size", "16"])
+    assert [(r["max_value"], r["bits"]) for r in rows] == [(None, None), (None, 4),
+                                                           (6.0, None), (6.0, 4)]
+    by = {(r["max_value"], r["bits"]): r["mib_per_sample"] for r in rows}
+    assert by[(6.0, 4)] < by[(6.0, None)] and by[(None, 4)] < by[(None, None)]
