@@ -79,9 +79,15 @@ def check_max_value(max_value: float | None) -> None:
         )
 
 
-def resolve_max_value(max_value: float | None) -> float | None:
-    """`max_value` checked and rounded to float32 (None stays None)."""
+def resolve_max_value(max_value: float | None, negative_slope: float = 0.0) -> float | None:
+    """`max_value` checked and rounded to float32 (None stays None). A cap
+    with a nonzero `negative_slope` (a capped leaky ReLU) is a ValueError."""
     check_max_value(max_value)
+    if max_value is not None and negative_slope:
+        raise ValueError(
+            f"`max_value={max_value!r}` with `negative_slope={negative_slope!r}`: a "
+            "capped leaky ReLU is not supported. Use one of them, or stock layers."
+        )
     return None if max_value is None else float(np.float32(max_value))
 
 

@@ -268,8 +268,12 @@ def normalize_relu_capped(x, mean, inv_std, gamma, beta, max_value: float):
     max_value)`, which lets NaN through (as `_normalize_relu` does)."""
     xhat = (x - mean) * inv_std
     y = xhat * gamma + beta
-    a = tf.where(y <= 0.0, 0.0, tf.where(y >= max_value, max_value, y))
-    return xhat, y > 0.0, y >= max_value, a
+    return xhat, y > 0.0, y >= max_value, _capped(y, max_value)
+
+
+def _capped(y, max_value: float) -> tf.Tensor:
+    """`min(max(y, 0), max_value)`, letting NaN through."""
+    return tf.where(y <= 0.0, 0.0, tf.where(y >= max_value, max_value, y))
 
 
 def bn_relu_encode_capped(
@@ -311,8 +315,7 @@ def exact_masks_capped(xhat, gamma, beta, max_value: float):
 
 def relu_exact_capped(xhat, gamma, beta, max_value: float) -> tf.Tensor:
     """The capped ReLU output rebuilt from the exact `xhat`."""
-    y = xhat * gamma + beta
-    return tf.where(y <= 0.0, 0.0, tf.where(y >= max_value, max_value, y))
+    return _capped(xhat * gamma + beta, max_value)
 
 
 def relu_from_decoded_capped(

@@ -92,12 +92,7 @@ def bn_relu_linear(
     replica = _sync_context(synchronized)
     # Rounded as the op's float attr is, so that every path agrees.
     slope = _float32_slope(negative_slope)
-    cap = grid.resolve_max_value(max_value)
-    if cap is not None and slope != 0.0:
-        raise ValueError(
-            f"{name!r}: a capped ReLU (max_value={max_value!r}) with a leaky slope "
-            f"(negative_slope={negative_slope!r}) is not supported; use one of them."
-        )
+    cap = grid.resolve_max_value(max_value, slope)
 
     def unit(*inputs):
         # Stop the outer tape from recording (and keeping alive) the forward's

@@ -132,8 +132,12 @@ def normalize_relu_capped(x, mean, inv_std, gamma, beta, max_value: float):
     (`keras_blpa.quantizer.normalize_relu_capped`)."""
     xhat = rounded((x - mean) * inv_std)
     y = rounded(xhat * gamma) + beta
-    a = jnp.where(y <= 0.0, 0.0, jnp.where(y >= max_value, max_value, y))
-    return xhat, y > 0.0, y >= max_value, a
+    return xhat, y > 0.0, y >= max_value, _capped(y, max_value)
+
+
+def _capped(y, max_value: float):
+    """`min(max(y, 0), max_value)`, letting NaN through."""
+    return jnp.where(y <= 0.0, 0.0, jnp.where(y >= max_value, max_value, y))
 
 
 def exact_masks_capped(xhat, gamma, beta, max_value: float):
@@ -144,8 +148,7 @@ def exact_masks_capped(xhat, gamma, beta, max_value: float):
 
 def relu_exact_capped(xhat, gamma, beta, max_value: float):
     """The capped ReLU output rebuilt from the exact `xhat`."""
-    y = rounded(xhat * gamma) + beta
-    return jnp.where(y <= 0.0, 0.0, jnp.where(y >= max_value, max_value, y))
+    return _capped(rounded(xhat * gamma) + beta, max_value)
 
 
 def quantize_relu_capped(x, mean, inv_std, gamma, beta, params: QuantParams, cap: CapParams,

@@ -76,12 +76,7 @@ def bn_relu_linear(
     # Custom calls where the platform has them (decided at trace time: the
     # two paths keep different residuals, which lax.platform_dependent's
     # branches cannot), the jnp quantizer elsewhere.
-    cap = resolve_max_value(max_value)
-    if cap is not None and slope != 0.0:
-        raise ValueError(
-            f"{name!r}: a capped ReLU (max_value={max_value!r}) with a leaky slope "
-            f"(negative_slope={negative_slope!r}) is not supported; use one of them."
-        )
+    cap = resolve_max_value(max_value, slope)
     # Capped units run the jnp quantizer: the custom calls have no cap yet.
     custom = cap is None and ffi.usable(shape, bits)
 

@@ -55,12 +55,7 @@ class BNReLUBase(keras.layers.Layer):
         # only the activation and the gradient of the "off" side scale.
         negative_slope = validation.real("negative_slope", negative_slope, low=0.0)
         # A capped ReLU (ReLU6: 6): a second kink, with its own grid edge.
-        max_value = grid.resolve_max_value(max_value)
-        if max_value is not None and negative_slope != 0.0:
-            raise ValueError(
-                f"`max_value={max_value!r}` with `negative_slope={negative_slope!r}`: a "
-                "capped leaky ReLU is not supported. Use one of them, or stock layers."
-            )
+        max_value = grid.resolve_max_value(max_value, negative_slope)
         naive = validation.boolean("naive", naive)
         if naive and bits is None:
             raise ValueError(
