@@ -370,6 +370,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", default=None, help="write the result here")
     p.add_argument("--md", default=None, help="write the markdown report here")
     args = p.parse_args(argv)
+    if profiling.memory_device() == "CPU:0" and not profiling.cpu_allocator_keeps_stats():
+        # The default CPU allocator keeps no statistics without oneDNN (AMD
+        # CPUs): rerun this command with the BFC allocator, which does.
+        print("soak: the default CPU allocator keeps no statistics here; rerunning with "
+              "TF_CPU_ALLOCATOR_USE_BFC=true", file=sys.stderr)
+        command = sys.orig_argv[1:] if argv is None else [__file__, *argv]
+        os.execve(sys.executable, [sys.executable, *command],
+                  {**os.environ, "TF_CPU_ALLOCATOR_USE_BFC": "true"})
     result = run_soak(
         args.steps, args.every, args.bits, args.depth, args.width, args.batch_size,
         args.train_size, args.val_size, args.warmup, args.seed, args.rss_tol_kib,

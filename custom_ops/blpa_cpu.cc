@@ -398,6 +398,116 @@ void ExactBnBackwardRun(const float* __restrict xhat, const float* g_a,
   }
 }
 
+// The capped ReLU's loops (quantizer.*_capped; slope 0). `a` may alias `x`
+// and g_x may alias g_a, as above.
+BLPA_CPU_CLONES
+void EncodeCappedRun(const float* x, const float* __restrict mean,
+                     const float* __restrict inv_std,
+                     const float* __restrict gamma, const float* __restrict beta,
+                     const float* __restrict lo, const float* const* bounds,
+                     int64_t len, Grid g, float m, float* a,
+                     uint8_t* __restrict codes) {
+  const float* __restrict on_lo = bounds[0];
+  const float* __restrict on_hi = bounds[1];
+  const float* __restrict off_lo = bounds[2];
+  const float* __restrict off_hi = bounds[3];
+  const float* __restrict sat_lo = bounds[4];
+  const float* __restrict sat_hi = bounds[5];
+  const float* __restrict unsat_lo = bounds[6];
+  const float* __restrict unsat_hi = bounds[7];
+#pragma GCC ivdep
+  for (int64_t t = 0; t < len; ++t) {
+    a[t] = EncodeOneCappedBounded(
+        x[t], mean[t], inv_std[t], gamma[t], beta[t], lo[t],
+        Bounds{on_lo[t], on_hi[t]}, Bounds{off_lo[t], off_hi[t]},
+        Bounds{sat_lo[t], sat_hi[t]}, Bounds{unsat_lo[t], unsat_hi[t]}, g, m,
+        &codes[t]);
+  }
+}
+
+BLPA_CPU_CLONES
+void DecodeCappedRun(const uint8_t* __restrict codes, const float* __restrict lo,
+                     const float* __restrict k, const float* __restrict flip,
+                     const float* __restrict kc,
+                     const float* __restrict cap_flip, int64_t len, Grid g,
+                     float* __restrict xhat, bool* __restrict mask) {
+  for (int64_t t = 0; t < len; ++t) {
+    bool saturated;
+    xhat[t] = DecodeOneCapped(codes[t], lo[t], k[t], flip[t], kc[t],
+                              cap_flip[t], g, &mask[t], &saturated);
+  }
+}
+
+BLPA_CPU_CLONES
+void DecodeReluCappedRun(const uint8_t* __restrict codes,
+                         const float* __restrict lo, const float* __restrict k,
+                         const float* __restrict flip,
+                         const float* __restrict kc,
+                         const float* __restrict cap_flip,
+                         const float* __restrict gamma,
+                         const float* __restrict beta, int64_t len, Grid g,
+                         float m, float* __restrict a) {
+  for (int64_t t = 0; t < len; ++t) {
+    a[t] = DecodeReluOneCapped(codes[t], lo[t], k[t], flip[t], kc[t],
+                               cap_flip[t], gamma[t], beta[t], g, m);
+  }
+}
+
+template <typename Acc>
+inline void BnSumsCappedLoop(const uint8_t* __restrict codes,
+                             const float* __restrict g_a,
+                             const float* __restrict lo,
+                             const float* __restrict k,
+                             const float* __restrict flip,
+                             const float* __restrict kc,
+                             const float* __restrict cap_flip, int64_t len,
+                             Grid g, Acc* __restrict sum_b,
+                             Acc* __restrict sum_g) {
+  for (int64_t t = 0; t < len; ++t) {
+    float xhat;
+    const float g_y = MaskedGradOneCapped(codes[t], g_a[t], lo[t], k[t], flip[t],
+                                          kc[t], cap_flip[t], g, &xhat);
+    sum_b[t] += static_cast<Acc>(g_y);
+    sum_g[t] += static_cast<Acc>(g_y * xhat);
+  }
+}
+
+BLPA_CPU_CLONES
+void BnSumsCappedRun(const uint8_t* __restrict codes, const float* __restrict g_a,
+                     const float* __restrict lo, const float* __restrict k,
+                     const float* __restrict flip, const float* __restrict kc,
+                     const float* __restrict cap_flip, int64_t len, Grid g,
+                     float* __restrict sum_b, float* __restrict sum_g) {
+  BnSumsCappedLoop(codes, g_a, lo, k, flip, kc, cap_flip, len, g, sum_b, sum_g);
+}
+
+BLPA_CPU_CLONES
+void BnSumsCappedRun(const uint8_t* __restrict codes, const float* __restrict g_a,
+                     const float* __restrict lo, const float* __restrict k,
+                     const float* __restrict flip, const float* __restrict kc,
+                     const float* __restrict cap_flip, int64_t len, Grid g,
+                     double* __restrict sum_b, double* __restrict sum_g) {
+  BnSumsCappedLoop(codes, g_a, lo, k, flip, kc, cap_flip, len, g, sum_b, sum_g);
+}
+
+BLPA_CPU_CLONES
+void BnBackwardCappedRun(const uint8_t* __restrict codes, const float* g_a,
+                         const float* __restrict lo, const float* __restrict k,
+                         const float* __restrict flip,
+                         const float* __restrict kc,
+                         const float* __restrict cap_flip,
+                         const float* __restrict scale,
+                         const float* __restrict mean_dbeta,
+                         const float* __restrict mean_dgamma, int64_t len,
+                         Grid g, float* g_x) {
+#pragma GCC ivdep
+  for (int64_t t = 0; t < len; ++t) {
+    g_x[t] = BnBackwardOneCapped(codes[t], g_a[t], lo[t], k[t], flip[t], kc[t],
+                                 cap_flip[t], scale[t], mean_dbeta[t],
+                                 mean_dgamma[t], g);
+  }
+}
+
 // ---- blocks -----------------------------------------------------------------
 
 void EncodeBlock(const EncodeArgs& args, const Periodic& p, int64_t begin,
@@ -406,6 +516,14 @@ void EncodeBlock(const EncodeArgs& args, const Periodic& p, int64_t begin,
   alignas(64) uint8_t buffer[kBlock];
   uint8_t* codes = args.bits == 8 ? args.packed + begin : buffer;
   ForEachRun(p, begin, end, [&](int64_t o, int64_t c, int64_t len) {
+    if (args.kc != nullptr) {
+      const float* bounds[8];
+      for (int i = 0; i < 8; ++i) bounds[i] = p[5 + i] + c;
+      EncodeCappedRun(args.x + begin + o, p[0] + c, p[1] + c, p[2] + c,
+                      p[3] + c, p[4] + c, bounds, len, g, args.max_value,
+                      args.a + begin + o, codes + o);
+      return;
+    }
     EncodeRun(args.x + begin + o, p[0] + c, p[1] + c, p[2] + c, p[3] + c,
               p[4] + c, p[5] + c, p[6] + c, p[7] + c, p[8] + c, len, g,
               args.a + begin + o, codes + o, args.negative_slope);
@@ -414,17 +532,31 @@ void EncodeBlock(const EncodeArgs& args, const Periodic& p, int64_t begin,
 }
 
 // Per-channel code bounds for both ReLU sides, [lower_on, upper_on, lower_off,
-// upper_off]: hoists the side logic out of the per-element loop.
+// upper_off]: hoists the side logic out of the per-element loop. A capped
+// ReLU adds the cap edge's [lower_sat, upper_sat, lower_unsat, upper_unsat],
+// and keeps NaN bounds (CappedCode propagates them as TF does).
 std::vector<std::vector<float>> ChannelBounds(const EncodeArgs& args) {
   const Grid g = MakeGrid(args.bits, args.window);
-  std::vector<std::vector<float>> out(4, std::vector<float>(args.channels));
+  const bool capped = args.kc != nullptr;
+  std::vector<std::vector<float>> out(capped ? 8 : 4,
+                                      std::vector<float>(args.channels));
+  auto side = capped ? SideBoundsRaw : SideBounds;
   for (int64_t c = 0; c < args.channels; ++c) {
-    const Bounds on = SideBounds(true, args.k[c], args.flip[c], args.aligned[c], g);
-    const Bounds off = SideBounds(false, args.k[c], args.flip[c], args.aligned[c], g);
+    const Bounds on = side(true, args.k[c], args.flip[c], args.aligned[c], g);
+    const Bounds off = side(false, args.k[c], args.flip[c], args.aligned[c], g);
     out[0][c] = on.lower;
     out[1][c] = on.upper;
     out[2][c] = off.lower;
     out[3][c] = off.upper;
+    if (!capped) continue;
+    const Bounds sat =
+        SideBoundsRaw(true, args.kc[c], args.cap_flip[c], args.cap_aligned[c], g);
+    const Bounds unsat =
+        SideBoundsRaw(false, args.kc[c], args.cap_flip[c], args.cap_aligned[c], g);
+    out[4][c] = sat.lower;
+    out[5][c] = sat.upper;
+    out[6][c] = unsat.lower;
+    out[7][c] = unsat.upper;
   }
   return out;
 }
@@ -449,6 +581,12 @@ void DecodeBlock(const DecodeArgs& args, const Periodic& p, int64_t begin,
   alignas(64) uint8_t buffer[kBlock];
   const uint8_t* codes = BlockCodes(args, begin, end, buffer);
   ForEachRun(p, begin, end, [&](int64_t o, int64_t c, int64_t len) {
+    if (args.kc != nullptr) {
+      DecodeCappedRun(codes + o, p[0] + c, p[1] + c, p[2] + c, p[3] + c,
+                      p[4] + c, len, g, args.xhat + begin + o,
+                      args.mask + begin + o);
+      return;
+    }
     DecodeRun(codes + o, p[0] + c, p[1] + c, p[2] + c, len, g,
               args.xhat + begin + o, args.mask + begin + o);
   });
@@ -460,6 +598,12 @@ void DecodeReluBlock(const DecodeArgs& args, const Periodic& p, int64_t begin,
   alignas(64) uint8_t buffer[kBlock];
   const uint8_t* codes = BlockCodes(args, begin, end, buffer);
   ForEachRun(p, begin, end, [&](int64_t o, int64_t c, int64_t len) {
+    if (args.kc != nullptr) {
+      DecodeReluCappedRun(codes + o, p[0] + c, p[1] + c, p[2] + c, p[5] + c,
+                          p[6] + c, p[3] + c, p[4] + c, len, g, args.max_value,
+                          args.a + begin + o);
+      return;
+    }
     DecodeReluRun(codes + o, p[0] + c, p[1] + c, p[2] + c, p[3] + c, p[4] + c,
                   len, g, args.a + begin + o, args.negative_slope);
   });
@@ -517,6 +661,17 @@ void BnSumsShard(const BnBackwardArgs& args, const Periodic& p, int64_t begin,
           ExactSumsRun(xhat, g_a, p[0] + c, p[1] + c, len, sum_b + c,
                        sum_g + c, s);
         }
+      } else if (args.kc != nullptr) {
+        // p holds lo, k, flip, kc, cap_flip.
+        if (use_float) {
+          BnSumsCappedRun(codes + o, args.g_a + b + o, p[0] + c, p[1] + c,
+                          p[2] + c, p[3] + c, p[4] + c, len, g, part + c,
+                          part + period + c);
+        } else {
+          BnSumsCappedRun(codes + o, args.g_a + b + o, p[0] + c, p[1] + c,
+                          p[2] + c, p[3] + c, p[4] + c, len, g, sum_b + c,
+                          sum_g + c);
+        }
       } else if (use_float) {
         BnSumsRun(codes + o, args.g_a + b + o, p[0] + c, p[1] + c, p[2] + c,
                   len, g, part + c, part + period + c, s);
@@ -548,6 +703,12 @@ void BnBackwardBlock(const BnBackwardArgs& args, const Periodic& p,
   alignas(64) uint8_t buffer[kBlock];
   const uint8_t* codes = BlockCodes(args.packed, args.bits, begin, end, buffer);
   ForEachRun(p, begin, end, [&](int64_t o, int64_t c, int64_t len) {
+    if (args.kc != nullptr) {
+      BnBackwardCappedRun(codes + o, args.g_a + begin + o, p[0] + c, p[1] + c,
+                          p[2] + c, p[3] + c, p[4] + c, p[5] + c, p[6] + c,
+                          p[7] + c, len, g, args.g_x + begin + o);
+      return;
+    }
     BnBackwardRun(codes + o, args.g_a + begin + o, p[0] + c, p[1] + c, p[2] + c,
                   p[3] + c, p[4] + c, p[5] + c, len, g, args.g_x + begin + o,
                   args.negative_slope);
@@ -579,8 +740,18 @@ void ParallelBlocks(const CpuPool& pool, int64_t n,
 constexpr int64_t kMinShardBlocks = 4;
 
 std::vector<const float*> CodeOrExactParams(const BnBackwardArgs& args) {
-  return args.exact ? std::vector<const float*>{args.gamma, args.beta}
-                    : std::vector<const float*>{args.lo, args.k, args.flip};
+  if (args.exact) return {args.gamma, args.beta};
+  if (args.kc != nullptr) {
+    return {args.lo, args.k, args.flip, args.kc, args.cap_flip};
+  }
+  return {args.lo, args.k, args.flip};
+}
+
+// A capped decode adds kc and cap_flip to the parameters.
+std::vector<const float*> DecodeParams(const DecodeArgs& args,
+                                       std::vector<const float*> params) {
+  if (args.kc != nullptr) params.insert(params.end(), {args.kc, args.cap_flip});
+  return params;
 }
 
 }  // namespace
@@ -597,25 +768,27 @@ CpuPool SerialPool() {
 
 void EncodeCpu(const EncodeArgs& args, const CpuPool& pool) {
   const std::vector<std::vector<float>> bounds = ChannelBounds(args);
-  const Periodic p({args.mean, args.inv_std, args.gamma, args.beta, args.lo,
-                    bounds[0].data(), bounds[1].data(), bounds[2].data(),
-                    bounds[3].data()},
-                   args.channels);
+  std::vector<const float*> params = {args.mean, args.inv_std, args.gamma,
+                                      args.beta, args.lo};
+  for (const std::vector<float>& b : bounds) params.push_back(b.data());
+  const Periodic p(params, args.channels);
   ParallelBlocks(pool, args.n, [&](int64_t begin, int64_t end) {
     EncodeBlock(args, p, begin, end);
   });
 }
 
 void DecodeCpu(const DecodeArgs& args, const CpuPool& pool) {
-  const Periodic p({args.lo, args.k, args.flip}, args.channels);
+  const Periodic p(DecodeParams(args, {args.lo, args.k, args.flip}),
+                   args.channels);
   ParallelBlocks(pool, args.n, [&](int64_t begin, int64_t end) {
     DecodeBlock(args, p, begin, end);
   });
 }
 
 void DecodeReluCpu(const DecodeArgs& args, const CpuPool& pool) {
-  const Periodic p({args.lo, args.k, args.flip, args.gamma, args.beta},
-                   args.channels);
+  const Periodic p(
+      DecodeParams(args, {args.lo, args.k, args.flip, args.gamma, args.beta}),
+      args.channels);
   ParallelBlocks(pool, args.n, [&](int64_t begin, int64_t end) {
     DecodeReluBlock(args, p, begin, end);
   });

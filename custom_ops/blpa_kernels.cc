@@ -75,6 +75,42 @@ absl::Status CheckChannelInputs(OpKernelContext* ctx, int first, int last,
   return absl::OkStatus();
 }
 
+// The optional cap inputs [first, first + count): [0] each (no cap: null
+// pointers) or [channels] each (a capped ReLU).
+absl::Status ReadCapInputs(OpKernelContext* ctx, int first, int count,
+                           int64_t channels, const float** out) {
+  const bool capped = ctx->input(first).NumElements() > 0;
+  for (int i = 0; i < count; ++i) {
+    const Tensor& t = ctx->input(first + i);
+    const int64_t want = capped ? channels : 0;
+    if (t.dims() != 1 || t.dim_size(0) != want) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "cap input ", first + i, " must have shape [", channels,
+          "] (a capped ReLU) or [0] (none), like input ", first, "; got ",
+          t.shape().DebugString()));
+    }
+    out[i] = capped ? t.flat<float>().data() : nullptr;
+  }
+  return absl::OkStatus();
+}
+
+// A cap needs max_value > 0 and no leaky slope; max_value > 0 needs the cap.
+absl::Status CheckCap(bool capped, float max_value, float slope) {
+  if (capped && !(max_value > 0.0f)) {
+    return absl::InvalidArgumentError(
+        "the cap inputs are set, so max_value must be > 0");
+  }
+  if (!capped && max_value != 0.0f) {
+    return absl::InvalidArgumentError(
+        "max_value > 0 needs the cap inputs (cap_k, cap_flip, ...) of shape [C]");
+  }
+  if (capped && slope != 0.0f) {
+    return absl::InvalidArgumentError(
+        "a capped ReLU (max_value) takes no negative_slope");
+  }
+  return absl::OkStatus();
+}
+
 // Validates the encode inputs; fills args except the output pointers.
 absl::Status PrepareEncode(OpKernelContext* ctx, int bits, float window,
                            EncodeArgs* args) {
@@ -89,6 +125,11 @@ absl::Status PrepareEncode(OpKernelContext* ctx, int bits, float window,
                             &args->beta, &args->lo,      &args->k,
                             &args->flip, &args->aligned};
   for (int i = 0; i < 8; ++i) *params[i] = ctx->input(i + 1).flat<float>().data();
+  const float* cap[3];
+  TF_RETURN_IF_ERROR(ReadCapInputs(ctx, 9, 3, channels, cap));
+  args->kc = cap[0];
+  args->cap_flip = cap[1];
+  args->cap_aligned = cap[2];
   args->n = x.NumElements();
   args->channels = channels;
   args->bits = bits;
@@ -131,6 +172,10 @@ absl::Status PrepareDecode(OpKernelContext* ctx, int bits, float window,
     args->gamma = ctx->input(4).flat<float>().data();
     args->beta = ctx->input(5).flat<float>().data();
   }
+  const float* cap[2];
+  TF_RETURN_IF_ERROR(ReadCapInputs(ctx, shape_index + 1, 2, channels, cap));
+  args->kc = cap[0];
+  args->cap_flip = cap[1];
   args->n = n;
   args->channels = channels;
   args->bits = bits;
@@ -163,6 +208,10 @@ absl::Status PrepareBnBackward(OpKernelContext* ctx, int bits, float window,
   args->flip = ctx->input(4).flat<float>().data();
   args->gamma = ctx->input(5).flat<float>().data();
   args->inv_std = ctx->input(6).flat<float>().data();
+  const float* cap[2];
+  TF_RETURN_IF_ERROR(ReadCapInputs(ctx, 7, 2, channels, cap));
+  args->kc = cap[0];
+  args->cap_flip = cap[1];
   args->n = n;
   args->channels = channels;
   args->bits = bits;
@@ -337,6 +386,22 @@ class LeakyGridOp : public GridOp {
   float slope_ = 0.0f;
 };
 
+// A LeakyGridOp whose activation may be capped: also reads `max_value`
+// (0: no cap).
+class CappedGridOp : public LeakyGridOp {
+ public:
+  explicit CappedGridOp(OpKernelConstruction* ctx) : LeakyGridOp(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("max_value", &max_value_));
+    OP_REQUIRES(ctx, std::isfinite(max_value_) && max_value_ >= 0.0f,
+                absl::InvalidArgumentError(absl::StrCat(
+                    "max_value must be a finite number > 0 (or 0: no cap), got ",
+                    max_value_)));
+  }
+
+ protected:
+  float max_value_ = 0.0f;
+};
+
 // The exact-path ops (no grid): only `negative_slope`.
 class LeakyOp : public OpKernel {
  public:
@@ -349,14 +414,18 @@ class LeakyOp : public OpKernel {
 };
 
 template <typename Device>
-class EncodeOp : public LeakyGridOp {
+class EncodeOp : public CappedGridOp {
  public:
-  using LeakyGridOp::LeakyGridOp;
+  using CappedGridOp::CappedGridOp;
 
   void Compute(OpKernelContext* ctx) override {
     EncodeArgs args{};
     OP_REQUIRES_OK(ctx, PrepareEncode(ctx, bits_, window_, &args));
+    if (args.channels > 0) {
+      OP_REQUIRES_OK(ctx, CheckCap(args.kc != nullptr, max_value_, slope_));
+    }
     args.negative_slope = slope_;
+    args.max_value = max_value_;
     Tensor* a = nullptr;
     Tensor* packed = nullptr;
     // `a` in x's buffer when no one else holds x: the forward pass then
@@ -393,15 +462,19 @@ class DecodeOp : public GridOp {
 };
 
 template <typename Device>
-class DecodeReluOp : public LeakyGridOp {
+class DecodeReluOp : public CappedGridOp {
  public:
-  using LeakyGridOp::LeakyGridOp;
+  using CappedGridOp::CappedGridOp;
 
   void Compute(OpKernelContext* ctx) override {
     DecodeArgs args{};
     TensorShape shape;
     OP_REQUIRES_OK(ctx, PrepareDecode(ctx, bits_, window_, 6, &shape, &args));
+    if (args.channels > 0) {
+      OP_REQUIRES_OK(ctx, CheckCap(args.kc != nullptr, max_value_, slope_));
+    }
     args.negative_slope = slope_;
+    args.max_value = max_value_;
     Tensor* a = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &a));
     if (args.n == 0) return;
@@ -418,6 +491,9 @@ class DecodeBnBackwardOp : public LeakyGridOp {
   void Compute(OpKernelContext* ctx) override {
     BnBackwardArgs args{};
     OP_REQUIRES_OK(ctx, PrepareBnBackward(ctx, bits_, window_, &args));
+    OP_REQUIRES(ctx, args.kc == nullptr || slope_ == 0.0f,
+                absl::InvalidArgumentError(
+                    "a capped ReLU (cap inputs) takes no negative_slope"));
     args.negative_slope = slope_;
     OP_REQUIRES_OK(ctx, AllocateBnBackward(ctx, &args));
     OP_REQUIRES_OK(ctx, Device::BnBackward(ctx, args));

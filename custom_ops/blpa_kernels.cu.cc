@@ -33,6 +33,14 @@ __device__ __forceinline__ uint8_t EncodeAt(const EncodeArgs& p, Index i,
                                             Index channels, const Grid& g) {
   const Index c = i % channels;
   uint8_t code;
+  // A capped ReLU (kc set) branches uniformly: every thread takes one side.
+  if (p.kc != nullptr) {
+    p.a[i] = EncodeOneCapped(p.x[i], p.mean[c], p.inv_std[c], p.gamma[c],
+                             p.beta[c], p.lo[c], p.k[c], p.flip[c],
+                             p.aligned[c], p.kc[c], p.cap_flip[c],
+                             p.cap_aligned[c], g, p.max_value, &code);
+    return code;
+  }
   p.a[i] = EncodeOne(p.x[i], p.mean[c], p.inv_std[c], p.gamma[c], p.beta[c],
                      p.lo[c], p.k[c], p.flip[c], p.aligned[c], g, &code,
                      p.negative_slope);
@@ -82,8 +90,13 @@ __global__ void DecodeKernel(DecodeArgs p, Grid g) {
   for (Index i = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x;
        i < n; i += stride) {
     const Index c = i % channels;
-    bool mask;
-    p.xhat[i] = DecodeOne(CodeAt(p, i), p.lo[c], p.k[c], p.flip[c], g, &mask);
+    bool mask, saturated;
+    p.xhat[i] = p.kc != nullptr
+                    ? DecodeOneCapped(CodeAt(p, i), p.lo[c], p.k[c], p.flip[c],
+                                      p.kc[c], p.cap_flip[c], g, &mask,
+                                      &saturated)
+                    : DecodeOne(CodeAt(p, i), p.lo[c], p.k[c], p.flip[c], g,
+                                &mask);
     p.mask[i] = mask;
   }
 }
@@ -96,8 +109,12 @@ __global__ void DecodeReluKernel(DecodeArgs p, Grid g) {
   for (Index i = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x;
        i < n; i += stride) {
     const Index c = i % channels;
-    p.a[i] = DecodeReluOne(CodeAt(p, i), p.lo[c], p.k[c], p.flip[c],
-                           p.gamma[c], p.beta[c], g, p.negative_slope);
+    p.a[i] = p.kc != nullptr
+                 ? DecodeReluOneCapped(CodeAt(p, i), p.lo[c], p.k[c], p.flip[c],
+                                       p.kc[c], p.cap_flip[c], p.gamma[c],
+                                       p.beta[c], g, p.max_value)
+                 : DecodeReluOne(CodeAt(p, i), p.lo[c], p.k[c], p.flip[c],
+                                 p.gamma[c], p.beta[c], g, p.negative_slope);
   }
 }
 
@@ -142,6 +159,11 @@ __device__ __forceinline__ float MaskedGradAt(const BnBackwardArgs& p,
     return ExactMaskedGradOne(*xhat, p.g_a[i], p.gamma[c], p.beta[c],
                               p.negative_slope);
   } else {
+    if (p.kc != nullptr) {
+      return MaskedGradOneCapped(CodeAt(p.packed, p.bits, i), p.g_a[i], p.lo[c],
+                                 p.k[c], p.flip[c], p.kc[c], p.cap_flip[c], g,
+                                 xhat);
+    }
     return MaskedGradOne(CodeAt(p.packed, p.bits, i), p.g_a[i], p.lo[c], p.k[c],
                          p.flip[c], g, xhat, p.negative_slope);
   }

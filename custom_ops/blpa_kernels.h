@@ -49,14 +49,21 @@ struct Bounds {
 // Bounds of a channel for elements whose forward mask is `on`. Depends only
 // on per-channel values, so the CPU precomputes it per channel and the GPU
 // calls it per element: the same function either way.
-BLPA_HD Bounds SideBounds(bool on, float k, float flip, float aligned,
-                          const Grid& g) {
+// SideBoundsRaw keeps a NaN bound (a NaN k); SideBounds maps it to [0, 0].
+BLPA_HD Bounds SideBoundsRaw(bool on, float k, float flip, float aligned,
+                             const Grid& g) {
   const bool hi_side_on = flip < 0.5f;
   const bool want_hi = on == hi_side_on;
   const bool al = aligned > 0.5f;
   Bounds b;
   b.lower = (al && want_hi) ? k : 0.0f;
   b.upper = (al && !want_hi) ? k - 1.0f : g.top;
+  return b;
+}
+
+BLPA_HD Bounds SideBounds(bool on, float k, float flip, float aligned,
+                          const Grid& g) {
+  Bounds b = SideBoundsRaw(on, k, flip, aligned, g);
   // TF: tf.maximum/tf.minimum propagate a NaN bound (only a NaN k makes one)
   // and tf.cast(NaN -> uint8) gives 0. The range [0, 0] gives that same 0 for
   // every u, so the per-element code needs no NaN checks.
@@ -122,6 +129,61 @@ BLPA_HD float EncodeOne(float x, float mean, float inv_std, float gamma,
   return ReluKeepNan(y, s);
 }
 
+// ---- capped ReLU, min(max(y, 0), m) (quantizer.*_capped) -------------------
+// A second per-channel grid edge kc (flip, aligned) sits at the cap's kink:
+// codes are clamped onto the threshold edge's side that y > 0 says, then onto
+// the cap edge's side that y >= m says, so both masks decode exactly.
+
+// tf.maximum / tf.minimum: a NaN in either operand gives NaN.
+BLPA_HD float MaxNan(float a, float b) { return (a != a || a > b) ? a : b; }
+BLPA_HD float MinNan(float a, float b) { return (a != a || a < b) ? a : b; }
+
+// The capped ReLU's output: 0 where y <= 0, m where y >= m, else y (NaN passes).
+BLPA_HD float CappedRelu(float y, float m) {
+  return y <= 0.0f ? 0.0f : (y >= m ? m : y);
+}
+
+// The code of xhat clamped into `side` (raw SideBoundsRaw bounds of y > 0)
+// and then into `cap_side` (of y >= m), with TF's NaN propagation: a NaN
+// bound makes the code 0, as tf.cast(NaN -> uint8) does.
+BLPA_HD uint8_t CappedCode(float xhat, float lo, Bounds side, Bounds cap_side,
+                           const Grid& g) {
+  float v = (xhat - lo) * g.inv_w;
+  v = v > 0.0f ? v : 0.0f;
+  v = v < g.top ? v : g.top;
+  float q = static_cast<float>(static_cast<int32_t>(v));
+  q = MinNan(MaxNan(q, side.lower), side.upper);
+  q = MinNan(MaxNan(q, cap_side.lower), cap_side.upper);
+  return q != q ? uint8_t{0} : static_cast<uint8_t>(static_cast<int32_t>(q));
+}
+
+// quantizer.bn_relu_encode_capped for one element, with per-channel raw
+// bounds for y > 0 (on / off) and y >= m (sat / unsat).
+BLPA_HD float EncodeOneCappedBounded(float x, float mean, float inv_std,
+                                     float gamma, float beta, float lo,
+                                     Bounds on_b, Bounds off_b, Bounds sat_b,
+                                     Bounds unsat_b, const Grid& g, float m,
+                                     uint8_t* code) {
+  const float xhat = (x - mean) * inv_std;
+  const float y = xhat * gamma + beta;
+  *code = CappedCode(xhat, lo, y > 0.0f ? on_b : off_b,
+                     y >= m ? sat_b : unsat_b, g);
+  return CappedRelu(y, m);
+}
+
+// The same from the raw grid parameters (the CUDA kernel).
+BLPA_HD float EncodeOneCapped(float x, float mean, float inv_std, float gamma,
+                              float beta, float lo, float k, float flip,
+                              float aligned, float kc, float cap_flip,
+                              float cap_aligned, const Grid& g, float m,
+                              uint8_t* code) {
+  const float xhat = (x - mean) * inv_std;
+  const float y = xhat * gamma + beta;
+  *code = CappedCode(xhat, lo, SideBoundsRaw(y > 0.0f, k, flip, aligned, g),
+                     SideBoundsRaw(y >= m, kc, cap_flip, cap_aligned, g), g);
+  return CappedRelu(y, m);
+}
+
 // 4-bit packing as in quantizer.pack: element 2j in the low nibble.
 BLPA_HD uint8_t PackPair(uint8_t low, uint8_t high) {
   return static_cast<uint8_t>(low | static_cast<uint8_t>(high << 4));
@@ -145,6 +207,29 @@ BLPA_HD float DecodeReluOne(uint8_t code, float lo, float k, float flip,
   const float xhat = DecodeOne(code, lo, k, flip, g, &mask);
   const float y = xhat * gamma + beta;
   return mask ? y : LeakyNeg(y, s);
+}
+
+// quantizer.centres_and_masks_capped for one element: returns xhat, writes
+// the gradient mask 0 < y < m and the saturated mask y >= m.
+BLPA_HD float DecodeOneCapped(uint8_t code, float lo, float k, float flip,
+                              float kc, float cap_flip, const Grid& g,
+                              bool* mask, bool* saturated) {
+  bool on;
+  const float xhat = DecodeOne(code, lo, k, flip, g, &on);
+  *saturated = (static_cast<float>(code) >= kc) != (cap_flip > 0.5f);
+  *mask = on && !*saturated;
+  return xhat;
+}
+
+// quantizer.relu_from_decoded_capped: m where saturated, min(y, m) where on.
+BLPA_HD float DecodeReluOneCapped(uint8_t code, float lo, float k, float flip,
+                                  float kc, float cap_flip, float gamma,
+                                  float beta, const Grid& g, float m) {
+  bool mask, saturated;
+  const float xhat =
+      DecodeOneCapped(code, lo, k, flip, kc, cap_flip, g, &mask, &saturated);
+  const float y = MinNan(xhat * gamma + beta, m);
+  return saturated ? m : (mask ? y : 0.0f);
 }
 
 // ---- fused decode + ReLU/BN backward (quantizer.decode_bn_backward) --------
@@ -195,6 +280,25 @@ BLPA_HD float BnBackwardOne(uint8_t code, float g_a, float lo, float k,
   return BnInputGradOne(g_y, xhat, scale, mean_dbeta, mean_dgamma);
 }
 
+// The capped unit's g_y = where(0 < y < m, g_a, 0); writes xhat.
+BLPA_HD float MaskedGradOneCapped(uint8_t code, float g_a, float lo, float k,
+                                  float flip, float kc, float cap_flip,
+                                  const Grid& g, float* xhat) {
+  bool mask, saturated;
+  *xhat = DecodeOneCapped(code, lo, k, flip, kc, cap_flip, g, &mask, &saturated);
+  return mask ? g_a : 0.0f;
+}
+
+BLPA_HD float BnBackwardOneCapped(uint8_t code, float g_a, float lo, float k,
+                                  float flip, float kc, float cap_flip,
+                                  float scale, float mean_dbeta,
+                                  float mean_dgamma, const Grid& g) {
+  float xhat;
+  const float g_y =
+      MaskedGradOneCapped(code, g_a, lo, k, flip, kc, cap_flip, g, &xhat);
+  return BnInputGradOne(g_y, xhat, scale, mean_dbeta, mean_dgamma);
+}
+
 // ---- exact path (bits=None): the saved tensor is xhat itself ---------------
 // The float32 operations of quantizer.py's exact path, in its order, so that
 // the mask rebuilt in the backward pass is the forward's, bit for bit.
@@ -240,6 +344,12 @@ struct EncodeArgs {
   float* a;         // [n]
   uint8_t* packed;  // [n] (8 bits) or [(n + 1) / 2] (4 bits)
   float negative_slope = 0.0f;  // leaky ReLU slope of `a` (>= 0, finite)
+  // A capped ReLU (max_value > 0, slope 0): the cap edge's kc, flip and
+  // aligned ([channels] each); null kc: no cap.
+  const float* kc = nullptr;
+  const float* cap_flip = nullptr;
+  const float* cap_aligned = nullptr;
+  float max_value = 0.0f;
 };
 
 // Arguments of one decode. gamma/beta/a are for the fused decode + ReLU,
@@ -259,6 +369,10 @@ struct DecodeArgs {
   bool* mask;
   float* a;
   float negative_slope = 0.0f;  // leaky ReLU slope of `a` (>= 0, finite)
+  // A capped ReLU: the cap edge (null kc: no cap); max_value for `a`.
+  const float* kc = nullptr;
+  const float* cap_flip = nullptr;
+  float max_value = 0.0f;
 };
 
 // Arguments of one exact forward (NormalizeReluOne) or exact rebuild
@@ -304,6 +418,10 @@ struct BnBackwardArgs {
   const float* beta;  // [channels]
   // Leaky ReLU slope (>= 0, finite): g_y = mask ? g_a : g_a * slope.
   float negative_slope = 0.0f;
+  // A capped ReLU's cap edge (codes only; null kc: no cap): g_y = 0 where
+  // saturated.
+  const float* kc = nullptr;
+  const float* cap_flip = nullptr;
 };
 
 inline int64_t BnBackwardScratchBytes(int64_t channels) {

@@ -3,8 +3,14 @@
 // Semantics are those of keras_blpa/quantizer.py; the Python wrappers live in
 // keras_blpa/custom_op.py. The ops that produce an activation or a backward
 // take `negative_slope` (the leaky ReLU's, >= 0 and finite; the default 0 is
-// the ReLU, so graphs and saved models from before the attr stay valid). Per-channel tensors have shape [C], C being the
-// last (channel) axis of the activations.
+// the ReLU, so graphs and saved models from before the attr stay valid).
+// Per-channel tensors have shape [C], C being the last (channel) axis of the
+// activations.
+//
+// The coded ops also take a capped ReLU's second grid edge (`cap_k`,
+// `cap_flip`, and for the encode `cap_aligned`; quantizer.cap_params): [C]
+// each for a ReLU capped at `max_value` (> 0, with negative_slope 0), or [0]
+// each for no cap (max_value 0).
 
 #include <cstdint>
 
@@ -38,6 +44,15 @@ DimensionHandle PackedBytes(InferenceContext* c, DimensionHandle elements,
   return c->MakeDim(bits == 8 ? n : (n + 1) / 2);
 }
 
+// The optional cap inputs [first, last): each [C] (a capped ReLU) or [0].
+absl::Status CapInputs(InferenceContext* c, int first, int last) {
+  for (int i = first; i < last; ++i) {
+    ShapeHandle s;
+    TF_RETURN_IF_ERROR(c->WithRank(c->input(i), 1, &s));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status GetBits(InferenceContext* c, int* bits) {
   TF_RETURN_IF_ERROR(c->GetAttr("bits", bits));
   if (*bits != 4 && *bits != 8) {
@@ -58,14 +73,19 @@ REGISTER_OP("BlpaBnReluEncode")
     .Input("k: float")
     .Input("flip: float")
     .Input("aligned: float")
+    .Input("cap_k: float")
+    .Input("cap_flip: float")
+    .Input("cap_aligned: float")
     .Output("a: float")
     .Output("packed: uint8")
     .Attr("bits: int")
     .Attr("window: float = 6.0")
     .Attr("negative_slope: float = 0.0")
+    .Attr("max_value: float = 0.0")
     .SetShapeFn([](InferenceContext* c) -> absl::Status {
       int bits;
       TF_RETURN_IF_ERROR(GetBits(c, &bits));
+      TF_RETURN_IF_ERROR(CapInputs(c, 9, 12));
       ShapeHandle x;
       TF_RETURN_IF_ERROR(c->WithRankAtLeast(c->input(0), 1, &x));
       DimensionHandle channels;
@@ -87,6 +107,9 @@ NaN passes, slope 0 is the ReLU, never -0.0);
 packed = the codes of xhat on the grid (lo, k, flip, aligned), 4-bit codes two
 per byte (element 2j in the low nibble), 8-bit codes one per byte. The codes
 do not depend on negative_slope (the kink stays at y = 0).
+With a cap (quantizer.bn_relu_encode_capped): a = min(max(y, 0), max_value)
+(NaN passes), and each code is also clamped onto the side of the cap edge
+that y >= max_value says.
 )doc");
 
 REGISTER_OP("BlpaDecode")
@@ -95,6 +118,8 @@ REGISTER_OP("BlpaDecode")
     .Input("k: float")
     .Input("flip: float")
     .Input("shape: Tshape")
+    .Input("cap_k: float")
+    .Input("cap_flip: float")
     .Output("xhat: float")
     .Output("mask: bool")
     .Attr("bits: int")
@@ -103,6 +128,7 @@ REGISTER_OP("BlpaDecode")
     .SetShapeFn([](InferenceContext* c) -> absl::Status {
       int bits;
       TF_RETURN_IF_ERROR(GetBits(c, &bits));
+      TF_RETURN_IF_ERROR(CapInputs(c, 5, 7));
       ShapeHandle unused;
       TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 1, &unused));
       DimensionHandle channels;
@@ -121,6 +147,7 @@ REGISTER_OP("BlpaDecode")
 Rebuilds (xhat, mask) from packed codes (quantizer.decode).
 
 xhat = (q + 0.5) * w + lo (the bin centre), mask = (q >= k) != (flip > 0.5).
+With a cap, mask is 0 < y < max_value: also (q >= cap_k) == (cap_flip > 0.5).
 )doc");
 
 REGISTER_OP("BlpaDecodeRelu")
@@ -131,14 +158,18 @@ REGISTER_OP("BlpaDecodeRelu")
     .Input("gamma: float")
     .Input("beta: float")
     .Input("shape: Tshape")
+    .Input("cap_k: float")
+    .Input("cap_flip: float")
     .Output("a: float")
     .Attr("bits: int")
     .Attr("window: float = 6.0")
     .Attr("Tshape: {int32, int64} = DT_INT32")
     .Attr("negative_slope: float = 0.0")
+    .Attr("max_value: float = 0.0")
     .SetShapeFn([](InferenceContext* c) -> absl::Status {
       int bits;
       TF_RETURN_IF_ERROR(GetBits(c, &bits));
+      TF_RETURN_IF_ERROR(CapInputs(c, 7, 9));
       ShapeHandle unused;
       TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 1, &unused));
       DimensionHandle channels;
@@ -154,7 +185,9 @@ REGISTER_OP("BlpaDecodeRelu")
     })
     .Doc(R"doc(
 Decode fused with the BN affine map and (leaky) ReLU: with y = xhat * gamma + beta,
-where(mask, y, s == 0 ? 0 : y * s), s = negative_slope.
+where(mask, y, s == 0 ? 0 : y * s), s = negative_slope. With a cap
+(quantizer.relu_from_decoded_capped): max_value where saturated, else
+where(mask, min(y, max_value), 0).
 )doc");
 
 REGISTER_OP("BlpaDecodeBnBackward")
@@ -165,6 +198,8 @@ REGISTER_OP("BlpaDecodeBnBackward")
     .Input("flip: float")
     .Input("gamma: float")
     .Input("inv_std: float")
+    .Input("cap_k: float")
+    .Input("cap_flip: float")
     .Output("g_x: float")
     .Output("d_gamma: float")
     .Output("d_beta: float")
@@ -174,6 +209,7 @@ REGISTER_OP("BlpaDecodeBnBackward")
     .SetShapeFn([](InferenceContext* c) -> absl::Status {
       int bits;
       TF_RETURN_IF_ERROR(GetBits(c, &bits));
+      TF_RETURN_IF_ERROR(CapInputs(c, 7, 9));
       ShapeHandle g_a;
       TF_RETURN_IF_ERROR(c->WithRankAtLeast(c->input(0), 1, &g_a));
       DimensionHandle channels;
@@ -202,7 +238,7 @@ d_beta = sum(g_y), d_gamma = sum(g_y * xhat) and
 g_x = (gamma * inv_std) * (g_y - d_beta / count - xhat * (d_gamma / count)),
 count = number of rows. Neither xhat, the mask nor g_y is materialized. Sums
 are accumulated in double, so they agree with TF's float reductions to float
-rounding, not bit for bit.
+rounding, not bit for bit. With a cap edge, mask is 0 < y < max_value.
 )doc");
 
 // ---- exact path (bits=None): the saved tensor is xhat itself ------------------

@@ -37,7 +37,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_blpa import build_ops, quantizer, xla
-from keras_blpa.quantizer import QuantParams
+from keras_blpa.quantizer import CapParams, QuantParams
 
 _lock = threading.Lock()
 _tried = False
@@ -54,6 +54,8 @@ _REQUIRED_OPS = (
 )
 # The ops with the leaky ReLU's `negative_slope` attr (all but the plain decode).
 _SLOPE_OPS = tuple(name for name in _REQUIRED_OPS if name != "blpa_decode")
+# The ops with a capped ReLU's `max_value` attr.
+_CAP_OPS = ("blpa_bn_relu_encode", "blpa_decode_relu")
 
 
 def disabled() -> bool:
@@ -90,6 +92,13 @@ def _load_library() -> ModuleType:
         raise RuntimeError(
             f"{path} is stale: {', '.join(stale)} lack the `negative_slope` attr"
         )
+    stale = [
+        name
+        for name in _CAP_OPS
+        if "max_value" not in inspect.signature(getattr(module, name)).parameters
+    ]
+    if stale:
+        raise RuntimeError(f"{path} is stale: {', '.join(stale)} lack the `max_value` attr")
     return module
 
 
@@ -227,6 +236,31 @@ def _params_tensors(params: QuantParams) -> dict:
     return {"params.lo": params.lo, "params.k": params.k, "params.flip": params.flip}
 
 
+def _cap_tensors(cap: CapParams | None) -> dict:
+    return {} if cap is None else {"cap.kc": cap.kc, "cap.flip": cap.flip}
+
+
+def _cap_inputs(cap: CapParams | None, aligned: bool) -> list[tf.Tensor]:
+    """The op's cap inputs: `[kc, flip(, aligned)]`, `[0]`-sized for no cap."""
+    if cap is None:
+        empty = tf.zeros([0], tf.float32)
+        return [empty] * (3 if aligned else 2)
+    tensors = [cap.kc, cap.flip] + ([cap.aligned] if aligned else [])
+    return [_f32(t) for t in tensors]
+
+
+def _cap_attr(cap: CapParams | None, negative_slope: float) -> float:
+    """The op's `max_value` attr (0: no cap); a cap refuses a leaky slope."""
+    if cap is None:
+        return 0.0
+    if negative_slope != 0.0:
+        raise ValueError(
+            "`max_value` (a capped ReLU) cannot be combined with a nonzero "
+            f"`negative_slope` ({negative_slope!r}); use one or the other."
+        )
+    return float(cap.max_value)
+
+
 def bn_relu_encode(
     x: tf.Tensor,
     mean: tf.Tensor,
@@ -236,18 +270,27 @@ def bn_relu_encode(
     params: QuantParams,
     bits: int,
     negative_slope: float = 0.0,
+    cap: CapParams | None = None,
 ) -> tuple[tf.Tensor, tf.Tensor]:
-    """Same as `quantizer.bn_relu_encode`: `(a, packed)`, one fused pass."""
+    """Same as `quantizer.bn_relu_encode`: `(a, packed)`, one fused pass.
+
+    With a `cap` (`quantizer.cap_params`): `quantizer.bn_relu_encode_capped`.
+    """
     quantizer.check_bits(bits, allow_none=False)
     negative_slope = _slope(negative_slope)
+    max_value = _cap_attr(cap, negative_slope)
     # Both paths take any float dtype and compute in float32, as the op does.
     x, mean, inv_std, gamma, beta = (_f32(t) for t in (x, mean, inv_std, gamma, beta))
     _check_input(x)
     _check_channels(
         x.shape[-1], mean=mean, inv_std=inv_std, gamma=gamma, beta=beta,
-        **_params_tensors(params),
+        **_params_tensors(params), **_cap_tensors(cap),
     )
     mod = _op()
+    if mod is None and cap is not None:
+        return quantizer.bn_relu_encode_capped(
+            x, mean, inv_std, gamma, beta, params, cap, bits
+        )
     if mod is None:
         return quantizer.bn_relu_encode(
             x, mean, inv_std, gamma, beta, params, bits, negative_slope
@@ -262,9 +305,11 @@ def bn_relu_encode(
         _f32(params.k),
         _f32(params.flip),
         _f32(params.aligned),
+        *_cap_inputs(cap, aligned=True),
         bits=bits,
         window=params.window,
         negative_slope=negative_slope,
+        max_value=max_value,
     )
 
 
@@ -273,12 +318,21 @@ def decode(
     params: QuantParams,
     shape: tf.TensorShape | list | tf.Tensor,
     bits: int,
+    cap: CapParams | None = None,
 ) -> tuple[tf.Tensor, tf.Tensor]:
-    """Same as `quantizer.decode`: `(xhat, mask)` of `shape` (channels last)."""
+    """Same as `quantizer.decode`: `(xhat, mask)` of `shape` (channels last).
+
+    With a `cap`, the mask is the capped ReLU's `0 < y < max_value`
+    (`quantizer.decode_capped`'s first two results).
+    """
     quantizer.check_bits(bits, allow_none=False)
     _check_packed(packed, shape, bits)
-    _check_channels(_static_channels(shape), **_params_tensors(params))
+    _check_channels(
+        _static_channels(shape), **_params_tensors(params), **_cap_tensors(cap)
+    )
     mod = _op()
+    if mod is None and cap is not None:
+        return quantizer.decode_capped(packed, params, cap, shape, bits)[:2]
     if mod is None:
         return quantizer.decode(packed, params, shape, bits)
     return mod.blpa_decode(
@@ -287,6 +341,7 @@ def decode(
         _f32(params.k),
         _f32(params.flip),
         _shape_tensor(shape),
+        *_cap_inputs(cap, aligned=False),
         bits=bits,
         window=params.window,
     )
@@ -300,17 +355,26 @@ def decode_relu(
     shape: tf.TensorShape | list | tf.Tensor,
     bits: int,
     negative_slope: float = 0.0,
+    cap: CapParams | None = None,
 ) -> tf.Tensor:
     """Rebuilt (leaky) ReLU output `where(mask, y, negative_slope * y)`,
-    `y = xhat * gamma + beta`, in one pass (`quantizer.relu_from_decoded`)."""
+    `y = xhat * gamma + beta`, in one pass (`quantizer.relu_from_decoded`);
+    with a `cap`, `quantizer.relu_from_decoded_capped`."""
     quantizer.check_bits(bits, allow_none=False)
     negative_slope = _slope(negative_slope)
+    max_value = _cap_attr(cap, negative_slope)
     _check_packed(packed, shape, bits)
     _check_channels(
-        _static_channels(shape), gamma=gamma, beta=beta, **_params_tensors(params)
+        _static_channels(shape), gamma=gamma, beta=beta, **_params_tensors(params),
+        **_cap_tensors(cap),
     )
     gamma, beta = _f32(gamma), _f32(beta)
     mod = _op()
+    if mod is None and cap is not None:
+        return quantizer.relu_from_decoded_capped(
+            *quantizer.decode_capped(packed, params, cap, shape, bits), gamma, beta,
+            cap.max_value,
+        )
     if mod is None:
         xhat, mask = quantizer.decode(packed, params, shape, bits)
         return quantizer.relu_from_decoded(xhat, mask, gamma, beta, negative_slope)
@@ -322,9 +386,11 @@ def decode_relu(
         _f32(gamma),
         _f32(beta),
         _shape_tensor(shape),
+        *_cap_inputs(cap, aligned=False),
         bits=bits,
         window=params.window,
         negative_slope=negative_slope,
+        max_value=max_value,
     )
 
 
@@ -336,23 +402,30 @@ def decode_bn_backward(
     inv_std: tf.Tensor,
     bits: int,
     negative_slope: float = 0.0,
+    cap: CapParams | None = None,
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """Same as `quantizer.decode_bn_backward`: `(g_x, d_gamma, d_beta)`, fused.
 
     Decodes the codes on the fly in both of its passes (per-channel sums, then
     the input gradient), so neither `xhat`, the mask nor the masked gradient
     is materialized. The sums are accumulated in double: results agree with
-    the pure-TF function to float rounding, not bit for bit.
+    the pure-TF function to float rounding, not bit for bit. With a `cap`,
+    the gradient mask is the capped ReLU's `0 < y < max_value`.
     """
     quantizer.check_bits(bits, allow_none=False)
     negative_slope = _slope(negative_slope)
+    _cap_attr(cap, negative_slope)
     g_a, gamma, inv_std = _f32(g_a), _f32(gamma), _f32(inv_std)
     _check_packed(packed, g_a.shape, bits)
     _check_input(g_a)
     _check_channels(
-        g_a.shape[-1], gamma=gamma, inv_std=inv_std, **_params_tensors(params)
+        g_a.shape[-1], gamma=gamma, inv_std=inv_std, **_params_tensors(params),
+        **_cap_tensors(cap),
     )
     mod = _op()
+    if mod is None and cap is not None:
+        xhat, mask, _ = quantizer.decode_capped(packed, params, cap, tf.shape(g_a), bits)
+        return quantizer.relu_bn_backward(g_a, xhat, mask, gamma, inv_std)
     if mod is None:
         return quantizer.decode_bn_backward(
             g_a, packed, params, gamma, inv_std, bits, negative_slope
@@ -365,6 +438,7 @@ def decode_bn_backward(
         _f32(params.flip),
         _f32(gamma),
         _f32(inv_std),
+        *_cap_inputs(cap, aligned=False),
         bits=bits,
         window=params.window,
         negative_slope=negative_slope,

@@ -295,6 +295,12 @@ def peak_step_memory(
         y = tf.zeros((batch_size,), tf.int32)
     model.train_on_batch(x, y)
     model.train_on_batch(x, y)
+    if device.startswith("CPU") and not cpu_allocator_keeps_stats():
+        raise RuntimeError(
+            "TensorFlow's default CPU allocator keeps no memory statistics on this "
+            "machine (oneDNN is off, as on AMD CPUs). Set TF_CPU_ALLOCATOR_USE_BFC=true "
+            "before TensorFlow starts, or use measure_in_subprocess, which does."
+        )
     peaks = []
     for _ in range(steps):
         tf.config.experimental.reset_memory_stats(device)
@@ -419,7 +425,7 @@ def measure_in_subprocess(
     intra_op_threads: int | None = None,
     progress: Callable[[str], None] | None = None,
     steps: int = 1,
-    cpu_bfc: bool = False,
+    cpu_bfc: bool | None = None,
     aggregate: str = "median",
     **model_kwargs,
 ) -> dict:
@@ -444,6 +450,8 @@ def measure_in_subprocess(
         its statistics, such as most of a small batch's codes. Its pool is
         then reserved up front (`reserve_cpu_pool`). Combine with `steps`
         > 1: BFC counts whole chunks, so single steps vary by up to 10%.
+        None (the default): BFC only where the default CPU allocator keeps
+        no statistics at all (`cpu_allocator_keeps_stats`).
       aggregate: "median" or "min" (the lowest run). TensorFlow orders
         independent ops by measured timings, and an order can keep one more
         activation tensor alive at the peak; "min" reports the order that
@@ -475,6 +483,8 @@ def measure_in_subprocess(
         args += ["--intra-op-threads", str(intra_op_threads)]
     if steps != 1:
         args += ["--steps", str(steps)]
+    if cpu_bfc is None:
+        cpu_bfc = not cpu_allocator_keeps_stats()
     env = {"TF_CPU_ALLOCATOR_USE_BFC": "true"} if cpu_bfc else {}
     runs = []
     for run in range(1, repeats + 1):
@@ -510,6 +520,24 @@ def _run_once(args: list[str], jit_compile: bool, env: dict[str, str]) -> dict:
 def cpu_bfc() -> bool:
     """True when TensorFlow's CPU allocator is BFC (`TF_CPU_ALLOCATOR_USE_BFC`)."""
     return os.environ.get("TF_CPU_ALLOCATOR_USE_BFC", "").lower() in ("1", "true")
+
+
+def cpu_allocator_keeps_stats() -> bool:
+    """True when this process's TensorFlow CPU allocator keeps the statistics
+    `peak_step_memory` reads.
+
+    The default CPU allocator keeps them only with oneDNN, which TensorFlow
+    turns on for some x86 CPUs and not others (it is off on AMD EPYC); BFC
+    (`TF_CPU_ALLOCATOR_USE_BFC=true`) always keeps them. Starts TensorFlow's
+    context: call it after any threading settings.
+    """
+    import tensorflow as tf
+
+    try:
+        tf.config.experimental.get_memory_info("CPU:0")
+    except ValueError:
+        return False
+    return True
 
 
 def reserve_cpu_pool(limit_mib: int = 2048) -> None:

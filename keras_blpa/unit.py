@@ -77,8 +77,8 @@ def bn_relu_linear(
         `tf.nn.leaky_relu`); 0 is the ReLU. The codes do not depend on it.
       max_value: cap the ReLU, `min(max(y, 0), max_value)` (ReLU6: 6), with
         a second grid edge at the cap's kink (`quantizer.cap_params`); None:
-        no cap. Needs `negative_slope=0`. Capped units run the pure-TF
-        quantizer (the compiled op has no cap yet).
+        no cap. Needs `negative_slope=0`. With `bits=None` a capped unit
+        runs the pure-TF exact path (the op's exact kernels have no cap).
       name: the layer's name, for the error on second-order gradients.
 
     Returns:
@@ -332,8 +332,8 @@ class _Codes:
     `xla.sum_windows`) and the forward output is tied to them (`xla.tie`):
     XLA:CPU drops optimization barriers before fusion, and without these it
     recomputes the codes from the float32 input inside the backward pass,
-    keeping that input alive. Both layouts hold the same codes. A capped
-    ReLU's codes (`cap`) come from the pure-TF quantizer in both layouts.
+    keeping that input alive. Both layouts hold the same codes, a capped
+    ReLU's (`cap`) too.
     """
 
     def __init__(
@@ -347,23 +347,23 @@ class _Codes:
         self.cap = cap
         self.words = xla.in_xla_context()
 
-    def _decode_capped(self, codes):
+    def _decode_capped_words(self, codes):
         return quantizer.decode_capped(codes, self.params, self.cap, self.shape, self.bits,
-                                       words=self.words)
+                                       words=True)
 
     def encode(self, x32, mean, inv_std, gamma, beta) -> tuple[tf.Tensor, tf.Tensor]:
         """`(a, codes)`: the exact ReLU output and the packed codes."""
-        if self.cap is not None:
-            a, codes = quantizer.bn_relu_encode_capped(
-                x32, mean, inv_std, gamma, beta, self.params, self.cap, self.bits,
-                words=self.words, sum_windows=xla.sum_windows() if self.words else None,
-            )
-            return (xla.tie(a, codes), codes) if self.words else (a, codes)
         if not self.words:
             return custom_op.bn_relu_encode(
                 x32, mean, inv_std, gamma, beta, self.params, self.bits,
-                negative_slope=self.slope,
+                negative_slope=self.slope, cap=self.cap,
             )
+        if self.cap is not None:
+            a, words = quantizer.bn_relu_encode_capped(
+                x32, mean, inv_std, gamma, beta, self.params, self.cap, self.bits,
+                words=True, sum_windows=xla.sum_windows(),
+            )
+            return xla.tie(a, words), words
         a, words = quantizer.bn_relu_encode_words(
             x32, mean, inv_std, gamma, beta, self.params, self.bits, xla.sum_windows(),
             negative_slope=self.slope,
@@ -371,14 +371,14 @@ class _Codes:
         return xla.tie(a, words), words
 
     def decode_relu(self, codes, gamma, beta) -> tf.Tensor:
-        if self.cap is not None:
-            return quantizer.relu_from_decoded_capped(
-                *self._decode_capped(codes), gamma, beta, self.cap.max_value
-            )
         if not self.words:
             return custom_op.decode_relu(
                 codes, self.params, gamma, beta, self.shape, self.bits,
-                negative_slope=self.slope,
+                negative_slope=self.slope, cap=self.cap,
+            )
+        if self.cap is not None:
+            return quantizer.relu_from_decoded_capped(
+                *self._decode_capped_words(codes), gamma, beta, self.cap.max_value
             )
         xhat, mask = quantizer.decode_words(codes, self.params, self.shape, self.bits)
         return quantizer.relu_from_decoded(
@@ -387,21 +387,21 @@ class _Codes:
 
     def decode(self, codes) -> tuple[tf.Tensor, tf.Tensor]:
         """`(xhat, mask)`, float32 and bool of the input's shape."""
-        if self.cap is not None:
-            return self._decode_capped(codes)[:2]
         if not self.words:
-            return custom_op.decode(codes, self.params, self.shape, self.bits)
+            return custom_op.decode(codes, self.params, self.shape, self.bits, cap=self.cap)
+        if self.cap is not None:
+            return self._decode_capped_words(codes)[:2]
         return quantizer.decode_words(codes, self.params, self.shape, self.bits)
 
     def decode_bn_backward(self, g_a, codes, gamma, inv_std):
-        if self.cap is not None:
-            xhat, mask, _ = self._decode_capped(codes)
-            return quantizer.relu_bn_backward(g_a, xhat, mask, gamma, inv_std)
         if not self.words:
             return custom_op.decode_bn_backward(
                 g_a, codes, self.params, gamma, inv_std, self.bits,
-                negative_slope=self.slope,
+                negative_slope=self.slope, cap=self.cap,
             )
+        if self.cap is not None:
+            xhat, mask, _ = self._decode_capped_words(codes)
+            return quantizer.relu_bn_backward(g_a, xhat, mask, gamma, inv_std)
         xhat, mask = quantizer.decode_words(codes, self.params, self.shape, self.bits)
         return quantizer.relu_bn_backward(
             g_a, xhat, mask, gamma, inv_std, negative_slope=self.slope

@@ -1,8 +1,8 @@
 """Fused layers with a capped ReLU (`max_value`, ReLU6) against stock
 BatchNormalization -> ReLU(max_value) -> Conv2D/Dense: outputs, gradients
 (equal with bits=None, close at 4 and 8 bits), XLA against eager, naive
-inference, configs and bad arguments. Capped units run the pure-TF
-quantizer (the compiled op has no cap yet)."""
+inference, configs and bad arguments, on both paths (the compiled op with
+its cap, and the pure-TF quantizer with the op disabled or under XLA)."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def _saturated_share(layer, x) -> float:
 @pytest.mark.parametrize("cap", [6.0, 0.8])
 @pytest.mark.parametrize("bits", [None, 8, 4])
 @pytest.mark.parametrize("kind,kwargs,shape", CASES, ids=IDS)
-def test_capped_relu_matches_stock(kind, kwargs, shape, bits, cap):
+def test_capped_relu_matches_stock(kind, kwargs, shape, bits, cap, implementation):
     rng = np.random.default_rng(21)
     layer, stock = _make(kind, kwargs, bits, shape, rng, cap)
     x = _input(rng, shape)

@@ -2,9 +2,9 @@
 both masks rebuilt exactly from the codes, the decoded values close, and the
 jnp twin bit for bit the TensorFlow quantizer.
 
-Not yet used by the layers (issue: MobileNets' ReLU6); these are the grid's
-own guarantees, on random channels whose kinks lie inside and outside the
-window, on either side of each other, within a bin of each other, with
+The grid's own guarantees (the compiled op is checked bit for bit against
+it in `tests/test_capped_op.py`, the layers in `tests/test_capped_layers.py`),
+on random channels whose kinks lie inside and outside the window, on either side of each other, within a bin of each other, with
 values on and one ulp beside both kinks, beyond the window, NaN and Inf.
 """
 

@@ -535,7 +535,11 @@ APPLICATIONS = {
     "ResNet50V2": dict(fused=49, left=0),   # 16 blocks x 3 units + the head
     "DenseNet121": dict(fused=120, left=1),  # stem BN -> ReLU -> MaxPooling stays
     "ResNet50": dict(fused=32, left=1),      # post-activation: 2 units per block
-    "MobileNetV2": dict(fused=35, left=0),   # ReLU6: expansion and depthwise units, head
+    # ReLU6: expansion and depthwise units, head. Two mask edges per unit make
+    # its gradients the most rounding-sensitive: the same stock gradient
+    # computed four ways on one CPU (stock / converted, eager / XLA) agrees
+    # only to cosines of 0.9995-0.99999 pairwise.
+    "MobileNetV2": dict(fused=35, left=0, cosine=0.9995),
     # ReLU6; the head's GAP -> Dropout stays (no dropout: training outputs compare)
     "MobileNet": dict(fused=26, left=1, kwargs=dict(dropout=0.0)),
 }
@@ -573,8 +577,9 @@ def test_applications_exact_conversion(name):
     assert len(significant) >= 0.7 * len(grads)
     assert min(cosine(a, b) for a, b in significant) >= 0.999
     flat = [np.concatenate([np.ravel(g[i]) for g in grads[1:]]) for i in (0, 1)]
-    assert cosine(*flat) >= 0.9999
-    assert cosine(*grads[0]) >= 0.9999  # the input gradient
+    floor = APPLICATIONS[name].get("cosine", 0.9999)
+    assert cosine(*flat) >= floor
+    assert cosine(*grads[0]) >= floor  # the input gradient
 
 
 @pytest.mark.parametrize("name", ["ResNet50V2", "ResNet50", "MobileNetV2"])

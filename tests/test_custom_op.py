@@ -280,15 +280,19 @@ def test_invalid_slope_raises(op_lib, bad):
             call(bad)
     # The kernels' own check (the attr reaches them unchecked here).
     lo, k, flip, aligned = params.lo, params.k, params.flip, params.aligned
+    no_cap = tf.zeros([0], tf.float32)  # [0]-sized cap inputs: no cap
     raw = [
         lambda: op_lib.blpa_bn_relu_encode(
-            x, mean, inv_std, gamma, beta, lo, k, flip, aligned, bits=4, negative_slope=bad
+            x, mean, inv_std, gamma, beta, lo, k, flip, aligned,
+            no_cap, no_cap, no_cap, bits=4, negative_slope=bad,
         ),
         lambda: op_lib.blpa_decode_relu(
-            packed, lo, k, flip, gamma, beta, tf.constant([3, 7]), bits=4, negative_slope=bad
+            packed, lo, k, flip, gamma, beta, tf.constant([3, 7]),
+            no_cap, no_cap, bits=4, negative_slope=bad,
         ),
         lambda: op_lib.blpa_decode_bn_backward(
-            x, packed, lo, k, flip, gamma, inv_std, bits=4, negative_slope=bad
+            x, packed, lo, k, flip, gamma, inv_std,
+            no_cap, no_cap, bits=4, negative_slope=bad,
         ),
     ]
     for call in raw:

@@ -22,7 +22,9 @@ class Conv2DMap:
     inferred from the kernel's input channels, as `keras.layers.Conv2D` does.
     """
 
-    def __init__(self, strides, padding, dilation_rate, use_bias, projection_strides):
+    def __init__(self, strides, padding, dilation_rate, use_bias, projection_strides,
+                 groups: int = 1):
+        del groups  # inferred from the kernel
         self.strides = tuple(strides)
         self.padding = padding.upper() if isinstance(padding, str) else tuple(
             tuple(p) for p in padding

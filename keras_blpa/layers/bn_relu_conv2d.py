@@ -193,6 +193,7 @@ class BNReLUConv2D(BNReLUBase):
         return backend.linear().Conv2DMap(
             self.strides, self.padding, self.dilation_rate, self.use_bias,
             self.projection_strides if self.projection_filters else None,
+            groups=self.groups,
         )
 
     def _linear_weights(self):
