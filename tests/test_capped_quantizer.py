@@ -4,8 +4,9 @@ jnp twin bit for bit the TensorFlow quantizer.
 
 The grid's own guarantees (the compiled op is checked bit for bit against
 it in `tests/test_capped_op.py`, the layers in `tests/test_capped_layers.py`),
-on random channels whose kinks lie inside and outside the window, on either side of each other, within a bin of each other, with
-values on and one ulp beside both kinks, beyond the window, NaN and Inf.
+on random channels whose kinks lie inside and outside the window, on
+either side of each other, within a bin of each other, with values on and
+one ulp beside both kinks, beyond the window, NaN and Inf.
 """
 
 from __future__ import annotations
