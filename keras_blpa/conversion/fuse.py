@@ -11,7 +11,7 @@ import numpy as np
 
 from keras_blpa.conversion import graph as g
 from keras_blpa.conversion.report import Chain, ConversionReport
-from keras_blpa.layers import BNReLUConv2D, BNReLUDense
+from keras_blpa.layers import BNReLUConv2D, BNReLUDense, ReLUConv2D, ReLUDense
 
 LINEAR = ("Conv2D", "DepthwiseConv2D", "Dense")
 BN_KEYS = (
@@ -138,13 +138,14 @@ def _head(graph: g.Graph, act: str, reader: str) -> dict:
     return head
 
 
-def _is_projection(graph: g.Graph, head: dict) -> bool:
-    """A bias-free, linear 1x1 Conv2D without groups or dilation."""
+def _is_projection(graph: g.Graph, head: dict, allow_bias: bool = False) -> bool:
+    """A bias-free (or, with `allow_bias`, any), linear 1x1 Conv2D without
+    groups or dilation."""
     layer = graph.layers[head["linear"]]
     return (
         head["pad"] is None and graph.class_name(head["linear"]) == "Conv2D"
         and tuple(layer.kernel_size) == (1, 1) and layer.groups == 1
-        and tuple(layer.dilation_rate) == (1, 1) and not layer.use_bias
+        and tuple(layer.dilation_rate) == (1, 1) and (allow_bias or not layer.use_bias)
         and layer.activation is keras.activations.linear
         and layer.activity_regularizer is None
     )
@@ -254,6 +255,131 @@ def _fused_layer(graph: g.Graph, bn: str, heads: tuple, name: str, options: dict
     return layer, load
 
 
+# ---------------------------------------------------- ReLU -> linear, no BN
+# A post-activation ResNet's `Add -> ReLU` feeds the next block's
+# convolutions (which save the activation for their weight gradients) and its
+# shortcut `Add` (which saves nothing): `ReLUConv2D(return_activation=True)`
+# keeps a code of the ReLU's input instead and hands the exact activation to
+# the `Add`.
+
+# Readers of the activation that keep nothing of it for their backward pass.
+PASSTHROUGH = ("Add",)
+
+
+def _relu_heads(graph: g.Graph, act: str) -> tuple[tuple, list[str]]:
+    """`((main, projection or None), passthrough readers)` of a BN-less ReLU."""
+    readers = graph.readers.get((act, 0, 0), [])
+    passthrough = [r for r in readers if r != g.OUTPUT and graph.class_name(r) in PASSTHROUGH
+                   and is_stock(graph.layers[r])]
+    heads = [_head(graph, act, r) for r in readers if r not in passthrough]
+    if len(heads) == 1:
+        return (heads[0], None), passthrough
+    projections = [h for h in heads if _is_projection(graph, h, allow_bias=True)]
+    if len(heads) != 2 or not projections or any(
+        graph.class_name(h["linear"]) != "Conv2D" for h in heads
+    ):
+        names = ", ".join(h["linear"] for h in heads)
+        raise _Left(
+            f"the ReLU output is read by {len(heads)} linear layers ({names}); a fused layer "
+            "has one main head plus at most one 1x1 Conv2D projection head"
+        )
+    projection = projections[-1]
+    main = heads[1] if heads[0] is projection else heads[0]
+    return (main, projection), passthrough
+
+
+def _check_relu_chain(graph: g.Graph, act: str, heads: tuple, keep, options: dict) -> None:
+    main, projection = heads
+    linears = [graph.layers[h["linear"]] for h in heads if h]
+    names = [act, *[h[k] for h in heads if h for k in ("pad", "pool", "linear") if h[k]]]
+    for name in names:
+        if keep(graph.layers[name]):
+            raise _Left(f"kept stock by `keep` ({name})")
+    if options.get("naive"):
+        raise _Left("naive=True: the naive baseline has no unit without a BN")
+    if graph.calls[act] != 1:
+        raise _Left("the ReLU layer is shared (called more than once)")
+    if graph.layers[act].activity_regularizer is not None:
+        raise _Left(f"{act} has an activity_regularizer")
+    linear = linears[0]
+    if getattr(linear, "data_format", "channels_last") != "channels_last":
+        raise _Left(f"{linear.name} is channels_first (fused layers need channels_last)")
+    if main["pad"] and linear.padding != "valid":
+        raise _Left(f"{main['pad']} pads before {linear.name}, whose padding is not 'valid'")
+    for layer in linears:
+        if getattr(layer, "lora_enabled", False):
+            raise _Left(f"{layer.name} has LoRA enabled")
+        if getattr(layer.dtype_policy, "quantization_mode", None):
+            raise _Left(f"{layer.name} is quantized")
+        if layer.trainable != linear.trainable:
+            raise _Left(f"{linear.name} and {layer.name} differ in `trainable`")
+        if layer.dtype_policy.name != graph.layers[act].dtype_policy.name:
+            raise _Left(f"{act} and {layer.name} have different dtype policies")
+    if projection and linear.activity_regularizer is not None:
+        raise _Left(f"{linear.name} has an activity_regularizer and a projection head")
+
+
+def _relu_fused_layer(graph: g.Graph, heads: tuple, name: str, options: dict,
+                      return_activation: bool):
+    """The fused ReLU -> linear layer (unbuilt) and its weight loader."""
+    main, projection = heads
+    linear = graph.layers[main["linear"]]
+    proj = graph.layers[projection["linear"]] if projection else None
+    lin_cfg = linear.get_config()
+    kwargs = {k: lin_cfg[k] for k in BIAS_KEYS}
+    kernel_key = "depthwise" if isinstance(linear, keras.layers.DepthwiseConv2D) else "kernel"
+    for part in ("initializer", "regularizer", "constraint"):
+        kwargs[f"kernel_{part}"] = lin_cfg[f"{kernel_key}_{part}"]
+    if linear.activation is keras.activations.linear and lin_cfg.get("activity_regularizer"):
+        kwargs["activity_regularizer"] = lin_cfg["activity_regularizer"]
+    kwargs.update({k: v for k, v in options.items() if k != "naive"}, name=name,
+                  dtype=linear.dtype_policy, trainable=linear.trainable,
+                  return_activation=return_activation)
+    if isinstance(linear, keras.layers.Dense):
+        layer = ReLUDense(linear.units, pooling="avg" if main["pool"] else None, **kwargs)
+    else:
+        padding = graph.layers[main["pad"]].padding if main["pad"] else linear.padding
+        if isinstance(linear, keras.layers.DepthwiseConv2D):
+            channels = int(linear.kernel.shape[2])
+            filters, groups = channels * linear.depth_multiplier, channels
+        else:
+            filters, groups = linear.filters, linear.groups
+        layer = ReLUConv2D(
+            filters, linear.kernel_size, strides=linear.strides, padding=padding,
+            dilation_rate=linear.dilation_rate, groups=groups,
+            projection_filters=proj.filters if proj else None,
+            projection_strides=proj.strides if proj else None,
+            projection_use_bias=bool(proj and proj.use_bias), **kwargs,
+        )
+
+    def load(fused) -> None:
+        fused.kernel.assign(np.reshape(linear.kernel.numpy(), fused.kernel.shape))
+        if linear.use_bias:
+            fused.bias.assign(linear.bias)
+        if proj is not None:
+            fused.projection_kernel.assign(proj.kernel)
+            if proj.use_bias:
+                fused.projection_bias.assign(proj.bias)
+
+    return layer, load
+
+
+def _bn_less_relus(graph: g.Graph, seen: set):
+    """Stock plain ReLUs outside every BN chain that a linear layer reads."""
+    for name, _ in graph.entries:
+        layer = graph.layers.get(name)
+        if name in seen or layer is None or activation_kind(layer) is None:
+            continue
+        if activation_kind(layer)[1:] != (0.0, None):
+            continue
+        readers = graph.readers.get((name, 0, 0), [])
+        if any(r != g.OUTPUT and graph.class_name(r) in ("Conv2D", "DepthwiseConv2D", "Dense",
+                                                           "ZeroPadding2D",
+                                                           "GlobalAveragePooling2D")
+               for r in readers):
+            yield name
+
+
 def _chains(graph: g.Graph):
     """(BN, activation) pairs to report, and chains whose reason is known early."""
     for name, _ in graph.entries:
@@ -332,6 +458,50 @@ def convert_graph(model, options: dict, keep: Callable, report: ConversionReport
             tuple(parts), fused_as=name, model=path, linear=linear.name,
             projection=projection["linear"] if projection else None, negative_slope=slope,
             max_value=cap,
+        ))
+        report.stock_layers += len(parts)
+        report.fused_layers += 1
+    seen = {name for chain in report.chains if chain.model == path for name in chain.layers}
+    for act in _bn_less_relus(graph, seen | removed):
+        chain = [act, *graph.readers.get((act, 0, 0), [])]
+        try:
+            heads, passthrough = _relu_heads(graph, act)
+            _check_relu_chain(graph, act, heads, keep, options)
+            main, projection = heads
+            linear = graph.layers[main["linear"]]
+            activated = linear.activation is not keras.activations.linear
+            name = (
+                g.unique_name(f"{linear.name}_fused", taken) if activated else linear.name
+            )
+            try:
+                fused, load = _relu_fused_layer(graph, heads, name, options, bool(passthrough))
+            except ValueError as err:
+                raise _Left(f"the fused layer rejects it: {err}") from None
+        except _Left as left:
+            chain = [r for r in chain if r != g.OUTPUT]
+            report.chains.append(Chain(tuple(dict.fromkeys(chain)), reason=str(left), model=path))
+            continue
+        parts = [act] + [h[k] for h in heads if h for k in ("pad", "pool", "linear") if h[k]]
+        removed.update(parts)
+        first = graph.first_ref.get(act)
+        nodes = dict(graph.entries)[act].get("inbound_nodes")
+        entries = [g.serialize(fused, name, nodes)]
+        if activated:
+            out = keras.layers.Activation(
+                linear.activation, dtype=linear.dtype_policy,
+                activity_regularizer=linear.activity_regularizer,
+            )
+            node = [g.call_node(g.tensor(name, first))] if graph.kind == "functional" else None
+            entries.append(g.serialize(out, linear.name, node))
+        at_bn[act] = entries
+        if projection:
+            mapping[(projection["linear"], 0, 0)] = (name, 0, 1)
+        if passthrough:
+            mapping[(act, 0, 0)] = (name, 0, 2 if projection else 1)
+        loaders[name] = load
+        report.chains.append(Chain(
+            tuple(parts), fused_as=name, model=path, linear=linear.name,
+            projection=projection["linear"] if projection else None, negative_slope=0.0,
         ))
         report.stock_layers += len(parts)
         report.fused_layers += 1

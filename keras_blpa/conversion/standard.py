@@ -9,6 +9,7 @@ from keras_blpa.conversion import graph as g
 from keras_blpa.conversion.fuse import BN_KEYS, transfer
 from keras_blpa.layers import BNReLUConv2D
 from keras_blpa.layers.base import BNReLUBase
+from keras_blpa.layers.relu_base import ReLUOnlyMixin
 
 _LINEAR_KEYS = (
     "use_bias", "kernel_initializer", "bias_initializer", "kernel_regularizer",
@@ -20,11 +21,11 @@ def _stock_layers(fused, names: dict) -> dict:
     """The stock layers equal to `fused`, by role, and their weight loader."""
     cfg = fused.get_config()
     common = dict(dtype=fused.dtype_policy, trainable=fused.trainable)
-    layers = {
-        "bn": keras.layers.BatchNormalization(
+    layers = {}
+    if not isinstance(fused, ReLUOnlyMixin):
+        layers["bn"] = keras.layers.BatchNormalization(
             axis=-1, **{k: cfg[k] for k in BN_KEYS}, name=names["bn"], **common
-        ),
-    }
+        )
     slope = getattr(fused, "negative_slope", 0.0)
     cap = getattr(fused, "max_value", None)
     if cap is not None:
@@ -67,7 +68,10 @@ def _stock_layers(fused, names: dict) -> dict:
         if fused.projection_filters:
             layers["projection"] = keras.layers.Conv2D(
                 fused.projection_filters, 1, strides=fused.projection_strides,
-                use_bias=False, kernel_initializer=cfg["kernel_initializer"],
+                use_bias=getattr(fused, "projection_use_bias", False),
+                bias_initializer=cfg["bias_initializer"],
+                bias_regularizer=cfg["bias_regularizer"], bias_constraint=cfg["bias_constraint"],
+                kernel_initializer=cfg["kernel_initializer"],
                 kernel_regularizer=cfg["kernel_regularizer"],
                 kernel_constraint=cfg["kernel_constraint"], name=names["projection"],
                 **common,
@@ -85,15 +89,17 @@ def _stock_layers(fused, names: dict) -> dict:
 
 def _load(fused) -> callable:
     def load(roles: dict) -> None:
-        bn, linear = roles["bn"], roles["linear"]
+        linear = roles["linear"]
         for weight in ("gamma", "beta", "moving_mean", "moving_variance"):
-            if hasattr(fused, weight):
-                getattr(bn, weight).assign(getattr(fused, weight))
+            if "bn" in roles and hasattr(fused, weight):
+                getattr(roles["bn"], weight).assign(getattr(fused, weight))
         linear.kernel.assign(np.reshape(fused.kernel.numpy(), linear.kernel.shape))
         if fused.use_bias:
             linear.bias.assign(fused.bias)
         if "projection" in roles:
             roles["projection"].kernel.assign(fused.projection_kernel)
+            if getattr(fused, "projection_use_bias", False):
+                roles["projection"].bias.assign(fused.projection_bias)
 
     return load
 
@@ -107,7 +113,7 @@ def standard_graph(model):
     for name, entry in graph.entries:
         layer = graph.layers.get(name)
         if isinstance(layer, BNReLUBase):
-            if layer.naive:
+            if getattr(layer, "naive", False):
                 raise ValueError(
                     f"`model` layer {name} has naive=True: it quantizes its activation "
                     "in inference too, which no stock layer does, so stock layers would "
@@ -129,7 +135,7 @@ def standard_graph(model):
                     continue
                 if not functional:
                     node = None
-                elif role == "bn":
+                elif previous is None:
                     node = entry["inbound_nodes"]
                 else:
                     source = names["relu"] if role == "projection" else previous
@@ -138,6 +144,8 @@ def standard_graph(model):
                 previous = names[role]
             if "projection" in roles:
                 mapping[(name, 0, 1)] = (names["projection"], 0, 0)
+            if getattr(layer, "return_activation", False):
+                mapping[(name, 0, 1 + ("projection" in roles))] = (names["relu"], 0, 0)
             groups.append((names, _load(layer)))
             for role_name in names.values():
                 loaders[role_name] = _noop
