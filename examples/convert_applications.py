@@ -12,9 +12,11 @@ the input size and repeated to 3 channels.
     python examples/convert_applications.py                  # ResNet50V2, 64x64, 4-bit
     python examples/convert_applications.py --model DenseNet121 --bits 8
     python examples/convert_applications.py --table ResNet50V2 DenseNet121 ResNet50 MobileNetV2
+    python examples/convert_applications.py --model ResNet50 --bn-bits 8
 
-`--table` measures every listed model (stock, bits=None, 4-bit) and prints the
-README's table instead of training.
+`--table` measures every listed model (stock, bits=None, 4-bit; with
+`--bn-bits`, also 4-bit with the BNs outside the chains approximated) and
+prints the README's table instead of training.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ MODELS = (
     "ResNet50V2", "ResNet101V2", "ResNet152V2", "ResNet50", "ResNet101", "ResNet152",
     "DenseNet121", "DenseNet169", "DenseNet201", "MobileNetV2", "MobileNet",
 )
-VARIANTS = ("stock", "none", "8", "4")
+VARIANTS = ("stock", "none", "8", "4", "4+bn8", "4+bn4", "8+bn8")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="input height and width (default 64; at least 32)")
     p.add_argument("--bits", choices=["4", "8", "none"], default="4",
                    help="fused layers' bits (none: exact)")
+    p.add_argument("--bn-bits", choices=["4", "8", "none"], default="none",
+                   help="code width of the BatchNormalization layers outside the chains "
+                        "(ApproxBatchNormalization; beyond the paper), none: stock")
     p.add_argument("--steps", type=training.positive_int, default=20,
                    help="fine-tuning steps (default 20)")
     p.add_argument("--batch-size", type=training.positive_int, default=32)
@@ -93,8 +98,10 @@ def variant_model(name: str, size: int, variant: str):
     model = build(name, size)
     if variant == "stock":
         return model, None
-    bits = None if variant == "none" else int(variant)
-    return keras_blpa.convert(model, bits=bits, return_report=True)
+    bits, _, bn_bits = variant.partition("+bn")
+    bits = None if bits == "none" else int(bits)
+    return keras_blpa.convert(model, bits=bits, bn_bits=int(bn_bits) if bn_bits else None,
+                              return_report=True)
 
 
 def backward_peak(model, batch_size: int, steps: int = 3) -> int:
@@ -185,21 +192,25 @@ def child(args) -> None:
 
 def memory_table(args, names) -> str:
     b0, b1 = args.memory_batch_sizes[0], args.memory_batch_sizes[-1]
+    bn = "" if args.bn_bits == "none" else f"4+bn{args.bn_bits}"
+    columns = ("stock", "none", "4") + ((bn,) if bn else ())
+    best = bn or "4"
+    header = f" | 4-bit, bn_bits={args.bn_bits}" if bn else ""
     rows = [f"| model ({args.size}x{args.size}) | params | chains fused / left stock "
-            "| stock | fused, bits=None | BLPA 4-bit | 4-bit vs stock "
-            "| of which 4-bit codes (computed) |",
-            "|---|---|---|---|---|---|---|---|"]
+            f"| stock | fused, bits=None | BLPA 4-bit{header} | {'last' if bn else '4-bit'} "
+            "vs stock | of which codes (computed) |",
+            "|---|---|---|---|---|---|---|---|" + ("---|" if bn else "")]
     summary = {}
     for name in names:
-        _, report = variant_model(name, args.size, "4")
+        _, report = variant_model(name, args.size, best)
         mem = {"stock": measure_in_subprocess(args, name, "stock")}
-        if report.fused:
-            for variant in ("none", "4"):
+        if report.fused or report.approximated:
+            for variant in columns[1:]:
                 mem[variant] = measure_in_subprocess(args, name, variant)
         summary[name] = mem
         cells = [f"{mem[v]['mib_per_sample']:.2f}" if v in mem else "(= stock)"
-                 for v in ("stock", "none", "4")]
-        four = mem.get("4", mem["stock"])
+                 for v in columns]
+        four = mem.get(best, mem["stock"])
         rows.append(
             f"| {name} | {mem['stock']['params'] / 1e6:.1f}M | {len(report.fused)} / "
             f"{len(report.left)} | {' | '.join(cells)} | "
@@ -258,8 +269,10 @@ def main(argv: list[str] | None = None) -> dict:
     keras.utils.set_random_seed(0)
     original = build(args.model, args.size)
     bits = None if args.bits == "none" else int(args.bits)
+    bn_bits = None if args.bn_bits == "none" else int(args.bn_bits)
     start = time.time()
-    model, report = keras_blpa.convert(original, bits=bits, return_report=True)
+    model, report = keras_blpa.convert(original, bits=bits, bn_bits=bn_bits,
+                                       return_report=True)
     print(f"Converted {args.model} ({args.size}x{args.size}, weights=None) in "
           f"{time.time() - start:.1f} s")
     if args.full_report:
@@ -268,6 +281,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(str(report).splitlines()[0])
         for chain in report.left:
             print(f"  left stock: {' -> '.join(chain.layers)}: {chain.reason}")
+        if bn_bits is not None:
+            print(f"  {len(report.approximated)} BatchNormalization layers outside the chains "
+                  f"keep a {bn_bits}-bit input code (ApproxBatchNormalization)")
     summary = {"model": args.model, "size": args.size, "bits": bits,
                "fused": len(report.fused), "left": len(report.left)}
     if report.fused:
@@ -278,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
         b0, b1 = args.memory_batch_sizes[0], args.memory_batch_sizes[-1]
         print(f"Activation memory: slope of the peak memory of a forward + backward pass "
               f"from batch {b0} to {b1}, a fresh process each", flush=True)
-        variant = "none" if bits is None else str(bits)
+        variant = ("none" if bits is None else str(bits)) + (f"+bn{bn_bits}" if bn_bits else "")
         stock = measure_in_subprocess(args, args.model, "stock")["mib_per_sample"]
         fused = measure_in_subprocess(args, args.model, variant)["mib_per_sample"]
         summary.update(stock_mib_per_sample=stock, converted_mib_per_sample=fused)

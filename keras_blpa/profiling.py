@@ -201,16 +201,19 @@ def saved_bytes_per_sample(model) -> float:
     """Bytes per sample that `model`'s fused layers keep for the backward pass.
 
     Exact, from each fused layer's input shape and `bits`
-    (`SAVED_BYTES_PER_ELEMENT`); a projection head shares its unit's code.
+    (`SAVED_BYTES_PER_ELEMENT`), `ApproxBatchNormalization` included; a
+    projection head shares its unit's code.
     Stock Keras layers are not counted: what they keep depends on
     TensorFlow's gradient functions, so measure them instead.
 
     Raises:
       ValueError: if `model` has no fused BLPA layers.
     """
+    from keras_blpa.layers import ApproxBatchNormalization
     from keras_blpa.layers.base import BNReLUBase
 
-    fused = [layer for layer in model.layers if isinstance(layer, BNReLUBase)]
+    fused = [layer for layer in model.layers
+             if isinstance(layer, (BNReLUBase, ApproxBatchNormalization))]
     if not fused:
         raise ValueError(
             f"`model` ({model.name}) has no fused BLPA layers (BNReLUConv2D, BNReLUDense) "

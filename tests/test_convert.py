@@ -542,9 +542,11 @@ APPLICATIONS = {
     # post-activation: 2 BN units per block, and its Add -> ReLU into the next
     # block's convolutions (and the head's GAP -> Dense), without a BN
     "ResNet50": dict(fused=48, left=1),
-    # twice ResNet50's depth amplifies the fused BN arithmetic's rounding
-    # (measured: whole-network cosine 0.99988, ResNet50 0.99995)
-    "ResNet101": dict(fused=99, left=1, cosine=0.9998),
+    # Twice ResNet50's depth amplifies rounding: with TF's oneDNN kernels the
+    # stock network's own gradients, eager against XLA, agree only to a
+    # cosine of 0.99959 (input gradient 0.99958), converted against stock
+    # 0.99952 (0.99949); without oneDNN 0.99988.
+    "ResNet101": dict(fused=99, left=1, cosine=0.999),
     # ReLU6: expansion and depthwise units, head. Two mask edges per unit make
     # its gradients the most rounding-sensitive: the same stock gradient
     # computed four ways on one CPU (stock / converted, eager / XLA) agrees

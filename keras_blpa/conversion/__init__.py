@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable
 
 import keras
 
-from keras_blpa import backend
+from keras_blpa import backend, grid
 from keras_blpa.conversion.fuse import convert_graph, keep_predicate
 from keras_blpa.conversion.report import Chain, ConversionReport
 from keras_blpa.conversion.standard import standard_graph
@@ -22,6 +22,7 @@ def convert(
     window: float | None = None,
     keep: Iterable[str] | Callable[[keras.layers.Layer], bool] | None = None,
     return_report: bool = False,
+    bn_bits: int | None = None,
 ) -> keras.Model | tuple[keras.Model, ConversionReport]:
     """A new model in which every BN -> ReLU -> linear chain is one fused layer.
 
@@ -44,6 +45,18 @@ def convert(
     - an activation read by a convolution and a bias-free 1x1 `Conv2D` (the
       pre-activation projection shortcut) becomes one layer with a projection
       head: both read one saved code.
+
+    A stock `ReLU` without a BN in front that feeds a linear layer (the
+    `Add -> ReLU` ending each block of a post-activation ResNet) becomes a
+    `ReLUConv2D` / `ReLUDense`, which hands the exact activation on to the
+    `Add`s that also read it.
+
+    With `bn_bits`, every BatchNormalization left outside the chains (the
+    one before each residual `Add` of a post-activation ResNet, whose input
+    stock Keras keeps at full precision) becomes an
+    `ApproxBatchNormalization` that keeps a `bn_bits`-bit code of its input
+    instead. That goes beyond the BLPA paper, so it is opt-in; its gradient
+    error is measured in `benchmarks/bn_approx.py`.
 
     Chains that cannot fuse stay stock and the report says why: another
     activation (a thresholded ReLU, swish...), a BN or ReLU output read by
@@ -72,6 +85,9 @@ def convert(
         function `layer -> bool`; a chain with any such layer stays stock.
       return_report: also return a `ConversionReport` (`print()` it for a
         table of the chains).
+      bn_bits: 8 or 4 to make every BatchNormalization outside the chains an
+        `ApproxBatchNormalization(bits=bn_bits)` (with `window`); None (the
+        default) leaves them stock.
 
     Returns:
       The converted model, or `(model, report)` with `return_report=True`.
@@ -84,11 +100,19 @@ def convert(
     backend.check("keras_blpa.convert")
     # The fused layers' own checks name `bits`, `naive` and `window`.
     BNReLUDense(1, bits=bits, naive=naive, window=window)
+    if bn_bits is not None:
+        try:
+            grid.check_bits(bn_bits, allow_none=False)
+        except ValueError as err:
+            raise ValueError(
+                f"`bn_bits` is the code width of the BatchNormalization layers outside the "
+                f"chains: 4, 8, or None to leave them stock; received bn_bits={bn_bits!r}."
+            ) from err
     keep = keep_predicate(keep)
     if not isinstance(return_report, bool):
         raise ValueError(f"`return_report` must be a bool; received {return_report!r}.")
-    report = ConversionReport(bits=bits)
-    options = dict(bits=bits, naive=naive, window=window)
+    report = ConversionReport(bits=bits, bn_bits=bn_bits)
+    options = dict(bits=bits, naive=naive, window=window, bn_bits=bn_bits)
     new_model, load = convert_graph(model, options, keep, report)
     load(new_model)
     return (new_model, report) if return_report else new_model
@@ -97,7 +121,8 @@ def convert(
 def to_standard(model: keras.Model) -> keras.Model:
     """The inverse of `convert`: every fused layer back to stock Keras layers.
 
-    Each `BNReLUConv2D` / `BNReLUDense` becomes `BatchNormalization -> ReLU
+    Each `ApproxBatchNormalization` becomes a `keras.layers.BatchNormalization`
+    of the same name, config and weights. Each `BNReLUConv2D` / `BNReLUDense` becomes `BatchNormalization -> ReLU
     -> [ZeroPadding2D] -> Conv2D / DepthwiseConv2D` (or `[GlobalAveragePooling2D
     ->] Dense`), with `LeakyReLU(negative_slope=s)` for a layer with a nonzero
     `negative_slope` and `ReLU(max_value=m)` for a capped one, plus a

@@ -11,7 +11,13 @@ import numpy as np
 
 from keras_blpa.conversion import graph as g
 from keras_blpa.conversion.report import Chain, ConversionReport
-from keras_blpa.layers import BNReLUConv2D, BNReLUDense, ReLUConv2D, ReLUDense
+from keras_blpa.layers import (
+    ApproxBatchNormalization,
+    BNReLUConv2D,
+    BNReLUDense,
+    ReLUConv2D,
+    ReLUDense,
+)
 
 LINEAR = ("Conv2D", "DepthwiseConv2D", "Dense")
 BN_KEYS = (
@@ -203,6 +209,11 @@ def _check_chain(graph: g.Graph, bn: str, act: str, heads: tuple, keep) -> None:
         raise _Left(f"{linear.name} has an activity_regularizer and a projection head")
 
 
+def _unit_options(options: dict) -> dict:
+    """`convert`'s options that the fused layers take."""
+    return {k: v for k, v in options.items() if k != "bn_bits"}
+
+
 def _fused_layer(graph: g.Graph, bn: str, heads: tuple, name: str, options: dict,
                  slope: float = 0.0, cap: float | None = None):
     """The fused layer (unbuilt) and a function that loads its weights."""
@@ -219,7 +230,8 @@ def _fused_layer(graph: g.Graph, bn: str, heads: tuple, name: str, options: dict
         kwargs[f"kernel_{part}"] = lin_cfg[f"{kernel_key}_{part}"]
     if linear.activation is keras.activations.linear and lin_cfg.get("activity_regularizer"):
         kwargs["activity_regularizer"] = lin_cfg["activity_regularizer"]
-    kwargs.update(options, name=name, dtype=linear.dtype_policy, trainable=bn_layer.trainable)
+    kwargs.update(_unit_options(options), name=name, dtype=linear.dtype_policy,
+                  trainable=bn_layer.trainable)
     if slope:
         kwargs["negative_slope"] = slope
     if cap is not None:
@@ -332,7 +344,7 @@ def _relu_fused_layer(graph: g.Graph, heads: tuple, name: str, options: dict,
         kwargs[f"kernel_{part}"] = lin_cfg[f"{kernel_key}_{part}"]
     if linear.activation is keras.activations.linear and lin_cfg.get("activity_regularizer"):
         kwargs["activity_regularizer"] = lin_cfg["activity_regularizer"]
-    kwargs.update({k: v for k, v in options.items() if k != "naive"}, name=name,
+    kwargs.update({k: v for k, v in _unit_options(options).items() if k != "naive"}, name=name,
                   dtype=linear.dtype_policy, trainable=linear.trainable,
                   return_activation=return_activation)
     if isinstance(linear, keras.layers.Dense):
@@ -362,6 +374,36 @@ def _relu_fused_layer(graph: g.Graph, heads: tuple, name: str, options: dict,
                 fused.projection_bias.assign(proj.bias)
 
     return layer, load
+
+
+def _approx_bn(graph: g.Graph, bn: str, bits: int, window: float | None, keep):
+    """The `ApproxBatchNormalization` for a stock BN outside every chain, or
+    `_Left` saying why it stays stock."""
+    layer = graph.layers[bn]
+    if keep(layer):
+        raise _Left(f"kept stock by `keep` ({bn})")
+    if graph.calls[bn] != 1:
+        raise _Left("the BN layer is shared (called more than once)")
+    rank = len(layer.input.shape)
+    if layer.axis not in (-1, rank - 1):
+        raise _Left(f"{bn} normalizes axis {layer.axis}, not the channel (last) axis")
+    config = layer.get_config()
+    if config.get("renorm") or config.get("synchronized"):
+        raise _Left(f"{bn} has renorm or synchronized")
+    config = {**config, "axis": -1, "bits": bits, "window": window}
+    try:
+        return ApproxBatchNormalization.from_config(config)
+    except ValueError as err:
+        raise _Left(f"ApproxBatchNormalization rejects it: {err}") from None
+
+
+def _lone_bns(graph: g.Graph, removed: set):
+    """Stock BatchNormalization layers that no chain took."""
+    for name, _ in graph.entries:
+        layer = graph.layers.get(name)
+        if (name not in removed and isinstance(layer, keras.layers.BatchNormalization)
+                and is_stock(layer)):
+            yield name
 
 
 def _bn_less_relus(graph: g.Graph, seen: set):
@@ -505,6 +547,16 @@ def convert_graph(model, options: dict, keep: Callable, report: ConversionReport
         ))
         report.stock_layers += len(parts)
         report.fused_layers += 1
+    if options.get("bn_bits") is not None:
+        for bn in _lone_bns(graph, removed):
+            try:
+                layer = _approx_bn(graph, bn, options["bn_bits"], options["window"], keep)
+            except _Left as left:
+                report.bns.append(Chain((bn,), reason=str(left), model=path))
+                continue
+            nodes = dict(graph.entries)[bn].get("inbound_nodes")
+            at_bn[bn] = [g.serialize(layer, bn, nodes)]
+            report.bns.append(Chain((bn,), fused_as=bn, model=path))
     new_entries = []
     for name, entry in graph.entries:
         layer = graph.layers.get(name)
@@ -530,9 +582,9 @@ def _nested(layer, entry: dict, options, keep, report, path, loaders) -> dict:
         report.chains.append(Chain((layer.name,), reason=f"nested model left as is: {err}",
                                    model=path))
         return entry
-    before = report.fused_layers
+    before = report.fused_layers, len(report.approximated)
     inner, load = convert_graph(layer, options, keep, report, inner_path)
-    if report.fused_layers == before:
+    if (report.fused_layers, len(report.approximated)) == before:
         return entry
     loaders[layer.name] = load
     new_entry = keras.saving.serialize_keras_object(inner)

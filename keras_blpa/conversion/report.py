@@ -53,12 +53,18 @@ class ConversionReport:
       bits: the fused layers' `bits`.
       stock_layers: stock layers replaced (BN, ReLU, padding, pooling, linear).
       fused_layers: fused layers created.
+      bns: with `bn_bits`, each BatchNormalization outside the chains: a
+        one-layer `Chain`, "fused" when it became an
+        `ApproxBatchNormalization`, else with the reason it stayed stock.
+      bn_bits: `convert`'s `bn_bits`.
     """
 
     chains: list = field(default_factory=list)
     bits: int | None = 4
     stock_layers: int = 0
     fused_layers: int = 0
+    bns: list = field(default_factory=list)
+    bn_bits: int | None = None
 
     @property
     def fused(self) -> list:
@@ -67,6 +73,11 @@ class ConversionReport:
     @property
     def left(self) -> list:
         return [c for c in self.chains if not c.fused]
+
+    @property
+    def approximated(self) -> list:
+        """Names of the BatchNormalization layers made `ApproxBatchNormalization`."""
+        return [(f"{c.model}/" if c.model else "") + c.layers[0] for c in self.bns if c.fused]
 
     def __str__(self) -> str:
         bits = "exact (bits=None)" if self.bits is None else f"{self.bits}-bit"
@@ -88,6 +99,15 @@ class ConversionReport:
         ]
         width = [max(len(r[i]) for r in rows) for i in range(2)]
         lines += [f"  {a:<{width[0]}}  {b:<{width[1]}}  {c}".rstrip() for a, b, c in rows]
+        if self.bn_bits is not None:
+            lines.append(
+                f"BatchNormalization outside the chains (bn_bits={self.bn_bits}): "
+                f"{len(self.approximated)} keep a {self.bn_bits}-bit input code "
+                f"(ApproxBatchNormalization), {len(self.bns) - len(self.approximated)} "
+                "left stock"
+            )
+            lines += [f"  stock  {(c.model + '/') if c.model else ''}{c.layers[0]}  {c.reason}"
+                      for c in self.bns if not c.fused]
         return "\n".join(lines)
 
     def __repr__(self) -> str:

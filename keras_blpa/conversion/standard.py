@@ -7,7 +7,7 @@ import numpy as np
 
 from keras_blpa.conversion import graph as g
 from keras_blpa.conversion.fuse import BN_KEYS, transfer
-from keras_blpa.layers import BNReLUConv2D
+from keras_blpa.layers import ApproxBatchNormalization, BNReLUConv2D
 from keras_blpa.layers.base import BNReLUBase
 from keras_blpa.layers.relu_base import ReLUOnlyMixin
 
@@ -112,7 +112,11 @@ def standard_graph(model):
     new_entries, mapping, loaders, groups = [], {}, {}, []
     for name, entry in graph.entries:
         layer = graph.layers.get(name)
-        if isinstance(layer, BNReLUBase):
+        if isinstance(layer, ApproxBatchNormalization):
+            config = {k: v for k, v in layer.get_config().items() if k not in ("bits", "window")}
+            stock = keras.layers.BatchNormalization.from_config(config)
+            new_entries.append(g.serialize(stock, name, entry.get("inbound_nodes")))
+        elif isinstance(layer, BNReLUBase):
             if getattr(layer, "naive", False):
                 raise ValueError(
                     f"`model` layer {name} has naive=True: it quantizes its activation "
@@ -178,6 +182,6 @@ def _noop(layer) -> None:
 
 def _has_fused(model) -> bool:
     return any(
-        isinstance(layer, BNReLUBase) or (isinstance(layer, keras.Model) and _has_fused(layer))
+        isinstance(layer, (BNReLUBase, ApproxBatchNormalization)) or (isinstance(layer, keras.Model) and _has_fused(layer))
         for layer in model.layers
     )
