@@ -2,13 +2,19 @@
 
 from keras_blpa import layers, models
 from keras_blpa.conversion import ConversionReport, convert, to_standard
-from keras_blpa.layers import ApproxBatchNormalization, BNReLUConv2D, BNReLUDense, ReLUConv2D, ReLUDense
+from keras_blpa.layers import (
+    ApproxBatchNormalization,
+    BNReLUConv2D,
+    BNReLUDense,
+    ReLUConv2D,
+    ReLUDense,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ApproxBatchNormalization", "BNReLUConv2D", "BNReLUDense", "ConversionReport", "ReLUConv2D", "ReLUDense", "convert",
-    "layers", "models", "ops", "to_standard", "__version__",
+    "ApproxBatchNormalization", "BNReLUConv2D", "BNReLUDense", "ConversionReport", "ReLUConv2D",
+    "ReLUDense", "convert", "layers", "models", "ops", "to_standard", "__version__",
 ]
 
 

@@ -121,18 +121,19 @@ def convert(
 def to_standard(model: keras.Model) -> keras.Model:
     """The inverse of `convert`: every fused layer back to stock Keras layers.
 
-    Each `ApproxBatchNormalization` becomes a `keras.layers.BatchNormalization`
-    of the same name, config and weights. Each `BNReLUConv2D` / `BNReLUDense` becomes `BatchNormalization -> ReLU
-    -> [ZeroPadding2D] -> Conv2D / DepthwiseConv2D` (or `[GlobalAveragePooling2D
-    ->] Dense`), with `LeakyReLU(negative_slope=s)` for a layer with a nonzero
-    `negative_slope` and `ReLU(max_value=m)` for a capped one, plus a
-    bias-free 1x1 `Conv2D` for a projection head, with the same weights: the
-    model computes the same outputs (training and inference) without
-    keras_blpa, for export and serving. The linear layer
-    keeps the fused layer's name; the others are named `<name>_bn`,
-    `<name>_relu`, `<name>_pad`, `<name>_pool` and `<name>_projection`. A
-    grouped convolution with one input channel per group comes back as a
-    `DepthwiseConv2D` (what `convert` makes of one).
+    Each `BNReLUConv2D` / `BNReLUDense` becomes `BatchNormalization -> ReLU
+    -> [ZeroPadding2D] -> Conv2D / DepthwiseConv2D` (or
+    `[GlobalAveragePooling2D ->] Dense`), with `LeakyReLU(negative_slope=s)`
+    for a layer with a nonzero `negative_slope` and `ReLU(max_value=m)` for a
+    capped one, plus a 1x1 `Conv2D` for a projection head, with the same
+    weights; a `ReLUConv2D` / `ReLUDense` the same without the BN, and an
+    `ApproxBatchNormalization` a `keras.layers.BatchNormalization` of the
+    same name, config and weights. The model computes the same outputs
+    (training and inference) without keras_blpa, for export and serving.
+    The linear layer keeps the fused layer's name; the others are named
+    `<name>_bn`, `<name>_relu`, `<name>_pad`, `<name>_pool` and
+    `<name>_projection`. A grouped convolution with one input channel per
+    group comes back as a `DepthwiseConv2D` (what `convert` makes of one).
 
     Args:
       model: a Functional or Sequential `keras.Model`.

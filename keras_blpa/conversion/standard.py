@@ -182,6 +182,7 @@ def _noop(layer) -> None:
 
 def _has_fused(model) -> bool:
     return any(
-        isinstance(layer, (BNReLUBase, ApproxBatchNormalization)) or (isinstance(layer, keras.Model) and _has_fused(layer))
+        isinstance(layer, (BNReLUBase, ApproxBatchNormalization))
+        or (isinstance(layer, keras.Model) and _has_fused(layer))
         for layer in model.layers
     )
