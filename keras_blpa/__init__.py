@@ -6,6 +6,7 @@ from keras_blpa.layers import (
     ApproxBatchNormalization,
     BNReLUConv2D,
     BNReLUDense,
+    PaddedMaxPooling2D,
     ReLUConv2D,
     ReLUDense,
 )
@@ -13,8 +14,9 @@ from keras_blpa.layers import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "ApproxBatchNormalization", "BNReLUConv2D", "BNReLUDense", "ConversionReport", "ReLUConv2D",
-    "ReLUDense", "convert", "layers", "models", "ops", "to_standard", "__version__",
+    "ApproxBatchNormalization", "BNReLUConv2D", "BNReLUDense", "ConversionReport",
+    "PaddedMaxPooling2D", "ReLUConv2D", "ReLUDense", "convert", "layers", "models", "ops",
+    "to_standard", "__version__",
 ]
 
 

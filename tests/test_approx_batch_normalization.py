@@ -310,3 +310,63 @@ def test_tape_holds_codes_not_the_inputs():
     # The codes (10 x 1/4 or 1/8 tensor) plus at most the last output.
     assert held[8] < 10 * one_tensor / 4 + 2 * one_tensor
     assert held[4] < held[8]
+
+
+# ------------------------------------------------------- PaddedMaxPooling2D
+
+
+@pytest.mark.parametrize("padding, pool_size, strides", [
+    (1, 3, 2), (((1, 2), (0, 1)), 2, None), ((1, 1), 3, 1),
+])
+def test_padded_max_pool_is_zero_padding_then_max_pool(padding, pool_size, strides):
+    rng = np.random.default_rng(10)
+    x = tf.constant(rng.normal(size=(2, 9, 10, 3)).astype("float32"))
+    ours = keras_blpa.PaddedMaxPooling2D(padding, pool_size, strides)
+    stock = keras.Sequential([L.ZeroPadding2D(padding), L.MaxPooling2D(pool_size, strides)])
+
+    def grads(layer, x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+            loss = tf.reduce_sum(y * tf.sin(y + 1.0))
+        return y, tape.gradient(loss, x)
+
+    ours_y, ours_g = grads(ours, x)
+    stock_y, stock_g = grads(stock, x)
+    np.testing.assert_array_equal(ours_y, stock_y)
+    np.testing.assert_array_equal(ours_g, stock_g)
+    assert ours.compute_output_shape(x.shape) == tuple(stock_y.shape)
+    # Under XLA, against the stock layers under XLA (XLA's sin rounds its own way).
+    compiled = [tf.function(lambda t, layer=layer: grads(layer, t), jit_compile=True)(x)
+                for layer in (ours, stock)]
+    np.testing.assert_array_equal(compiled[0][1], compiled[1][1])
+    config = ours.get_config()
+    assert keras_blpa.PaddedMaxPooling2D.from_config(config).get_config() == config
+
+
+def test_padded_max_pool_bad_arguments():
+    with pytest.raises(ValueError, match="channels_last"):
+        keras_blpa.PaddedMaxPooling2D(1, 3, 2, data_format="channels_first")
+    with pytest.raises(ValueError, match="ndim=4"):
+        keras_blpa.PaddedMaxPooling2D(1, 3, 2)(tf.zeros((2, 8, 3)))
+
+
+def test_convert_fuses_the_stem_pad_and_pool_exactly_and_back(tmp_path):
+    inputs = keras.Input((16, 16, 3))
+    x = L.ReLU()(L.BatchNormalization()(L.Conv2D(8, 3, padding="same")(inputs)))
+    x = L.MaxPooling2D(3, strides=2, name="pool")(L.ZeroPadding2D(1, name="pad")(x))
+    x = L.ZeroPadding2D(1, name="pad_same")(x)
+    x = L.MaxPooling2D(2, padding="same", name="pool_same")(x)  # stays: pads twice
+    model = keras.Model(inputs, L.Dense(3)(L.GlobalAveragePooling2D()(x)))
+    converted, report = keras_blpa.convert(model, bits=None, return_report=True)
+    assert [c.fused for c in report.pools] == [True, False]
+    assert "pads ('same')" in str(report)
+    assert isinstance(converted.get_layer("pool"), keras_blpa.PaddedMaxPooling2D)
+    x = np.random.default_rng(11).normal(size=(2, 16, 16, 3)).astype("float32")
+    np.testing.assert_array_equal(converted(x, training=False), model(x, training=False))
+    converted.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    np.testing.assert_array_equal(loaded(x, training=False), model(x, training=False))
+    back = keras_blpa.to_standard(loaded)
+    assert not any(isinstance(layer, keras_blpa.PaddedMaxPooling2D) for layer in back.layers)
+    np.testing.assert_array_equal(back(x, training=False), model(x, training=False))

@@ -15,6 +15,7 @@ from keras_blpa.layers import (
     ApproxBatchNormalization,
     BNReLUConv2D,
     BNReLUDense,
+    PaddedMaxPooling2D,
     ReLUConv2D,
     ReLUDense,
 )
@@ -397,6 +398,43 @@ def _approx_bn(graph: g.Graph, bn: str, bits: int, window: float | None, keep):
         raise _Left(f"ApproxBatchNormalization rejects it: {err}") from None
 
 
+def _pad_pools(graph: g.Graph, removed: set):
+    """(ZeroPadding2D, MaxPooling2D) pairs outside every chain, the pad read
+    by the pool alone."""
+    for name, _ in graph.entries:
+        layer = graph.layers.get(name)
+        if name in removed or not isinstance(layer, keras.layers.ZeroPadding2D):
+            continue
+        reader = graph.sole_reader(name)
+        if (is_stock(layer) and reader not in (None, g.OUTPUT) and reader not in removed
+                and isinstance(graph.layers[reader], keras.layers.MaxPooling2D)
+                and is_stock(graph.layers[reader])):
+            yield name, reader
+
+
+def _padded_pool(graph: g.Graph, pad: str, pool: str, keep) -> PaddedMaxPooling2D:
+    """The `PaddedMaxPooling2D` for a pair, or `_Left` saying why it stays stock."""
+    pad_layer, pool_layer = graph.layers[pad], graph.layers[pool]
+    for layer in (pad_layer, pool_layer):
+        if keep(layer):
+            raise _Left(f"kept stock by `keep` ({layer.name})")
+        if graph.calls[layer.name] != 1:
+            raise _Left(f"{layer.name} is shared (called more than once)")
+        if layer.data_format != "channels_last":
+            raise _Left(f"{layer.name} is channels_first")
+    if pool_layer.padding != "valid":
+        raise _Left(f"{pool} pads ('same') after {pad}")
+    if pad_layer.dtype_policy.name != pool_layer.dtype_policy.name:
+        raise _Left(f"{pad} and {pool} have different dtype policies")
+    try:
+        return PaddedMaxPooling2D(
+            padding=pad_layer.padding, pool_size=pool_layer.pool_size,
+            strides=pool_layer.strides, name=pool, dtype=pool_layer.dtype_policy,
+        )
+    except ValueError as err:
+        raise _Left(f"PaddedMaxPooling2D rejects it: {err}") from None
+
+
 def _lone_bns(graph: g.Graph, removed: set):
     """Stock BatchNormalization layers that no chain took."""
     for name, _ in graph.entries:
@@ -547,6 +585,15 @@ def convert_graph(model, options: dict, keep: Callable, report: ConversionReport
         ))
         report.stock_layers += len(parts)
         report.fused_layers += 1
+    for pad, pool in list(_pad_pools(graph, removed)):
+        try:
+            layer = _padded_pool(graph, pad, pool, keep)
+        except _Left as left:
+            report.pools.append(Chain((pad, pool), reason=str(left), model=path))
+            continue
+        at_bn[pad] = [g.serialize(layer, pool, dict(graph.entries)[pad].get("inbound_nodes"))]
+        removed.add(pool)
+        report.pools.append(Chain((pad, pool), fused_as=pool, model=path))
     if options.get("bn_bits") is not None:
         for bn in _lone_bns(graph, removed):
             try:
@@ -582,9 +629,9 @@ def _nested(layer, entry: dict, options, keep, report, path, loaders) -> dict:
         report.chains.append(Chain((layer.name,), reason=f"nested model left as is: {err}",
                                    model=path))
         return entry
-    before = report.fused_layers, len(report.approximated)
+    before = report.changes()
     inner, load = convert_graph(layer, options, keep, report, inner_path)
-    if (report.fused_layers, len(report.approximated)) == before:
+    if report.changes() == before:
         return entry
     loaders[layer.name] = load
     new_entry = keras.saving.serialize_keras_object(inner)

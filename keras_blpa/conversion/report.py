@@ -57,6 +57,8 @@ class ConversionReport:
         one-layer `Chain`, "fused" when it became an
         `ApproxBatchNormalization`, else with the reason it stayed stock.
       bn_bits: `convert`'s `bn_bits`.
+      pools: each `ZeroPadding2D -> MaxPooling2D` outside the chains: a
+        two-layer `Chain`, "fused" when it became a `PaddedMaxPooling2D`.
     """
 
     chains: list = field(default_factory=list)
@@ -65,6 +67,7 @@ class ConversionReport:
     fused_layers: int = 0
     bns: list = field(default_factory=list)
     bn_bits: int | None = None
+    pools: list = field(default_factory=list)
 
     @property
     def fused(self) -> list:
@@ -73,6 +76,11 @@ class ConversionReport:
     @property
     def left(self) -> list:
         return [c for c in self.chains if not c.fused]
+
+    def changes(self) -> tuple[int, int, int]:
+        """How many layers were fused, approximated and pooled so far."""
+        return (self.fused_layers, len(self.approximated),
+                sum(c.fused for c in self.pools))
 
     @property
     def approximated(self) -> list:
@@ -99,6 +107,14 @@ class ConversionReport:
         ]
         width = [max(len(r[i]) for r in rows) for i in range(2)]
         lines += [f"  {a:<{width[0]}}  {b:<{width[1]}}  {c}".rstrip() for a, b, c in rows]
+        if self.pools:
+            pooled = [c for c in self.pools if c.fused]
+            lines.append(
+                f"ZeroPadding2D -> MaxPooling2D: {len(pooled)} of {len(self.pools)} pairs "
+                "as PaddedMaxPooling2D (exact; the padded copy is not kept)"
+            )
+            lines += [f"  stock  {' -> '.join(c.layers)}  {c.reason}"
+                      for c in self.pools if not c.fused]
         if self.bn_bits is not None:
             lines.append(
                 f"BatchNormalization outside the chains (bn_bits={self.bn_bits}): "

@@ -7,7 +7,7 @@ import numpy as np
 
 from keras_blpa.conversion import graph as g
 from keras_blpa.conversion.fuse import BN_KEYS, transfer
-from keras_blpa.layers import ApproxBatchNormalization, BNReLUConv2D
+from keras_blpa.layers import ApproxBatchNormalization, BNReLUConv2D, PaddedMaxPooling2D
 from keras_blpa.layers.base import BNReLUBase
 from keras_blpa.layers.relu_base import ReLUOnlyMixin
 
@@ -116,6 +116,17 @@ def standard_graph(model):
             config = {k: v for k, v in layer.get_config().items() if k not in ("bits", "window")}
             stock = keras.layers.BatchNormalization.from_config(config)
             new_entries.append(g.serialize(stock, name, entry.get("inbound_nodes")))
+        elif isinstance(layer, PaddedMaxPooling2D):
+            pad_name = g.unique_name(f"{name}_pad", taken)
+            pad = keras.layers.ZeroPadding2D(layer.padding, dtype=layer.dtype_policy)
+            pool = keras.layers.MaxPooling2D(layer.pool_size, layer.strides, padding="valid",
+                                             dtype=layer.dtype_policy)
+            nodes = entry.get("inbound_nodes")
+            new_entries.append(g.serialize(pad, pad_name, nodes))
+            pool_nodes = None if nodes is None else [
+                g.call_node(g.tensor(pad_name, graph.first_ref.get(name)))
+            ]
+            new_entries.append(g.serialize(pool, name, pool_nodes))
         elif isinstance(layer, BNReLUBase):
             if getattr(layer, "naive", False):
                 raise ValueError(
@@ -182,7 +193,7 @@ def _noop(layer) -> None:
 
 def _has_fused(model) -> bool:
     return any(
-        isinstance(layer, (BNReLUBase, ApproxBatchNormalization))
+        isinstance(layer, (BNReLUBase, ApproxBatchNormalization, PaddedMaxPooling2D))
         or (isinstance(layer, keras.Model) and _has_fused(layer))
         for layer in model.layers
     )

@@ -1,0 +1,99 @@
+"""PaddedMaxPooling2D: ZeroPadding2D -> MaxPooling2D without keeping the padded copy."""
+
+from __future__ import annotations
+
+import keras
+
+from keras_blpa import backend
+
+
+@keras.saving.register_keras_serializable(package="keras_blpa")
+class PaddedMaxPooling2D(keras.layers.Layer):
+    """`ZeroPadding2D(padding) -> MaxPooling2D(pool_size, strides)` ("valid"),
+    bit for bit, whose backward pass re-pads its input instead of keeping the
+    padded copy.
+
+    Stock Keras keeps the padded tensor for the max pool's gradient: in the
+    stem of ResNet50 or DenseNet121 (`ReLU -> ZeroPadding2D -> MaxPooling2D`)
+    that is the largest tensor of the whole network, kept next to the ReLU's
+    output, which holds the same numbers. This layer keeps only its input
+    and output (which its neighbours keep anyway) and pads again in the
+    backward pass: same outputs, same gradients, one tensor less.
+
+    Example:
+
+    >>> pool = PaddedMaxPooling2D(padding=1, pool_size=3, strides=2)
+    >>> pool(keras.random.normal((2, 32, 32, 8))).shape
+    TensorShape([2, 16, 16, 8])
+
+    Args:
+      padding: as in `keras.layers.ZeroPadding2D`: an int, a pair
+        `(rows, cols)` or `((top, bottom), (left, right))`.
+      pool_size, strides: as in `keras.layers.MaxPooling2D` (`strides=None`:
+        `pool_size`); its padding is "valid".
+    """
+
+    def __init__(self, padding=1, pool_size=2, strides=None, **kwargs):
+        if backend.name() != "tensorflow":
+            raise ValueError(
+                "PaddedMaxPooling2D runs on Keras's TensorFlow backend only for now; this "
+                f"is the {backend.name()!r} backend. Use ZeroPadding2D -> MaxPooling2D there."
+            )
+        if kwargs.pop("data_format", "channels_last") != "channels_last":
+            raise ValueError(
+                "PaddedMaxPooling2D takes channels_last inputs only (data_format="
+                "'channels_last'); use ZeroPadding2D -> MaxPooling2D for channels_first."
+            )
+        super().__init__(**kwargs)
+        # The stock layers check and normalize the arguments.
+        pad, pool = self._stock(padding, pool_size, strides)
+        self.padding = tuple(tuple(int(p) for p in pair) for pair in pad.padding)
+        self.pool_size = tuple(pool.pool_size)
+        self.strides = tuple(pool.strides)
+        self.input_spec = keras.layers.InputSpec(ndim=4)
+
+    @staticmethod
+    def _stock(padding, pool_size, strides):
+        return (keras.layers.ZeroPadding2D(padding),
+                keras.layers.MaxPooling2D(pool_size, strides, padding="valid"))
+
+    def build(self, input_shape):
+        pass  # no weights
+
+    def call(self, inputs):
+        import tensorflow as tf
+
+        from keras_blpa import xla
+
+        (top, bottom), (left, right) = self.padding
+        pads = [[0, 0], [top, bottom], [left, right], [0, 0]]
+        window, strides = [1, *self.pool_size, 1], [1, *self.strides, 1]
+
+        @tf.custom_gradient
+        def padded_max_pool(x):
+            y = tf.nn.max_pool2d(tf.pad(x, pads), window, strides, "VALID")
+
+            def grad(g):
+                # Gated on `g` so that no executor (and no XLA fusion) pads early,
+                # nor merges this pad with the forward's and keeps it alive.
+                with tf.control_dependencies([g]):
+                    padded = tf.pad(xla.after(x, g), pads)
+                g_padded = tf.raw_ops.MaxPoolGrad(
+                    orig_input=padded, orig_output=y, grad=g, ksize=window, strides=strides,
+                    padding="VALID",
+                )
+                height, width = tf.shape(g_padded)[1], tf.shape(g_padded)[2]
+                return g_padded[:, top:height - bottom, left:width - right, :]
+
+            return y, grad
+
+        return padded_max_pool(inputs)
+
+    def compute_output_shape(self, input_shape):
+        pad, pool = self._stock(self.padding, self.pool_size, self.strides)
+        return pool.compute_output_shape(pad.compute_output_shape(input_shape))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(padding=self.padding, pool_size=self.pool_size, strides=self.strides)
+        return config
