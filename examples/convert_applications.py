@@ -196,26 +196,31 @@ def memory_table(args, names) -> str:
     columns = ("stock", "none", "4") + ((bn,) if bn else ())
     best = bn or "4"
     header = f" | 4-bit, bn_bits={args.bn_bits}" if bn else ""
+    ratios = " | 4-bit vs stock" + (f" | bn_bits={args.bn_bits} vs stock" if bn else "")
     rows = [f"| model ({args.size}x{args.size}) | params | chains fused / left stock "
-            f"| stock | fused, bits=None | BLPA 4-bit{header} | {'last' if bn else '4-bit'} "
-            "vs stock | of which codes (computed) |",
-            "|---|---|---|---|---|---|---|---|" + ("---|" if bn else "")]
+            f"| stock | fused, bits=None | BLPA 4-bit{header}{ratios} "
+            "| of which codes (computed) |",
+            "|---|---|---|---|---|---|---|---|" + ("---|---|" if bn else "")]
     summary = {}
     for name in names:
         _, report = variant_model(name, args.size, best)
         mem = {"stock": measure_in_subprocess(args, name, "stock")}
-        if report.fused or report.approximated:
-            for variant in columns[1:]:
+        for variant in columns[1:]:
+            # A model without BNs outside the chains converts the same with bn_bits.
+            if report.fused and (variant != bn or report.approximated):
                 mem[variant] = measure_in_subprocess(args, name, variant)
         summary[name] = mem
-        cells = [f"{mem[v]['mib_per_sample']:.2f}" if v in mem else "(= stock)"
-                 for v in columns]
-        four = mem.get(best, mem["stock"])
+        cells = [f"{mem[v]['mib_per_sample']:.2f}" if v in mem else
+                 ("(= 4-bit)" if v == bn and "4" in mem else "(= stock)") for v in columns]
+        stock = mem["stock"]["mib_per_sample"]
+        shown = ["4"] + ([bn] if bn else [])
+        ratio_cells = [f"{stock / mem.get(v, mem.get('4', mem['stock']))['mib_per_sample']:.1f}x "
+                       "less" for v in shown]
+        last = mem.get(best, mem.get("4", mem["stock"]))
         rows.append(
             f"| {name} | {mem['stock']['params'] / 1e6:.1f}M | {len(report.fused)} / "
-            f"{len(report.left)} | {' | '.join(cells)} | "
-            f"{mem['stock']['mib_per_sample'] / four['mib_per_sample']:.1f}x less | "
-            f"{four.get('saved_mib_per_sample', 0):.2f} |"
+            f"{len(report.left)} | {' | '.join(cells)} | {' | '.join(ratio_cells)} | "
+            f"{last.get('saved_mib_per_sample', 0):.2f} |"
         )
     rows.append(f"\nMiB per sample: slope of the peak memory of a forward + backward pass "
                 f"from batch {b0} to {b1}, lowest of {args.memory_steps} steps and "

@@ -252,6 +252,22 @@ def test_convert_with_bn_bits_approximates_the_lone_bns_and_comes_back():
         keras_blpa.convert(model, bn_bits=2)
 
 
+def test_converted_post_activation_model_fits_saves_and_loads(tmp_path):
+    model = _post_activation_block_model()
+    converted = keras_blpa.convert(model, bits=4, bn_bits=8)
+    converted.compile(keras.optimizers.SGD(0.05), keras.losses.MeanSquaredError())
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(16, 8, 8, 8)).astype("float32")
+    y = rng.normal(size=(16, 3)).astype("float32")
+    history = converted.fit(x, y, batch_size=8, epochs=3, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    converted.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert sum(isinstance(layer, keras_blpa.ApproxBatchNormalization)
+               for layer in loaded.layers) == 3
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), converted.predict(x, verbose=0))
+
+
 def test_convert_bn_bits_respects_keep_and_reports_why():
     model = _post_activation_block_model()
     _, report = keras_blpa.convert(model, bn_bits=4, keep="b1_bn2", return_report=True)

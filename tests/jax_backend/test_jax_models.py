@@ -94,6 +94,26 @@ def test_convert_and_to_standard_on_jax():
     _compiled(converted).fit(x, np.arange(4) % 4, epochs=1, verbose=0)
 
 
+def test_post_activation_parts_stay_stock_on_jax_with_their_reason():
+    """ReLU -> Conv without a BN, ApproxBatchNormalization and PaddedMaxPooling2D
+    are TensorFlow-only for now: on JAX `convert` leaves them stock and says so."""
+    layers = keras.layers
+    inputs = keras.Input((8, 8, 3))
+    x = layers.ReLU()(layers.BatchNormalization()(layers.Conv2D(4, 3, padding="same")(inputs)))
+    x = layers.MaxPooling2D(3, strides=2)(layers.ZeroPadding2D(1)(x))
+    y = layers.BatchNormalization()(layers.Conv2D(4, 3, padding="same")(x))
+    x = layers.ReLU()(layers.Add()([x, y]))
+    model = keras.Model(inputs, layers.Dense(2)(layers.GlobalAveragePooling2D()(x)))
+    converted, report = keras_blpa.convert(model, bits=4, bn_bits=8, return_report=True)
+    assert not report.approximated and not any(c.fused for c in report.pools)
+    text = str(report)
+    assert "TensorFlow backend only" in text and "PaddedMaxPooling2D rejects it" in text
+    assert [type(layer).__name__ for layer in converted.layers] == [
+        type(layer).__name__ for layer in model.layers]
+    x = np.random.default_rng(3).normal(size=(2, 8, 8, 3)).astype("float32")
+    np.testing.assert_array_equal(converted(x, training=False), model(x, training=False))
+
+
 _OTHER_BACKEND = textwrap.dedent("""
     import os, sys
     import numpy as np
