@@ -12,7 +12,7 @@ approximate `xhat`:
     d_gamma = sum(g * xhat),  d_beta = sum(g)
 
 This is beyond the BLPA paper, which approximates only what a ReLU follows,
-so layers offer it as an option and `benchmarks/bn_approx.py` measures its
+so layers offer it as an option and `benchmarks/post_activation.py` measures its
 gradient error.
 
 The codes are the BN units' (`unit._Codes`: the compiled op outside XLA,

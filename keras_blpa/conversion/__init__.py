@@ -56,7 +56,7 @@ def convert(
     stock Keras keeps at full precision) becomes an
     `ApproxBatchNormalization` that keeps a `bn_bits`-bit code of its input
     instead. That goes beyond the BLPA paper, so it is opt-in; its gradient
-    error is measured in `benchmarks/bn_approx.py`.
+    error is measured in `benchmarks/post_activation.py`.
 
     Chains that cannot fuse stay stock and the report says why: another
     activation (a thresholded ReLU, swish...), a BN or ReLU output read by

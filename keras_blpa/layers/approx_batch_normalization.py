@@ -27,7 +27,7 @@ class ApproxBatchNormalization(keras.layers.BatchNormalization):
 
     with the decoded `xhat` (bin centres: within half a bin inside the
     window). This goes beyond the BLPA paper; its gradient error is measured
-    in `benchmarks/bn_approx.py`. A masked call (`mask=...`) runs stock BN.
+    in `benchmarks/post_activation.py`. A masked call (`mask=...`) runs stock BN.
 
     Example:
 
