@@ -393,7 +393,7 @@ def _approx_bn(graph: g.Graph, bn: str, bits: int, window: float | None, keep):
         raise _Left(f"{bn} has renorm or synchronized")
     config = {**config, "axis": -1, "bits": bits, "window": window}
     try:
-        return ApproxBatchNormalization.from_config(config)
+        return ApproxBatchNormalization(**config)
     except ValueError as err:
         raise _Left(f"ApproxBatchNormalization rejects it: {err}") from None
 
