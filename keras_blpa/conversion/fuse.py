@@ -388,10 +388,8 @@ def _approx_bn(graph: g.Graph, bn: str, bits: int, window: float | None, keep):
     rank = len(layer.input.shape)
     if layer.axis not in (-1, rank - 1):
         raise _Left(f"{bn} normalizes axis {layer.axis}, not the channel (last) axis")
-    config = layer.get_config()
-    if config.get("renorm") or config.get("synchronized"):
-        raise _Left(f"{bn} has renorm or synchronized")
-    config = {**config, "axis": -1, "bits": bits, "window": window}
+    # The layer refuses renorm, synchronized and the JAX backend itself.
+    config = {**layer.get_config(), "axis": -1, "bits": bits, "window": window}
     try:
         return ApproxBatchNormalization(**config)
     except ValueError as err:

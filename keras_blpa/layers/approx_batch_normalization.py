@@ -6,8 +6,7 @@ import keras
 from keras import ops
 
 from keras_blpa import backend, grid
-
-_SUPPORTED_DTYPES = ("float16", "bfloat16", "float32")
+from keras_blpa.layers.base import _SUPPORTED_DTYPES, _float32
 
 
 @keras.saving.register_keras_serializable(package="keras_blpa")
@@ -105,7 +104,3 @@ class ApproxBatchNormalization(keras.layers.BatchNormalization):
         config = super().get_config()
         config.update(bits=self.bits, window=self.window)
         return config
-
-
-def _float32(variable):
-    return ops.cast(ops.convert_to_tensor(variable), "float32")
