@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared run for a GPU machine WITH TensorFlow installed (not yet run:
 # the GPU machines lent to us so far reach no package registry, so TensorFlow
-# cannot be installed there; they ran only custom_ops/gpu_selftest.cu).
+# cannot be installed there; they ran only custom_ops/cuda/gpu_selftest.cu).
 #
 #   OUT=/some/dir bash benchmarks/device_check.sh
 #
@@ -30,7 +30,7 @@ python -c "import tensorflow as tf; print(tf.__version__, tf.config.list_physica
 
 step build_ops 300 python -m keras_blpa.build_ops
 step gpu_selftest 300 bash -c \
-  "nvcc -std=c++17 -O3 --fmad=false -Xcompiler -ffp-contract=off -arch=native -o /tmp/blpa_gpu_selftest custom_ops/gpu_selftest.cu && /tmp/blpa_gpu_selftest"
+  "nvcc -std=c++17 -O3 --fmad=false -Xcompiler -ffp-contract=off -arch=native -Icustom_ops -o /tmp/blpa_gpu_selftest custom_ops/cuda/gpu_selftest.cu && /tmp/blpa_gpu_selftest"
 step tests_gpu 900 python -m pytest -q -p no:cacheprovider \
   tests/test_custom_op.py tests/test_layers.py tests/test_quantizer.py
 step tests_xla_structure 600 python -m pytest -q -p no:cacheprovider tests/test_xla_structure.py

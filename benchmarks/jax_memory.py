@@ -73,9 +73,9 @@ def main(argv=None) -> list[dict]:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from activation_memory import saved_elements
 
-    from keras_blpa.jax_backend import ffi
+    from keras_blpa.backend.jax import kernels
 
-    kernels = "custom calls" if ffi.usable((2, 2), 4) else "jnp"
+    kernels = "custom calls" if kernels.usable((2, 2), 4) else "jnp"
     spec = dict(model=args.model, depth=args.depth, channels=args.channels, size=args.size)
     elements = saved_elements(build_model(variant="4", **spec))
     rows = []

@@ -49,21 +49,21 @@ def _ops(q, jax, x, g_a, mean, inv_std, gamma, beta, bits: int) -> dict:
 
 
 def _custom_ops(jax, x, g_a, mean, inv_std, gamma, beta, bits: int) -> dict:
-    """The same three as XLA custom calls (`keras_blpa.jax_backend.ffi`)."""
-    from keras_blpa.jax_backend import ffi
-    from keras_blpa.jax_backend import quantizer as q
+    """The same three as XLA custom calls (`keras_blpa.backend.jax.kernels`)."""
+    from keras_blpa.backend.jax import kernels
+    from keras_blpa.backend.jax import quantizer as q
 
     shape, elements = x.shape, x.size
     params = q.quantizer_params(gamma, beta, bits)
 
     def encode(x):
-        return ffi.encode(x, mean, inv_std, gamma, beta, params, bits, None, 0.0)
+        return kernels.encode(x, mean, inv_std, gamma, beta, params, bits, None, 0.0)
 
     def decode_relu(codes, gate):
-        return ffi.decode_relu(codes, params, gamma, beta, shape, bits, None, 0.0, gate)
+        return kernels.decode_relu(codes, params, gamma, beta, shape, bits, None, 0.0, gate)
 
     def decode_bn_backward(g_a, codes):
-        return ffi.decode_bn_backward(g_a, codes, params, gamma, inv_std, bits, None, 0.0)
+        return kernels.decode_bn_backward(g_a, codes, params, gamma, inv_std, bits, None, 0.0)
 
     codes = jax.jit(encode)(x)[1]
     gate = x[:1, :1, :1, :1]  # a gate of one element: reading it costs nothing
@@ -90,8 +90,8 @@ def main(argv=None) -> list[dict]:
     import jax.numpy as jnp
     import numpy as np
 
-    from keras_blpa.jax_backend import ffi
-    from keras_blpa.jax_backend import quantizer as q
+    from keras_blpa.backend.jax import kernels
+    from keras_blpa.backend.jax import quantizer as q
 
     rows = []
     for mib in args.sizes_mib:
@@ -106,7 +106,7 @@ def main(argv=None) -> list[dict]:
         beta = jnp.asarray(rng.normal(0, 0.5, c).astype(np.float32))
         for bits in args.bits:
             ops = _ops(q, jax, x, g_a, mean, inv_std, gamma, beta, bits)
-            if ffi.usable(shape, bits):
+            if kernels.usable(shape, bits):
                 ops.update(_custom_ops(jax, x, g_a, mean, inv_std, gamma, beta, bits))
             times = {name: [] for name in ops}
             for fn, inputs, _ in ops.values():

@@ -3,8 +3,8 @@
 All rates are GB/s of fp32 activations (the size of `x` for encode, of the
 decoded `xhat` for decode), measured in the same process:
 
-- op:   the compiled custom op (keras_blpa.custom_op), one eager op call;
-- tf:   the pure-TF quantizer (keras_blpa.quantizer) in a tf.function;
+- op:   the compiled custom op (keras_blpa.backend.tensorflow.kernels), one eager op call;
+- tf:   the pure-TF quantizer (keras_blpa.backend.tensorflow.quantizer) in a tf.function;
 - xla:  the same under tf.function(jit_compile=True);
   (tf and xla include the tf.function call overhead, printed as `fn_call_us`;
   it dominates at 1 MiB on slow machines);
@@ -55,7 +55,7 @@ import tensorflow as tf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from keras_blpa import custom_op, quantizer  # noqa: E402
+from keras_blpa.backend.tensorflow import kernels, quantizer  # noqa: E402
 
 CHANNELS = 64
 
@@ -161,7 +161,7 @@ def bench_size(mib: int, bits: int, min_time: float, min_reps: int, use_op: bool
     if use_op:
         # A single op needs no graph: calling it eagerly skips tf.function's overhead.
         impls = {
-            "op": (encode_with(custom_op), decode_with(custom_op), backward_with(custom_op)),
+            "op": (encode_with(kernels), decode_with(kernels), backward_with(kernels)),
             **impls,
         }
     _, packed = quantizer.bn_relu_encode(x, mean, inv_std, gamma, beta, params, bits)
@@ -172,13 +172,13 @@ def bench_size(mib: int, bits: int, min_time: float, min_reps: int, use_op: bool
     # the ops and the copies alike: each entry's best call counts.
     fns: dict[str, Callable[[], object]] = {}
     if use_op:
-        fns["decode_relu_op"] = lambda: decode_relu_with(custom_op)(packed)
+        fns["decode_relu_op"] = lambda: decode_relu_with(kernels)(packed)
         if bits == EXACT_ROW_BITS:  # the exact path has no bits: once per size
-            _, xhat = custom_op.bn_relu_exact(x, mean, inv_std, gamma, beta)
-            fns["exact_forward_op"] = lambda: custom_op.bn_relu_exact(
+            _, xhat = kernels.bn_relu_exact(x, mean, inv_std, gamma, beta)
+            fns["exact_forward_op"] = lambda: kernels.bn_relu_exact(
                 x, mean, inv_std, gamma, beta)
-            fns["exact_relu_op"] = lambda: custom_op.relu_exact(xhat, gamma, beta)
-            fns["exact_backward_op"] = lambda: custom_op.bn_backward_exact(
+            fns["exact_relu_op"] = lambda: kernels.relu_exact(xhat, gamma, beta)
+            fns["exact_backward_op"] = lambda: kernels.bn_backward_exact(
                 g_a, xhat, gamma, beta, inv_std)
     for name, (enc, dec, bwd) in impls.items():
         fns[f"encode_{name}"] = lambda e=enc: e(x)
@@ -302,9 +302,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        use_op = custom_op.is_available()
+        use_op = kernels.is_available()
     if not use_op:
-        reason = custom_op.load_error() or "disabled"
+        reason = kernels.load_error() or "disabled"
         print(f"custom op unavailable ({reason}); op columns are n/a", file=sys.stderr)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)

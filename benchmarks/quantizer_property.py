@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from keras_blpa import custom_op, quantizer, xla  # noqa: E402
+from keras_blpa.backend.tensorflow import kernels, quantizer, xla  # noqa: E402
 
 HALF_BIN_TOL = 0.5 + 1e-3  # bins
 
@@ -261,16 +261,16 @@ def check_case(case: dict, use_op: bool, use_xla: bool) -> dict:
         fail("words", "decode_words differs from decode")
 
     if use_op:
-        a_op, packed_op = custom_op.bn_relu_encode(tx, tmean, tinv, tgamma, tbeta, params, bits)
+        a_op, packed_op = kernels.bn_relu_encode(tx, tmean, tinv, tgamma, tbeta, params, bits)
         if not _same_bits(packed_op, packed_np):
             diff = quantizer.unpack(packed_op, list(shape), bits).numpy() != codes
             fail("op", f"{int(diff.sum())} codes differ from pure TF")
         if not _same_floats(a_op, a_tf):
             fail("op", "ReLU output differs from pure TF")
-        odec, omask = custom_op.decode(packed_tf, params, list(shape), bits)
+        odec, omask = kernels.decode(packed_tf, params, list(shape), bits)
         if not (_same_bits(odec, dec) and _same_bits(omask, mask)):
             fail("op", "decode differs from pure TF")
-        orelu = custom_op.decode_relu(packed_tf, params, tgamma, tbeta, list(shape), bits)
+        orelu = kernels.decode_relu(packed_tf, params, tgamma, tbeta, list(shape), bits)
         with np.errstate(invalid="ignore", over="ignore"):
             ref = np.where(mask, dec * gamma + beta, np.float32(0))
         if not _same_bits(orelu, ref):
@@ -335,7 +335,7 @@ def run(cases: int, seed: int = 0, xla_every: int = 10, first: int = 0,
         use_op: bool | None = None, verbose: bool = True) -> dict:
     """Checks cases `first .. first + cases - 1` of `seed`; returns the summary."""
     if use_op is None:
-        use_op = custom_op.is_available()
+        use_op = kernels.is_available()
     start = time.perf_counter()
     totals: Counter = Counter()
     by_prop: Counter = Counter()

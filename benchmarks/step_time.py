@@ -47,9 +47,9 @@ def implementation() -> str:
     if JAX:
         import jax
 
-        from keras_blpa.jax_backend import ffi
+        from keras_blpa.backend.jax import kernels
 
-        kernels = "custom calls" if ffi.usable((2, 2), 4) else "jnp quantizer"
+        kernels = "custom calls" if kernels.usable((2, 2), 4) else "jnp quantizer"
         return f"JAX {jax.__version__} ({kernels}, jitted) on {jax.devices()[0].platform}"
     from keras_blpa import ops
 

@@ -1,6 +1,6 @@
 """keras_blpa: Backprop with Low-Precision Approximate Activations for Keras 3."""
 
-from keras_blpa import layers, models
+from keras_blpa import _moved, layers, models
 from keras_blpa.conversion import ConversionReport, convert, to_standard
 from keras_blpa.layers import (
     ApproxBatchNormalization,
@@ -11,7 +11,9 @@ from keras_blpa.layers import (
     ReLUDense,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+_moved.install()  # old module paths (keras_blpa.quantizer, keras_blpa.jax_backend.*)
 
 __all__ = [
     "ApproxBatchNormalization", "BNReLUConv2D", "BNReLUDense", "ConversionReport",
@@ -21,17 +23,10 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # `keras_blpa.ops` (the quantizer ops, TensorFlow code) loads on first
-    # use, so that importing keras_blpa on the JAX backend imports no TensorFlow.
+    # `keras_blpa.ops` loads on first use; it imports TensorFlow only when one
+    # of its names is used, so that keras_blpa imports on JAX without TensorFlow.
     if name == "ops":
         import importlib
 
-        try:
-            return importlib.import_module("keras_blpa.ops")
-        except ImportError as err:
-            raise ImportError(
-                f"keras_blpa.ops is the TensorFlow quantizer and needs TensorFlow ({err}). "
-                "On Keras's JAX backend the same quantizer, bit for bit, is "
-                "keras_blpa.jax_backend.quantizer."
-            ) from err
+        return importlib.import_module("keras_blpa.ops")
     raise AttributeError(f"module 'keras_blpa' has no attribute {name!r}")

@@ -2,9 +2,9 @@
 bin widths, the per-channel grid parameters and the word layout's geometry.
 
 No tensor library is imported here: the TensorFlow quantizer
-(`keras_blpa.quantizer`), the JAX one (`keras_blpa.jax_backend.quantizer`)
+(`keras_blpa.backend.tensorflow.quantizer`), the JAX one (`keras_blpa.backend.jax.quantizer`)
 and the layers' argument checks all use these, so that every path draws the
-same grid from the same numbers. See `keras_blpa.quantizer` for the method.
+same grid from the same numbers. See `keras_blpa.backend.tensorflow.quantizer` for the method.
 """
 
 from __future__ import annotations

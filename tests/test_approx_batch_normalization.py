@@ -18,7 +18,7 @@ import tensorflow as tf
 from stock import cosine
 
 import keras_blpa
-from keras_blpa import bn_unit, quantizer
+from keras_blpa.backend.tensorflow import bn_unit, quantizer
 
 L = keras.layers
 # Cosine of (input, gamma) gradients to stock's on `_input`'s data, measured

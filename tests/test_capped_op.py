@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_blpa import custom_op, quantizer
+from keras_blpa.backend.tensorflow import kernels, quantizer
 from keras_blpa.layers import BNReLUConv2D
 from tests.test_capped_quantizer import _channels, _values
 
@@ -23,13 +23,13 @@ SHAPES = [(96, 2048), (700, 37), (3000, 1), (64, 300)]
 
 @pytest.fixture(scope="module")
 def op_lib():
-    if custom_op.disabled():
+    if kernels.disabled():
         pytest.skip("KERAS_BLPA_DISABLE_CUSTOM_OPS is set")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        module = custom_op.load()
+        module = kernels.load()
     if module is None:
-        pytest.skip(f"custom op library unavailable: {custom_op.load_error()}")
+        pytest.skip(f"custom op library unavailable: {kernels.load_error()}")
     return module
 
 
@@ -69,7 +69,7 @@ def _same(actual, expected):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_capped_encode_and_decodes_are_bit_exact(op_lib, shape, bits, cap):
     x, mean, inv_std, gamma, beta, params, caps = _case(shape, bits, cap, seed=bits)
-    a, packed = custom_op.bn_relu_encode(x, mean, inv_std, gamma, beta, params, bits, cap=caps)
+    a, packed = kernels.bn_relu_encode(x, mean, inv_std, gamma, beta, params, bits, cap=caps)
     a_ref, packed_ref = quantizer.bn_relu_encode_capped(
         x, mean, inv_std, gamma, beta, params, caps, bits
     )
@@ -78,12 +78,12 @@ def test_capped_encode_and_decodes_are_bit_exact(op_lib, shape, bits, cap):
     # The forward output is keras's ReLU(max_value=cap) of the BN output.
     y = ((x - mean) * inv_std) * gamma + beta
     _same(a, tf.where(y <= 0.0, 0.0, tf.where(y >= caps.max_value, caps.max_value, y)))
-    xhat, mask = custom_op.decode(packed, params, x.shape, bits, cap=caps)
+    xhat, mask = kernels.decode(packed, params, x.shape, bits, cap=caps)
     xhat_ref, mask_ref, saturated = quantizer.decode_capped(packed, params, caps, x.shape, bits)
     _same(xhat, xhat_ref)
     _same(mask, mask_ref)
     assert np.any(saturated) and np.any(mask) and np.any(~(mask | saturated))
-    relu = custom_op.decode_relu(packed, params, gamma, beta, x.shape, bits, cap=caps)
+    relu = kernels.decode_relu(packed, params, gamma, beta, x.shape, bits, cap=caps)
     _same(relu, quantizer.relu_from_decoded_capped(
         xhat_ref, mask_ref, saturated, gamma, beta, caps.max_value))
 
@@ -95,7 +95,7 @@ def test_every_code_decodes_as_pure_tf(op_lib, bits):
     n = 64 * 300
     rng = np.random.default_rng(7)
     packed = tf.constant(rng.integers(0, 256, n if bits == 8 else n // 2, dtype=np.uint8))
-    relu = custom_op.decode_relu(packed, params, gamma, beta, x.shape, bits, cap=caps)
+    relu = kernels.decode_relu(packed, params, gamma, beta, x.shape, bits, cap=caps)
     ref = quantizer.relu_from_decoded_capped(
         *quantizer.decode_capped(packed, params, caps, x.shape, bits), gamma, beta,
         caps.max_value,
@@ -111,14 +111,14 @@ def test_capped_bn_backward_matches_pure_tf(op_lib, shape, bits):
     _, packed = quantizer.bn_relu_encode_capped(x, mean, inv_std, gamma, beta, params, caps,
                                                 bits)
     g_a = tf.constant(np.random.default_rng(1).normal(size=shape).astype(np.float32) + 0.3)
-    out = custom_op.decode_bn_backward(g_a, packed, params, gamma, inv_std, bits, cap=caps)
+    out = kernels.decode_bn_backward(g_a, packed, params, gamma, inv_std, bits, cap=caps)
     xhat, mask, saturated = quantizer.decode_capped(packed, params, caps, shape, bits)
     ref = quantizer.relu_bn_backward(g_a, xhat, mask, gamma, inv_std)
     for actual, expected in zip(out, ref):
         scale = float(np.abs(expected).max())
         np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-5 * scale)
     # The saturated elements pass no gradient: the plain ReLU's backward differs.
-    plain = custom_op.decode_bn_backward(g_a, packed, params, gamma, inv_std, bits)
+    plain = kernels.decode_bn_backward(g_a, packed, params, gamma, inv_std, bits)
     assert np.any(saturated) and not np.allclose(plain[2], out[2])
 
 
@@ -141,10 +141,10 @@ def test_the_op_checks_its_cap_inputs(op_lib):
         op_lib.blpa_bn_relu_encode(*common, caps.kc, caps.flip, caps.aligned, bits=4,
                                    max_value=float("nan"))
     with pytest.raises(ValueError, match="negative_slope"):
-        custom_op.bn_relu_encode(x, mean, inv_std, gamma, beta, params, 4,
+        kernels.bn_relu_encode(x, mean, inv_std, gamma, beta, params, 4,
                                  negative_slope=0.1, cap=caps)
     with pytest.raises(ValueError, match=r"`cap.kc` must have shape \[16\]"):
-        custom_op.decode(tf.zeros([64], tf.uint8), params, [8, 16], 4,
+        kernels.decode(tf.zeros([64], tf.uint8), params, [8, 16], 4,
                          cap=caps._replace(kc=caps.kc[:3]))
 
 

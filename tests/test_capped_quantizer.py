@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_blpa import grid, quantizer
+from keras_blpa import grid
+from keras_blpa.backend.tensorflow import quantizer
 
 
 def _channels(rng, c: int, bits: int, window: float, cap: float):
@@ -149,7 +150,7 @@ def test_a_bad_max_value_names_the_argument(bad):
 
 def test_jnp_twin_is_bit_exact():
     jax = pytest.importorskip("jax")
-    jq = pytest.importorskip("keras_blpa.jax_backend.quantizer")
+    jq = pytest.importorskip("keras_blpa.backend.jax.quantizer")
     rng = np.random.default_rng(9)
     for bits in (4, 8):
         m = 6.0

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_blpa import build_ops, custom_op, quantizer
+from keras_blpa import build_ops
+from keras_blpa.backend.tensorflow import kernels, quantizer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,13 +47,13 @@ def _reference_relu(y: tf.Tensor, slope: float) -> tf.Tensor:
 
 @pytest.fixture(scope="module")
 def op_lib():
-    if custom_op.disabled():
+    if kernels.disabled():
         pytest.skip("KERAS_BLPA_DISABLE_CUSTOM_OPS is set")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        module = custom_op.load()
+        module = kernels.load()
     if module is None:
-        pytest.skip(f"custom op library unavailable: {custom_op.load_error()}")
+        pytest.skip(f"custom op library unavailable: {kernels.load_error()}")
     return module
 
 
@@ -113,7 +114,7 @@ def test_encode_decode_bit_exact(op_lib, shape, bits, specials, slope):
     a_ref, packed_ref = quantizer.bn_relu_encode(
         x, mean, inv_std, gamma, beta, params, bits, slope
     )
-    a, packed = custom_op.bn_relu_encode(x, mean, inv_std, gamma, beta, params, bits, slope)
+    a, packed = kernels.bn_relu_encode(x, mean, inv_std, gamma, beta, params, bits, slope)
     assert packed.dtype == tf.uint8 and packed.shape == packed_ref.shape
     np.testing.assert_array_equal(packed.numpy(), packed_ref.numpy())
     _assert_same_float(a, a_ref)
@@ -121,16 +122,16 @@ def test_encode_decode_bit_exact(op_lib, shape, bits, specials, slope):
     _assert_same_float(a, _reference_relu((x - mean) * inv_std * gamma + beta, slope))
     if slope != 0.0:
         # The codes do not depend on the slope (the kink stays at y = 0).
-        _, packed_relu = custom_op.bn_relu_encode(x, mean, inv_std, gamma, beta, params, bits)
+        _, packed_relu = kernels.bn_relu_encode(x, mean, inv_std, gamma, beta, params, bits)
         np.testing.assert_array_equal(packed.numpy(), packed_relu.numpy())
 
     xhat_ref, mask_ref = quantizer.decode(packed_ref, params, x.shape, bits)
-    xhat, mask = custom_op.decode(packed_ref, params, x.shape, bits)
+    xhat, mask = kernels.decode(packed_ref, params, x.shape, bits)
     assert xhat.shape == x.shape and mask.dtype == tf.bool
     _assert_same_float(xhat, xhat_ref)
     np.testing.assert_array_equal(mask.numpy(), mask_ref.numpy())
 
-    relu = custom_op.decode_relu(packed_ref, params, gamma, beta, x.shape, bits, slope)
+    relu = kernels.decode_relu(packed_ref, params, gamma, beta, x.shape, bits, slope)
     _assert_same_float(
         relu, quantizer.relu_from_decoded(xhat_ref, mask_ref, gamma, beta, slope)
     )
@@ -146,16 +147,16 @@ def test_windows_bit_exact(op_lib, bits, window):
     x, mean, inv_std, gamma, beta, params = _make_case(shape, bits, 11, window=window)
     assert params.window == pytest.approx(window, rel=1e-7)
     a_ref, packed_ref = quantizer.bn_relu_encode(x, mean, inv_std, gamma, beta, params, bits)
-    a, packed = custom_op.bn_relu_encode(x, mean, inv_std, gamma, beta, params, bits)
+    a, packed = kernels.bn_relu_encode(x, mean, inv_std, gamma, beta, params, bits)
     np.testing.assert_array_equal(packed.numpy(), packed_ref.numpy())
     _assert_same_float(a, a_ref)
     xhat_ref, mask_ref = quantizer.decode(packed_ref, params, x.shape, bits)
-    xhat, mask = custom_op.decode(packed_ref, params, x.shape, bits)
+    xhat, mask = kernels.decode(packed_ref, params, x.shape, bits)
     _assert_same_float(xhat, xhat_ref)
     np.testing.assert_array_equal(mask.numpy(), mask_ref.numpy())
     # A different window really changes the codes (the attribute is not ignored).
     other = params._replace(window=params.window * 2)
-    _, packed_other = custom_op.bn_relu_encode(x, mean, inv_std, gamma, beta, other, bits)
+    _, packed_other = kernels.bn_relu_encode(x, mean, inv_std, gamma, beta, other, bits)
     assert not np.array_equal(packed_other.numpy(), packed.numpy())
     _check_bn_backward(*_bn_case(shape, bits, 12, window=window), bits)
 
@@ -171,10 +172,10 @@ def test_decode_every_byte_value(op_lib, bits, slope):
     rng = np.random.default_rng(3)
     packed = tf.constant(rng.integers(0, 256, size=size, dtype=np.uint8))
     xhat_ref, mask_ref = quantizer.decode(packed, params, shape, bits)
-    xhat, mask = custom_op.decode(packed, params, list(shape), bits)
+    xhat, mask = kernels.decode(packed, params, list(shape), bits)
     _assert_same_float(xhat, xhat_ref)
     np.testing.assert_array_equal(mask.numpy(), mask_ref.numpy())
-    relu = custom_op.decode_relu(packed, params, gamma, beta, tf.constant(shape), bits, slope)
+    relu = kernels.decode_relu(packed, params, gamma, beta, tf.constant(shape), bits, slope)
     _assert_same_float(
         relu, quantizer.relu_from_decoded(xhat_ref, mask_ref, gamma, beta, slope)
     )
@@ -186,9 +187,9 @@ def test_inside_tf_function(op_lib):
 
     @tf.function(input_signature=[tf.TensorSpec([None, 5, 5, 37], tf.float32)])
     def roundtrip(x):
-        a, packed = custom_op.bn_relu_encode(x, mean, inv_std, gamma, beta, params, bits)
+        a, packed = kernels.bn_relu_encode(x, mean, inv_std, gamma, beta, params, bits)
         assert a.shape.as_list() == [None, 5, 5, 37]
-        xhat, mask = custom_op.decode(packed, params, tf.shape(x), bits)
+        xhat, mask = kernels.decode(packed, params, tf.shape(x), bits)
         # The decode's static shape follows from tf.shape(x).
         assert xhat.shape.as_list() == [None, 5, 5, 37]
         return a, packed, xhat, mask
@@ -210,9 +211,9 @@ def test_static_shapes(op_lib):
 
     @tf.function
     def f(x):
-        a, packed = custom_op.bn_relu_encode(x, mean, inv_std, gamma, beta, params, 4)
+        a, packed = kernels.bn_relu_encode(x, mean, inv_std, gamma, beta, params, 4)
         assert a.shape == (3, 7) and packed.shape == (11,)
-        xhat, mask = custom_op.decode(packed, params, [3, 7], 4)
+        xhat, mask = kernels.decode(packed, params, [3, 7], 4)
         assert xhat.shape == (3, 7) and mask.shape == (3, 7)
         return xhat
 
@@ -229,31 +230,31 @@ def test_xla_context_uses_pure_tf(op_lib):
 
     @tf.function(jit_compile=True)
     def f(x):
-        _, packed = custom_op.bn_relu_encode(x, mean, inv_std, gamma, beta, params, 8)
-        return packed, custom_op.decode(packed, params, x.shape, 8)[1]
+        _, packed = kernels.bn_relu_encode(x, mean, inv_std, gamma, beta, params, 8)
+        return packed, kernels.decode(packed, params, x.shape, 8)[1]
 
     packed, mask = f(x)
     ops = {op.type for op in f.get_concrete_function(x).graph.get_operations()}
     assert not any(t.startswith("Blpa") for t in ops), ops
-    _, packed_op = custom_op.bn_relu_encode(x, mean, inv_std, gamma, beta, params, 8)
+    _, packed_op = kernels.bn_relu_encode(x, mean, inv_std, gamma, beta, params, 8)
     diff = np.abs(packed.numpy().astype(int) - packed_op.numpy().astype(int))
     assert diff.max() <= 1
     # XLA's codes decode to the same mask with the op.
-    np.testing.assert_array_equal(mask.numpy(), custom_op.decode(packed, params, x.shape, 8)[1])
+    np.testing.assert_array_equal(mask.numpy(), kernels.decode(packed, params, x.shape, 8)[1])
 
 
 def test_invalid_inputs(op_lib):
     x, mean, inv_std, gamma, beta, params = _make_case((3, 7), 4, 2)
     short = tf.zeros([6])
     with pytest.raises((tf.errors.InvalidArgumentError, ValueError)):
-        custom_op.bn_relu_encode(x, short, inv_std, gamma, beta, params, 4)
-    _, packed = custom_op.bn_relu_encode(x, mean, inv_std, gamma, beta, params, 4)
+        kernels.bn_relu_encode(x, short, inv_std, gamma, beta, params, 4)
+    _, packed = kernels.bn_relu_encode(x, mean, inv_std, gamma, beta, params, 4)
     with pytest.raises((tf.errors.InvalidArgumentError, ValueError)):
-        custom_op.decode(packed, params, [3, 9], 4)  # wrong channel count
+        kernels.decode(packed, params, [3, 9], 4)  # wrong channel count
     with pytest.raises((tf.errors.InvalidArgumentError, ValueError)):
-        custom_op.decode(packed, params, [5, 7], 4)  # wrong byte count
+        kernels.decode(packed, params, [5, 7], 4)  # wrong byte count
     with pytest.raises(ValueError):
-        custom_op.bn_relu_encode(x, mean, inv_std, gamma, beta, params, 2)
+        kernels.bn_relu_encode(x, mean, inv_std, gamma, beta, params, 2)
 
 
 BAD_SLOPES = [-0.1, float("nan"), float("inf"), 1e39]  # 1e39: Inf in float32
@@ -263,15 +264,15 @@ BAD_SLOPES = [-0.1, float("nan"), float("inf"), 1e39]  # 1e39: Inf in float32
 def test_invalid_slope_raises(op_lib, bad):
     """The wrappers refuse a bad slope on both paths; the op's kernel too."""
     x, mean, inv_std, gamma, beta, params = _make_case((3, 7), 4, 2)
-    _, packed = custom_op.bn_relu_encode(x, mean, inv_std, gamma, beta, params, 4)
+    _, packed = kernels.bn_relu_encode(x, mean, inv_std, gamma, beta, params, 4)
     calls = {
-        "encode": lambda s: custom_op.bn_relu_encode(
+        "encode": lambda s: kernels.bn_relu_encode(
             x, mean, inv_std, gamma, beta, params, 4, negative_slope=s
         ),
-        "decode_relu": lambda s: custom_op.decode_relu(
+        "decode_relu": lambda s: kernels.decode_relu(
             packed, params, gamma, beta, x.shape, 4, negative_slope=s
         ),
-        "backward": lambda s: custom_op.decode_bn_backward(
+        "backward": lambda s: kernels.decode_bn_backward(
             x, packed, params, gamma, inv_std, 4, negative_slope=s
         ),
     }
@@ -316,9 +317,9 @@ def test_slope_on_the_pure_tf_paths(op_lib, monkeypatch):
     )
 
     def run(x, packed, g_a):  # the decodes from the given codes
-        a, _ = custom_op.bn_relu_encode(x, mean, inv_std, gamma, beta, params, bits, slope)
-        relu = custom_op.decode_relu(packed, params, gamma, beta, x.shape, bits, slope)
-        grads = custom_op.decode_bn_backward(g_a, packed, params, gamma, inv_std, bits, slope)
+        a, _ = kernels.bn_relu_encode(x, mean, inv_std, gamma, beta, params, bits, slope)
+        relu = kernels.decode_relu(packed, params, gamma, beta, x.shape, bits, slope)
+        grads = kernels.decode_bn_backward(g_a, packed, params, gamma, inv_std, bits, slope)
         return a, relu, *grads
 
     xla = tf.function(run, jit_compile=True)
@@ -339,7 +340,7 @@ def test_graph_without_slope_attr_still_runs(op_lib):
 
     @tf.function
     def f(x):
-        return custom_op.bn_relu_encode(x, mean, inv_std, gamma, beta, params, 4)
+        return kernels.bn_relu_encode(x, mean, inv_std, gamma, beta, params, 4)
 
     graph_def = f.get_concrete_function(x).graph.as_graph_def()
     stripped = 0
@@ -367,9 +368,9 @@ def test_graph_without_slope_attr_still_runs(op_lib):
 def test_empty_tensor(op_lib):
     _, mean, inv_std, gamma, beta, params = _make_case((1, 3), 4, 0)
     x = tf.zeros([0, 3])
-    a, packed = custom_op.bn_relu_encode(x, mean, inv_std, gamma, beta, params, 4)
+    a, packed = kernels.bn_relu_encode(x, mean, inv_std, gamma, beta, params, 4)
     assert a.shape == (0, 3) and packed.shape == (0,)
-    xhat, mask = custom_op.decode(packed, params, [0, 3], 4)
+    xhat, mask = kernels.decode(packed, params, [0, 3], 4)
     assert xhat.shape == (0, 3) and mask.shape == (0, 3)
 
 
@@ -454,7 +455,7 @@ def _bn_case(shape, bits, seed, random_codes=False, kind_offset=0, window=None):
 
 def _check_bn_backward(g_a, packed, params, gamma, inv_std, bits, slope=0.0):
     ref = quantizer.decode_bn_backward(g_a, packed, params, gamma, inv_std, bits, slope)
-    out = custom_op.decode_bn_backward(g_a, packed, params, gamma, inv_std, bits, slope)
+    out = kernels.decode_bn_backward(g_a, packed, params, gamma, inv_std, bits, slope)
     assert len(out) == 3
     scales = []
     f64 = _bn_backward_f64(g_a, packed, params, gamma, inv_std, bits, slope, scales)
@@ -495,8 +496,8 @@ def test_decode_bn_backward_channel_kinds(op_lib, channels, bits, kind_offset, s
 def test_leaky_backward_differs_from_relu(op_lib):
     """The slope reaches the backward kernel: g_x and both sums change with it."""
     case = _bn_case((4, 9, 37), 4, 21)
-    relu = custom_op.decode_bn_backward(*case, 4)
-    leaky = custom_op.decode_bn_backward(*case, 4, negative_slope=0.2)
+    relu = kernels.decode_bn_backward(*case, 4)
+    leaky = kernels.decode_bn_backward(*case, 4, negative_slope=0.2)
     for a, b in zip(relu, leaky):
         assert not np.array_equal(a.numpy(), b.numpy())
 
@@ -505,7 +506,7 @@ def test_decode_bn_backward_zero_gamma_gives_zero_gx(op_lib):
     g_a, packed, params, gamma, inv_std = _bn_case((6, 11, 37), 4, 5)
     kind = np.arange(37) % 8
     assert np.all(gamma.numpy()[(kind == 2) | (kind == 5)] == 0.0)
-    g_x, d_gamma, d_beta = custom_op.decode_bn_backward(g_a, packed, params, gamma, inv_std, 4)
+    g_x, d_gamma, d_beta = kernels.decode_bn_backward(g_a, packed, params, gamma, inv_std, 4)
     zero = (kind == 2) | (kind == 5)
     np.testing.assert_array_equal(np.abs(g_x.numpy()[..., zero]), 0.0)
     assert np.any(d_beta.numpy()[zero] != 0.0)  # parameter gradients are not zero
@@ -514,8 +515,8 @@ def test_decode_bn_backward_zero_gamma_gives_zero_gx(op_lib):
 def test_decode_bn_backward_deterministic(op_lib):
     """Same thread count, same sums (32 CPU blocks: several pass-1 shards)."""
     case = _bn_case((2, 64, 64, 64), 4, 3)
-    first = custom_op.decode_bn_backward(*case, 4)
-    second = custom_op.decode_bn_backward(*case, 4)
+    first = kernels.decode_bn_backward(*case, 4)
+    second = kernels.decode_bn_backward(*case, 4)
     for a, b in zip(first, second):
         _assert_same_float(a, b)
 
@@ -531,7 +532,7 @@ def test_decode_bn_backward_inside_tf_function(op_lib):
         ]
     )
     def backward(g_a, packed):
-        g_x, d_gamma, d_beta = custom_op.decode_bn_backward(
+        g_x, d_gamma, d_beta = kernels.decode_bn_backward(
             g_a, packed, params, gamma, inv_std, bits
         )
         assert g_x.shape.as_list() == [None, 5, 5, 37]
@@ -551,7 +552,7 @@ def test_decode_bn_backward_static_shapes(op_lib):
 
     @tf.function
     def f(g_a, packed):
-        g_x, d_gamma, d_beta = custom_op.decode_bn_backward(g_a, packed, params, gamma, inv_std, 4)
+        g_x, d_gamma, d_beta = kernels.decode_bn_backward(g_a, packed, params, gamma, inv_std, 4)
         assert g_x.shape == (3, 7) and d_gamma.shape == (7,) and d_beta.shape == (7,)
         return g_x
 
@@ -563,7 +564,7 @@ def test_decode_bn_backward_xla_uses_pure_tf(op_lib):
 
     @tf.function(jit_compile=True)
     def f(g_a, packed):
-        return custom_op.decode_bn_backward(g_a, packed, params, gamma, inv_std, 8)
+        return kernels.decode_bn_backward(g_a, packed, params, gamma, inv_std, 8)
 
     out = f(g_a, packed)
     ops = {op.type for op in f.get_concrete_function(g_a, packed).graph.get_operations()}
@@ -576,20 +577,20 @@ def test_decode_bn_backward_xla_uses_pure_tf(op_lib):
 def test_decode_bn_backward_invalid_inputs(op_lib):
     g_a, packed, params, gamma, inv_std = _bn_case((3, 7), 4, 2)
     with pytest.raises((tf.errors.InvalidArgumentError, ValueError)):
-        custom_op.decode_bn_backward(g_a, packed[:-1], params, gamma, inv_std, 4)  # bytes
+        kernels.decode_bn_backward(g_a, packed[:-1], params, gamma, inv_std, 4)  # bytes
     with pytest.raises((tf.errors.InvalidArgumentError, ValueError)):
-        custom_op.decode_bn_backward(g_a, packed, params, gamma[:6], inv_std, 4)  # channels
+        kernels.decode_bn_backward(g_a, packed, params, gamma[:6], inv_std, 4)  # channels
     with pytest.raises((tf.errors.InvalidArgumentError, ValueError)):
-        custom_op.decode_bn_backward(g_a, packed, params, gamma, inv_std, 8)  # 4-bit codes
+        kernels.decode_bn_backward(g_a, packed, params, gamma, inv_std, 8)  # 4-bit codes
     with pytest.raises(ValueError):
-        custom_op.decode_bn_backward(g_a, packed, params, gamma, inv_std, 2)
+        kernels.decode_bn_backward(g_a, packed, params, gamma, inv_std, 2)
 
 
 def test_decode_bn_backward_empty(op_lib):
     _, _, params, gamma, inv_std = _bn_case((1, 3), 4, 0)
     g_a = tf.zeros([0, 3])
     packed = tf.zeros([0], tf.uint8)
-    g_x, d_gamma, d_beta = custom_op.decode_bn_backward(g_a, packed, params, gamma, inv_std, 4)
+    g_x, d_gamma, d_beta = kernels.decode_bn_backward(g_a, packed, params, gamma, inv_std, 4)
     assert g_x.shape == (0, 3)
     np.testing.assert_array_equal(d_gamma.numpy(), np.zeros(3, np.float32))
     np.testing.assert_array_equal(d_beta.numpy(), np.zeros(3, np.float32))
@@ -600,11 +601,11 @@ def test_decode_bn_backward_disabled_is_pure_tf(monkeypatch):
     g_a, packed, params, gamma, inv_std = _bn_case((3, 5, 5, 37), 4, 9)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = custom_op.decode_bn_backward(g_a, packed, params, gamma, inv_std, 4)
+        out = kernels.decode_bn_backward(g_a, packed, params, gamma, inv_std, 4)
 
         @tf.function
         def f(g_a, packed):
-            return custom_op.decode_bn_backward(g_a, packed, params, gamma, inv_std, 4)
+            return kernels.decode_bn_backward(g_a, packed, params, gamma, inv_std, 4)
 
         f(g_a, packed)
     assert not [w for w in caught if "keras_blpa" in str(w.message)]
@@ -622,7 +623,7 @@ def test_build_is_cached(op_lib):
     assert path is not None and path.is_file()
     assert path == build_ops.ensure_built()  # no rebuild
     assert tf.__version__ in path.parent.name
-    assert build_ops.source_dir().joinpath("blpa_kernels.h").is_file()
+    assert build_ops.source_dir().joinpath("shared", "blpa_kernels.h").is_file()
 
 
 def test_disable_switch(monkeypatch):
@@ -630,9 +631,9 @@ def test_disable_switch(monkeypatch):
     x, mean, inv_std, gamma, beta, params = _make_case((5, 3), 4, 9)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert custom_op.load() is None and not custom_op.is_available()
-        a, packed = custom_op.bn_relu_encode(x, mean, inv_std, gamma, beta, params, 4)
-        xhat, mask = custom_op.decode(packed, params, x.shape, 4)
+        assert kernels.load() is None and not kernels.is_available()
+        a, packed = kernels.bn_relu_encode(x, mean, inv_std, gamma, beta, params, 4)
+        xhat, mask = kernels.decode(packed, params, x.shape, 4)
     assert not [w for w in caught if "keras_blpa" in str(w.message)]
     a_ref, packed_ref = quantizer.bn_relu_encode(x, mean, inv_std, gamma, beta, params, 4)
     np.testing.assert_array_equal(packed.numpy(), packed_ref.numpy())
@@ -644,7 +645,7 @@ _FALLBACK_SCRIPT = textwrap.dedent(
     import warnings
     import numpy as np
     import tensorflow as tf
-    from keras_blpa import custom_op, quantizer
+    from keras_blpa.backend.tensorflow import kernels, quantizer
 
     x = tf.random.stateless_normal([4, 5], seed=[1, 2])
     c = tf.ones([5])
@@ -652,10 +653,10 @@ _FALLBACK_SCRIPT = textwrap.dedent(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):
-            a, packed = custom_op.bn_relu_encode(x, 0 * c, c, c, -0.5 * c, params, 4)
-            xhat, mask = custom_op.decode(packed, params, x.shape, 4)
-            grads = custom_op.decode_bn_backward(x, packed, params, c, c, 4)
-        assert not custom_op.is_available()
+            a, packed = kernels.bn_relu_encode(x, 0 * c, c, c, -0.5 * c, params, 4)
+            xhat, mask = kernels.decode(packed, params, x.shape, 4)
+            grads = kernels.decode_bn_backward(x, packed, params, c, c, 4)
+        assert not kernels.is_available()
     ours = [w for w in caught if "keras_blpa" in str(w.message)]
     ref = quantizer.bn_relu_encode(x, 0 * c, c, c, -0.5 * c, params, 4)[1]
     assert np.array_equal(packed.numpy(), ref.numpy())

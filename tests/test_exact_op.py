@@ -27,13 +27,13 @@ from test_custom_op import (
     _sum_scales,
 )
 
-from keras_blpa import custom_op, quantizer
+from keras_blpa.backend.tensorflow import kernels, quantizer
 
 
 @pytest.fixture(scope="module", autouse=True)
 def op_lib():
-    if custom_op.disabled() or not custom_op.is_available():
-        pytest.skip(f"custom op library unavailable: {custom_op.load_error()}")
+    if kernels.disabled() or not kernels.is_available():
+        pytest.skip(f"custom op library unavailable: {kernels.load_error()}")
 
 
 def _case(shape, seed, specials=False):
@@ -46,7 +46,7 @@ def _case(shape, seed, specials=False):
 @pytest.mark.parametrize("specials", [False, True], ids=["finite", "nan_inf"])
 def test_forward_and_rebuild_bit_exact(shape, specials, slope):
     x, mean, inv_std, gamma, beta = _case(shape, 3, specials)
-    a, xhat = custom_op.bn_relu_exact(x, mean, inv_std, gamma, beta, slope)
+    a, xhat = kernels.bn_relu_exact(x, mean, inv_std, gamma, beta, slope)
     a_ref, xhat_ref = quantizer.bn_relu_exact(x, mean, inv_std, gamma, beta, slope)
     _assert_same_float(a, a_ref)
     _assert_same_float(xhat, xhat_ref)
@@ -55,7 +55,7 @@ def test_forward_and_rebuild_bit_exact(shape, specials, slope):
     y = (x - mean) * inv_std * gamma + beta
     np.testing.assert_array_equal(np.isnan(a), np.isnan(y))
     _assert_same_float(a, _reference_relu(y, slope))
-    rebuilt = custom_op.relu_exact(xhat, gamma, beta, slope)
+    rebuilt = kernels.relu_exact(xhat, gamma, beta, slope)
     _assert_same_float(rebuilt, quantizer.relu_exact(xhat_ref, gamma, beta, slope))
     # The rebuilt activation is the forward's exactly, wherever that is a number.
     finite = np.isfinite(a.numpy())
@@ -80,7 +80,7 @@ def test_bn_backward_matches_quantizer(shape, slope):
     _, xhat = quantizer.bn_relu_exact(x, mean, inv_std, gamma, beta)
     rng = np.random.default_rng(6)
     g_a = tf.constant((rng.normal(size=shape) + 0.3).astype(np.float32))
-    out = custom_op.bn_backward_exact(g_a, xhat, gamma, beta, inv_std, slope)
+    out = kernels.bn_backward_exact(g_a, xhat, gamma, beta, inv_std, slope)
     ref = quantizer.bn_backward_exact(g_a, xhat, gamma, beta, inv_std, slope)
     # Float sums err by up to rtol of the sum of magnitudes; a leaky slope's
     # always-off channels cancel (see test_custom_op._check_bn_backward).
@@ -106,8 +106,8 @@ def test_inputs_read_later_are_not_overwritten(slope):
     def run(x, g_a):
         x2 = x * 2.0  # produced here: its buffer is forwardable
         g2 = g_a * 2.0
-        a, xhat = custom_op.bn_relu_exact(x2, mean, inv_std, gamma, beta, slope)
-        g_x, _, _ = custom_op.bn_backward_exact(g2, xhat, gamma, beta, inv_std, slope)
+        a, xhat = kernels.bn_relu_exact(x2, mean, inv_std, gamma, beta, slope)
+        g_x, _, _ = kernels.bn_backward_exact(g2, xhat, gamma, beta, inv_std, slope)
         with tf.control_dependencies([a, g_x]):
             return a, xhat, g_x, tf.identity(x2), tf.identity(g2)
 
@@ -129,8 +129,8 @@ def test_forwarded_buffers_give_the_same_results(slope):
 
     @tf.function
     def run(x, g_a):
-        a, xhat = custom_op.bn_relu_exact(x + 1.0, mean, inv_std, gamma, beta, slope)
-        grads = custom_op.bn_backward_exact(g_a + 1.0, xhat, gamma, beta, inv_std, slope)
+        a, xhat = kernels.bn_relu_exact(x + 1.0, mean, inv_std, gamma, beta, slope)
+        grads = kernels.bn_backward_exact(g_a + 1.0, xhat, gamma, beta, inv_std, slope)
         return (a, xhat, *grads)
 
     a, xhat, *grads = run(x, g_a)
@@ -147,13 +147,13 @@ def test_invalid_slope_raises(bad):
     """The wrappers refuse a bad slope (on every path); the kernels too."""
     x, mean, inv_std, gamma, beta = _case((3, 7), 15)
     for call in (
-        lambda s: custom_op.bn_relu_exact(x, mean, inv_std, gamma, beta, negative_slope=s),
-        lambda s: custom_op.relu_exact(x, gamma, beta, negative_slope=s),
-        lambda s: custom_op.bn_backward_exact(x, x, gamma, beta, inv_std, negative_slope=s),
+        lambda s: kernels.bn_relu_exact(x, mean, inv_std, gamma, beta, negative_slope=s),
+        lambda s: kernels.relu_exact(x, gamma, beta, negative_slope=s),
+        lambda s: kernels.bn_backward_exact(x, x, gamma, beta, inv_std, negative_slope=s),
     ):
         with pytest.raises(ValueError, match="negative_slope"):
             call(bad)
-    mod = custom_op.load()
+    mod = kernels.load()
     for call in (
         lambda: mod.blpa_bn_relu_exact(x, mean, inv_std, gamma, beta, negative_slope=bad),
         lambda: mod.blpa_relu_exact(x, gamma, beta, negative_slope=bad),
@@ -169,9 +169,9 @@ def test_slope_reaches_the_fallback(monkeypatch):
     x, mean, inv_std, gamma, beta = _case((4, 5, 5, 8), 16, specials=True)
     g_a = tf.constant(np.random.default_rng(17).normal(size=(4, 5, 5, 8)).astype(np.float32))
     monkeypatch.setenv("KERAS_BLPA_DISABLE_CUSTOM_OPS", "1")
-    a, xhat = custom_op.bn_relu_exact(x, mean, inv_std, gamma, beta, slope)
-    out = (a, xhat, custom_op.relu_exact(xhat, gamma, beta, slope),
-           *custom_op.bn_backward_exact(g_a, xhat, gamma, beta, inv_std, slope))
+    a, xhat = kernels.bn_relu_exact(x, mean, inv_std, gamma, beta, slope)
+    out = (a, xhat, kernels.relu_exact(xhat, gamma, beta, slope),
+           *kernels.bn_backward_exact(g_a, xhat, gamma, beta, inv_std, slope))
     a_ref, xhat_ref = quantizer.bn_relu_exact(x, mean, inv_std, gamma, beta, slope)
     ref = (a_ref, xhat_ref, quantizer.relu_exact(xhat_ref, gamma, beta, slope),
            *quantizer.bn_backward_exact(g_a, xhat_ref, gamma, beta, inv_std, slope))
@@ -183,22 +183,22 @@ def test_slope_reaches_the_fallback(monkeypatch):
 def test_invalid_inputs_name_the_argument():
     x, mean, inv_std, gamma, beta = _case((3, 7), 11)
     with pytest.raises(ValueError, match="`gamma` must have shape \\[7\\]"):
-        custom_op.bn_relu_exact(x, mean, inv_std, tf.zeros([6]), beta)
+        kernels.bn_relu_exact(x, mean, inv_std, tf.zeros([6]), beta)
     with pytest.raises(ValueError, match="`beta` must have shape \\[7\\]"):
-        custom_op.relu_exact(x, gamma, tf.zeros([8]))
+        kernels.relu_exact(x, gamma, tf.zeros([8]))
     with pytest.raises(ValueError, match="`xhat` must have the shape of `g_a`"):
-        custom_op.bn_backward_exact(x, tf.zeros([3, 6]), gamma, beta, inv_std)
+        kernels.bn_backward_exact(x, tf.zeros([3, 6]), gamma, beta, inv_std)
     with pytest.raises(ValueError, match="rank >= 1"):
-        custom_op.relu_exact(tf.constant(1.0), gamma[:1], beta[:1])
+        kernels.relu_exact(tf.constant(1.0), gamma[:1], beta[:1])
 
 
 def test_empty_tensors():
     _, mean, inv_std, gamma, beta = _case((1, 3), 12)
     x = tf.zeros([0, 3])
-    a, xhat = custom_op.bn_relu_exact(x, mean, inv_std, gamma, beta)
+    a, xhat = kernels.bn_relu_exact(x, mean, inv_std, gamma, beta)
     assert a.shape == (0, 3) and xhat.shape == (0, 3)
-    assert custom_op.relu_exact(xhat, gamma, beta).shape == (0, 3)
-    g_x, d_gamma, d_beta = custom_op.bn_backward_exact(x, xhat, gamma, beta, inv_std)
+    assert kernels.relu_exact(xhat, gamma, beta).shape == (0, 3)
+    g_x, d_gamma, d_beta = kernels.bn_backward_exact(x, xhat, gamma, beta, inv_std)
     assert g_x.shape == (0, 3)
     np.testing.assert_array_equal(d_gamma, np.zeros(3))
     np.testing.assert_array_equal(d_beta, np.zeros(3))
@@ -209,9 +209,9 @@ def test_xla_uses_pure_tf():
 
     @tf.function(jit_compile=True)
     def run(x):
-        a, xhat = custom_op.bn_relu_exact(x, mean, inv_std, gamma, beta)
-        return (custom_op.relu_exact(xhat, gamma, beta),
-                *custom_op.bn_backward_exact(a, xhat, gamma, beta, inv_std))
+        a, xhat = kernels.bn_relu_exact(x, mean, inv_std, gamma, beta)
+        return (kernels.relu_exact(xhat, gamma, beta),
+                *kernels.bn_backward_exact(a, xhat, gamma, beta, inv_std))
 
     hlo = run.experimental_get_compiler_ir(x)(stage="hlo")
     assert "Blpa" not in hlo
@@ -227,7 +227,7 @@ def test_disabled_switch_gives_pure_tf(monkeypatch):
 
     @tf.function
     def run(x):
-        return custom_op.bn_relu_exact(x, mean, inv_std, gamma, beta)
+        return kernels.bn_relu_exact(x, mean, inv_std, gamma, beta)
 
     monkeypatch.setenv("KERAS_BLPA_DISABLE_CUSTOM_OPS", "1")
     graph = run.get_concrete_function(x).graph.as_graph_def()
@@ -248,11 +248,12 @@ def test_gpu_selftest_host_checks(tmp_path):
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc not installed")
-    source = Path(__file__).resolve().parent.parent / "custom_ops" / "gpu_selftest.cu"
+    sources = Path(__file__).resolve().parent.parent / "custom_ops"
     binary = tmp_path / "gpu_selftest"
     subprocess.run(
         [nvcc, "-std=c++17", "-O1", "--fmad=false", "-Xcompiler", "-ffp-contract=off",
-         "-arch=sm_75", "-o", str(binary), str(source)],
+         "-arch=sm_75", f"-I{sources}", "-o", str(binary),
+         str(sources / "cuda" / "gpu_selftest.cu")],
         check=True, capture_output=True, timeout=600,
     )
     result = subprocess.run([str(binary), "--host-only"], capture_output=True, text=True,

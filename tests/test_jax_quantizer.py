@@ -13,11 +13,11 @@ import pytest
 import tensorflow as tf
 from test_custom_op import SHAPES, _make_case
 
-from keras_blpa import custom_op, quantizer
+from keras_blpa.backend.tensorflow import kernels, quantizer
 
 jax = pytest.importorskip("jax")
 jnp = jax.numpy
-jq = pytest.importorskip("keras_blpa.jax_backend.quantizer")
+jq = pytest.importorskip("keras_blpa.backend.jax.quantizer")
 
 MODES = ["eager", "jit"]
 
@@ -74,8 +74,8 @@ def test_codes_and_activation_bit_exact(shape, bits, specials, slope, mode):
     assert packed.dtype == jnp.uint8
     np.testing.assert_array_equal(_np(packed), _np(packed_tf))
     _same_float(a, a_tf)
-    if custom_op.load() is not None:
-        _, packed_op = custom_op.bn_relu_encode(x, mean, inv_std, gamma, beta, params, bits, slope)
+    if kernels.load() is not None:
+        _, packed_op = kernels.bn_relu_encode(x, mean, inv_std, gamma, beta, params, bits, slope)
         np.testing.assert_array_equal(_np(packed), _np(packed_op))
 
     xhat, mask = _run(lambda p: jq.decode(p, jparams, shape, bits), mode)(packed)
@@ -124,17 +124,17 @@ def test_bn_backward_from_words_agrees_with_tensorflow(shape, bits, slope):
 def test_custom_calls_give_the_compiled_ops_bytes(shape, bits, specials, slope):
     """The JAX custom calls (`jax_backend.ffi`) against the TensorFlow op: the
     same encode bytes and ReLU output, the same rebuilt activation."""
-    ffi = pytest.importorskip("keras_blpa.jax_backend.ffi")
+    ffi = pytest.importorskip("keras_blpa.backend.jax.kernels")
     if "cpu" not in ffi.load():
         pytest.fail(f"the custom calls did not load: {ffi.load_error()}")
     per_sample = int(np.prod(shape[1:]))
     if bits == 4 and per_sample % 2:
         pytest.skip("odd codes per sample at 4 bits run on the jnp path")
-    if custom_op.load() is None:
-        pytest.fail(f"the TensorFlow op did not load: {custom_op.load_error()}")
+    if kernels.load() is None:
+        pytest.fail(f"the TensorFlow op did not load: {kernels.load_error()}")
     x, mean, inv_std, gamma, beta, params = _make_case(shape, bits, 5, specials)
-    a_op, packed_op = custom_op.bn_relu_encode(x, mean, inv_std, gamma, beta, params, bits, slope)
-    relu_op = custom_op.decode_relu(packed_op, params, gamma, beta, shape, bits, slope)
+    a_op, packed_op = kernels.bn_relu_encode(x, mean, inv_std, gamma, beta, params, bits, slope)
+    relu_op = kernels.decode_relu(packed_op, params, gamma, beta, shape, bits, slope)
     jparams = _jax_params(params)
     inputs = [jnp.asarray(_np(t)) for t in (x, mean, inv_std, gamma, beta)]
 

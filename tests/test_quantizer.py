@@ -1,4 +1,5 @@
-"""Property tests of the pure-TF sign-preserving quantizer (keras_blpa.quantizer)."""
+"""Property tests of the pure-TF sign-preserving quantizer
+(keras_blpa.backend.tensorflow.quantizer)."""
 
 import numpy as np
 import pytest
@@ -6,7 +7,8 @@ import tensorflow as tf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from keras_blpa import ops, quantizer
+from keras_blpa import ops
+from keras_blpa.backend.tensorflow import quantizer
 
 SETTINGS = settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_blpa import custom_op, quantizer, xla
+from keras_blpa.backend.tensorflow import kernels, quantizer, xla
 
 BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "quantizer_property.py"
 
@@ -29,7 +29,7 @@ def test_random_cases_hold_every_property(prop):
     `python benchmarks/quantizer_property.py --seed 1 --case N`."""
     summary = prop.run(200, seed=1, xla_every=20, verbose=False)
     assert summary["failed_cases"] == 0, summary["failures"][:5]
-    assert summary["op"] == custom_op.is_available()
+    assert summary["op"] == kernels.is_available()
     # The cases reach what they are meant to stress.
     t = summary["totals"]
     assert len(summary["kinds"]) == 4  # rank 2 and 4, 4 and 8 bits
@@ -121,7 +121,7 @@ def _threshold_case(channels: int = 64):
 def test_xla_words_hold_the_ops_codes_at_the_threshold(bits):
     x, mean, inv_std, gamma, beta = map(tf.constant, _threshold_case())
     params = quantizer.quantizer_params(gamma, beta, bits)
-    _, packed = custom_op.bn_relu_encode(x, mean, inv_std, gamma, beta, params, bits)
+    _, packed = kernels.bn_relu_encode(x, mean, inv_std, gamma, beta, params, bits)
     codes = quantizer.unpack(packed, x.shape, bits)
 
     @tf.function(jit_compile=True)

@@ -13,7 +13,7 @@ import tensorflow as tf
 from stock import cosine
 
 import keras_blpa
-from keras_blpa import quantizer, relu_unit
+from keras_blpa.backend.tensorflow import quantizer, relu_unit
 
 L = keras.layers
 COSINE_FLOOR = {8: 0.9995, 4: 0.99}

@@ -306,7 +306,7 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_blpa  # noqa: E402
-from keras_blpa import unit  # noqa: E402
+from keras_blpa.backend.tensorflow import unit  # noqa: E402
 
 
 @pytest.fixture(scope="module")

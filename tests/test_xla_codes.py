@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 import keras_blpa
-from keras_blpa import custom_op, quantizer, xla
+from keras_blpa.backend.tensorflow import kernels, quantizer, xla
 
 SHAPES = [(3, 13, 5, 7), (2, 8, 4, 3), (1, 1, 1, 1), (9, 6), (4, 5), (2, 3, 16)]
 
@@ -47,7 +47,7 @@ def test_xla_words_hold_the_ops_codes_bit_for_bit(bits):
     gamma = tf.constant([1.0, -0.5, 0.0, 2.0, 1e-6])
     beta = tf.constant([0.2, 0.1, 0.3, -9.0, 0.0])
     params = quantizer.quantizer_params(gamma, beta, bits)
-    a_ref, packed = custom_op.bn_relu_encode(x, mean, inv_std, gamma, beta, params, bits)
+    a_ref, packed = kernels.bn_relu_encode(x, mean, inv_std, gamma, beta, params, bits)
     flat_codes = quantizer.unpack(packed, x.shape, bits)
 
     @tf.function(jit_compile=True)

@@ -28,16 +28,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 LIB_NAME = "libblpa_ops.so"
+# Paths under custom_ops/: shared/ holds what the TF op and the JAX custom calls
+# share (the per-element math and the CPU loops), tensorflow/ the op, jax/ the
+# XLA FFI handlers, cuda/ the CUDA kernels. Includes are relative to custom_ops/.
 SOURCES = (
-    "blpa_ops.cc",
-    "blpa_kernels.cc",
-    "blpa_cpu.cc",
-    "blpa_cpu.h",
-    "blpa_kernels.h",
-    "blpa_kernels.cu.cc",
+    "tensorflow/blpa_ops.cc",
+    "tensorflow/blpa_kernels.cc",
+    "shared/blpa_cpu.cc",
+    "shared/blpa_cpu.h",
+    "shared/blpa_kernels.h",
+    "cuda/blpa_kernels.cu.cc",
 )
-CPU_SOURCES = ("blpa_ops.cc", "blpa_kernels.cc", "blpa_cpu.cc")
-CUDA_SOURCE = "blpa_kernels.cu.cc"
+CPU_SOURCES = ("tensorflow/blpa_ops.cc", "tensorflow/blpa_kernels.cc", "shared/blpa_cpu.cc")
+CUDA_SOURCE = "cuda/blpa_kernels.cu.cc"
 
 # -ffp-contract=off: no FMA, so results match the pure-TF quantizer bit for bit.
 # -fno-trapping-math lets GCC if-convert (vectorize) the selects; it changes no
@@ -189,7 +192,8 @@ def _run(cmd: list[str], log: list[str], verbose: bool) -> None:
 def _compile_cpu(src: Path, out: Path, log: list[str], verbose: bool) -> None:
     _, cflags, lflags = _tf_flags()
     cxx = os.environ.get("CXX", "g++")
-    cmd = [cxx, *cflags, *CXX_FLAGS, *(str(src / s) for s in CPU_SOURCES), "-o", str(out)]
+    cmd = [cxx, *cflags, f"-I{src}", *CXX_FLAGS, *(str(src / s) for s in CPU_SOURCES)]
+    cmd += ["-o", str(out)]
     _run([*cmd, *lflags], log, verbose)
 
 
@@ -205,7 +209,7 @@ def _compile_cuda(
     cxx = os.environ.get("CXX", "g++")
     # cudart is linked statically: the library loads on machines without CUDA
     # and does not depend on which libcudart TF itself loads.
-    cmd = [cxx, *cflags, "-DGOOGLE_CUDA=1", f"-I{root / 'include'}", *CXX_FLAGS]
+    cmd = [cxx, *cflags, f"-I{src}", "-DGOOGLE_CUDA=1", f"-I{root / 'include'}", *CXX_FLAGS]
     cmd += [*(str(src / s) for s in CPU_SOURCES), str(obj), "-o", str(out), *lflags]
     _run([*cmd, f"-L{lib_dir}", *CUDA_LINK], log, verbose)
 

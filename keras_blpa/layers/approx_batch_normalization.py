@@ -80,8 +80,7 @@ class ApproxBatchNormalization(keras.layers.BatchNormalization):
     def call(self, inputs, training=None, mask=None):
         if mask is not None or not (training and self.trainable):
             return super().call(inputs, training=training, mask=mask)
-        from keras_blpa import bn_unit
-
+        bn_unit = backend.module("bn_unit")
         dtype = keras.backend.standardize_dtype(inputs.dtype)
         if dtype not in _SUPPORTED_DTYPES:
             raise ValueError(

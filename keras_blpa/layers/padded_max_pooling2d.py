@@ -66,33 +66,9 @@ class PaddedMaxPooling2D(keras.layers.Layer):
         pass  # no weights
 
     def call(self, inputs):
-        import tensorflow as tf
-
-        from keras_blpa import xla
-
-        (top, bottom), (left, right) = self.padding
-        pads = [[0, 0], [top, bottom], [left, right], [0, 0]]
-        window, strides = [1, *self.pool_size, 1], [1, *self.strides, 1]
-
-        @tf.custom_gradient
-        def padded_max_pool(x):
-            y = tf.nn.max_pool2d(tf.pad(x, pads), window, strides, "VALID")
-
-            def grad(g):
-                # Gated on `g` so that no executor (and no XLA fusion) pads early,
-                # nor merges this pad with the forward's and keeps it alive.
-                with tf.control_dependencies([g]):
-                    padded = tf.pad(xla.after(x, g), pads)
-                g_padded = tf.raw_ops.MaxPoolGrad(
-                    orig_input=padded, orig_output=y, grad=g, ksize=window, strides=strides,
-                    padding="VALID",
-                )
-                height, width = tf.shape(g_padded)[1], tf.shape(g_padded)[2]
-                return g_padded[:, top:height - bottom, left:width - right, :]
-
-            return y, grad
-
-        return padded_max_pool(inputs)
+        return backend.module("pooling").padded_max_pool(
+            inputs, self.padding, self.pool_size, self.strides
+        )
 
     def compute_output_shape(self, input_shape):
         pad, pool = self._stock(self.padding, self.pool_size, self.strides)

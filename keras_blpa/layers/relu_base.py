@@ -21,7 +21,7 @@ class ReLUOnlyMixin:
     """ReLU -> linear on top of a fused BN layer class: the linear half of
     that class (weights, shapes, maps), without BatchNormalization.
 
-    In training the unit is `keras_blpa.relu_unit.relu_linear`, whose grid
+    In training the unit is `keras_blpa.backend.tensorflow.relu_unit.relu_linear`, whose grid
     comes from the batch's moments of the input; in inference, plain ops.
     """
 
@@ -60,8 +60,7 @@ class ReLUOnlyMixin:
             )
 
     def call(self, inputs, training=None):
-        from keras_blpa import relu_unit
-
+        relu_unit = backend.module("relu_unit")
         self._check_call_shape(inputs.shape)
         dtype = keras.backend.standardize_dtype(inputs.dtype)
         if dtype not in _SUPPORTED_DTYPES:

@@ -20,7 +20,7 @@ class ReLUConv2D(ReLUOnlyMixin, BNReLUConv2D):
 
     at full precision. For the backward pass the layer keeps only a
     `bits`-bit code of `z` on a per-channel grid set from the batch's own
-    moments (`keras_blpa.relu_unit`): its lowest edge one bin below 0, its
+    moments (`keras_blpa.backend.tensorflow.relu_unit`): its lowest edge one bin below 0, its
     top at `max(mean, 0) + window/2 * std`. The mask `z > 0` and an
     approximation of `a` are rebuilt from the codes. This is the ReLU after
     a post-activation ResNet's residual add (`Conv -> BN -> Add -> ReLU`),

@@ -14,7 +14,7 @@ class ReLUDense(ReLUOnlyMixin, BNReLUDense):
 
     Forward (training): `out = relu(z) @ kernel + bias` at full precision,
     keeping only a `bits`-bit code of `z` for the backward pass, on the
-    one-sided per-channel grid of `ReLUConv2D` (`keras_blpa.relu_unit`).
+    one-sided per-channel grid of `ReLUConv2D` (`keras_blpa.backend.tensorflow.relu_unit`).
     `pooling="avg"` global-average-pools a 4-D input first: the head of a
     post-activation ResNet (`Add -> ReLU -> GlobalAveragePooling2D ->
     Dense`). With `training=False`, exactly the stock layers.

@@ -1,4 +1,4 @@
-"""The XLA custom calls (`keras_blpa.jax_backend.ffi`) against the jnp quantizer.
+"""The XLA custom calls (`keras_blpa.backend.jax.kernels`) against the jnp quantizer.
 
 Both run here on CPU: the codes and every elementwise result are bit-exact
 (the handlers run the TensorFlow op's kernels; `tests/test_jax_quantizer.py`
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from keras_blpa.jax_backend import ffi, quantizer
+from keras_blpa.backend.jax import kernels, quantizer
 
 SHAPES = [(4, 5, 5, 8), (3, 7, 16), (6, 10)]
 
@@ -42,8 +42,8 @@ def _inputs(shape, seed=0, special=True):
 
 
 def test_the_library_builds_and_registers_for_cpu():
-    assert "cpu" in ffi.load(), ffi.load_error()
-    assert ffi.load_error() is None
+    assert "cpu" in kernels.load(), kernels.load_error()
+    assert kernels.load_error() is None
 
 
 @pytest.mark.parametrize("slope", [0.0, 0.2])
@@ -55,8 +55,8 @@ def test_encode_and_decode_are_bit_exact_with_the_jnp_quantizer(shape, bits, slo
 
     @jax.jit
     def both(x, mean, inv_std, gamma, beta):
-        a, codes = ffi.encode(x, mean, inv_std, gamma, beta, params, bits, None, slope)
-        decoded = ffi.decode_relu(codes, params, gamma, beta, shape, bits, None, slope, x)
+        a, codes = kernels.encode(x, mean, inv_std, gamma, beta, params, bits, None, slope)
+        decoded = kernels.decode_relu(codes, params, gamma, beta, shape, bits, None, slope, x)
         xhat, on, a_ref = quantizer.normalize_relu(x, mean, inv_std, gamma, beta, slope)
         codes_ref = quantizer.encode(xhat, on, params, bits)
         centres, mask = quantizer.decode(codes_ref, params, shape, bits)
@@ -82,17 +82,17 @@ def test_bn_backward_matches_the_jnp_quantizer(bits, slope):
     @jax.jit
     def both(x, g_a):
         if bits is None:
-            a, xhat = ffi.exact_forward(x, mean, inv_std, gamma, beta, slope)
-            rebuilt = ffi.exact_relu(xhat, gamma, beta, slope, g_a)
-            got = ffi.exact_bn_backward(g_a, xhat, gamma, beta, inv_std, slope)
+            a, xhat = kernels.exact_forward(x, mean, inv_std, gamma, beta, slope)
+            rebuilt = kernels.exact_relu(xhat, gamma, beta, slope, g_a)
+            got = kernels.exact_bn_backward(g_a, xhat, gamma, beta, inv_std, slope)
             xhat_ref, on, a_ref = quantizer.normalize_relu(x, mean, inv_std, gamma, beta, slope)
             want = quantizer.relu_bn_backward(
                 g_a, xhat_ref, quantizer.exact_mask(xhat_ref, gamma, beta), gamma, inv_std,
                 slope)
             rebuilt_ref = quantizer.relu_exact(xhat_ref, gamma, beta, slope)
             return (a, rebuilt, xhat), (a_ref, rebuilt_ref, xhat_ref), got, want
-        _, codes = ffi.encode(x, mean, inv_std, gamma, beta, params, bits, None, slope)
-        got = ffi.decode_bn_backward(g_a, codes, params, gamma, inv_std, bits, None, slope)
+        _, codes = kernels.encode(x, mean, inv_std, gamma, beta, params, bits, None, slope)
+        got = kernels.decode_bn_backward(g_a, codes, params, gamma, inv_std, bits, None, slope)
         xhat, on, _ = quantizer.normalize_relu(x, mean, inv_std, gamma, beta, slope)
         words = quantizer.pack_words(quantizer.encode_codes(xhat, on, params, bits), bits)
         want = quantizer.decode_bn_backward(g_a, words, params, gamma, inv_std, bits, slope)
@@ -107,7 +107,7 @@ def test_bn_backward_matches_the_jnp_quantizer(bits, slope):
 
 
 def _step_text(bits):
-    from keras_blpa.jax_backend import linear, unit
+    from keras_blpa.backend.jax import linear, unit
 
     shape = (4, 6, 6, 8)
     x, _, _, gamma, beta = _inputs(shape, special=False)
@@ -144,10 +144,10 @@ def test_the_unit_runs_custom_calls_unless_disabled(bits, monkeypatch):
 
 def test_odd_samples_at_four_bits_stay_on_the_jnp_path(monkeypatch):
     monkeypatch.setenv("KERAS_BLPA_JAX_CUSTOM_CALLS", "1")
-    assert ffi.usable((4, 3, 3, 5), 4) is False  # 45 codes a sample: half a byte
-    assert ffi.usable((4, 3, 3, 5), 8) is True
-    assert ffi.usable((4, 3, 3, 6), 4) is True
-    assert ffi.usable((0, 4), 4) is False
+    assert kernels.usable((4, 3, 3, 5), 4) is False  # 45 codes a sample: half a byte
+    assert kernels.usable((4, 3, 3, 5), 8) is True
+    assert kernels.usable((4, 3, 3, 6), 4) is True
+    assert kernels.usable((0, 4), 4) is False
 
 
 def test_a_missing_library_warns_once_and_falls_back_to_jnp(tmp_path):
@@ -197,12 +197,12 @@ def test_handlers_reject_bad_attributes():
 
 def test_the_switch_picks_where_custom_calls_run(monkeypatch):
     monkeypatch.delenv("KERAS_BLPA_JAX_CUSTOM_CALLS", raising=False)
-    assert ffi.enabled("cpu") and not ffi.enabled("gpu") and not ffi.enabled("tpu")
-    assert ffi.usable((4, 3, 3, 6), 4) is True  # CPU: on by default
+    assert kernels.enabled("cpu") and not kernels.enabled("gpu") and not kernels.enabled("tpu")
+    assert kernels.usable((4, 3, 3, 6), 4) is True  # CPU: on by default
     monkeypatch.setenv("KERAS_BLPA_JAX_CUSTOM_CALLS", "1")
-    assert ffi.enabled("gpu")
+    assert kernels.enabled("gpu")
     monkeypatch.setenv("KERAS_BLPA_JAX_CUSTOM_CALLS", "0")
-    assert not ffi.enabled("cpu") and ffi.usable((4, 3, 3, 6), 4) is False
+    assert not kernels.enabled("cpu") and kernels.usable((4, 3, 3, 6), 4) is False
     monkeypatch.setenv("KERAS_BLPA_JAX_CUSTOM_CALLS", "sometimes")
     with pytest.raises(ValueError, match="KERAS_BLPA_JAX_CUSTOM_CALLS='sometimes'.*use 1"):
-        ffi.enabled("cpu")
+        kernels.enabled("cpu")

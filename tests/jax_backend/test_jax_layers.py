@@ -16,7 +16,7 @@ import pytest
 from stock import StockUnit, cosine, fused_weights, randomize_bn
 
 import keras_blpa
-from keras_blpa.jax_backend import quantizer as jq
+from keras_blpa.backend.jax import quantizer as jq
 
 CONV_CASES = {
     "same3x3": dict(filters=6, kernel_size=3),

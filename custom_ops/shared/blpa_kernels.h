@@ -1,7 +1,7 @@
 // Per-element arithmetic of the BLPA quantizer, shared by the CPU kernels, the
 // CUDA kernels and gpu_selftest.cu so that every backend runs the same code.
 //
-// It must stay bit-exact with keras_blpa/quantizer.py: every float operation
+// It must stay bit-exact with keras_blpa/backend/tensorflow/quantizer.py: every float operation
 // is float32, in the same order, separately rounded. Build with
 // -ffp-contract=off (g++) and --fmad=false (nvcc) so no FMA is formed.
 //

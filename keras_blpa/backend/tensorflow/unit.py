@@ -13,7 +13,8 @@ from typing import Protocol
 import numpy as np
 import tensorflow as tf
 
-from keras_blpa import custom_op, grid, quantizer, xla
+from keras_blpa import grid
+from keras_blpa.backend.tensorflow import kernels, quantizer, xla
 
 try:  # Internal API, used only to save memory in eager mode.
     from tensorflow.python.eager import record as _record
@@ -110,7 +111,7 @@ def bn_relu_linear(
                 x32, mean, inv_std, gamma, beta, cap
             )
         elif bits is None:
-            a, saved = custom_op.bn_relu_exact(
+            a, saved = kernels.bn_relu_exact(
                 x32, mean, inv_std, gamma, beta, negative_slope=slope
             )
         else:
@@ -149,7 +150,7 @@ def bn_relu_linear(
                 if bits is None and cap is not None:
                     a_approx = quantizer.relu_exact_capped(saved_now, gamma, beta, cap)
                 elif bits is None:
-                    a_approx = custom_op.relu_exact(
+                    a_approx = kernels.relu_exact(
                         saved_now, gamma, beta, negative_slope=slope
                     )
                 else:
@@ -181,7 +182,7 @@ def bn_relu_linear(
                         inv_std,
                     )
                 elif bits is None:
-                    g_x, d_gamma, d_beta = custom_op.bn_backward_exact(
+                    g_x, d_gamma, d_beta = kernels.bn_backward_exact(
                         g_a, saved_now, gamma, beta, inv_std, negative_slope=slope
                     )
                 else:
@@ -354,7 +355,7 @@ class _Codes:
     def encode(self, x32, mean, inv_std, gamma, beta) -> tuple[tf.Tensor, tf.Tensor]:
         """`(a, codes)`: the exact ReLU output and the packed codes."""
         if not self.words:
-            return custom_op.bn_relu_encode(
+            return kernels.bn_relu_encode(
                 x32, mean, inv_std, gamma, beta, self.params, self.bits,
                 negative_slope=self.slope, cap=self.cap,
             )
@@ -372,7 +373,7 @@ class _Codes:
 
     def decode_relu(self, codes, gamma, beta) -> tf.Tensor:
         if not self.words:
-            return custom_op.decode_relu(
+            return kernels.decode_relu(
                 codes, self.params, gamma, beta, self.shape, self.bits,
                 negative_slope=self.slope, cap=self.cap,
             )
@@ -388,14 +389,14 @@ class _Codes:
     def decode(self, codes) -> tuple[tf.Tensor, tf.Tensor]:
         """`(xhat, mask)`, float32 and bool of the input's shape."""
         if not self.words:
-            return custom_op.decode(codes, self.params, self.shape, self.bits, cap=self.cap)
+            return kernels.decode(codes, self.params, self.shape, self.bits, cap=self.cap)
         if self.cap is not None:
             return self._decode_capped_words(codes)[:2]
         return quantizer.decode_words(codes, self.params, self.shape, self.bits)
 
     def decode_bn_backward(self, g_a, codes, gamma, inv_std):
         if not self.words:
-            return custom_op.decode_bn_backward(
+            return kernels.decode_bn_backward(
                 g_a, codes, self.params, gamma, inv_std, self.bits,
                 negative_slope=self.slope, cap=self.cap,
             )

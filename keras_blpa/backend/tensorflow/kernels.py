@@ -2,7 +2,7 @@
 
 The library (sources in `custom_ops/`) is built on first use by
 `keras_blpa.build_ops` and loaded once. The wrappers here have exactly the
-signatures and results of the same-named functions in `keras_blpa.quantizer`
+signatures and results of the same-named functions in `keras_blpa.backend.tensorflow.quantizer`
 (bit for bit, except `decode_bn_backward`, whose per-channel sums are
 accumulated in double and so agree with TF's float reductions only to float
 rounding), and use that pure-TF code whenever the op cannot be used:
@@ -36,8 +36,9 @@ from types import ModuleType
 import numpy as np
 import tensorflow as tf
 
-from keras_blpa import build_ops, quantizer, xla
-from keras_blpa.quantizer import CapParams, QuantParams
+from keras_blpa import build_ops
+from keras_blpa.backend.tensorflow import quantizer, xla
+from keras_blpa.backend.tensorflow.quantizer import CapParams, QuantParams
 
 _lock = threading.Lock()
 _tried = False

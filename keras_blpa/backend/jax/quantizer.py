@@ -1,12 +1,12 @@
-"""The sign-preserving quantizer in jnp: the JAX twin of `keras_blpa.quantizer`.
+"""The sign-preserving quantizer in jnp: the JAX twin of `keras_blpa.backend.tensorflow.quantizer`.
 
 The same float32 arithmetic in the same order as the TensorFlow quantizer
 (and the compiled op), so that both give the same codes for the same inputs;
 `tests/test_jax_backend.py` checks that bit for bit. The grid and its
-guarantees are documented in `keras_blpa.quantizer`; its settings come from
+guarantees are documented in `keras_blpa.backend.tensorflow.quantizer`; its settings come from
 `keras_blpa.grid`. Two layouts hold the same codes: the flat bytes of `pack`
 (the public format) and the uint32 words of `pack_words` (what a unit keeps
-under `jax.jit`, see `keras_blpa.quantizer` on the word layout).
+under `jax.jit`, see `keras_blpa.backend.tensorflow.quantizer` on the word layout).
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ def rounded(product):
 
 def quantizer_params(gamma, beta, bits: int, window: float | None = None,
                      max_value: float | None = None) -> QuantParams:
-    """The threshold-aligned grid of each channel (`keras_blpa.quantizer.quantizer_params`)."""
+    """The threshold-aligned grid of each channel
+    (`backend.tensorflow.quantizer.quantizer_params`)."""
     window = resolve_window(bits, window)
     n = float(1 << bits)
     w = bin_width(bits, window)
@@ -69,7 +70,7 @@ def quantizer_params(gamma, beta, bits: int, window: float | None = None,
 
 def cap_params(gamma, beta, params: QuantParams, bits: int, max_value: float) -> CapParams:
     """The grid's edge at a capped ReLU's second kink
-    (`keras_blpa.quantizer.cap_params`)."""
+    (`backend.tensorflow.quantizer.cap_params`)."""
     cap = resolve_max_value(max_value)
     n = float(1 << bits)
     w = bin_width(bits, params.window)
@@ -121,7 +122,7 @@ def centres_and_mask(codes, params: QuantParams, bits: int):
 
 def centres_and_masks_capped(codes, params: QuantParams, cap: CapParams, bits: int):
     """`(xhat, mask, saturated)` of a capped ReLU
-    (`keras_blpa.quantizer.centres_and_masks_capped`)."""
+    (`backend.tensorflow.quantizer.centres_and_masks_capped`)."""
     xhat, on = centres_and_mask(codes, params, bits)
     saturated = (codes.astype(jnp.float32) >= cap.kc) != (cap.flip > 0.5)
     return xhat, on & ~saturated, saturated
@@ -129,7 +130,7 @@ def centres_and_masks_capped(codes, params: QuantParams, cap: CapParams, bits: i
 
 def normalize_relu_capped(x, mean, inv_std, gamma, beta, max_value: float):
     """`(xhat, on, saturated, a)` of a capped ReLU
-    (`keras_blpa.quantizer.normalize_relu_capped`)."""
+    (`backend.tensorflow.quantizer.normalize_relu_capped`)."""
     xhat = rounded((x - mean) * inv_std)
     y = rounded(xhat * gamma) + beta
     return xhat, y > 0.0, y >= max_value, _capped(y, max_value)
@@ -162,13 +163,13 @@ def quantize_relu_capped(x, mean, inv_std, gamma, beta, params: QuantParams, cap
 
 def relu_from_decoded_capped(xhat, mask, saturated, gamma, beta, max_value: float):
     """The capped ReLU output rebuilt from the decoded masks
-    (`keras_blpa.quantizer.relu_from_decoded_capped`)."""
+    (`backend.tensorflow.quantizer.relu_from_decoded_capped`)."""
     y = jnp.minimum(rounded(xhat * gamma) + beta, max_value)
     return jnp.where(saturated, max_value, jnp.where(mask, y, 0.0))
 
 
 def pack(codes, bits: int):
-    """Flat uint8 bytes, as `keras_blpa.quantizer.pack` (4 bits: element 2j low)."""
+    """Flat uint8 bytes, as `backend.tensorflow.quantizer.pack` (4 bits: element 2j low)."""
     flat = codes.astype(jnp.uint8).reshape(-1)
     if bits == 8:
         return flat
@@ -186,13 +187,13 @@ def unpack(packed, shape, bits: int):
 
 
 def encode(xhat, on, params: QuantParams, bits: int):
-    """Quantizes and packs into flat bytes (`keras_blpa.quantizer.encode`)."""
+    """Quantizes and packs into flat bytes (`backend.tensorflow.quantizer.encode`)."""
     check_bits(bits, allow_none=False)
     return pack(encode_codes(xhat, on, params, bits), bits)
 
 
 def decode(packed, params: QuantParams, shape, bits: int):
-    """`(xhat, mask)` from flat bytes (`keras_blpa.quantizer.decode`)."""
+    """`(xhat, mask)` from flat bytes (`backend.tensorflow.quantizer.decode`)."""
     check_bits(bits, allow_none=False)
     return centres_and_mask(unpack(packed, tuple(shape), bits), params, bits)
 
@@ -204,7 +205,7 @@ def _along(axis: int, rank: int, values):
 
 
 def pack_words(codes, bits: int):
-    """uint32 words along `word_axis` (`keras_blpa.quantizer.pack_words`).
+    """uint32 words along `word_axis` (`backend.tensorflow.quantizer.pack_words`).
 
     The windows are or-ed by one reduce-window: XLA:CPU never loop-fuses a
     reduce-window into a later consumer, so the words are a buffer of their
@@ -273,7 +274,7 @@ def quantize_relu(x, mean, inv_std, gamma, beta, params, bits: int, negative_slo
 
 def relu_bn_backward(g_a, xhat, mask, gamma, inv_std, negative_slope: float = 0.0):
     """`(g_x, d_gamma, d_beta)` of `a = relu(gamma * xhat + beta)` with batch
-    statistics (`keras_blpa.quantizer.relu_bn_backward`)."""
+    statistics (`backend.tensorflow.quantizer.relu_bn_backward`)."""
     axes = tuple(range(g_a.ndim - 1))
     count = float(np.prod(g_a.shape[:-1]))
     g_y = leaky(g_a, mask, negative_slope)

@@ -1,10 +1,10 @@
 """The BLPA kernels as XLA custom calls (`jax.ffi`), with jnp as the fallback.
 
-The handlers (`custom_ops/jax_ffi.cc`) run the TensorFlow op's own CPU loops
+The handlers (`custom_ops/jax/jax_ffi.cc`) run the TensorFlow op's own CPU loops
 and CUDA kernels, so their codes are the op's, bit for bit. The library is
 built on first use (`keras_blpa.build_ops.jax_library`) and loaded once; each
 handler is registered for "cpu" and, when the library has CUDA kernels, for
-"CUDA" under one target name. The unit (`keras_blpa.jax_backend.unit`) uses
+"CUDA" under one target name. The unit (`keras_blpa.backend.jax.unit`) uses
 them where `usable` says so, and the jnp quantizer everywhere else (TPU,
 ROCm) and whenever the library is unavailable:
 

@@ -1,6 +1,6 @@
 """The BN -> ReLU -> linear unit on JAX: BLPA's backward as a `jax.custom_vjp`.
 
-The JAX twin of `keras_blpa.unit`, with the same signature and results. The
+The JAX twin of `keras_blpa.backend.tensorflow.unit`, with the same signature and results. The
 forward runs at full precision; the residuals that `jax.jit` keeps from the
 forward for the backward are the unit's packed codes (uint32 words, see
 `quantizer.pack_words`), or `xhat` itself with `bits=None`, plus per-channel
@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from keras_blpa.backend.jax import kernels, quantizer, xla
 from keras_blpa.grid import resolve_max_value
-from keras_blpa.jax_backend import ffi, quantizer, xla
 
 
 class LinearMap(Protocol):
@@ -62,7 +62,7 @@ def bn_relu_linear(
 ):
     """Training-mode forward of BN (batch statistics) -> ReLU -> linear.
 
-    Arguments and results as `keras_blpa.unit.bn_relu_linear`. `synchronized`
+    Arguments and results as `keras_blpa.backend.tensorflow.unit.bn_relu_linear`. `synchronized`
     changes nothing here: under `jax.jit` the batch moments are those of the
     whole (global) batch, also when `keras.distribution.DataParallel` shards
     it over devices (XLA inserts the all-reduce), which is what the flag asks.
@@ -78,7 +78,7 @@ def bn_relu_linear(
     # branches cannot), the jnp quantizer elsewhere.
     cap = resolve_max_value(max_value, slope)
     # Capped units run the jnp quantizer: the custom calls have no cap yet.
-    custom = cap is None and ffi.usable(shape, bits)
+    custom = cap is None and kernels.usable(shape, bits)
 
     def grid_of(gamma, beta):
         if bits is None:
@@ -98,13 +98,13 @@ def bn_relu_linear(
         if custom:
             # Opaque to fusion: the codes are the only full-size residual.
             if bits is None:
-                a, saved = ffi.exact_forward(x32, mean, inv_std, gamma, beta, slope)
+                a, saved = kernels.exact_forward(x32, mean, inv_std, gamma, beta, slope)
             else:
-                a, saved = ffi.encode(x32, mean, inv_std, gamma, beta, params, bits, window,
-                                      slope)
+                a, saved = kernels.encode(x32, mean, inv_std, gamma, beta, params, bits,
+                                          window, slope)
                 if naive:
-                    decoded = ffi.decode_relu(saved, params, gamma, beta, shape, bits, window,
-                                              slope, x32)
+                    decoded = kernels.decode_relu(saved, params, gamma, beta, shape, bits,
+                                                  window, slope, x32)
                     a = decoded + 0.0 * a
         elif cap is not None:
             xhat, on, saturated, a = quantizer.normalize_relu_capped(
@@ -147,8 +147,8 @@ def bn_relu_linear(
                 *decoded_capped(saved, params, caps), gamma, beta, cap)
         if custom:
             if bits is None:
-                return ffi.exact_relu(saved, gamma, beta, slope, gate)
-            return ffi.decode_relu(saved, params, gamma, beta, shape, bits, window, slope, gate)
+                return kernels.exact_relu(saved, gamma, beta, slope, gate)
+            return kernels.decode_relu(saved, params, gamma, beta, shape, bits, window, slope, gate)
         if bits is None:
             return quantizer.relu_exact(saved, gamma, beta, slope)
         xhat, mask = quantizer.decode_words(saved, params, shape, bits)
@@ -157,8 +157,9 @@ def bn_relu_linear(
     def bn_backward(g_a, saved, params, caps, gamma, beta, inv_std):
         if custom:
             if bits is None:
-                return ffi.exact_bn_backward(g_a, saved, gamma, beta, inv_std, slope)
-            return ffi.decode_bn_backward(g_a, saved, params, gamma, inv_std, bits, window, slope)
+                return kernels.exact_bn_backward(g_a, saved, gamma, beta, inv_std, slope)
+            return kernels.decode_bn_backward(g_a, saved, params, gamma, inv_std, bits, window,
+                                              slope)
         # The second decode waits for g_a, so that it does not live beside
         # the first one while the linear map's gradients run.
         saved = xla.after(saved, g_a)
@@ -273,7 +274,7 @@ def bn_relu_linear_inference(
     name: str = "bn_relu_linear",
 ) -> list:
     """Forward with given statistics: plain jnp, plain autodiff (as
-    `keras_blpa.unit.bn_relu_linear_inference`)."""
+    `keras_blpa.backend.tensorflow.unit.bn_relu_linear_inference`)."""
     del name
     x32 = x.astype(jnp.float32)
     inv_std = jax.lax.rsqrt(variance + epsilon)

@@ -1,7 +1,7 @@
-"""XLA structure helpers for the JAX unit (twins of `keras_blpa.xla`).
+"""XLA structure helpers for the JAX unit (twins of `keras_blpa.backend.tensorflow.xla`).
 
 Under `jax.jit` everything is XLA, so unlike TensorFlow no context detection
-is needed: these always apply. See `keras_blpa.xla` for why each one exists.
+is needed: these always apply. See `keras_blpa.backend.tensorflow.xla` for why each one exists.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@
 //
 // Build and run (nvcc 13, any GPU of sm_75 or newer; -arch=native picks it):
 //   nvcc -std=c++17 -O3 --fmad=false -Xcompiler -ffp-contract=off
-//        -arch=native -o gpu_selftest custom_ops/gpu_selftest.cu && ./gpu_selftest
+//        -arch=native -Icustom_ops -o gpu_selftest custom_ops/cuda/gpu_selftest.cu && ./gpu_selftest
 // Prints "N passed, M failed"; exits 1 on any mismatch, 2 if CUDA fails.
 // `--host-only` runs just the host-vs-spec checks (no GPU needed); `--large`
 // adds a case per bit width past 2^31 elements (64-bit indices; ~40 GB of GPU
@@ -40,7 +40,7 @@
 #include <string>
 #include <vector>
 
-#include "blpa_kernels.cu.cc"
+#include "cuda/blpa_kernels.cu.cc"
 
 namespace {
 

@@ -1,6 +1,6 @@
 """The linear maps of the fused units on JAX: Conv2D and Dense.
 
-The JAX twins of `keras_blpa.linear`, with the same constructor arguments.
+The JAX twins of `keras_blpa.backend.tensorflow.linear`, with the same constructor arguments.
 A map only computes its forward, `outputs = W(a)`; the unit differentiates it
 with `jax.vjp` inside its custom backward, where it is linear in `a` and in
 the weights, so XLA keeps only the transposed convolutions and never reruns

@@ -13,7 +13,7 @@
 #include <cstdint>
 #include <functional>
 
-#include "blpa_kernels.h"
+#include "shared/blpa_kernels.h"
 
 namespace blpa {
 

@@ -1,7 +1,7 @@
 // Op registrations for the BLPA quantizer (kernels in blpa_kernels.cc).
 //
-// Semantics are those of keras_blpa/quantizer.py; the Python wrappers live in
-// keras_blpa/custom_op.py. The ops that produce an activation or a backward
+// Semantics are those of keras_blpa/backend/tensorflow/quantizer.py; the Python wrappers live in
+// keras_blpa/backend/tensorflow/kernels.py. The ops that produce an activation or a backward
 // take `negative_slope` (the leaky ReLU's, >= 0 and finite; the default 0 is
 // the ReLU, so graphs and saved models from before the attr stay valid).
 // Per-channel tensors have shape [C], C being the last (channel) axis of the

@@ -11,7 +11,7 @@
 
 #include <cstdint>
 
-#include "blpa_kernels.h"
+#include "shared/blpa_kernels.h"
 
 namespace blpa {
 namespace {

@@ -18,8 +18,8 @@
 #include <functional>
 #include <vector>
 
-#include "blpa_cpu.h"
-#include "blpa_kernels.h"
+#include "shared/blpa_cpu.h"
+#include "shared/blpa_kernels.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/framework/tensor_shape.h"

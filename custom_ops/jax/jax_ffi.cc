@@ -28,8 +28,8 @@
 #include <mutex>
 #include <string>
 
-#include "blpa_cpu.h"
-#include "blpa_kernels.h"
+#include "shared/blpa_cpu.h"
+#include "shared/blpa_kernels.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace blpa {

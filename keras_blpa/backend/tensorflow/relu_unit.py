@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from keras_blpa import grid, quantizer, xla
-from keras_blpa.unit import LinearMap, _Codes, _first_order_only
+from keras_blpa import grid
+from keras_blpa.backend.tensorflow import quantizer, xla
+from keras_blpa.backend.tensorflow.unit import LinearMap, _Codes, _first_order_only
 
 try:  # Internal API, used only to save memory in eager mode (as in `unit`).
     from tensorflow.python.eager import record as _record

@@ -3,14 +3,14 @@
 A map computes `outputs = W(a)` and its two gradients (`unit.LinearMap`); the
 backward uses TF's conv backprop ops, so it never reruns the forward
 convolution. The layers describe the map (`BNReLUConv2D._linear_map`); the
-JAX backend has its own maps (`keras_blpa.jax_backend.linear`).
+JAX backend has its own maps (`keras_blpa.backend.jax.linear`).
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
 
-from keras_blpa import xla
+from keras_blpa.backend.tensorflow import xla
 
 
 class Conv2DMap:

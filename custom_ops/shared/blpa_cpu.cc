@@ -1,6 +1,6 @@
 // The CPU kernels of the BLPA quantizer (see blpa_cpu.h).
 
-#include "blpa_cpu.h"
+#include "shared/blpa_cpu.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -8,7 +8,7 @@
 #include <functional>
 #include <vector>
 
-#include "blpa_kernels.h"
+#include "shared/blpa_kernels.h"
 
 namespace blpa {
 namespace {
