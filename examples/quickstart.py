@@ -14,6 +14,7 @@ and `summary.json` go to `runs/quickstart/` (git-ignored; `--out` moves them).
     python examples/quickstart.py
     python examples/quickstart.py --dataset fashion_mnist_subset   # the shipped subset
     python examples/quickstart.py --dataset cifar10 --depth 56 --epochs 10
+    python examples/quickstart.py --seeds 3      # the spread over seeds too
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from keras_blpa import datasets, profiling, training  # noqa: E402
@@ -59,7 +61,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-size", type=training.non_negative_int, default=12000,
                    help="training images used (Fashion-MNIST; 0 = all)")
     p.add_argument("--lr", type=training.positive_float, default=0.1)
-    p.add_argument("--seed", type=training.non_negative_int, default=0)
+    p.add_argument("--seed", type=training.non_negative_int, default=0,
+                   help="first seed (initial weights and data order; default 0)")
+    p.add_argument("--seeds", type=training.positive_int, default=1,
+                   help="seeds trained per variant, from --seed up (default 1); with more "
+                   "than one the report gives the spread over seeds")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     p.add_argument("--memory-repeats", type=training.positive_int, default=3,
                    help="fresh processes per memory figure; the lowest is reported (default 3)")
@@ -82,18 +88,25 @@ def load(args: argparse.Namespace) -> dict:
         x, x_test = (x - mean) / std, (x_test - mean) / std
         used = f"{len(x):,} of {available:,} training images" if len(x) < available else (
             f"all {available:,} training images")
-        # Reshuffled every epoch, like fit(x, y, shuffle=True).
-        train = (tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=args.seed)
-                 .batch(args.batch_size).prefetch(tf.data.AUTOTUNE))
+
+        def train(seed: int) -> tf.data.Dataset:
+            # Reshuffled every epoch, like fit(x, y, shuffle=True); a new
+            # pipeline per run, so that runs of one seed see the same order.
+            return (tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed)
+                    .batch(args.batch_size).prefetch(tf.data.AUTOTUNE))
+
         test = tf.data.Dataset.from_tensor_slices((x_test, y_test)).batch(256)
         return dict(
-            train=train, test=test, classes=10, shape=x.shape[1:],
+            train=train, test=test, labels=y_test, same_order=True, classes=10,
+            shape=x.shape[1:],
             steps=math.ceil(len(x) / args.batch_size),
             line=f"{description}: {used}, {len(x_test):,} test images",
         )
     train, test, classes = datasets.cifar(args.dataset, args.batch_size)
+    labels = np.concatenate([y.numpy() for _, y in test])
     return dict(
-        train=train, test=test, classes=classes, shape=(32, 32, 3),
+        train=lambda seed: train, test=test, labels=labels, same_order=False,
+        classes=classes, shape=(32, 32, 3),
         steps=50_000 // args.batch_size,
         line=f"{args.dataset} (tfds): 50,000 training images, 10,000 test images",
     )
@@ -103,42 +116,70 @@ def label_of(variant: str) -> str:
     return EXACT if variant == "none" else f"BLPA {variant}-bit"
 
 
+def prepare_op() -> str:
+    """Builds (once, cached) and loads the compiled op before anything is timed."""
+    from keras_blpa import ops
+    from keras_blpa.backend.tensorflow import kernels
+
+    start = time.time()
+    implementation = ops.implementation()
+    seconds = time.time() - start
+    if implementation == "custom_op":
+        return f"Compiled op: loaded in {seconds:.0f} s (built once per TensorFlow version, cached)"
+    return (f"Compiled op: unavailable ({kernels.load_error() or 'disabled'}); "
+            "the 4/8-bit runs use the pure-TF quantizer, the same codes, slower")
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    print(prepare_op(), flush=True)
     data = load(args)
     shape = data["shape"]
+    seeds = list(range(args.seed, args.seed + args.seeds))
     print(f"Data: {data['line']}, {'x'.join(map(str, shape))}")
     print(f"Model: pre-activation ResNet-{args.depth}, width {args.width:g}; {args.epochs} "
-          f"epochs of {data['steps']} steps at batch {args.batch_size}; "
+          f"epochs of {data['steps']} steps at batch {args.batch_size}; seed"
+          f"{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}; "
           f"logs in {args.out}/", flush=True)
     variants = [str(b) for b in dict.fromkeys(args.bits)] + ([] if args.no_exact else ["none"])
     summary = {"dataset": data["line"], "depth": args.depth, "width": args.width,
-               "epochs": args.epochs, "variants": {}}
+               "epochs": args.epochs, "seeds": seeds, "variants": {}}
+    correct = {}  # (label, seed) -> which test images the model got right
     for variant in variants:
-        keras.utils.set_random_seed(args.seed)
-        model = preact_resnet_cifar(args.depth, width=args.width, classes=data["classes"],
-                                    input_shape=shape, **profiling.variant_options(variant))
-        training.compile_for_training(model, data["steps"], args.epochs, base_lr=args.lr)
         label = label_of(variant)
-        print(f"\n== Training {label}: {model.count_params():,} parameters "
-              "(the first step includes tracing)", flush=True)
-        start = time.time()
-        log = training.callbacks(os.path.join(args.out, f"train_{variant}.csv"),
-                                 progress_seconds=args.progress_seconds)
-        # The test set is evaluated once, after training: per-epoch validation
-        # on Fashion-MNIST's 10,000 test images cost ~10 s per epoch and was
-        # followed by a 20-40 s stall before the next epoch's first step.
-        # shuffle=False: both pipelines shuffle themselves (fit's own shuffle
-        # applies to arrays only, and warns for datasets).
-        model.fit(data["train"], epochs=args.epochs, callbacks=log, verbose=2, shuffle=False)
-        _, accuracy = model.evaluate(data["test"], verbose=0)
+        runs = []
+        for seed in seeds:
+            keras.utils.set_random_seed(seed)
+            model = preact_resnet_cifar(args.depth, width=args.width, classes=data["classes"],
+                                        input_shape=shape, **profiling.variant_options(variant))
+            training.compile_for_training(model, data["steps"], args.epochs, base_lr=args.lr)
+            print(f"\n== Training {label}, seed {seed}: {model.count_params():,} parameters "
+                  "(the first step includes tracing)", flush=True)
+            suffix = "" if len(seeds) == 1 else f"_seed{seed}"
+            log = training.callbacks(os.path.join(args.out, f"train_{variant}{suffix}.csv"),
+                                     progress_seconds=args.progress_seconds)
+            start = time.time()
+            # The test set is evaluated once, after training: per-epoch validation
+            # on Fashion-MNIST's 10,000 test images cost ~10 s per epoch and was
+            # followed by a 20-40 s stall before the next epoch's first step.
+            # shuffle=False: the pipeline shuffles itself (fit's own shuffle
+            # applies to arrays only, and warns for datasets).
+            model.fit(data["train"](seed), epochs=args.epochs, callbacks=log, verbose=2,
+                      shuffle=False)
+            seconds = time.time() - start
+            predicted = np.argmax(model.predict(data["test"], verbose=0), axis=-1)
+            correct[label, seed] = predicted == data["labels"]
+            runs.append((float(correct[label, seed].mean()), seconds))
         summary["variants"][label] = {
-            "test_accuracy": float(accuracy),
-            "train_seconds": time.time() - start,
+            "test_accuracy": float(np.mean([accuracy for accuracy, _ in runs])),
+            "test_accuracy_runs": [accuracy for accuracy, _ in runs],
+            "train_seconds": float(np.mean([seconds for _, seconds in runs])),
             # Exact: the fused layers' input shapes times the bytes per element.
             "saved_mib_per_sample": profiling.saved_bytes_per_sample(model) / 2**20,
         }
+    if not args.no_exact:
+        summary["comparison"] = compare(correct, seeds, data["same_order"])
     if args.depth < PROJECTION_DEPTH:
         summary["projection"] = project(args, shape, data["classes"], variants)
     if not args.no_memory:
@@ -147,6 +188,53 @@ def main(argv: list[str] | None = None) -> dict:
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
+
+
+def compare(correct: dict, seeds: list[int], same_order: bool) -> dict:
+    """Each BLPA variant's test accuracy minus exact's, paired seed by seed
+    (same initial weights and data order) and image by image.
+
+    `test_half_width_95` is how far the difference could move from which test
+    images were drawn alone (1.96 standard errors of the mean of the per-image
+    differences); `seed_range` is the spread over seeds, training noise,
+    which that interval does not include.
+    """
+    out = {}
+    for label in {label for label, _ in correct} - {EXACT}:
+        per_image = np.concatenate([
+            correct[label, seed].astype(float) - correct[EXACT, seed] for seed in seeds])
+        by_seed = [float(np.mean(correct[label, seed]) - np.mean(correct[EXACT, seed]))
+                   for seed in seeds]
+        out[label] = {
+            "difference": float(per_image.mean()),
+            "test_half_width_95": float(1.96 * per_image.std(ddof=1) / np.sqrt(len(per_image))),
+            "by_seed": by_seed,
+            "test_images": len(correct[EXACT, seeds[0]]),
+            "same_data_order": same_order,
+        }
+    return out
+
+
+def comparison_lines(comparison: dict) -> list[str]:
+    """What the paired comparison can and cannot show, in words."""
+    lines = []
+    for label, c in sorted(comparison.items()):
+        seeds = len(c["by_seed"])
+        paired = "same initial weights" + (" and data order" if c["same_data_order"] else "")
+        line = (f"{label} - exact: {c['difference']:+.3f} test accuracy "
+                f"({seeds} seed{'s' if seeds > 1 else ''}, paired: {paired}, the same "
+                f"{c['test_images']:,} test images). The choice of test images alone moves "
+                f"this by up to +-{c['test_half_width_95']:.3f} (95%)")
+        if seeds > 1:
+            line += (f"; over seeds it ranged from {min(c['by_seed']):+.3f} to "
+                     f"{max(c['by_seed']):+.3f}.")
+        else:
+            line += ("; training noise adds to that and one seed cannot measure it: "
+                     "--seeds 3 gives the spread over seeds.")
+        if abs(c["difference"]) <= c["test_half_width_95"]:
+            line += " Within that range, this run cannot tell the two apart."
+        lines.append(line)
+    return lines
 
 
 def project(args: argparse.Namespace, shape, classes: int, variants: list[str]) -> dict:
@@ -222,6 +310,8 @@ def report(summary: dict) -> str:
         versus += [f"{stock / mem:.1f}x less than stock Keras layers"] if stock else []
         if versus:
             rows.append(f"{label}: {', '.join(versus)}.")
+    if summary.get("comparison"):
+        rows += comparison_lines(summary["comparison"])
     if measured:
         rows.append(f"Measured: {summary.get('memory_method', '')}.")
     projection = summary.get("projection")

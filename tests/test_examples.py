@@ -317,3 +317,31 @@ def test_build_ops_runs_as_a_module_without_runpy_warning():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "usage: python -m keras_blpa.build_ops" in result.stdout
+
+
+def test_quickstart_comparison_is_paired_and_says_what_it_cannot_show(load_example):
+    import numpy as np
+
+    quickstart = load_example("quickstart")
+    exact = np.arange(1000) < 600
+    blpa = exact.copy()
+    blpa[:30] = False  # 30 right -> wrong
+    blpa[600:610] = True  # 10 wrong -> right
+    c = quickstart.compare({("BLPA 4-bit", 0): blpa, (quickstart.EXACT, 0): exact}, [0], True)
+    c = c["BLPA 4-bit"]
+    per_image = blpa.astype(float) - exact
+    assert c["difference"] == pytest.approx(-0.02)
+    assert c["test_half_width_95"] == pytest.approx(1.96 * per_image.std(ddof=1) / np.sqrt(1000))
+    (line,) = quickstart.comparison_lines({"BLPA 4-bit": c})
+    assert "-0.020 test accuracy (1 seed, paired: same initial weights and data order" in line
+    assert "--seeds 3" in line and "cannot tell" not in line  # 0.020 > 0.012
+
+    even = exact.copy()
+    even[:10], even[600:610] = False, True
+    two = quickstart.compare({("BLPA 4-bit", 0): even, (quickstart.EXACT, 0): exact,
+                              ("BLPA 4-bit", 1): blpa, (quickstart.EXACT, 1): exact}, [0, 1],
+                             False)
+    (line,) = quickstart.comparison_lines(two)
+    assert two["BLPA 4-bit"]["by_seed"] == pytest.approx([0.0, -0.02])
+    assert "2 seeds, paired: same initial weights," in line
+    assert "over seeds it ranged from -0.020 to +0.000" in line
