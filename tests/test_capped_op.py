@@ -142,10 +142,10 @@ def test_the_op_checks_its_cap_inputs(op_lib):
                                    max_value=float("nan"))
     with pytest.raises(ValueError, match="negative_slope"):
         kernels.bn_relu_encode(x, mean, inv_std, gamma, beta, params, 4,
-                                 negative_slope=0.1, cap=caps)
+                               negative_slope=0.1, cap=caps)
     with pytest.raises(ValueError, match=r"`cap.kc` must have shape \[16\]"):
         kernels.decode(tf.zeros([64], tf.uint8), params, [8, 16], 4,
-                         cap=caps._replace(kc=caps.kc[:3]))
+                       cap=caps._replace(kc=caps.kc[:3]))
 
 
 def test_a_capped_layer_runs_the_op_and_matches_pure_tf(op_lib, monkeypatch):

@@ -122,11 +122,11 @@ def test_bn_backward_from_words_agrees_with_tensorflow(shape, bits, slope):
 @pytest.mark.parametrize("shape", [s for s in SHAPES if len(s) > 1 and s[0] > 1],
                          ids=lambda s: "x".join(map(str, s)))
 def test_custom_calls_give_the_compiled_ops_bytes(shape, bits, specials, slope):
-    """The JAX custom calls (`jax_backend.ffi`) against the TensorFlow op: the
+    """The JAX custom calls (`backend.jax.kernels`) against the TensorFlow op: the
     same encode bytes and ReLU output, the same rebuilt activation."""
-    ffi = pytest.importorskip("keras_blpa.backend.jax.kernels")
-    if "cpu" not in ffi.load():
-        pytest.fail(f"the custom calls did not load: {ffi.load_error()}")
+    kernels = pytest.importorskip("keras_blpa.backend.jax.kernels")
+    if "cpu" not in kernels.load():
+        pytest.fail(f"the custom calls did not load: {kernels.load_error()}")
     per_sample = int(np.prod(shape[1:]))
     if bits == 4 and per_sample % 2:
         pytest.skip("odd codes per sample at 4 bits run on the jnp path")
@@ -140,8 +140,9 @@ def test_custom_calls_give_the_compiled_ops_bytes(shape, bits, specials, slope):
 
     @jax.jit
     def run(x, mean, inv_std, gamma, beta):
-        a, codes = ffi.encode(x, mean, inv_std, gamma, beta, jparams, bits, params.window, slope)
-        relu = ffi.decode_relu(codes, jparams, gamma, beta, shape, bits, params.window, slope, x)
+        window = params.window
+        a, codes = kernels.encode(x, mean, inv_std, gamma, beta, jparams, bits, window, slope)
+        relu = kernels.decode_relu(codes, jparams, gamma, beta, shape, bits, window, slope, x)
         return a, codes, relu
 
     a, codes, relu = run(*inputs)

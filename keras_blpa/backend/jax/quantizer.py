@@ -2,7 +2,7 @@
 
 The same float32 arithmetic in the same order as the TensorFlow quantizer
 (and the compiled op), so that both give the same codes for the same inputs;
-`tests/test_jax_backend.py` checks that bit for bit. The grid and its
+`tests/test_jax_quantizer.py` checks that bit for bit. The grid and its
 guarantees are documented in `keras_blpa.backend.tensorflow.quantizer`; its settings come from
 `keras_blpa.grid`. Two layouts hold the same codes: the flat bytes of `pack`
 (the public format) and the uint32 words of `pack_words` (what a unit keeps

@@ -7,7 +7,7 @@ forward for the backward are the unit's packed codes (uint32 words, see
 vectors and the weights. The backward rebuilds the ReLU output and the mask
 from the codes and differentiates the linear map with `jax.vjp`.
 
-On CPU and CUDA the kernels are XLA custom calls (`ffi`): the TensorFlow op's
+On CPU and CUDA the kernels are XLA custom calls (`kernels`): the TensorFlow op's
 own kernels, opaque to fusion, so only the codes live from the forward into
 the backward; each decode takes a scalar of its upstream gradient as an
 operand, so that XLA cannot run it early. Elsewhere (TPU), or without the
