@@ -1,0 +1,186 @@
+"""The gradient BLPA is meant to compute, from the codes a layer saved.
+
+For a `BN -> ReLU -> linear` unit that is: stock autodiff of the linear map
+(float64 Keras layers with the fused layer's weights) at the activation
+rebuilt from the codes, the forward pass's exact ReLU mask, and BN's
+backward with the decoded `xhat` in place of the exact one. The codes are
+unpacked and decoded here in float64 NumPy, independently of the library's
+decoders; only the grid's per-channel parameters (`quantizer_params`, a
+function of gamma and beta alone) come from the library.
+
+`check_codes` checks what the codes must hold (every mask bit exact, every
+value inside the grid within half a bin); `check_gradients` compares a
+layer's gradients with the oracle's by relative error (norm of the
+difference over the norm of the oracle's gradient).
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from keras_blpa import grid
+
+
+def unpack(saved: np.ndarray, shape: tuple[int, ...], bits: int, words: bool) -> np.ndarray:
+    """Integer codes of `shape` from flat bytes (`pack`: element 2j in the
+    low nibble) or from uint32 words (`pack_words`: element i of the word
+    axis in word i // k, at bit (i % k) * bits)."""
+    saved = np.asarray(saved)
+    if not words:
+        flat = saved.astype(np.uint8).reshape(-1)
+        if bits == 4:
+            flat = np.stack([flat & 15, flat >> 4], axis=1).reshape(-1)
+        return flat[: int(np.prod(shape))].reshape(shape).astype(np.int64)
+    per_word = 32 // bits
+    axis = grid.word_axis(len(shape))
+    words_arr = np.moveaxis(saved.astype(np.uint64), axis, 0)
+    parts = [(words_arr >> (bits * j)) & ((1 << bits) - 1) for j in range(per_word)]
+    # Element i = word * per_word + j.
+    codes = np.stack(parts, axis=1).reshape(-1, *words_arr.shape[1:])[: shape[axis]]
+    return np.moveaxis(codes, 0, axis).astype(np.int64)
+
+
+def decode(codes: np.ndarray, params, bits: int, cap=None):
+    """`(xhat, on, saturated)` in float64: bin centres, the ReLU mask `y > 0`
+    and (with a cap) the saturated mask `y >= max_value`."""
+    lo, k, flip = (np.asarray(p, np.float64) for p in params[:3])
+    width = grid.bin_width(bits, params.window)
+    xhat = lo + (codes + 0.5) * width
+    on = (codes >= k) != (flip > 0.5)
+    saturated = np.zeros_like(on)
+    if cap is not None:
+        saturated = (codes >= np.asarray(cap.kc)) != (np.asarray(cap.flip) > 0.5)
+    return xhat, on, saturated
+
+
+def exact_forward(x: np.ndarray, gamma, beta, epsilon: float, max_value=None):
+    """Float64 batch normalization and masks of the exact forward pass."""
+    x = np.asarray(x, np.float64)
+    axes = tuple(range(x.ndim - 1))
+    mean, var = x.mean(axes), x.var(axes)
+    inv_std = 1.0 / np.sqrt(var + epsilon)
+    xhat = (x - mean) * inv_std
+    y = np.asarray(gamma, np.float64) * xhat + np.asarray(beta, np.float64)
+    saturated = np.zeros_like(y, bool) if max_value is None else y >= max_value
+    return xhat, inv_std, y, y > 0, saturated
+
+
+def check_codes(codes, params, bits: int, x, gamma, beta, epsilon: float, cap=None) -> None:
+    """Every mask bit rebuilt from the codes equals the exact forward's (away
+    from float rounding at the kinks), and every value inside the grid decodes
+    within half a bin (1.5 bins where a cap's edge clamps it)."""
+    max_value = None if cap is None else cap.max_value
+    xhat, _, y, on, saturated = exact_forward(x, gamma, beta, epsilon, max_value)
+    decoded, on_codes, sat_codes = decode(codes, params, bits, cap)
+    clear = np.abs(y) > 1e-5
+    if cap is not None:
+        clear &= np.abs(y - max_value) > 1e-5
+    bad_mask = clear & ((on_codes != on) | (sat_codes != saturated))
+    assert not bad_mask.any(), f"{bad_mask.sum()} mask bits wrong of {bad_mask.size}"
+    width = grid.bin_width(bits, params.window)
+    lo = np.asarray(params.lo, np.float64)
+    inside = (xhat > lo + 1e-4) & (xhat < lo + (1 << bits) * width - 1e-4)
+    bound = (0.5 if cap is None else 1.5) * width + 1e-4
+    error = np.where(inside, np.abs(decoded - xhat), 0.0)
+    assert error.max() <= bound, f"decoded {error.max() / width:.2f} bins from xhat"
+
+
+def _stock_linear(layer) -> tuple[list, keras.Layer]:
+    """Float64 stock layers computing the fused layer's linear map, with its weights."""
+    config = layer.get_config()
+    maps = []
+    if "filters" in config:
+        padding = config["padding"]
+        pad = None
+        if not isinstance(padding, str):
+            pad, padding = keras.layers.ZeroPadding2D(padding, dtype="float64"), "valid"
+        conv = keras.layers.Conv2D(
+            config["filters"], config["kernel_size"], config["strides"], padding,
+            dilation_rate=config["dilation_rate"], groups=config["groups"],
+            use_bias=config["use_bias"], dtype="float64",
+        )
+        maps.append(([pad] if pad else []) + [conv])
+        weights = [layer.kernel] + ([layer.bias] if config["use_bias"] else [])
+        params = [(conv, weights)]
+        if config["projection_filters"]:
+            projection = keras.layers.Conv2D(
+                config["projection_filters"], 1, config["projection_strides"], "valid",
+                use_bias=False, dtype="float64",
+            )
+            maps.append([projection])
+            params.append((projection, [layer.projection_kernel]))
+    else:
+        dense = keras.layers.Dense(config["units"], use_bias=config["use_bias"],
+                                   dtype="float64")
+        pool = [keras.layers.GlobalAveragePooling2D(dtype="float64")] if (
+            config["pooling"] == "avg") else []
+        maps.append(pool + [dense])
+        params = [(dense, [layer.kernel] + ([layer.bias] if config["use_bias"] else []))]
+    return maps, params
+
+
+def bn_unit_gradients(layer, x, upstream: list, codes, params, bits: int, cap=None) -> list:
+    """The oracle's `[d_x, d_gamma, d_beta, *d_linear_weights]` for a fused BN
+    unit `layer` (trainable weights in `layer.trainable_weights` order) at
+    input `x`, given the upstream gradients of its outputs and its codes."""
+    import tensorflow as tf
+
+    gamma = np.asarray(layer.gamma, np.float64)
+    beta = np.asarray(layer.beta, np.float64)
+    slope = float(np.float32(layer.negative_slope))
+    max_value = None if cap is None else cap.max_value
+    _, inv_std, _, on, saturated = exact_forward(x, gamma, beta, layer.epsilon, max_value)
+    xhat_dec, _, _ = decode(codes, params, bits, cap)
+    y_dec = gamma * xhat_dec + beta
+    if cap is None:
+        a_dec = np.where(on, y_dec, slope * y_dec)
+        d_a_d_y = np.where(on, 1.0, slope)
+    else:
+        a_dec = np.where(saturated, max_value, np.where(on, np.minimum(y_dec, max_value), 0.0))
+        d_a_d_y = (on & ~saturated).astype(np.float64)
+    # Stock autodiff of the linear map at the rebuilt activation.
+    maps, owners = _stock_linear(layer)
+    a = tf.constant(a_dec)
+    for chain in maps:
+        chain_input = keras.Input(a.shape[1:], dtype="float64")
+        out = chain_input
+        for sub in chain:
+            out = sub(out)
+    for owner, weights in owners:
+        owner.set_weights([np.asarray(w, np.float64) for w in weights])
+    variables = [w for owner, _ in owners for w in owner.trainable_weights]
+    with tf.GradientTape() as tape:
+        tape.watch(a)
+        loss = 0.0
+        for chain, g in zip(maps, upstream):
+            out = a
+            for sub in chain:
+                out = sub(out)
+            loss += tf.reduce_sum(out * tf.constant(np.asarray(g, np.float64)))
+    d_a, *d_weights = tape.gradient(loss, [a, *variables])
+    # BN's backward with the decoded xhat, the exact mask.
+    g_y = d_a.numpy() * d_a_d_y
+    axes = tuple(range(g_y.ndim - 1))
+    d_beta = g_y.sum(axes)
+    d_gamma = (g_y * xhat_dec).sum(axes)
+    d_x = gamma * inv_std * (g_y - g_y.mean(axes) - xhat_dec * (g_y * xhat_dec).mean(axes))
+    by_name = {"gamma": d_gamma, "beta": d_beta}
+    linear = [d.numpy() for d in d_weights]
+    linear_names = [w.path for w in _linear_variables(layer)]
+    by_name.update(zip(linear_names, linear))
+    ordered = [by_name[w.name] if w.name in ("gamma", "beta") else by_name[w.path]
+               for w in layer.trainable_weights]
+    return [d_x, *ordered]
+
+
+def _linear_variables(layer) -> list:
+    weights = [layer.kernel] + ([layer.bias] if layer.use_bias else [])
+    if getattr(layer, "projection_filters", None):
+        weights.append(layer.projection_kernel)
+    return weights
+
+
+def relative_errors(actual: list, expected: list) -> list[float]:
+    return [float(np.linalg.norm(np.asarray(a, np.float64) - e) / np.linalg.norm(e))
+            for a, e in zip(actual, expected)]

@@ -1,0 +1,160 @@
+"""BLPA's gradients against an exact oracle (`tests/gradient_oracle.py`) on
+TensorFlow: the codes each layer saved, decoded independently in float64,
+give the gradient BLPA is meant to compute; the layer's must equal it to
+float32 rounding, on the compiled op, pure TF and XLA. The last tests show
+that the comparison fails on a decoder one bin off and on one wrong mask bit.
+"""
+
+import gradient_oracle as oracle
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_blpa import BNReLUConv2D, BNReLUDense
+from keras_blpa.backend.tensorflow import quantizer, unit
+
+# float32 against float64: measured at most 5e-7 over these cases (every path),
+# while a decoder one bin off, or one wrong mask bit of 2,048, gives 1e-2 or
+# more (`test_the_oracle_fails_on_a_broken_decoder`).
+TOLERANCE = 1e-5
+
+
+@pytest.fixture
+def saved_codes(monkeypatch):
+    """The `(codes, params, cap, words)` of every unit encoded while it is active."""
+    captured = []
+    encode = unit._Codes.encode
+
+    def recording(self, *args):
+        a, saved = encode(self, *args)
+        captured.append((saved, self.params, self.cap, self.words))
+        return a, saved
+
+    monkeypatch.setattr(unit._Codes, "encode", recording)
+    return captured
+
+
+def _layer_gradients(layer, x, upstream, saved_codes, mode: str):
+    """The layer's gradients (input first, then its trainable weights) and the
+    codes it saved, eagerly, in a tf.function, or XLA-compiled."""
+
+    def step(x, *upstream):
+        del saved_codes[:]
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            outputs = layer(x, training=True)
+            outputs = outputs if isinstance(outputs, list) else [outputs]
+            loss = sum(tf.reduce_sum(o * g) for o, g in zip(outputs, upstream))
+        grads = tape.gradient(loss, [x, *layer.trainable_weights])
+        saved, params, cap, _ = saved_codes[0]
+        grid_tensors = [params.lo, params.k, params.flip]
+        if cap is not None:
+            grid_tensors += [cap.kc, cap.flip]
+        return grads, saved, grid_tensors
+
+    if mode != "eager":
+        step = tf.function(step, jit_compile=mode == "xla")
+    grads, codes, grid_tensors = step(tf.constant(x), *[tf.constant(g) for g in upstream])
+    _, params, cap, words = saved_codes[0]
+    values = [np.asarray(t) for t in grid_tensors]
+    params = params._replace(lo=values[0], k=values[1], flip=values[2])
+    if cap is not None:
+        cap = cap._replace(kc=values[3], flip=values[4])
+    return [g.numpy() for g in grads], codes.numpy(), params, cap, words
+
+
+def _random_layer(layer, x_shape, seed=0):
+    rng = np.random.default_rng(seed)
+    x = (rng.normal(size=x_shape) * 2.0 + 0.5).astype("float32")
+    layer.build(x_shape)
+    channels = x_shape[-1]
+    # Thresholds spread over the window, both signs of gamma, one channel
+    # always on (threshold far below the window).
+    gamma = rng.uniform(0.5, 1.5, channels) * rng.choice([-1.0, 1.0], channels)
+    beta = rng.normal(size=channels)
+    beta[0], gamma[0] = 8.0, 1.0
+    layer.gamma.assign(gamma.astype("float32"))
+    layer.beta.assign(beta.astype("float32"))
+    outputs = layer(tf.constant(x), training=False)
+    outputs = outputs if isinstance(outputs, list) else [outputs]
+    upstream = [rng.normal(size=o.shape).astype("float32") for o in outputs]
+    return x, upstream
+
+
+def _check(layer, x, upstream, saved_codes, mode):
+    grads, codes, params, cap, words = _layer_gradients(layer, x, upstream, saved_codes, mode)
+    q = oracle.unpack(codes, x.shape, layer.bits, words)
+    oracle.check_codes(q, params, layer.bits, x, layer.gamma, layer.beta, layer.epsilon, cap)
+    expected = oracle.bn_unit_gradients(layer, x, upstream, q, params, layer.bits, cap)
+    errors = oracle.relative_errors(grads, expected)
+    names = ["input"] + [w.name for w in layer.trainable_weights]
+    assert max(errors) < TOLERANCE, dict(zip(names, errors))
+    return errors
+
+
+LAYERS = {
+    "conv": lambda bits: BNReLUConv2D(6, 3, bits=bits),
+    "conv_strided_valid": lambda bits: BNReLUConv2D(5, 3, strides=2, padding="valid",
+                                                    bits=bits),
+    "conv_projection": lambda bits: BNReLUConv2D(6, 3, strides=2, projection_filters=4,
+                                                 projection_strides=2, bits=bits),
+    "conv_leaky": lambda bits: BNReLUConv2D(6, 3, bits=bits, negative_slope=0.1),
+    "conv_capped": lambda bits: BNReLUConv2D(6, 3, bits=bits, max_value=1.5),
+    "dense_pooled": lambda bits: BNReLUDense(7, pooling="avg", bits=bits),
+}
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+@pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
+def test_bn_units_compute_blpas_gradient(kind, bits, mode, implementation, saved_codes):
+    layer = LAYERS[kind](bits)
+    x, upstream = _random_layer(layer, (4, 8, 8, 8))
+    _check(layer, x, upstream, saved_codes, mode)
+
+
+def test_dense_unit_on_a_matrix(implementation, saved_codes):
+    layer = BNReLUDense(5, bits=4)
+    x, upstream = _random_layer(layer, (64, 12))
+    _check(layer, x, upstream, saved_codes, "eager")
+
+
+def _broken_decoder(monkeypatch, how: str):
+    original = quantizer._centres_and_mask
+
+    def broken(codes, params, bits):
+        xhat, mask = original(codes, params, bits)
+        if how == "one_bin_off":
+            return xhat + quantizer.bin_width(bits, params.window), mask
+        flat = tf.reshape(mask, [-1])
+        flat = tf.tensor_scatter_nd_update(flat, [[5]], tf.logical_not(flat[5:6]))
+        return xhat, tf.reshape(flat, tf.shape(mask))
+
+    monkeypatch.setattr(quantizer, "_centres_and_mask", broken)
+
+
+@pytest.mark.parametrize("how", ["one_bin_off", "one_mask_bit"])
+def test_the_oracle_fails_on_a_broken_decoder(how, monkeypatch, saved_codes):
+    monkeypatch.setenv("KERAS_BLPA_DISABLE_CUSTOM_OPS", "1")  # the pure-TF decoder
+    layer = LAYERS["conv"](4)
+    x, upstream = _random_layer(layer, (4, 8, 8, 8))
+    errors = _check(layer, x, upstream, saved_codes, "eager")  # intact: passes
+    _broken_decoder(monkeypatch, how)
+    with pytest.raises(AssertionError, match="input"):
+        _check(layer, x, upstream, saved_codes, "eager")
+    assert max(errors) < TOLERANCE
+
+
+def test_the_code_check_fails_on_an_encoder_one_bin_off(monkeypatch, saved_codes):
+    monkeypatch.setenv("KERAS_BLPA_DISABLE_CUSTOM_OPS", "1")
+    original = quantizer.encode_codes
+
+    def shifted(*args, **kwargs):
+        codes = original(*args, **kwargs)
+        return tf.clip_by_value(codes + 1.0, 0.0, 15.0)
+
+    monkeypatch.setattr(quantizer, "encode_codes", shifted)
+    layer = LAYERS["conv"](4)
+    x, upstream = _random_layer(layer, (4, 8, 8, 8))
+    with pytest.raises(AssertionError, match="mask bits wrong|bins from xhat"):
+        _check(layer, x, upstream, saved_codes, "eager")
