@@ -124,8 +124,6 @@ def bn_unit_gradients(layer, x, upstream: list, codes, params, bits: int, cap=No
     """The oracle's `[d_x, d_gamma, d_beta, *d_linear_weights]` for a fused BN
     unit `layer` (trainable weights in `layer.trainable_weights` order) at
     input `x`, given the upstream gradients of its outputs and its codes."""
-    import tensorflow as tf
-
     gamma = np.asarray(layer.gamma, np.float64)
     beta = np.asarray(layer.beta, np.float64)
     slope = float(np.float32(layer.negative_slope))
@@ -139,39 +137,74 @@ def bn_unit_gradients(layer, x, upstream: list, codes, params, bits: int, cap=No
     else:
         a_dec = np.where(saturated, max_value, np.where(on, np.minimum(y_dec, max_value), 0.0))
         d_a_d_y = (on & ~saturated).astype(np.float64)
-    # Stock autodiff of the linear map at the rebuilt activation.
-    maps, owners = _stock_linear(layer)
-    a = tf.constant(a_dec)
-    for chain in maps:
-        chain_input = keras.Input(a.shape[1:], dtype="float64")
-        out = chain_input
-        for sub in chain:
-            out = sub(out)
-    for owner, weights in owners:
-        owner.set_weights([np.asarray(w, np.float64) for w in weights])
-    variables = [w for owner, _ in owners for w in owner.trainable_weights]
-    with tf.GradientTape() as tape:
-        tape.watch(a)
-        loss = 0.0
-        for chain, g in zip(maps, upstream):
-            out = a
-            for sub in chain:
-                out = sub(out)
-            loss += tf.reduce_sum(out * tf.constant(np.asarray(g, np.float64)))
-    d_a, *d_weights = tape.gradient(loss, [a, *variables])
+    d_a, linear = linear_vjp(layer, a_dec, upstream)
     # BN's backward with the decoded xhat, the exact mask.
-    g_y = d_a.numpy() * d_a_d_y
+    g_y = d_a * d_a_d_y
     axes = tuple(range(g_y.ndim - 1))
     d_beta = g_y.sum(axes)
     d_gamma = (g_y * xhat_dec).sum(axes)
     d_x = gamma * inv_std * (g_y - g_y.mean(axes) - xhat_dec * (g_y * xhat_dec).mean(axes))
     by_name = {"gamma": d_gamma, "beta": d_beta}
-    linear = [d.numpy() for d in d_weights]
     linear_names = [w.path for w in _linear_variables(layer)]
     by_name.update(zip(linear_names, linear))
     ordered = [by_name[w.name] if w.name in ("gamma", "beta") else by_name[w.path]
                for w in layer.trainable_weights]
     return [d_x, *ordered]
+
+
+def linear_vjp(layer, a: np.ndarray, upstream: list) -> tuple[np.ndarray, list]:
+    """Stock float64 autodiff of the fused layer's linear map at the activation
+    `a`: `(d_a, d_linear_weights)`, the weights in `_linear_variables` order."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        # jax >= 0.7: `jax.enable_x64(True)`; before: `jax.experimental.enable_x64()`.
+        x64 = jax.enable_x64(True) if hasattr(jax, "enable_x64") else (
+            jax.experimental.enable_x64())
+        with x64:
+            return _linear_vjp(layer, a, upstream)
+    return _linear_vjp(layer, a, upstream)
+
+
+def _linear_vjp(layer, a: np.ndarray, upstream: list) -> tuple[np.ndarray, list]:
+    maps, owners = _stock_linear(layer)
+    for chain in maps:
+        out = keras.Input(a.shape[1:], dtype="float64")
+        for sub in chain:
+            out = sub(out)
+    for owner, weights in owners:
+        owner.set_weights([np.asarray(w, np.float64) for w in weights])
+    variables = [w for owner, _ in owners for w in owner.trainable_weights]
+    cotangents = [np.asarray(g, np.float64) for g in upstream]
+
+    def outputs(a, values):
+        mapping = dict(zip((id(v) for v in variables), values))
+        results = []
+        for chain in maps:
+            out = a
+            for sub in chain:
+                own = [mapping[id(v)] for v in sub.trainable_weights]
+                out, _ = sub.stateless_call(own, [], out)
+            results.append(out)
+        return results
+
+    values = [np.asarray(v, np.float64) for v in variables]
+    if keras.backend.backend() == "jax":
+        import jax
+
+        _, vjp = jax.vjp(outputs, np.asarray(a, np.float64), values)
+        d_a, d_weights = vjp(cotangents)
+    else:
+        import tensorflow as tf
+
+        a_t = tf.constant(a, tf.float64)
+        values_t = [tf.constant(v) for v in values]
+        with tf.GradientTape() as tape:
+            tape.watch([a_t, *values_t])
+            loss = sum(tf.reduce_sum(o * g) for o, g in zip(outputs(a_t, values_t),
+                                                              cotangents))
+        d_a, *d_weights = tape.gradient(loss, [a_t, *values_t])
+    return np.asarray(d_a, np.float64), [np.asarray(d, np.float64) for d in d_weights]
 
 
 def _linear_variables(layer) -> list:
