@@ -217,3 +217,59 @@ def _linear_variables(layer) -> list:
 def relative_errors(actual: list, expected: list) -> list[float]:
     return [float(np.linalg.norm(np.asarray(a, np.float64) - e) / np.linalg.norm(e))
             for a, e in zip(actual, expected)]
+
+
+def _by_path(layer, gradients: dict) -> list:
+    """`gradients` (keyed by variable path) in `layer.trainable_weights` order."""
+    return [gradients[w.path] for w in layer.trainable_weights]
+
+
+def relu_unit_gradients(layer, z, upstream: list, codes, params, bits: int,
+                        encoder_gamma, encoder_beta) -> list:
+    """The oracle's `[d_z, *d_weights]` for a ReLU -> linear unit (no BN):
+    the activation rebuilt from the codes (`encoder_gamma * xhat +
+    encoder_beta` is `z` on its one-sided grid, `relu_unit.relu_grid`), the
+    exact mask `z > 0`. With `return_activation`, the last upstream gradient
+    is that of the exact `relu(z)` output."""
+    z = np.asarray(z, np.float64)
+    on = z > 0
+    xhat_dec, _, _ = decode(codes, params, bits)
+    z_dec = np.asarray(encoder_gamma, np.float64) * xhat_dec + np.asarray(encoder_beta,
+                                                                         np.float64)
+    a_dec = np.where(on, z_dec, 0.0)
+    linear_upstream = upstream[:-1] if layer.return_activation else upstream
+    d_a, d_weights = linear_vjp(layer, a_dec, linear_upstream)
+    if layer.return_activation:
+        d_a = d_a + np.asarray(upstream[-1], np.float64)
+    paths = [w.path for w in _linear_variables(layer)]
+    return [d_a * on, *_by_path(layer, dict(zip(paths, d_weights)))]
+
+
+def check_relu_codes(codes, params, bits: int, z, encoder_gamma, encoder_beta) -> None:
+    """The ReLU unit's codes: the mask `z > 0` exact (away from float
+    rounding at 0), every `z` of the grid's range within half a bin."""
+    z = np.asarray(z, np.float64)
+    xhat_dec, on_codes, _ = decode(codes, params, bits)
+    scale = np.asarray(encoder_gamma, np.float64)  # z units per xhat unit
+    z_dec = scale * xhat_dec + np.asarray(encoder_beta, np.float64)
+    top = np.asarray(encoder_beta, np.float64) + scale * (
+        np.asarray(params.lo, np.float64) + (1 << bits) * grid.bin_width(bits, params.window))
+    clear = np.abs(z) > 1e-5 * np.maximum(top, 1.0)
+    bad = clear & (on_codes != (z > 0))
+    assert not bad.any(), f"{bad.sum()} mask bits wrong of {bad.size}"
+    width = grid.bin_width(bits, params.window) * scale
+    inside = (z > 0) & (z < top - 1e-4)
+    error = np.where(inside, np.abs(z_dec - z) / width, 0.0)
+    assert error.max() <= 0.5 + 1e-3, f"decoded {error.max():.2f} bins from z"
+
+
+def approx_bn_gradients(layer, x, upstream, codes, params, bits: int) -> list:
+    """The oracle's `[d_x, d_gamma, d_beta]` for `ApproxBatchNormalization`:
+    BN's backward with `xhat` decoded from the codes (its centred grid)."""
+    gamma = np.asarray(layer.gamma, np.float64)
+    _, inv_std, _, _, _ = exact_forward(x, gamma, np.zeros_like(gamma), layer.epsilon)
+    xhat_dec, _, _ = decode(codes, params, bits)
+    g = np.asarray(upstream[0], np.float64)
+    axes = tuple(range(g.ndim - 1))
+    d_x = gamma * inv_std * (g - g.mean(axes) - xhat_dec * (g * xhat_dec).mean(axes))
+    return [d_x, (g * xhat_dec).sum(axes), g.sum(axes)]

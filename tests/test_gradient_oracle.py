@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_blpa import BNReLUConv2D, BNReLUDense
+from keras_blpa import ApproxBatchNormalization, BNReLUConv2D, BNReLUDense, ReLUConv2D, ReLUDense
 from keras_blpa.backend.tensorflow import quantizer, unit
 
 # float32 against float64: measured at most 5e-7 over these cases (every path),
@@ -25,9 +25,9 @@ def saved_codes(monkeypatch):
     captured = []
     encode = unit._Codes.encode
 
-    def recording(self, *args):
-        a, saved = encode(self, *args)
-        captured.append((saved, self.params, self.cap, self.words))
+    def recording(self, x32, mean, inv_std, gamma, beta):
+        a, saved = encode(self, x32, mean, inv_std, gamma, beta)
+        captured.append((saved, self.params, self.cap, self.words, (gamma, beta)))
         return a, saved
 
     monkeypatch.setattr(unit._Codes, "encode", recording)
@@ -46,8 +46,8 @@ def _layer_gradients(layer, x, upstream, saved_codes, mode: str):
             outputs = outputs if isinstance(outputs, list) else [outputs]
             loss = sum(tf.reduce_sum(o * g) for o, g in zip(outputs, upstream))
         grads = tape.gradient(loss, [x, *layer.trainable_weights])
-        saved, params, cap, _ = saved_codes[0]
-        grid_tensors = [params.lo, params.k, params.flip]
+        saved, params, cap, _, encoder_grid = saved_codes[0]
+        grid_tensors = [params.lo, params.k, params.flip, *encoder_grid]
         if cap is not None:
             grid_tensors += [cap.kc, cap.flip]
         return grads, saved, grid_tensors
@@ -55,12 +55,13 @@ def _layer_gradients(layer, x, upstream, saved_codes, mode: str):
     if mode != "eager":
         step = tf.function(step, jit_compile=mode == "xla")
     grads, codes, grid_tensors = step(tf.constant(x), *[tf.constant(g) for g in upstream])
-    _, params, cap, words = saved_codes[0]
+    _, params, cap, words, _ = saved_codes[0]
     values = [np.asarray(t) for t in grid_tensors]
     params = params._replace(lo=values[0], k=values[1], flip=values[2])
     if cap is not None:
-        cap = cap._replace(kc=values[3], flip=values[4])
-    return [g.numpy() for g in grads], codes.numpy(), params, cap, words
+        cap = cap._replace(kc=values[5], flip=values[6])
+    grads = [g.numpy() for g in grads]
+    return grads, codes.numpy(), params, cap, words, values[3:5]
 
 
 def _random_layer(layer, x_shape, seed=0):
@@ -82,7 +83,8 @@ def _random_layer(layer, x_shape, seed=0):
 
 
 def _check(layer, x, upstream, saved_codes, mode):
-    grads, codes, params, cap, words = _layer_gradients(layer, x, upstream, saved_codes, mode)
+    grads, codes, params, cap, words, _ = _layer_gradients(layer, x, upstream, saved_codes,
+                                                           mode)
     q = oracle.unpack(codes, x.shape, layer.bits, words)
     oracle.check_codes(q, params, layer.bits, x, layer.gamma, layer.beta, layer.epsilon, cap)
     expected = oracle.bn_unit_gradients(layer, x, upstream, q, params, layer.bits, cap)
@@ -158,3 +160,50 @@ def test_the_code_check_fails_on_an_encoder_one_bin_off(monkeypatch, saved_codes
     x, upstream = _random_layer(layer, (4, 8, 8, 8))
     with pytest.raises(AssertionError, match="mask bits wrong|bins from xhat"):
         _check(layer, x, upstream, saved_codes, "eager")
+
+
+RELU_LAYERS = {
+    "relu_conv": lambda bits: ReLUConv2D(6, 3, bits=bits),
+    "relu_conv_activation": lambda bits: ReLUConv2D(5, 1, strides=2, bits=bits,
+                                                    return_activation=True),
+    "relu_dense_pooled": lambda bits: ReLUDense(7, pooling="avg", bits=bits),
+}
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("kind", sorted(RELU_LAYERS))
+@pytest.mark.parametrize("mode", ["eager", "xla"])
+def test_relu_units_compute_blpas_gradient(kind, bits, mode, implementation, saved_codes):
+    layer = RELU_LAYERS[kind](bits)
+    rng = np.random.default_rng(1)
+    z = (rng.normal(size=(4, 8, 8, 8)) + rng.normal(size=8)).astype("float32")
+    outputs = layer(tf.constant(z), training=False)
+    outputs = outputs if isinstance(outputs, list) else [outputs]
+    upstream = [rng.normal(size=o.shape).astype("float32") for o in outputs]
+    grads, codes, params, _, words, (gamma, beta) = _layer_gradients(
+        layer, z, upstream, saved_codes, mode)
+    q = oracle.unpack(codes, z.shape, bits, words)
+    oracle.check_relu_codes(q, params, bits, z, gamma, beta)
+    expected = oracle.relu_unit_gradients(layer, z, upstream, q, params, bits, gamma, beta)
+    errors = oracle.relative_errors(grads, expected)
+    assert max(errors) < TOLERANCE, errors
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("mode", ["eager", "xla"])
+def test_approx_batch_normalization_computes_its_meant_gradient(bits, mode, implementation,
+                                                                  saved_codes):
+    layer = ApproxBatchNormalization(bits=bits)
+    rng = np.random.default_rng(2)
+    x = (rng.normal(size=(4, 8, 8, 8)) * rng.uniform(0.5, 3, 8) + 1.0).astype("float32")
+    layer.build(x.shape)
+    layer.gamma.assign(rng.uniform(-1.5, 1.5, 8).astype("float32"))
+    upstream = [rng.normal(size=x.shape).astype("float32")]
+    grads, codes, params, _, words, _ = _layer_gradients(layer, x, upstream, saved_codes, mode)
+    q = oracle.unpack(codes, x.shape, bits, words)
+    # The centred grid: every value inside it within half a bin.
+    ones, window = np.ones(8), params.window
+    oracle.check_codes(q, params, bits, x, ones, np.full(8, window), layer.epsilon)
+    expected = oracle.approx_bn_gradients(layer, x, upstream, q, params, bits)
+    errors = oracle.relative_errors(grads, expected)
+    assert max(errors) < TOLERANCE, errors
