@@ -124,9 +124,9 @@ def test_bn_backward_from_words_agrees_with_tensorflow(shape, bits, slope):
 def test_custom_calls_give_the_compiled_ops_bytes(shape, bits, specials, slope):
     """The JAX custom calls (`backend.jax.kernels`) against the TensorFlow op: the
     same encode bytes and ReLU output, the same rebuilt activation."""
-    kernels = pytest.importorskip("keras_blpa.backend.jax.kernels")
-    if "cpu" not in kernels.load():
-        pytest.fail(f"the custom calls did not load: {kernels.load_error()}")
+    jax_kernels = pytest.importorskip("keras_blpa.backend.jax.kernels")
+    if "cpu" not in jax_kernels.load():
+        pytest.fail(f"the custom calls did not load: {jax_kernels.load_error()}")
     per_sample = int(np.prod(shape[1:]))
     if bits == 4 and per_sample % 2:
         pytest.skip("odd codes per sample at 4 bits run on the jnp path")
@@ -141,8 +141,10 @@ def test_custom_calls_give_the_compiled_ops_bytes(shape, bits, specials, slope):
     @jax.jit
     def run(x, mean, inv_std, gamma, beta):
         window = params.window
-        a, codes = kernels.encode(x, mean, inv_std, gamma, beta, jparams, bits, window, slope)
-        relu = kernels.decode_relu(codes, jparams, gamma, beta, shape, bits, window, slope, x)
+        a, codes = jax_kernels.encode(x, mean, inv_std, gamma, beta, jparams, bits, window,
+                                      slope)
+        relu = jax_kernels.decode_relu(codes, jparams, gamma, beta, shape, bits, window, slope,
+                                       x)
         return a, codes, relu
 
     a, codes, relu = run(*inputs)
