@@ -7,6 +7,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from kernel_requirement import kernels_unavailable  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -18,6 +19,23 @@ def _float32_policy_and_seed():
     keras.mixed_precision.set_global_policy("float32")
 
 
+@pytest.fixture(scope="module")
+def op_lib():
+    """The loaded TF op library (its raw ops)."""
+    import warnings
+
+    from keras_blpa.backend.tensorflow import kernels
+
+    if kernels.disabled():
+        pytest.skip("KERAS_BLPA_DISABLE_CUSTOM_OPS is set")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = kernels.load()
+    if module is None:
+        kernels_unavailable(f"custom op library unavailable: {kernels.load_error()}")
+    return module
+
+
 @pytest.fixture(params=["custom_op", "pure_tf"])
 def implementation(request, monkeypatch):
     """Runs a test on both paths: the compiled op and pure TF."""
@@ -26,7 +44,7 @@ def implementation(request, monkeypatch):
     if request.param == "pure_tf":
         monkeypatch.setenv("KERAS_BLPA_DISABLE_CUSTOM_OPS", "1")
     elif ops.implementation() != "custom_op":
-        pytest.skip("compiled op unavailable")
+        kernels_unavailable("compiled op unavailable")
     assert ops.implementation() == request.param
     return request.param
 

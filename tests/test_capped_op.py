@@ -5,8 +5,6 @@ of its cap inputs, and a capped layer that runs the op."""
 
 from __future__ import annotations
 
-import warnings
-
 import keras
 import numpy as np
 import pytest
@@ -19,18 +17,6 @@ from tests.test_capped_quantizer import _channels, _values
 # (rows, C): one CPU block and a parameter period of several channels; many
 # blocks with C above the period; C = 1.
 SHAPES = [(96, 2048), (700, 37), (3000, 1), (64, 300)]
-
-
-@pytest.fixture(scope="module")
-def op_lib():
-    if kernels.disabled():
-        pytest.skip("KERAS_BLPA_DISABLE_CUSTOM_OPS is set")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        module = kernels.load()
-    if module is None:
-        pytest.skip(f"custom op library unavailable: {kernels.load_error()}")
-    return module
 
 
 def _case(shape, bits, cap, seed, specials=True):

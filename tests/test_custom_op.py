@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import keras_blpa
 from keras_blpa import build_ops
 from keras_blpa.backend.tensorflow import kernels, quantizer
 
@@ -43,18 +44,6 @@ def _slope_id(s: float) -> str:
 def _reference_relu(y: tf.Tensor, slope: float) -> tf.Tensor:
     """TF's own activation: tf.nn.relu at slope 0, tf.nn.leaky_relu otherwise."""
     return tf.nn.relu(y) if slope == 0.0 else tf.nn.leaky_relu(y, alpha=slope)
-
-
-@pytest.fixture(scope="module")
-def op_lib():
-    if kernels.disabled():
-        pytest.skip("KERAS_BLPA_DISABLE_CUSTOM_OPS is set")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        module = kernels.load()
-    if module is None:
-        pytest.skip(f"custom op library unavailable: {kernels.load_error()}")
-    return module
 
 
 def _bits_of(t: tf.Tensor) -> np.ndarray:
@@ -724,3 +713,50 @@ def test_failed_build_warns_once(tmp_path):
         CXX=shutil.which("false") or "/bin/false",
     )
     assert "WARNINGS 1" in out and "command failed" in out, out
+
+
+def test_the_switch_turns_a_missing_library_into_a_failure(monkeypatch):
+    import kernel_requirement
+
+    monkeypatch.setattr(kernel_requirement, "REQUIRE_KERNELS", False)
+    with pytest.raises(pytest.skip.Exception):
+        kernel_requirement.kernels_unavailable("library missing")
+    monkeypatch.setattr(kernel_requirement, "REQUIRE_KERNELS", True)
+    with pytest.raises(pytest.fail.Exception, match="KERAS_BLPA_REQUIRE_KERNELS"):
+        kernel_requirement.kernels_unavailable("library missing")
+
+
+LAYER_OPS = {
+    "bn_unit_4": (lambda: keras_blpa.BNReLUConv2D(4, 3, bits=4),
+                  {"BlpaBnReluEncode", "BlpaDecodeRelu", "BlpaDecodeBnBackward"}),
+    "bn_unit_leaky_8": (lambda: keras_blpa.BNReLUConv2D(4, 3, bits=8, negative_slope=0.1),
+                        {"BlpaBnReluEncode", "BlpaDecodeRelu", "BlpaDecodeBnBackward"}),
+    "bn_unit_exact": (lambda: keras_blpa.BNReLUConv2D(4, 3, bits=None),
+                      {"BlpaBnReluExact", "BlpaReluExact", "BlpaBnBackwardExact"}),
+    "relu_unit_4": (lambda: keras_blpa.ReLUConv2D(4, 3, bits=4),
+                    {"BlpaBnReluEncode", "BlpaDecodeRelu"}),
+    "approx_bn_8": (lambda: keras_blpa.ApproxBatchNormalization(bits=8),
+                    {"BlpaBnReluEncode", "BlpaDecodeBnBackward"}),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(LAYER_OPS))
+def test_layers_run_the_op_in_their_forward_and_backward(kind, op_lib):
+    """The traced training step of each uncapped layer calls the op's kernels
+    (encode in the forward, decode and BN backward in the backward), not
+    their pure-TF twins."""
+    make, expected = LAYER_OPS[kind]
+    layer = make()
+    x = tf.random.normal([2, 6, 6, 4])
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(layer(x, training=True))
+        return tape.gradient(loss, [x, *layer.trainable_weights])
+
+    step(x)
+    graph = step.get_concrete_function(x).graph
+    op_types = {op.type for op in graph.get_operations()}
+    assert expected <= op_types, sorted(t for t in op_types if t.startswith("Blpa"))

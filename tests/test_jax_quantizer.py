@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
+from kernel_requirement import REQUIRE_KERNELS
 from test_custom_op import SHAPES, _make_case
 
 from keras_blpa.backend.tensorflow import kernels, quantizer
@@ -77,6 +78,8 @@ def test_codes_and_activation_bit_exact(shape, bits, specials, slope, mode):
     if kernels.load() is not None:
         _, packed_op = kernels.bn_relu_encode(x, mean, inv_std, gamma, beta, params, bits, slope)
         np.testing.assert_array_equal(_np(packed), _np(packed_op))
+    elif REQUIRE_KERNELS:
+        pytest.fail(f"the TF op did not load: {kernels.load_error()}")
 
     xhat, mask = _run(lambda p: jq.decode(p, jparams, shape, bits), mode)(packed)
     xhat_tf, mask_tf = quantizer.decode(packed_tf, params, shape, bits)
