@@ -166,7 +166,52 @@ def linear_vjp(layer, a: np.ndarray, upstream: list) -> tuple[np.ndarray, list]:
     return _linear_vjp(layer, a, upstream)
 
 
-def _linear_vjp(layer, a: np.ndarray, upstream: list) -> tuple[np.ndarray, list]:
+def linear_forward(layer, a: np.ndarray) -> list[np.ndarray]:
+    """The fused layer's linear map at `a`, in float64 stock Keras layers."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        x64 = jax.enable_x64(True) if hasattr(jax, "enable_x64") else (
+            jax.experimental.enable_x64())
+        with x64:
+            return _linear_vjp(layer, a, None)
+    return _linear_vjp(layer, a, None)
+
+
+def bin_centred_input(layer, shape, rng) -> tuple[np.ndarray, np.ndarray]:
+    """An input whose `xhat` under the layer's moving statistics lies 0.2 to
+    0.8 of the way through a random bin of each channel's grid, and those
+    codes: no float rounding can move it to another bin, so the codes are
+    known without the library's encoder."""
+    from keras_blpa import backend
+
+    bits = layer.bits
+    params = backend.module("quantizer").quantizer_params(
+        np.asarray(layer.gamma), np.asarray(layer.beta), bits, layer.window)
+    lo = np.asarray(params.lo, np.float64)
+    codes = rng.integers(0, 1 << bits, size=shape)
+    xhat = lo + (codes + rng.uniform(0.2, 0.8, size=shape)) * grid.bin_width(bits, params.window)
+    inv_std = 1.0 / np.sqrt(np.asarray(layer.moving_variance, np.float64) + layer.epsilon)
+    x = np.asarray(layer.moving_mean, np.float64) + xhat / inv_std
+    return x.astype("float32"), codes
+
+
+def naive_inference(layer, codes: np.ndarray) -> np.ndarray:
+    """What a naive layer's inference must compute for an input with these
+    codes (`bin_centred_input`): the ReLU of the decoded values, then the
+    linear map, in float64."""
+    from keras_blpa import backend
+
+    gamma = np.asarray(layer.gamma, np.float64)
+    beta = np.asarray(layer.beta, np.float64)
+    params = backend.module("quantizer").quantizer_params(
+        np.asarray(layer.gamma), np.asarray(layer.beta), layer.bits, layer.window)
+    xhat, on, _ = decode(codes, params, layer.bits)
+    a = np.where(on, gamma * xhat + beta, 0.0)
+    return linear_forward(layer, a)[0]
+
+
+def _linear_vjp(layer, a: np.ndarray, upstream: list | None):
     maps, owners = _stock_linear(layer)
     for chain in maps:
         out = keras.Input(a.shape[1:], dtype="float64")
@@ -175,7 +220,7 @@ def _linear_vjp(layer, a: np.ndarray, upstream: list) -> tuple[np.ndarray, list]
     for owner, weights in owners:
         owner.set_weights([np.asarray(w, np.float64) for w in weights])
     variables = [w for owner, _ in owners for w in owner.trainable_weights]
-    cotangents = [np.asarray(g, np.float64) for g in upstream]
+    cotangents = [np.asarray(g, np.float64) for g in upstream or []]
 
     def outputs(a, values):
         mapping = dict(zip((id(v) for v in variables), values))
@@ -189,6 +234,8 @@ def _linear_vjp(layer, a: np.ndarray, upstream: list) -> tuple[np.ndarray, list]
         return results
 
     values = [np.asarray(v, np.float64) for v in variables]
+    if upstream is None:
+        return [np.asarray(o, np.float64) for o in outputs(np.asarray(a, np.float64), values)]
     if keras.backend.backend() == "jax":
         import jax
 

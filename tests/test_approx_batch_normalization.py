@@ -15,6 +15,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from kernel_requirement import kernels_unavailable
 from stock import cosine
 
 import keras_blpa
@@ -111,11 +112,10 @@ def test_paths_agree_and_codes_are_the_centred_grid(monkeypatch):
         if path == "pure_tf":
             monkeypatch.setenv("KERAS_BLPA_DISABLE_CUSTOM_OPS", "1")
         elif ops.implementation() != "custom_op":
-            continue
+            kernels_unavailable("compiled op unavailable")
         results[path] = _grads(_pair(4, SHAPES["conv"])[0], x, upstream)
-    if len(results) == 2:
-        for a, b in zip(*results.values()):
-            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * np.abs(b).max())
+    for a, b in zip(*results.values()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * np.abs(b).max())
     params, ones, offset = bn_unit.centred_grid(16, 4, None)
     assert np.all(np.asarray(params.lo) == -3.0) and np.all(np.asarray(params.k) == 0.0)
     mean, var = tf.nn.moments(x, [0, 1, 2])
@@ -254,13 +254,22 @@ def test_convert_with_bn_bits_approximates_the_lone_bns_and_comes_back():
 
 def test_converted_post_activation_model_fits_saves_and_loads(tmp_path):
     model = _post_activation_block_model()
+    stock = keras.models.clone_model(model)
+    stock.set_weights(model.get_weights())
     converted = keras_blpa.convert(model, bits=4, bn_bits=8)
-    converted.compile(keras.optimizers.SGD(0.05), keras.losses.MeanSquaredError())
     rng = np.random.default_rng(12)
     x = rng.normal(size=(16, 8, 8, 8)).astype("float32")
     y = rng.normal(size=(16, 3)).astype("float32")
-    history = converted.fit(x, y, batch_size=8, epochs=3, verbose=0)
-    assert history.history["loss"][-1] < history.history["loss"][0]
+    losses = []
+    for m in (converted, stock):
+        m.compile(keras.optimizers.SGD(0.05), keras.losses.MeanSquaredError())
+        losses.append(m.fit(x, y, batch_size=8, epochs=3, verbose=0, shuffle=False)
+                      .history["loss"])
+    # The forward is exact and the gradients close: the converted model's loss
+    # follows stock's step for step (measured within 3e-4; stock's falls by
+    # 20% over these steps, so gradients that were lost would show).
+    np.testing.assert_allclose(losses[0], losses[1], rtol=0.01)
+    assert losses[1][-1] < 0.9 * losses[1][0]
     converted.save(tmp_path / "m.keras")
     loaded = keras.saving.load_model(tmp_path / "m.keras")
     assert sum(isinstance(layer, keras_blpa.ApproxBatchNormalization)

@@ -132,7 +132,7 @@ def test_packing_density_and_round_trip(size):
         codes = rng.integers(0, 1 << bits, size=(size, 1)).astype("uint8")
         packed = quantizer.pack(codes, bits)
         assert packed.dtype == tf.uint8
-        assert packed.shape[0] == (size + 1) // 2 if bits == 4 else size
+        assert packed.shape[0] == ((size + 1) // 2 if bits == 4 else size)
         np.testing.assert_array_equal(quantizer.unpack(packed, [size, 1], bits), codes)
 
 

@@ -8,6 +8,7 @@ layers. Gradients come from `jax.value_and_grad` of `stateless_call` under
 
 from __future__ import annotations
 
+import gradient_oracle as oracle
 import jax
 import jax.numpy as jnp
 import keras
@@ -16,7 +17,6 @@ import pytest
 from stock import StockUnit, cosine, fused_weights, randomize_bn
 
 import keras_blpa
-from keras_blpa.backend.jax import quantizer as jq
 
 CONV_CASES = {
     "same3x3": dict(filters=6, kernel_size=3),
@@ -163,15 +163,9 @@ def test_naive_inference_quantizes_with_the_moving_statistics(bits):
     fused.build(shape)
     rng = np.random.default_rng(5)
     randomize_bn(fused, 8, rng)
-    x = (2.0 * rng.normal(size=shape)).astype("float32")
-    inv_std = jax.lax.rsqrt(jnp.asarray(fused.moving_variance.value) + fused.epsilon)
-    gamma, beta = jnp.asarray(fused.gamma.value), jnp.asarray(fused.beta.value)
-    params = jq.quantizer_params(gamma, beta, bits, fused.window)
-    a = jq.quantize_relu(jnp.asarray(x), jnp.asarray(fused.moving_mean.value), inv_std, gamma,
-                         beta, params, bits)
-    expected = jax.lax.conv_general_dilated(
-        a, jnp.asarray(fused.kernel.value), (1, 1), "SAME",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    # An input whose codes are known without the library's encoder.
+    x, codes = oracle.bin_centred_input(fused, shape, rng)
+    expected = oracle.naive_inference(fused, codes)
     np.testing.assert_allclose(fused(x, training=False), expected, rtol=1e-5, atol=1e-5)
     exact = keras_blpa.BNReLUConv2D.from_config({**fused.get_config(), "naive": False})
     exact.build(shape)
