@@ -289,6 +289,7 @@ import gc, json, sys
 import keras, numpy as np, tensorflow as tf
 import keras_blpa
 from keras_blpa import profiling
+tf.config.set_visible_devices([], "GPU")  # the probe reads CPU:0's allocator
 profiling.reserve_cpu_pool(512)
 bits = json.loads(sys.argv[1])
 def bn():

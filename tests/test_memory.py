@@ -70,6 +70,7 @@ import gc, json
 import numpy as np
 import tensorflow as tf
 from keras_blpa import profiling
+tf.config.set_visible_devices([], "GPU")  # the probe reads CPU:0's allocator
 profiling.reserve_cpu_pool(512)
 model = profiling.build_model(variant="4", depth=10)
 held = []

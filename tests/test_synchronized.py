@@ -573,6 +573,10 @@ def _memory_slopes(bits: int | None) -> dict:
     import keras_blpa
 
     def peak(depth: int, synchronized: bool) -> float:
+        with tf.device("CPU:0"):  # the probe reads CPU:0's allocator, also beside a GPU
+            return _peak(depth, synchronized)
+
+    def _peak(depth: int, synchronized: bool) -> float:
         layers = [
             keras_blpa.BNReLUConv2D(32, 3, bits=bits, synchronized=synchronized, use_bias=False)
             for _ in range(depth)
