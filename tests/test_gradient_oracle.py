@@ -167,6 +167,7 @@ RELU_LAYERS = {
     "relu_conv_activation": lambda bits: ReLUConv2D(5, 1, strides=2, bits=bits,
                                                     return_activation=True),
     "relu_dense_pooled": lambda bits: ReLUDense(7, pooling="avg", bits=bits),
+    "relu_dense": lambda bits: ReLUDense(5, bits=bits),  # pooling=None, on a matrix
 }
 
 
@@ -176,7 +177,8 @@ RELU_LAYERS = {
 def test_relu_units_compute_blpas_gradient(kind, bits, mode, implementation, saved_codes):
     layer = RELU_LAYERS[kind](bits)
     rng = np.random.default_rng(1)
-    z = (rng.normal(size=(4, 8, 8, 8)) + rng.normal(size=8)).astype("float32")
+    shape = (64, 8) if kind == "relu_dense" else (4, 8, 8, 8)
+    z = (rng.normal(size=shape) + rng.normal(size=8)).astype("float32")
     outputs = layer(tf.constant(z), training=False)
     outputs = outputs if isinstance(outputs, list) else [outputs]
     upstream = [rng.normal(size=o.shape).astype("float32") for o in outputs]
