@@ -29,17 +29,17 @@ from pathlib import Path
 
 LIB_NAME = "libblpa_ops.so"
 # Paths under custom_ops/: shared/ holds what the TF op and the JAX custom calls
-# share (the per-element math and the CPU loops), tensorflow/ the op, jax/ the
+# share (the per-element math and the CPU loops), tf_op/ the TF op, jax_ffi/ the
 # XLA FFI handlers, cuda/ the CUDA kernels. Includes are relative to custom_ops/.
 SOURCES = (
-    "tensorflow/blpa_ops.cc",
-    "tensorflow/blpa_kernels.cc",
+    "tf_op/blpa_ops.cc",
+    "tf_op/blpa_kernels.cc",
     "shared/blpa_cpu.cc",
     "shared/blpa_cpu.h",
     "shared/blpa_kernels.h",
     "cuda/blpa_kernels.cu.cc",
 )
-CPU_SOURCES = ("tensorflow/blpa_ops.cc", "tensorflow/blpa_kernels.cc", "shared/blpa_cpu.cc")
+CPU_SOURCES = ("tf_op/blpa_ops.cc", "tf_op/blpa_kernels.cc", "shared/blpa_cpu.cc")
 CUDA_SOURCE = "cuda/blpa_kernels.cu.cc"
 
 # -ffp-contract=off: no FMA, so results match the pure-TF quantizer bit for bit.

@@ -1,7 +1,7 @@
 """Builds the BLPA XLA custom-call library for JAX (`jax.ffi` handlers).
 
 The same kernels as the TensorFlow op (`custom_ops/shared/blpa_cpu.cc`, and with
-nvcc `custom_ops/cuda/blpa_kernels.cu.cc`), wrapped by `custom_ops/jax/jax_ffi.cc`
+nvcc `custom_ops/cuda/blpa_kernels.cu.cc`), wrapped by `custom_ops/jax_ffi/jax_ffi.cc`
 against the XLA FFI headers that jaxlib ships (`jax.ffi.include_dir()`):
 plain g++/nvcc, no TensorFlow, no Bazel. Cached like the op library, under
 `cache_root() / "jax<jaxlib version>-<cpu|cuda>-<hash>"`.
@@ -33,10 +33,10 @@ from keras_blpa.build_ops import (
 
 JAX_LIB_NAME = "libblpa_jax.so"
 JAX_SOURCES = (
-    "jax/jax_ffi.cc", "shared/blpa_cpu.cc", "shared/blpa_cpu.h", "shared/blpa_kernels.h",
+    "jax_ffi/jax_ffi.cc", "shared/blpa_cpu.cc", "shared/blpa_cpu.h", "shared/blpa_kernels.h",
     CUDA_SOURCE,
 )
-JAX_CPU_SOURCES = ("jax/jax_ffi.cc", "shared/blpa_cpu.cc")
+JAX_CPU_SOURCES = ("jax_ffi/jax_ffi.cc", "shared/blpa_cpu.cc")
 # The FFI headers trip two harmless GCC warnings.
 JAX_CXX_FLAGS = (*CXX_FLAGS, "-std=c++17", "-Wno-attributes", "-Wno-return-type")
 

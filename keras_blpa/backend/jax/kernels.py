@@ -1,6 +1,6 @@
 """The BLPA kernels as XLA custom calls (`jax.ffi`), with jnp as the fallback.
 
-The handlers (`custom_ops/jax/jax_ffi.cc`) run the TensorFlow op's own CPU loops
+The handlers (`custom_ops/jax_ffi/jax_ffi.cc`) run the TensorFlow op's own CPU loops
 and CUDA kernels, so their codes are the op's, bit for bit. The library is
 built on first use (`keras_blpa.build_ops.jax_library`) and loaded once; each
 handler is registered for "cpu" and, when the library has CUDA kernels, for
