@@ -178,19 +178,38 @@ def linear_forward(layer, a: np.ndarray) -> list[np.ndarray]:
     return _linear_vjp(layer, a, None)
 
 
-def bin_centred_input(layer, shape, rng) -> tuple[np.ndarray, np.ndarray]:
-    """An input whose `xhat` under the layer's moving statistics lies 0.2 to
-    0.8 of the way through a random bin of each channel's grid, and those
-    codes: no float rounding can move it to another bin, so the codes are
-    known without the library's encoder."""
+def _grid(layer):
+    """The layer's grid (and cap grid) from the library's `quantizer_params`."""
     from keras_blpa import backend
 
+    q = backend.module("quantizer")
+    gamma, beta = np.asarray(layer.gamma), np.asarray(layer.beta)
+    params = q.quantizer_params(gamma, beta, layer.bits, layer.window,
+                                max_value=layer.max_value)
+    cap = None if layer.max_value is None else q.cap_params(gamma, beta, params, layer.bits,
+                                                            layer.max_value)
+    return params, cap
+
+
+def bin_centred_input(layer, shape, rng) -> tuple[np.ndarray, np.ndarray]:
+    """An input whose `xhat` under the layer's moving statistics lies 0.2 to
+    0.8 of the way through a random bin of each channel's grid, and its
+    codes: no float rounding can move it to another bin, so the codes are
+    known without the library's encoder (with a cap, moved onto the side of
+    the cap's edge that the exact `y >= max_value` says, as the method
+    requires)."""
     bits = layer.bits
-    params = backend.module("quantizer").quantizer_params(
-        np.asarray(layer.gamma), np.asarray(layer.beta), bits, layer.window)
+    params, cap = _grid(layer)
     lo = np.asarray(params.lo, np.float64)
     codes = rng.integers(0, 1 << bits, size=shape)
     xhat = lo + (codes + rng.uniform(0.2, 0.8, size=shape)) * grid.bin_width(bits, params.window)
+    if cap is not None:
+        y = np.asarray(layer.gamma, np.float64) * xhat + np.asarray(layer.beta, np.float64)
+        kc, flip = np.asarray(cap.kc), np.asarray(cap.flip) > 0.5
+        saturated, aligned = y >= cap.max_value, np.asarray(cap.aligned) > 0.5
+        # Saturated codes lie at or above kc (below it where flip): clamp.
+        above = np.where(saturated != flip, np.maximum(codes, kc), np.minimum(codes, kc - 1))
+        codes = np.where(aligned, above, codes).astype(np.int64)
     inv_std = 1.0 / np.sqrt(np.asarray(layer.moving_variance, np.float64) + layer.epsilon)
     x = np.asarray(layer.moving_mean, np.float64) + xhat / inv_std
     return x.astype("float32"), codes
@@ -198,16 +217,17 @@ def bin_centred_input(layer, shape, rng) -> tuple[np.ndarray, np.ndarray]:
 
 def naive_inference(layer, codes: np.ndarray) -> np.ndarray:
     """What a naive layer's inference must compute for an input with these
-    codes (`bin_centred_input`): the ReLU of the decoded values, then the
-    linear map, in float64."""
-    from keras_blpa import backend
-
+    codes (`bin_centred_input`): the (capped) ReLU of the decoded values,
+    then the linear map, in float64."""
     gamma = np.asarray(layer.gamma, np.float64)
     beta = np.asarray(layer.beta, np.float64)
-    params = backend.module("quantizer").quantizer_params(
-        np.asarray(layer.gamma), np.asarray(layer.beta), layer.bits, layer.window)
-    xhat, on, _ = decode(codes, params, layer.bits)
-    a = np.where(on, gamma * xhat + beta, 0.0)
+    params, cap = _grid(layer)
+    xhat, on, saturated = decode(codes, params, layer.bits, cap)
+    y = gamma * xhat + beta
+    if cap is None:
+        a = np.where(on, y, 0.0)
+    else:
+        a = np.where(saturated, cap.max_value, np.where(on, np.minimum(y, cap.max_value), 0.0))
     return linear_forward(layer, a)[0]
 
 

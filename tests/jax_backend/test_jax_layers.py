@@ -156,10 +156,11 @@ def test_projection_head_matches_two_stock_convolutions():
         np.testing.assert_allclose(by_path[name], stock_grads[name], rtol=2e-4, atol=2e-5)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_naive_inference_quantizes_with_the_moving_statistics(bits):
+@pytest.mark.parametrize("bits,max_value", [(4, None), (8, None), (4, 1.5), (8, 6.0)])
+def test_naive_inference_quantizes_with_the_moving_statistics(bits, max_value):
     shape = (4, 6, 6, 8)
-    fused = keras_blpa.BNReLUConv2D(4, 3, bits=bits, naive=True, use_bias=False)
+    fused = keras_blpa.BNReLUConv2D(4, 3, bits=bits, naive=True, use_bias=False,
+                                    max_value=max_value)
     fused.build(shape)
     rng = np.random.default_rng(5)
     randomize_bn(fused, 8, rng)
@@ -171,6 +172,35 @@ def test_naive_inference_quantizes_with_the_moving_statistics(bits):
     exact.build(shape)
     exact.set_weights(fused.get_weights())
     assert not np.allclose(exact(x, training=False), expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("max_value", [None, 1.5])
+def test_naive_training_follows_exact_training(max_value):
+    """A naive model trains with `fit` on JAX: its losses stay finite and near
+    the exact model's from the same weights (4 bits: one rounding per unit
+    in the forward, no drift in three units); its weights do move."""
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(32, 8, 8, 3)).astype("float32")
+    y = (x.mean(axis=(1, 2)) @ rng.normal(size=(3, 2))).astype("float32")
+    losses, models = [], []
+    for naive in (True, False):
+        keras.utils.set_random_seed(3)
+        inputs = keras.Input((8, 8, 3))
+        h = keras.layers.Conv2D(8, 3, padding="same")(inputs)
+        for _ in range(3):
+            h = keras_blpa.BNReLUConv2D(8, 3, bits=4, naive=naive, max_value=max_value)(h)
+        model = keras.Model(inputs, keras_blpa.BNReLUDense(2, pooling="avg", bits=4,
+                                                           naive=naive)(h))
+        model.compile(keras.optimizers.SGD(0.05), "mse")
+        start = [w.copy() for w in model.get_weights()]
+        history = model.fit(x, y, batch_size=8, epochs=3, verbose=0, shuffle=False)
+        losses.append(history.history["loss"])
+        models.append((model, start))
+    assert np.isfinite(losses[0]).all()
+    np.testing.assert_allclose(losses[0], losses[1], rtol=0.1)
+    assert losses[0][-1] < losses[0][0]
+    model, start = models[0]
+    assert any(not np.array_equal(w, s) for w, s in zip(model.get_weights(), start))
 
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
