@@ -443,19 +443,21 @@ class _TwinReplicas:
 
 @pytest.mark.parametrize("jit", [False, True], ids=["graph", "jit"])
 @pytest.mark.parametrize(
-    "bits, naive, slope",
-    [(None, False, 0.0), (4, False, 0.0), (8, False, 0.0), (4, True, 0.0),
-     (None, False, 0.2), (4, False, 0.2)],
-    ids=["exact", "4bit", "8bit", "naive4", "exact-leaky", "4bit-leaky"],
+    "bits, naive, slope, cap",
+    [(None, False, 0.0, None), (4, False, 0.0, None), (8, False, 0.0, None),
+     (4, True, 0.0, None), (None, False, 0.2, None), (4, False, 0.2, None),
+     (4, False, 0.0, 1.5), (None, False, 0.0, 6.0)],
+    ids=["exact", "4bit", "8bit", "naive4", "exact-leaky", "4bit-leaky", "4bit-capped",
+         "exact-relu6"],
 )
 @pytest.mark.parametrize("kind", KINDS)
 def test_synchronized_unit_under_xla_matches_doubled_batch(
-    monkeypatch, implementation, kind, bits, naive, slope, jit
+    monkeypatch, implementation, kind, bits, naive, slope, cap, jit
 ):
     """The synchronized code under jit_compile=True (pure-TF route) against one
     replica on the batch stacked twice: a wrong count or unsummed backward
     sums would change the input gradient by a factor of two."""
-    ref, layer = _pair(kind, bits, seed=2, naive=naive, negative_slope=slope)
+    ref, layer = _pair(kind, bits, seed=2, naive=naive, negative_slope=slope, max_value=cap)
     twins = _TwinReplicas()
     monkeypatch.setattr(unit, "_sync_context", lambda sync: twins if sync else None)
     rng = np.random.default_rng(4)
