@@ -125,7 +125,8 @@ def prepare_op() -> str:
     implementation = ops.implementation()
     seconds = time.time() - start
     if implementation == "custom_op":
-        return f"Compiled op: loaded in {seconds:.0f} s (built once per TensorFlow version, cached)"
+        return (f"Compiled op: ready in {seconds:.0f} s (built on first use for this "
+                "TensorFlow, then loaded from the cache)")
     return (f"Compiled op: unavailable ({kernels.load_error() or 'disabled'}); "
             "the 4/8-bit runs use the pure-TF quantizer, the same codes, slower")
 
