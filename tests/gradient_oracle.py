@@ -21,6 +21,42 @@ import numpy as np
 
 from keras_blpa import grid
 
+# The BN units every backend's oracle test runs, by name: `make(bits)`.
+BN_UNITS = {
+    "conv": lambda bits: _fused().BNReLUConv2D(6, 3, bits=bits),
+    "conv_strided_valid": lambda bits: _fused().BNReLUConv2D(5, 3, strides=2, padding="valid",
+                                                             bits=bits),
+    "conv_projection": lambda bits: _fused().BNReLUConv2D(6, 3, strides=2, projection_filters=4,
+                                                          projection_strides=2, bits=bits),
+    "conv_leaky": lambda bits: _fused().BNReLUConv2D(6, 3, bits=bits, negative_slope=0.1),
+    "conv_capped": lambda bits: _fused().BNReLUConv2D(6, 3, bits=bits, max_value=1.5),
+    "dense_pooled": lambda bits: _fused().BNReLUDense(7, pooling="avg", bits=bits),
+}
+
+
+def _fused():
+    import keras_blpa
+
+    return keras_blpa
+
+
+def random_bn_unit(layer, x_shape, seed=0) -> tuple[np.ndarray, list]:
+    """Builds `layer` with thresholds spread over the window, both signs of
+    gamma and one channel always on; returns an input and upstream gradients."""
+    rng = np.random.default_rng(seed)
+    x = (rng.normal(size=x_shape) * 2.0 + 0.5).astype("float32")
+    layer.build(x_shape)
+    channels = x_shape[-1]
+    gamma = rng.uniform(0.5, 1.5, channels) * rng.choice([-1.0, 1.0], channels)
+    beta = rng.normal(size=channels)
+    beta[0], gamma[0] = 8.0, 1.0  # threshold far below the window
+    layer.gamma.assign(gamma.astype("float32"))
+    layer.beta.assign(beta.astype("float32"))
+    outputs = layer(x, training=False)
+    outputs = outputs if isinstance(outputs, list) else [outputs]
+    upstream = [rng.normal(size=o.shape).astype("float32") for o in outputs]
+    return x, upstream
+
 
 def unpack(saved: np.ndarray, shape: tuple[int, ...], bits: int, words: bool) -> np.ndarray:
     """Integer codes of `shape` from flat bytes (`pack`: element 2j in the
@@ -152,30 +188,30 @@ def bn_unit_gradients(layer, x, upstream: list, codes, params, bits: int, cap=No
     return [d_x, *ordered]
 
 
+def _float64():
+    """A context in which the backend computes in float64 (JAX: x64 on)."""
+    import contextlib
+
+    if keras.backend.backend() != "jax":
+        return contextlib.nullcontext()
+    import jax
+
+    # jax >= 0.7: `jax.enable_x64(True)`; before: `jax.experimental.enable_x64()`.
+    return jax.enable_x64(True) if hasattr(jax, "enable_x64") else (
+        jax.experimental.enable_x64())
+
+
 def linear_vjp(layer, a: np.ndarray, upstream: list) -> tuple[np.ndarray, list]:
     """Stock float64 autodiff of the fused layer's linear map at the activation
     `a`: `(d_a, d_linear_weights)`, the weights in `_linear_variables` order."""
-    if keras.backend.backend() == "jax":
-        import jax
-
-        # jax >= 0.7: `jax.enable_x64(True)`; before: `jax.experimental.enable_x64()`.
-        x64 = jax.enable_x64(True) if hasattr(jax, "enable_x64") else (
-            jax.experimental.enable_x64())
-        with x64:
-            return _linear_vjp(layer, a, upstream)
-    return _linear_vjp(layer, a, upstream)
+    with _float64():
+        return _linear_vjp(layer, a, upstream)
 
 
 def linear_forward(layer, a: np.ndarray) -> list[np.ndarray]:
     """The fused layer's linear map at `a`, in float64 stock Keras layers."""
-    if keras.backend.backend() == "jax":
-        import jax
-
-        x64 = jax.enable_x64(True) if hasattr(jax, "enable_x64") else (
-            jax.experimental.enable_x64())
-        with x64:
-            return _linear_vjp(layer, a, None)
-    return _linear_vjp(layer, a, None)
+    with _float64():
+        return _linear_vjp(layer, a, None)
 
 
 def _grid(layer):

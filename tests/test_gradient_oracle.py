@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_blpa import ApproxBatchNormalization, BNReLUConv2D, BNReLUDense, ReLUConv2D, ReLUDense
+from keras_blpa import ApproxBatchNormalization, BNReLUDense, ReLUConv2D, ReLUDense
 from keras_blpa.backend.tensorflow import quantizer, unit
 
 # float32 against float64: measured at most 5e-7 over these cases (every path),
@@ -64,24 +64,6 @@ def _layer_gradients(layer, x, upstream, saved_codes, mode: str):
     return grads, codes.numpy(), params, cap, words, values[3:5]
 
 
-def _random_layer(layer, x_shape, seed=0):
-    rng = np.random.default_rng(seed)
-    x = (rng.normal(size=x_shape) * 2.0 + 0.5).astype("float32")
-    layer.build(x_shape)
-    channels = x_shape[-1]
-    # Thresholds spread over the window, both signs of gamma, one channel
-    # always on (threshold far below the window).
-    gamma = rng.uniform(0.5, 1.5, channels) * rng.choice([-1.0, 1.0], channels)
-    beta = rng.normal(size=channels)
-    beta[0], gamma[0] = 8.0, 1.0
-    layer.gamma.assign(gamma.astype("float32"))
-    layer.beta.assign(beta.astype("float32"))
-    outputs = layer(tf.constant(x), training=False)
-    outputs = outputs if isinstance(outputs, list) else [outputs]
-    upstream = [rng.normal(size=o.shape).astype("float32") for o in outputs]
-    return x, upstream
-
-
 def _check(layer, x, upstream, saved_codes, mode):
     grads, codes, params, cap, words, _ = _layer_gradients(layer, x, upstream, saved_codes,
                                                            mode)
@@ -94,16 +76,7 @@ def _check(layer, x, upstream, saved_codes, mode):
     return errors
 
 
-LAYERS = {
-    "conv": lambda bits: BNReLUConv2D(6, 3, bits=bits),
-    "conv_strided_valid": lambda bits: BNReLUConv2D(5, 3, strides=2, padding="valid",
-                                                    bits=bits),
-    "conv_projection": lambda bits: BNReLUConv2D(6, 3, strides=2, projection_filters=4,
-                                                 projection_strides=2, bits=bits),
-    "conv_leaky": lambda bits: BNReLUConv2D(6, 3, bits=bits, negative_slope=0.1),
-    "conv_capped": lambda bits: BNReLUConv2D(6, 3, bits=bits, max_value=1.5),
-    "dense_pooled": lambda bits: BNReLUDense(7, pooling="avg", bits=bits),
-}
+LAYERS = oracle.BN_UNITS
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -111,13 +84,13 @@ LAYERS = {
 @pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
 def test_bn_units_compute_blpas_gradient(kind, bits, mode, implementation, saved_codes):
     layer = LAYERS[kind](bits)
-    x, upstream = _random_layer(layer, (4, 8, 8, 8))
+    x, upstream = oracle.random_bn_unit(layer, (4, 8, 8, 8))
     _check(layer, x, upstream, saved_codes, mode)
 
 
 def test_dense_unit_on_a_matrix(implementation, saved_codes):
     layer = BNReLUDense(5, bits=4)
-    x, upstream = _random_layer(layer, (64, 12))
+    x, upstream = oracle.random_bn_unit(layer, (64, 12))
     _check(layer, x, upstream, saved_codes, "eager")
 
 
@@ -139,7 +112,7 @@ def _broken_decoder(monkeypatch, how: str):
 def test_the_oracle_fails_on_a_broken_decoder(how, monkeypatch, saved_codes):
     monkeypatch.setenv("KERAS_BLPA_DISABLE_CUSTOM_OPS", "1")  # the pure-TF decoder
     layer = LAYERS["conv"](4)
-    x, upstream = _random_layer(layer, (4, 8, 8, 8))
+    x, upstream = oracle.random_bn_unit(layer, (4, 8, 8, 8))
     errors = _check(layer, x, upstream, saved_codes, "eager")  # intact: passes
     _broken_decoder(monkeypatch, how)
     with pytest.raises(AssertionError, match="input"):
@@ -157,7 +130,7 @@ def test_the_code_check_fails_on_an_encoder_one_bin_off(monkeypatch, saved_codes
 
     monkeypatch.setattr(quantizer, "encode_codes", shifted)
     layer = LAYERS["conv"](4)
-    x, upstream = _random_layer(layer, (4, 8, 8, 8))
+    x, upstream = oracle.random_bn_unit(layer, (4, 8, 8, 8))
     with pytest.raises(AssertionError, match="mask bits wrong|bins from xhat"):
         _check(layer, x, upstream, saved_codes, "eager")
 

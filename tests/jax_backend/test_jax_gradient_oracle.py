@@ -12,7 +12,6 @@ import keras
 import numpy as np
 import pytest
 
-from keras_blpa import BNReLUConv2D, BNReLUDense
 from keras_blpa.backend.jax import kernels, quantizer
 
 TOLERANCE = 1e-5  # as on TensorFlow (tests/test_gradient_oracle.py)
@@ -54,22 +53,6 @@ def saved_codes(monkeypatch):
     return captured
 
 
-def _random_layer(layer, x_shape, seed=0):
-    rng = np.random.default_rng(seed)
-    x = (rng.normal(size=x_shape) * 2.0 + 0.5).astype("float32")
-    layer.build(x_shape)
-    channels = x_shape[-1]
-    gamma = rng.uniform(0.5, 1.5, channels) * rng.choice([-1.0, 1.0], channels)
-    beta = rng.normal(size=channels)
-    beta[0], gamma[0] = 8.0, 1.0
-    layer.gamma.assign(gamma.astype("float32"))
-    layer.beta.assign(beta.astype("float32"))
-    outputs = layer(x, training=False)
-    outputs = outputs if isinstance(outputs, list) else [outputs]
-    upstream = [rng.normal(size=o.shape).astype("float32") for o in outputs]
-    return x, upstream
-
-
 def _check(layer, x, upstream, saved_codes, expect_words: bool):
     trainable = [v.value for v in layer.trainable_variables]
     fixed = [v.value for v in layer.non_trainable_variables]
@@ -102,23 +85,14 @@ def _check(layer, x, upstream, saved_codes, expect_words: bool):
     assert max(errors) < TOLERANCE, dict(zip(names, errors))
 
 
-LAYERS = {
-    "conv": lambda bits: BNReLUConv2D(6, 3, bits=bits),
-    "conv_strided_valid": lambda bits: BNReLUConv2D(5, 3, strides=2, padding="valid",
-                                                    bits=bits),
-    "conv_projection": lambda bits: BNReLUConv2D(6, 3, strides=2, projection_filters=4,
-                                                 projection_strides=2, bits=bits),
-    "conv_leaky": lambda bits: BNReLUConv2D(6, 3, bits=bits, negative_slope=0.1),
-    "conv_capped": lambda bits: BNReLUConv2D(6, 3, bits=bits, max_value=1.5),
-    "dense_pooled": lambda bits: BNReLUDense(7, pooling="avg", bits=bits),
-}
+LAYERS = oracle.BN_UNITS
 
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("kind", sorted(LAYERS))
 def test_bn_units_compute_blpas_gradient(kind, bits, path, saved_codes):
     layer = LAYERS[kind](bits)
-    x, upstream = _random_layer(layer, (4, 8, 8, 8))
+    x, upstream = oracle.random_bn_unit(layer, (4, 8, 8, 8))
     # Capped units run the jnp quantizer on both paths (the custom calls have no cap).
     words = path == "jnp" or kind == "conv_capped"
     _check(layer, x, upstream, saved_codes, expect_words=words)
@@ -133,7 +107,7 @@ def test_the_oracle_fails_on_a_decoder_one_bin_off(monkeypatch, saved_codes):
         return xhat + quantizer.bin_width(bits, params.window), mask
 
     layer = LAYERS["conv"](4)
-    x, upstream = _random_layer(layer, (4, 8, 8, 8))
+    x, upstream = oracle.random_bn_unit(layer, (4, 8, 8, 8))
     _check(layer, x, upstream, saved_codes, expect_words=True)
     monkeypatch.setattr(quantizer, "centres_and_mask", one_bin_off)
     keras.backend.clear_session()
