@@ -1,11 +1,14 @@
 """keras_blpa.convert / to_standard: stock models to fused layers and back."""
 
 import collections
+import functools
 
+import gradient_oracle as oracle
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+import unit_taps
 from stock import cosine
 
 import keras_blpa
@@ -98,7 +101,7 @@ def _paired_variables(original, converted, report):
 
 
 def _train_grads(model, variables, x, seed=1):
-    w = _x((x.shape[0], model.output_shape[-1]), seed)
+    w = tf.cast(_x((x.shape[0], model.output_shape[-1]), seed), x.dtype)
     with tf.GradientTape() as tape:
         tape.watch(x)
         out = model(x, training=True)
@@ -196,18 +199,28 @@ def test_toy_model_exact_training_outputs_and_gradients_equal(kind, implementati
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_toy_model_blpa_gradients_close(bits, implementation):
+def test_toy_model_blpa_gradients(bits, implementation, monkeypatch):
     model = toy_model()
     converted, report = keras_blpa.convert(model, bits=bits, return_report=True)
     out0, out1, grads = _compare_training(model, converted, report, _x((3, 12, 12, 4)))
     # The forward pass is exact; only the backward uses the approximation.
     np.testing.assert_allclose(out1, out0, rtol=1e-5, atol=1e-6)
-    # The median meets the layer tests' per-unit floors; errors compound from
-    # unit to unit, so the worst tensor gets more room.
-    floor, worst = {8: (0.999, 0.99), 4: (0.99, 0.9)}[bits]
-    cosines = [cosine(a, b) for a, b in _significant(grads)]
-    assert min(cosines) >= worst and np.median(cosines) >= floor, cosines
     assert max(np.abs(a - b).max() for a, b in grads) > 1e-6  # it is approximate
+    _check_units(converted, _x((3, 12, 12, 4)), monkeypatch)
+
+
+def _check_units(converted, x, monkeypatch) -> None:
+    """Every BN unit's gradients inside `converted`, from its codes, against
+    the oracle's (`tests/unit_taps.py`)."""
+    taps = unit_taps.install(monkeypatch)
+    variables = converted.trainable_variables
+    step = unit_taps.traced(functools.partial(_train_grads, converted, variables), taps)
+    (_, grads), tapped = step(x)
+    records = unit_taps.resolve(converted, tapped, taps)
+    assert records and all(r[3] is not None for r in records.values())
+    grads = {v.path: np.asarray(g) for v, g in zip(variables, grads[1:])}
+    unit_taps.check_units(converted, grads, records)
+    monkeypatch.undo()
 
 
 def test_moving_statistics_update_like_stock():
@@ -396,18 +409,14 @@ def test_leaky_relu_chains_fuse_with_their_slope():
     assert row.endswith(" ld4") and "leaky" not in row  # slope 0: a plain ReLU
 
 
-def test_leaky_relu_4bit_gradients_close(implementation):
+def test_leaky_relu_4bit_gradients(implementation, monkeypatch):
     model = leaky_model()
     converted, report = keras_blpa.convert(model, bits=4, return_report=True)
-    # 16 samples: behind the 2-D BN of the Dense chain, a batch of 3 leaves a
-    # gradient that is mostly cancellation, which 4 bits approximate poorly
-    # for a ReLU as much as for a leaky ReLU (measured over 8 seeds: worst
-    # tensor 0.94-0.985, median 0.994-0.998).
-    out0, out1, grads = _compare_training(model, converted, report, _x((16, 10, 10, 4)))
+    x = _x((16, 10, 10, 4))
+    out0, out1, grads = _compare_training(model, converted, report, x)
     np.testing.assert_allclose(out1, out0, rtol=1e-5, atol=1e-6)
-    cosines = [cosine(a, b) for a, b in _significant(grads)]
-    assert min(cosines) >= 0.9 and np.median(cosines) >= 0.99, cosines
     assert max(np.abs(a - b).max() for a, b in grads) > 1e-6  # it is approximate
+    _check_units(converted, x, monkeypatch)
 
 
 def test_leaky_relu_to_standard_is_the_exact_inverse(tmp_path):
@@ -542,16 +551,9 @@ APPLICATIONS = {
     # post-activation: 2 BN units per block, and its Add -> ReLU into the next
     # block's convolutions (and the head's GAP -> Dense), without a BN
     "ResNet50": dict(fused=48, left=1),
-    # Twice ResNet50's depth amplifies rounding: with TF's oneDNN kernels the
-    # stock network's own gradients, eager against XLA, agree only to a
-    # cosine of 0.99959 (input gradient 0.99958), converted against stock
-    # 0.99952 (0.99949); without oneDNN 0.99988.
-    "ResNet101": dict(fused=99, left=1, cosine=0.999),
-    # ReLU6: expansion and depthwise units, head. Two mask edges per unit make
-    # its gradients the most rounding-sensitive: the same stock gradient
-    # computed four ways on one CPU (stock / converted, eager / XLA) agrees
-    # only to cosines of 0.9995-0.99999 pairwise.
-    "MobileNetV2": dict(fused=35, left=0, cosine=0.9995),
+    "ResNet101": dict(fused=99, left=1),
+    # ReLU6: expansion and depthwise units, head.
+    "MobileNetV2": dict(fused=35, left=0),
     # ReLU6; the head's GAP -> Dropout stays (no dropout: training outputs compare)
     "MobileNet": dict(fused=26, left=1, kwargs=dict(dropout=0.0)),
 }
@@ -580,36 +582,50 @@ def test_applications_exact_conversion(name):
     np.testing.assert_array_equal(back(x, training=False), reference)
     out0, out1, grads = _compare_training(model, converted, report, x)
     np.testing.assert_allclose(out1, out0, rtol=1e-4, atol=1e-4 * np.abs(out0).max())
-    # Float rounding differs (fused BN arithmetic) and deep nets amplify it in
-    # the backward pass; a wrong mask, padding or kernel layout gives cosines
-    # far below these. Tensors whose true gradient is ~0 (a conv bias right
-    # before a BN) are noise in both models: they are left out.
-    norms = np.array([np.linalg.norm(b) for _, b in grads])
-    significant = [g for g, n in zip(grads, norms) if n >= 1e-2 * np.median(norms)]
-    assert len(significant) >= 0.7 * len(grads)
-    assert min(cosine(a, b) for a, b in significant) >= 0.999
-    flat = [np.concatenate([np.ravel(g[i]) for g in grads[1:]]) for i in (0, 1)]
-    floor = APPLICATIONS[name].get("cosine", 0.9999)
-    assert cosine(*flat) >= floor
-    assert cosine(*grads[0]) >= floor  # the input gradient
+    # Deep random networks amplify float32 rounding in the backward pass (in
+    # ResNet101 and MobileNetV2 stock's own gradients, eager against XLA,
+    # differ by up to 3%). So both models are measured against the stock
+    # network in float64: the converted one must be about as close to it as
+    # stock float32 is (measured: 0.8x-1.9x as far, MobileNetV2 the 1.9x). A
+    # wrong mask, padding or kernel layout is not.
+    reference = _float64_gradients(model, converted, report, x)
+    stock_error = _rel([b for _, b in grads], reference)
+    error = _rel([a for a, _ in grads], reference)
+    assert error <= 4 * stock_error + 1e-6, (error, stock_error)
+    for (a, b), r in zip(grads[:1], reference[:1]):  # the input gradient
+        assert _rel([a], [r]) <= 4 * _rel([b], [r]) + 1e-6
+
+
+def _rel(actual: list, expected: list) -> float:
+    """Relative error of a list of tensors taken as one vector."""
+    num = sum(np.sum((np.asarray(a, np.float64) - e) ** 2) for a, e in zip(actual, expected))
+    return float(np.sqrt(num / sum(np.sum(np.square(e)) for e in expected)))
+
+
+def _float64_gradients(original, converted, report, x) -> list[np.ndarray]:
+    """`_compare_training`'s gradients of the original model in float64."""
+    twin = oracle.float64_twin(original)
+    by_path = {v.path: v for v in twin.trainable_variables}
+    variables = [by_path[a.path] for a, _ in _paired_variables(original, converted, report)]
+    _, grads = _train_grads(twin, variables, tf.cast(x, tf.float64))
+    return [np.asarray(g, np.float64) for g in grads]
 
 
 @pytest.mark.parametrize("name", ["ResNet50V2", "ResNet50", "MobileNetV2"])
-def test_applications_blpa_gradients(name):
+def test_applications_blpa_gradients(name, monkeypatch):
+    """Every BN unit of the converted network computes the oracle's gradient
+    from its codes (`tests/unit_taps.py`), at 8 and 4 bits; the forward stays
+    exact, and 4 bits lie further from stock than 8."""
     model = _randomize(_application(name, classifier_activation=None))
     x = _x((4, SIZE, SIZE, 3))
     errors = {}
-    # MobileNetV2 (random weights) at 4 bits: 0.983 measured; the same network
-    # with plain ReLUs in place of its ReLU6s: 0.987 (depthwise units).
-    for bits, floor in ((8, 0.999), (4, 0.98 if name == "MobileNetV2" else 0.99)):
+    for bits in (8, 4):
         converted, report = keras_blpa.convert(model, bits=bits, return_report=True)
         out0, out1, grads = _compare_training(model, converted, report, x)
         np.testing.assert_allclose(out1, out0, rtol=1e-4, atol=1e-4 * np.abs(out0).max())
-        flat = [np.concatenate([np.ravel(g[i]) for g in grads[1:]]) for i in (0, 1)]
-        # Whole-network agreement (measured: 8-bit 0.9998-0.9999, 4-bit 0.995-0.997).
-        assert cosine(*flat) >= floor
-        errors[bits] = 1 - cosine(*flat)
-    assert errors[4] > errors[8]
+        errors[bits] = _rel([a for a, _ in grads], [b for _, b in grads])
+        _check_units(converted, x, monkeypatch)
+    assert errors[4] > errors[8] > 0
 
 
 def test_mobilenet_v2_relu6_chains_fuse_capped():
