@@ -37,10 +37,56 @@ import tensorflow as tf  # noqa: E402
 import keras_blpa  # noqa: E402
 from keras_blpa import datasets, profiling, training  # noqa: E402
 
-MODELS = (
+APPLICATIONS = (
     "ResNet50V2", "ResNet101V2", "ResNet152V2", "ResNet50", "ResNet101", "ResNet152",
     "DenseNet121", "DenseNet169", "DenseNet201", "MobileNetV2", "MobileNet",
 )
+_RESNET50 = dict(input_conv_filters=[64], input_conv_kernel_sizes=[7],
+                 stackwise_num_filters=[64, 128, 256, 512], stackwise_num_blocks=[3, 4, 6, 3],
+                 stackwise_num_strides=[1, 2, 2, 2], block_type="bottleneck_block",
+                 use_pre_activation=False)
+_CSP = dict(stem_filters=32, stem_kernel_size=3, stem_strides=1,
+            stackwise_depth=[1, 2, 8, 8, 4], stackwise_num_filters=[64, 128, 256, 512, 1024],
+            stackwise_strides=[2, 2, 2, 2, 2], bottle_ratio=[0.5, 1.0], block_ratio=[1.0, 0.5],
+            expand_ratio=[2.0, 1.0], stage_type="csp", block_type="dark_block",
+            activation="leaky_relu", stem_padding="same", down_growth=True)
+# KerasHub vision backbones with the layouts of their presets (random weights:
+# the presets need the internet); each gets a GlobalAveragePooling2D -> Dense head.
+HUB = {
+    "hub:ResNet50": ("ResNetBackbone", _RESNET50),
+    "hub:ResNet50V2": ("ResNetBackbone", {**_RESNET50, "use_pre_activation": True}),
+    "hub:ResNet50vd": ("ResNetBackbone", {
+        **_RESNET50, "input_conv_filters": [32, 32, 64], "input_conv_kernel_sizes": [3, 3, 3],
+        "block_type": "bottleneck_block_vd"}),
+    "hub:DenseNet121": ("DenseNetBackbone", dict(stackwise_num_repeats=[6, 12, 24, 16])),
+    "hub:MobileNetV3Small": ("MobileNetBackbone", dict(
+        stackwise_num_blocks=[2, 3, 2, 3],
+        stackwise_expansion=[[72, 88], [96, 240, 240], [120, 144], [288, 576, 576]],
+        stackwise_num_filters=[[24, 24], [40, 40, 40], [48, 48], [96, 96, 96]],
+        stackwise_kernel_size=[[3, 3], [5, 5, 5], [5, 5], [5, 5, 5]],
+        stackwise_num_strides=[[2, 1], [2, 1, 1], [1, 1], [2, 1, 1]],
+        stackwise_se_ratio=[[None, None], [0.25] * 3, [0.25] * 2, [0.25] * 3],
+        stackwise_activation=[["relu", "relu"], ["hard_swish"] * 3, ["hard_swish"] * 2,
+                              ["hard_swish"] * 3],
+        stackwise_padding=[[1, 1], [2, 2, 2], [2, 2], [2, 2, 2]],
+        output_num_filters=1024, depthwise_filters=16, depthwise_stride=2,
+        depthwise_residual=False, squeeze_and_excite=0.5, last_layer_filter=576)),
+    "hub:CSPDarkNet53": ("CSPNetBackbone", _CSP),
+    "hub:VGG16": ("VGGBackbone", dict(stackwise_num_repeats=[2, 2, 3, 3, 3],
+                                      stackwise_num_filters=[64, 128, 256, 512, 512])),
+    "hub:HGNetV2B4": ("HGNetV2Backbone", dict(
+        depths=[1, 1, 3, 1], embedding_size=48, hidden_sizes=[128, 512, 1024, 2048],
+        stem_channels=[3, 32, 48], hidden_act="relu", use_learnable_affine_block=False,
+        stackwise_stage_filters=[[48, 48, 128, 1, 6, 3], [128, 96, 512, 1, 6, 3],
+                                 [512, 192, 1024, 3, 6, 5], [1024, 384, 2048, 1, 6, 5]],
+        apply_downsample=[False, True, True, True],
+        use_lightweight_conv_block=[False, False, True, True])),
+    "hub:Xception41": ("XceptionBackbone", dict(
+        stackwise_conv_filters=[[32, 64], [128, 128], [256, 256], [728, 728]]
+        + [[728, 728, 728]] * 8 + [[728, 1024], [1536, 2048]],
+        stackwise_pooling=[False, True, True, True] + [False] * 8 + [True, False])),
+}
+MODELS = APPLICATIONS + tuple(HUB)
 VARIANTS = ("stock", "none", "8", "4", "4+bn8", "4+bn4", "8+bn8")
 
 
@@ -87,10 +133,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build(name: str, size: int, classes: int = 10) -> keras.Model:
-    """The application with random weights (no download)."""
-    return getattr(keras.applications, name)(
-        weights=None, input_shape=(size, size, 3), classes=classes
-    )
+    """The application, or the KerasHub backbone with a head, with random
+    weights (no download)."""
+    if name not in HUB:
+        return getattr(keras.applications, name)(
+            weights=None, input_shape=(size, size, 3), classes=classes
+        )
+    import keras_hub
+
+    cls, config = HUB[name]
+    backbone = getattr(keras_hub.models, cls)(**config, image_shape=(size, size, 3))
+    inputs = keras.Input((size, size, 3))
+    features = backbone(inputs)
+    if isinstance(features, dict):  # HGNetV2: one output per stage
+        features = features[list(features)[-1]]
+    pooled = keras.layers.GlobalAveragePooling2D()(features)
+    return keras.Model(inputs, keras.layers.Dense(classes, activation="softmax")(pooled),
+                       name=name.removeprefix("hub:"))
 
 
 def variant_model(name: str, size: int, variant: str):

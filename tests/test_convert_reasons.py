@@ -116,3 +116,35 @@ def test_window_and_naive_reach_the_fused_layers():
     assert not np.allclose(naive(x, training=False), model(x, training=False), atol=1e-4)
     with pytest.raises(ValueError, match="window"):
         keras_blpa.convert(model, bits=4, window=-1.0)
+
+
+@keras.saving.register_keras_serializable("test_convert_reasons")
+class Block(L.Layer):
+    """A custom layer holding BN -> ReLU -> Conv2D (as KerasHub's MobileNet
+    blocks do), which renames itself when rebuilt from its config."""
+
+    def __init__(self, name=None, **kwargs):
+        super().__init__(name=f"{name}_0" if name else None, **kwargs)
+        self.bn, self.relu, self.conv = L.BatchNormalization(), L.ReLU(), L.Conv2D(4, 1)
+
+    def call(self, x):
+        return self.conv(self.relu(self.bn(x)))
+
+
+def test_chains_inside_custom_layers_and_operations_are_reported():
+    inputs = keras.Input((8, 8, 3))
+    x = L.Conv2D(6, 3, name="stem")(inputs)
+    x = Block(name="block")(x)
+    a = L.ReLU(name="relu")(L.BatchNormalization(name="bn")(x))
+    left, right = keras.ops.split(a, 2, axis=-1)  # an operation reads the ReLU output
+    model = keras.Model(inputs, L.Conv2D(2, 1)(left) + right)
+    assert model.get_layer("block_0").name == "block_0"
+    converted, report = keras_blpa.convert(model, bits=4, return_report=True)
+    reasons = {c.layers[0]: c.reason for c in report.left}
+    assert "1 BatchNormalization layer inside the custom layer block_0 (Block)" in reasons[
+        "block_0"]
+    assert "split" in reasons["bn"] and "(Split)" in reasons["bn"]
+    # The custom layer renames itself on the rebuild; its weights still carry over.
+    assert "block_0_0" in [layer.name for layer in converted.layers]
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype("float32")
+    np.testing.assert_array_equal(converted(x), model(x))

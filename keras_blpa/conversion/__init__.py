@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 import keras
 
 from keras_blpa import backend, grid
+from keras_blpa.conversion import subclass
 from keras_blpa.conversion.fuse import convert_graph, keep_predicate
 from keras_blpa.conversion.report import Chain, ConversionReport
 from keras_blpa.conversion.standard import standard_graph
@@ -113,9 +114,23 @@ def convert(
         raise ValueError(f"`return_report` must be a bool; received {return_report!r}.")
     report = ConversionReport(bits=bits, bn_bits=bn_bits)
     options = dict(bits=bits, naive=naive, window=window, bn_bits=bn_bits)
-    new_model, load = convert_graph(model, options, keep, report)
-    load(new_model)
+    new_model = _convert(model, options, keep, report)
     return (new_model, report) if return_report else new_model
+
+
+def _convert(model, options: dict, keep, report: ConversionReport, path: str = ""):
+    backbone = subclass.task_backbone(model)
+    if backbone is not None:
+        report.notes.append(subclass.note(model, task=True))
+        new_backbone = _convert(backbone, options, keep, report,
+                                f"{path}/{backbone.name}" if path else backbone.name)
+        return subclass.rebuild_task(model, new_backbone)
+    if subclass.is_functional_subclass(model):
+        report.notes.append(subclass.note(model))
+        model = subclass.as_functional(model)
+    new_model, load = convert_graph(model, options, keep, report, path)
+    load(new_model)
+    return new_model
 
 
 def to_standard(model: keras.Model) -> keras.Model:
@@ -146,6 +161,11 @@ def to_standard(model: keras.Model) -> keras.Model:
         `naive=True` (its inference quantizes, which stock layers do not) or
         one called more than once.
     """
+    backbone = subclass.task_backbone(model)
+    if backbone is not None:
+        return subclass.rebuild_task(model, to_standard(backbone))
+    if subclass.is_functional_subclass(model):
+        model = subclass.as_functional(model)
     new_model, load = standard_graph(model)
     load(new_model)
     return new_model

@@ -10,6 +10,7 @@ import keras
 import numpy as np
 
 from keras_blpa.conversion import graph as g
+from keras_blpa.conversion import subclass
 from keras_blpa.conversion.report import Chain, ConversionReport
 from keras_blpa.layers import (
     ApproxBatchNormalization,
@@ -583,6 +584,13 @@ def convert_graph(model, options: dict, keep: Callable, report: ConversionReport
         ))
         report.stock_layers += len(parts)
         report.fused_layers += 1
+    for name, layer in graph.layers.items():
+        inside = _hidden_bns(layer)
+        if inside:
+            report.chains.append(Chain((name,), model=path, reason=(
+                f"{inside} BatchNormalization layer{'s' if inside > 1 else ''} inside the "
+                f"custom layer {name} ({type(layer).__name__}), whose call is its own "
+                "Python code: convert rewrites only the Functional graph")))
     for pad, pool in list(_pad_pools(graph, removed)):
         try:
             layer = _padded_pool(graph, pad, pool, keep)
@@ -615,12 +623,32 @@ def convert_graph(model, options: dict, keep: Callable, report: ConversionReport
         else:
             new_entries.append(entry)
     new_model = g.rebuild(graph, new_entries, mapping, model)
-    return new_model, lambda new: transfer(new, model, loaders)
+    return new_model, lambda new: transfer(new, model, loaders, removed)
+
+
+def _hidden_bns(layer) -> int:
+    """BatchNormalization layers held inside a custom (non-model) layer."""
+    if isinstance(layer, keras.Model) or type(layer).__module__.startswith("keras."):
+        return 0
+    seen, count, stack = {id(layer)}, 0, [layer]
+    while stack:
+        for value in vars(stack.pop()).values():
+            items = value if isinstance(value, (list, tuple)) else [value]
+            for item in items:
+                if isinstance(item, keras.layers.Layer) and id(item) not in seen:
+                    seen.add(id(item))
+                    count += isinstance(item, keras.layers.BatchNormalization)
+                    stack.append(item)
+    return count
 
 
 def _nested(layer, entry: dict, options, keep, report, path, loaders) -> dict:
     """A nested Functional / Sequential model, converted in its own right."""
     inner_path = f"{path}/{layer.name}" if path else layer.name
+    note = None
+    if subclass.is_functional_subclass(layer):
+        note = subclass.note(layer)
+        layer = subclass.as_functional(layer)
     try:
         g.model_kind(layer, argument=inner_path)
     except ValueError as err:
@@ -631,6 +659,8 @@ def _nested(layer, entry: dict, options, keep, report, path, loaders) -> dict:
     inner, load = convert_graph(layer, options, keep, report, inner_path)
     if report.changes() == before:
         return entry
+    if note:
+        report.notes.append(note)
     loaders[layer.name] = load
     new_entry = keras.saving.serialize_keras_object(inner)
     for key in ("name", "inbound_nodes"):
@@ -639,13 +669,32 @@ def _nested(layer, entry: dict, options, keep, report, path, loaders) -> dict:
     return new_entry
 
 
-def transfer(new_model, old_model, loaders: dict) -> None:
-    """Weights of `old_model` into `new_model`: by `loaders`, else by layer name."""
+def transfer(new_model, old_model, loaders: dict, replaced: set = frozenset()) -> None:
+    """Weights of `old_model` into `new_model`: by `loaders`, else by layer
+    name, else in order: a custom layer rebuilt from its config may name
+    itself anew (KerasHub's MobileNet blocks append a suffix). `replaced`:
+    old layers that fused layers replace."""
+    old_names = {layer.name for layer in old_model.layers}
+    new_names = {layer.name for layer in new_model.layers}
+    renamed_old = [layer for layer in old_model.layers
+                   if layer.name not in new_names | set(loaders) | set(replaced)
+                   and layer.weights]
+    renamed_new = [layer for layer in new_model.layers
+                   if layer.name not in old_names and layer.name not in loaders and layer.weights]
+    if len(renamed_old) != len(renamed_new):
+        raise ValueError(
+            f"Could not match the layers of `model` ({old_model.name}) rebuilt from their "
+            f"configs: {[layer.name for layer in renamed_new]} are new names, "
+            f"{[layer.name for layer in renamed_old]} are gone. Every layer must keep its "
+            "name through `from_config(get_config())`."
+        )
+    renamed = {id(new): old for new, old in zip(renamed_new, renamed_old)}
     for layer in new_model.layers:
         if layer.name in loaders:
             loaders[layer.name](layer)
         elif layer.weights:
-            layer.set_weights(old_model.get_layer(layer.name).get_weights())
+            source = renamed.get(id(layer)) or old_model.get_layer(layer.name)
+            layer.set_weights(source.get_weights())
 
 
 def keep_predicate(keep) -> Callable:

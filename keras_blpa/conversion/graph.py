@@ -136,7 +136,9 @@ class Graph:
         kind = model_kind(model)
         config = copy.deepcopy(model.get_config())
         graph = cls(kind=kind, config=config)
-        graph.layers = {layer.name: layer for layer in model.layers}
+        # Operations too (`keras.ops` calls in the graph, e.g. a split), which
+        # `model.layers` leaves out but the config lists.
+        graph.layers = {op.name: op for op in getattr(model, "operations", model.layers)}
         entries = config["layers"]
         previous = None
         for entry in entries:

@@ -59,6 +59,8 @@ class ConversionReport:
       bn_bits: `convert`'s `bn_bits`.
       pools: each `ZeroPadding2D -> MaxPooling2D` outside the chains: a
         two-layer `Chain`, "fused" when it became a `PaddedMaxPooling2D`.
+      notes: what became of Functional subclasses (KerasHub backbones and
+        tasks): what the result is and what it does not keep.
     """
 
     chains: list = field(default_factory=list)
@@ -68,6 +70,7 @@ class ConversionReport:
     bns: list = field(default_factory=list)
     bn_bits: int | None = None
     pools: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
 
     @property
     def fused(self) -> list:
@@ -97,6 +100,7 @@ class ConversionReport:
             f"{count(self.fused_layers, bits + ' layer')} "
             f"({count(self.stock_layers, 'stock layer')} replaced), {len(self.left)} left stock",
         ]
+        lines += [f"Note: {n}" for n in self.notes]
         rows = [("", "chain", "fused layer / reason")] + [
             (
                 "fused" if c.fused else "stock",
