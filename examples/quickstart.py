@@ -118,6 +118,18 @@ def label_of(variant: str) -> str:
 
 def prepare_op() -> str:
     """Builds (once, cached) and loads the compiled op before anything is timed."""
+    if keras.backend.backend() == "jax":
+        from keras_blpa.backend.jax import kernels as jax_kernels
+
+        start = time.time()
+        platforms = jax_kernels.load()
+        seconds = time.time() - start
+        if jax_kernels.enabled() and jax_kernels.platform() in platforms:
+            return (f"XLA custom calls: ready in {seconds:.0f} s (JAX backend, "
+                    f"{jax_kernels.platform()}; every step is jit-compiled)")
+        why = jax_kernels.load_error() or f"not enabled on {jax_kernels.platform()}"
+        return (f"XLA custom calls: not used here ({why}); the 4/8-bit runs use the jnp "
+                "quantizer, the same codes")
     from keras_blpa import ops
     from keras_blpa.backend.tensorflow import kernels
 
@@ -256,6 +268,8 @@ def measure_memory(args: argparse.Namespace, shape, classes: int, variants: list
                    summary: dict) -> None:
     """Lowest of `--memory-repeats` fresh processes per variant (and of their steps)."""
     todo = [*variants, "stock"]
+    if keras.backend.backend() == "jax":
+        return measure_jax_memory(args, shape, classes, todo, summary)
     print(f"\n== Activation memory: {len(todo)} variants x {args.memory_repeats} fresh "
           f"processes, slope of peak step memory from batch {MEMORY_BATCH_SIZES[0]} to "
           f"{MEMORY_BATCH_SIZES[1]} (untrained models)", flush=True)
@@ -284,6 +298,31 @@ def measure_memory(args: argparse.Namespace, shape, classes: int, variants: list
         f"{MEMORY_BATCH_SIZES[1]}, the lowest of {MEMORY_STEPS} steps in each of "
         f"{args.memory_repeats} fresh processes (the op order that needs least; the "
         f"highest run was {100 * spread:.0f}% above)"
+    )
+
+
+def measure_jax_memory(args: argparse.Namespace, shape, classes: int, todo: list[str],
+                       summary: dict) -> None:
+    """On JAX: XLA's temp buffer of the compiled training step, its slope
+    (`profiling.jax_temp_slope`); deterministic, so one run per variant."""
+    print(f"\n== Activation memory: {len(todo)} variants, slope of XLA's temp buffer of the "
+          f"compiled step from batch {MEMORY_BATCH_SIZES[0]} to {MEMORY_BATCH_SIZES[1]}",
+          flush=True)
+    for variant in todo:
+        mem = profiling.jax_temp_slope(
+            batch_sizes=MEMORY_BATCH_SIZES, model="cifar", variant=variant, depth=args.depth,
+            width=args.width, channels=shape[-1], size=shape[0], classes=classes)
+        print(f"  {variant}: {mem['mib_per_sample']:.3f} MiB/sample", flush=True)
+        figures = {"activation_mib_per_sample": mem["mib_per_sample"],
+                   "activation_mib_per_sample_runs": [mem["mib_per_sample"]]}
+        if variant == "stock":
+            summary["stock_keras_mib_per_sample"] = mem["mib_per_sample"]
+            summary["stock_keras_runs"] = [mem["mib_per_sample"]]
+        else:
+            summary["variants"][label_of(variant)].update(figures)
+    summary["memory_method"] = (
+        f"slope of XLA's temp buffer of the compiled training step (memory_analysis) from "
+        f"batch {MEMORY_BATCH_SIZES[0]} to {MEMORY_BATCH_SIZES[1]}, JAX backend"
     )
 
 

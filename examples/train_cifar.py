@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=training.positive_int, default=128)
     p.add_argument("--lr", type=training.positive_float, default=0.1)
     p.add_argument("--weight-decay", type=training.non_negative_float, default=1e-4)
-    p.add_argument("--jit-compile", action="store_true", help="XLA (pure-TF quantizer)")
+    p.add_argument("--jit-compile", action="store_true", default=None,
+                   help="XLA on TensorFlow too (pure-TF quantizer; JAX always compiles)")
     p.add_argument("--data-dir", default=None, help="tfds data directory")
     p.add_argument("--out", default="runs/cifar", help="folder for log.csv, summary.json")
     args = p.parse_args(argv)
@@ -58,7 +59,7 @@ def main(argv=None) -> dict:
     steps = args.steps_per_epoch or 50_000 // args.batch_size
     training.compile_for_training(
         model, steps, args.epochs, base_lr=args.lr, weight_decay=args.weight_decay,
-        jit_compile=args.jit_compile,
+        jit_compile=training.backend_jit_compile(args.jit_compile),
     )
     print(f"{model.name}: {model.count_params():,} parameters on {args.dataset}")
     return training.fit_and_summarize(

@@ -46,7 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=training.positive_int, default=64)
     p.add_argument("--image-size", type=training.positive_int, default=224)
     p.add_argument("--weight-decay", type=training.non_negative_float, default=1e-4)
-    p.add_argument("--jit-compile", action="store_true")
+    p.add_argument("--jit-compile", action="store_true", default=None,
+                   help="XLA on TensorFlow too (pure-TF quantizer; JAX always compiles)")
     p.add_argument("--out", default="runs/imagenet")
     args = p.parse_args(argv)
     if args.image_size < MIN_IMAGE_SIZE:
@@ -73,7 +74,7 @@ def main(argv=None) -> dict:
     model.compile(
         optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy", keras.metrics.SparseTopKCategoricalAccuracy(5, name="top5")],
-        jit_compile=args.jit_compile,
+        jit_compile=training.backend_jit_compile(args.jit_compile),
     )
     print(f"{model.name}: {model.count_params():,} parameters")
     summary = training.fit_and_summarize(

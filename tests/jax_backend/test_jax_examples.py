@@ -42,3 +42,18 @@ def test_colab_notebook_jax_route_runs_on_cpu(tmp_path, monkeypatch, capsys):
     slopes = namespace["slopes"]
     assert set(slopes) == {"stock Keras", "BLPA 4-bit"} and slopes["stock Keras"] > 0
     assert "less activation memory than stock Keras" in capsys.readouterr().out
+
+
+def test_quickstart_trains_and_measures_on_jax(tmp_path, capsys, load_example):
+    """The README's main job on JAX: every step jit-compiled, memory from
+    XLA's temp buffer (TensorFlow's allocator is not there to measure)."""
+    quickstart = load_example("quickstart")
+    summary = quickstart.main([
+        "--dataset", "fashion_mnist_subset", "--depth", "11", "--epochs", "1",
+        "--train-size", "256", "--batch-size", "64", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "XLA custom calls: ready" in out and "XLA's temp buffer" in out
+    four, exact = summary["variants"]["BLPA 4-bit"], summary["variants"]["exact (bits=None)"]
+    stock = summary["stock_keras_mib_per_sample"]
+    assert 0 < four["activation_mib_per_sample"] < exact["activation_mib_per_sample"] < stock
+    assert 0 <= four["test_accuracy"] <= 1
