@@ -31,7 +31,8 @@ SUPPORTED = ("tensorflow", "jax")
 ROLES = {
     "tensorflow": ("unit", "relu_unit", "bn_unit", "pooling", "quantizer", "kernels", "linear",
                    "xla"),
-    "jax": ("unit", "quantizer", "kernels", "linear", "xla"),
+    "jax": ("unit", "relu_unit", "bn_unit", "pooling", "quantizer", "kernels", "linear",
+            "xla"),
 }
 
 

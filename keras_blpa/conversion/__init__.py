@@ -77,8 +77,15 @@ def convert(
     >>> model, report = keras_blpa.convert(base, bits=4, return_report=True)
     >>> print(report)   # a table: each chain, fused or left stock and why
 
+    A KerasHub backbone or task (a class that subclasses Keras's
+    `Functional`) converts too: a backbone becomes a plain Functional model
+    with the same inputs, outputs and weights; a task is rebuilt as its own
+    class around the converted backbone, with its preprocessor and head
+    (`report.notes` says which).
+
     Args:
-      model: a Functional or Sequential `keras.Model` (built).
+      model: a Functional (or Functional subclass) or Sequential
+        `keras.Model` (built).
       bits: 4 or 8 (BLPA) or None (exact) for every fused layer.
       naive: quantize in the forward pass too (the paper's baseline).
       window: the quantizer's range (see `BNReLUConv2D`).
@@ -94,9 +101,11 @@ def convert(
       The converted model, or `(model, report)` with `return_report=True`.
 
     Raises:
-      ValueError: for a subclassed `keras.Model` (its graph only exists in
-        its Python code), an unbuilt Sequential model, or a bad argument.
-      RuntimeError: when Keras does not run on its TensorFlow backend.
+      ValueError: for a subclassed `keras.Model` that is not Functional (its
+        graph only exists in its Python code), an unbuilt Sequential model,
+        or a bad argument.
+      RuntimeError: when Keras runs on neither its TensorFlow nor its JAX
+        backend.
     """
     backend.check("keras_blpa.convert")
     # The fused layers' own checks name `bits`, `naive` and `window`.

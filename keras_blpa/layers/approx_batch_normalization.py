@@ -58,12 +58,6 @@ class ApproxBatchNormalization(keras.layers.BatchNormalization):
                     f"ApproxBatchNormalization does not support {key}=True; use "
                     "keras.layers.BatchNormalization for it."
                 )
-        if backend.name() != "tensorflow":
-            raise ValueError(
-                "ApproxBatchNormalization runs on Keras's TensorFlow backend only for now; "
-                f"this is the {backend.name()!r} backend. Use "
-                "keras.layers.BatchNormalization there."
-            )
         super().__init__(**kwargs)
         self.bits = bits
         self.window = None if window is None else float(window)

@@ -39,11 +39,6 @@ class PaddedMaxPooling2D(keras.layers.Layer):
     """
 
     def __init__(self, padding=1, pool_size=2, strides=None, **kwargs):
-        if backend.name() != "tensorflow":
-            raise ValueError(
-                "PaddedMaxPooling2D runs on Keras's TensorFlow backend only for now; this "
-                f"is the {backend.name()!r} backend. Use ZeroPadding2D -> MaxPooling2D there."
-            )
         if kwargs.pop("data_format", "channels_last") != "channels_last":
             raise ValueError(
                 "PaddedMaxPooling2D takes channels_last inputs only (data_format="

@@ -21,8 +21,9 @@ class ReLUOnlyMixin:
     """ReLU -> linear on top of a fused BN layer class: the linear half of
     that class (weights, shapes, maps), without BatchNormalization.
 
-    In training the unit is `keras_blpa.backend.tensorflow.relu_unit.relu_linear`, whose grid
-    comes from the batch's moments of the input; in inference, plain ops.
+    In training the unit is the backend's `relu_unit.relu_linear` (TensorFlow
+    or JAX), whose grid comes from the batch's moments of the input; in
+    inference, plain ops.
     """
 
     def __init__(self, *args, return_activation: bool = False, **kwargs):
@@ -32,12 +33,6 @@ class ReLUOnlyMixin:
                 f"{type(self).__name__} has no BatchNormalization (nor a leaky or capped "
                 f"ReLU, nor a naive mode); it takes no {', '.join(map(repr, refused))}. "
                 f"Use BN{type(self).__name__} for BN -> ReLU -> linear."
-            )
-        if backend.name() != "tensorflow":
-            raise ValueError(
-                f"{type(self).__name__} runs on Keras's TensorFlow backend only for now; "
-                f"this is the {backend.name()!r} backend. `keras_blpa.convert` leaves "
-                "ReLU -> linear chains without a BN stock there."
             )
         if not isinstance(return_activation, bool):
             raise ValueError(

@@ -12,6 +12,8 @@ import subprocess
 import sys
 import textwrap
 
+import jax
+import jax.numpy as jnp
 import keras
 import numpy as np
 import pytest
@@ -94,24 +96,47 @@ def test_convert_and_to_standard_on_jax():
     _compiled(converted).fit(x, np.arange(4) % 4, epochs=1, verbose=0)
 
 
-def test_post_activation_parts_stay_stock_on_jax_with_their_reason():
-    """ReLU -> Conv without a BN, ApproxBatchNormalization and PaddedMaxPooling2D
-    are TensorFlow-only for now: on JAX `convert` leaves them stock and says so."""
+def test_post_activation_parts_fuse_on_jax():
+    """ReLU -> Conv without a BN (ReLUConv2D), ApproxBatchNormalization and
+    PaddedMaxPooling2D on JAX, as on TensorFlow: outputs equal the stock
+    model's, and at bits=None (bn_bits left stock) so do the gradients."""
     layers = keras.layers
     inputs = keras.Input((8, 8, 3))
     x = layers.ReLU()(layers.BatchNormalization()(layers.Conv2D(4, 3, padding="same")(inputs)))
     x = layers.MaxPooling2D(3, strides=2)(layers.ZeroPadding2D(1)(x))
     y = layers.BatchNormalization()(layers.Conv2D(4, 3, padding="same")(x))
     x = layers.ReLU()(layers.Add()([x, y]))
+    x = layers.ReLU()(layers.Add()([x, layers.Conv2D(4, 1)(x)]))
     model = keras.Model(inputs, layers.Dense(2)(layers.GlobalAveragePooling2D()(x)))
+    x = np.random.default_rng(3).normal(size=(4, 8, 8, 3)).astype("float32")
     converted, report = keras_blpa.convert(model, bits=4, bn_bits=8, return_report=True)
-    assert not report.approximated and not any(c.fused for c in report.pools)
-    text = str(report)
-    assert "TensorFlow backend only" in text and "PaddedMaxPooling2D rejects it" in text
-    assert [type(layer).__name__ for layer in converted.layers] == [
-        type(layer).__name__ for layer in model.layers]
-    x = np.random.default_rng(3).normal(size=(2, 8, 8, 3)).astype("float32")
-    np.testing.assert_array_equal(converted(x, training=False), model(x, training=False))
+    assert report.approximated and all(c.fused for c in report.pools)
+    kinds = {type(layer).__name__ for layer in converted.layers}
+    assert {"ReLUConv2D", "ReLUDense", "ApproxBatchNormalization",
+            "PaddedMaxPooling2D"} <= kinds, kinds
+    np.testing.assert_allclose(converted(x, training=False), model(x, training=False),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(converted(x, training=True), model(x, training=True),
+                               rtol=1e-4, atol=1e-5)
+    exact = keras_blpa.convert(model, bits=None)
+
+    def gradients(m):
+        trainable = [v.value for v in m.trainable_variables]
+        fixed = [v.value for v in m.non_trainable_variables]
+
+        def loss(trainable, x):
+            out, _ = m.stateless_call(trainable, fixed, x, training=True)
+            return jnp.sum(out * jnp.arange(2.0))
+
+        grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(trainable, x)
+        # Every weight's gradient, as one sorted vector: the two models
+        # group the same weights into different layers.
+        flat = np.sort(np.concatenate([np.asarray(g).ravel() for g in grads[0]]))
+        return flat, np.asarray(grads[1])
+
+    (stock_w, stock_x), (exact_w, exact_x) = gradients(model), gradients(exact)
+    np.testing.assert_allclose(exact_x, stock_x, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(exact_w, stock_w, rtol=1e-4, atol=1e-5 * np.abs(stock_w).max())
 
 
 _OTHER_BACKEND = textwrap.dedent("""

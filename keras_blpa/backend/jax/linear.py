@@ -18,13 +18,15 @@ _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 class Conv2DMap:
     """Conv2D (+ bias) and an optional 1x1 projection head reading the same `a`.
 
-    Weights: `[kernel, bias?, projection_kernel?]`. Grouped convolutions are
-    inferred from the kernel's input channels, as `keras.layers.Conv2D` does.
+    Weights: `[kernel, bias?, projection_kernel?, projection_bias?]`. Grouped
+    convolutions are inferred from the kernel's input channels, as
+    `keras.layers.Conv2D` does.
     """
 
     def __init__(self, strides, padding, dilation_rate, use_bias, projection_strides,
-                 groups: int = 1):
+                 groups: int = 1, projection_use_bias: bool = False):
         del groups  # inferred from the kernel
+        self.projection_use_bias = projection_use_bias and projection_strides is not None
         self.strides = tuple(strides)
         self.padding = padding.upper() if isinstance(padding, str) else tuple(
             tuple(p) for p in padding
@@ -48,7 +50,10 @@ class Conv2DMap:
         if self.use_bias:
             outputs[0] = outputs[0] + weights[1]
         if self.projection_strides is not None:
-            outputs.append(self._conv(a, weights[-1], self.projection_strides, "VALID", (1, 1)))
+            kernel = weights[2 if self.use_bias else 1]
+            outputs.append(self._conv(a, kernel, self.projection_strides, "VALID", (1, 1)))
+            if self.projection_use_bias:
+                outputs[1] = outputs[1] + weights[-1]
         return outputs
 
 
