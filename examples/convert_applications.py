@@ -199,20 +199,26 @@ def backward_peak(model, batch_size: int, steps: int = 3) -> int:
 
 
 def measure(name: str, size: int, variant: str, batch_sizes, steps: int) -> dict:
-    """Per-sample slope of `backward_peak` between two batch sizes, in this process."""
+    """Per-sample slope of `backward_peak` between two batch sizes, in this
+    process; on JAX, of XLA's temp buffer of the compiled training step
+    (`profiling.jax_step_temp_bytes`)."""
     model, report = variant_model(name, size, variant)
-    # A discarded first trace: the first traced step of a converted
-    # ResNet50V2 with bits=None (compiled op) often peaked ~90 MB higher than
-    # later traces, whatever its batch size, which skewed the slope (see the
-    # README; the jump is not fully understood).
-    backward_peak(model, batch_sizes[0], 1)
-    peaks = [backward_peak(model, b, steps) for b in batch_sizes]
+    if keras.backend.backend() == "jax":
+        peaks = [profiling.jax_step_temp_bytes(model, b) for b in batch_sizes]
+    else:
+        # A discarded first trace: the first traced step of a converted
+        # ResNet50V2 with bits=None (compiled op) often peaked ~90 MB higher
+        # than later traces, whatever its batch size, which skewed the slope
+        # (see the README; the jump is not fully understood).
+        backward_peak(model, batch_sizes[0], 1)
+        peaks = [backward_peak(model, b, steps) for b in batch_sizes]
     span = (batch_sizes[-1] - batch_sizes[0]) * 2**20
     result = {"model": name, "size": size, "variant": variant, "batch_sizes": list(batch_sizes),
               "peak_bytes": peaks, "mib_per_sample": (peaks[-1] - peaks[0]) / span,
               "step_slopes": [(p1 - p0) / (b1 - b0) / 2**20 for b0, b1, p0, p1 in zip(
                   batch_sizes, batch_sizes[1:], peaks, peaks[1:])],
               "params": model.count_params()}
+    result["backend"] = keras.backend.backend()
     if report is not None and report.fused:
         result["saved_mib_per_sample"] = profiling.saved_bytes_per_sample(model) / 2**20
     return result
@@ -240,6 +246,10 @@ def measure_in_subprocess(args, name: str, variant: str) -> dict:
 
 
 def child(args) -> None:
+    if keras.backend.backend() == "jax":  # XLA's own account: nothing to set up
+        print(json.dumps(measure(args.model, args.size, args.measure_child[0],
+                                 args.memory_batch_sizes, args.memory_steps)))
+        return
     tf.config.threading.set_inter_op_parallelism_threads(-1)
     if profiling.memory_device() == "CPU:0":
         # One BFC region up front, so chunk addresses (and the peak) do not
@@ -281,9 +291,13 @@ def memory_table(args, names) -> str:
             f"{len(report.left)} | {' | '.join(cells)} | {' | '.join(ratio_cells)} | "
             f"{last.get('saved_mib_per_sample', 0):.2f} |"
         )
-    rows.append(f"\nMiB per sample: slope of the peak memory of a forward + backward pass "
-                f"from batch {b0} to {b1}, lowest of {args.memory_steps} steps and "
-                f"{args.memory_repeats} fresh processes per figure.")
+    if keras.backend.backend() == "jax":
+        rows.append(f"\nMiB per sample (JAX): slope of XLA's temp buffer of the compiled "
+                    f"training step from batch {b0} to {b1}.")
+    else:
+        rows.append(f"\nMiB per sample: slope of the peak memory of a forward + backward "
+                    f"pass from batch {b0} to {b1}, lowest of {args.memory_steps} steps and "
+                    f"{args.memory_repeats} fresh processes per figure.")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(summary, f, indent=2)

@@ -209,10 +209,19 @@ def saved_bytes_per_sample(model) -> float:
     Raises:
       ValueError: if `model` has no fused BLPA layers.
     """
+    import keras
+
     from keras_blpa.layers import ApproxBatchNormalization
     from keras_blpa.layers.base import BNReLUBase
 
-    fused = [layer for layer in model.layers
+    def layers_of(model):
+        for layer in model.layers:
+            if isinstance(layer, keras.Model):  # a nested model (a KerasHub backbone)
+                yield from layers_of(layer)
+            else:
+                yield layer
+
+    fused = [layer for layer in layers_of(model)
              if isinstance(layer, (BNReLUBase, ApproxBatchNormalization))]
     if not fused:
         raise ValueError(

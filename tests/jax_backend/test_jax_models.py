@@ -240,3 +240,50 @@ def test_nothing_imports_tensorflow_on_jax(tmp_path):
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+
+
+_HUB = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import keras
+    import keras_hub
+    import keras_blpa
+    path, x_path, mode = sys.argv[1:]
+    x = np.load(x_path)
+    if mode == "load":
+        model = keras.models.load_model(path)
+        assert type(model).__name__ == "ResNetImageClassifier"
+    else:
+        keras.utils.set_random_seed(0)
+        backbone = keras_hub.models.ResNetBackbone(
+            input_conv_filters=[32], input_conv_kernel_sizes=[3],
+            stackwise_num_filters=[64, 32], stackwise_num_blocks=[2, 2],
+            stackwise_num_strides=[1, 2], block_type="bottleneck_block",
+            use_pre_activation=False, image_shape=(16, 16, 3))
+        task = keras_hub.models.ResNetImageClassifier(backbone=backbone, num_classes=3)
+        model = keras_blpa.convert(task, bits=4, bn_bits=8)
+        model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.fit(x, np.arange(len(x)) % 3, epochs=1, verbose=0)  # statistics move
+        model.save(path)
+    np.save(path + "." + keras.backend.backend() + ".npy", model.predict(x, verbose=0))
+""")
+
+
+@needs_tensorflow
+def test_converted_keras_hub_task_crosses_backends(tmp_path):
+    """A converted KerasHub task (post-activation ResNet: BN units, ReLU
+    units, ApproxBatchNormalization, PaddedMaxPooling2D) saved on either
+    backend loads on the other, with the same predictions."""
+    x = np.random.default_rng(3).normal(size=(4, 16, 16, 3)).astype("float32")
+    x_path = str(tmp_path / "x.npy")
+    np.save(x_path, x)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    for saver, loader in (("jax", "tensorflow"), ("tensorflow", "jax")):
+        path = str(tmp_path / f"{saver}.keras")
+        for backend, mode in ((saver, "save"), (loader, "load")):
+            result = subprocess.run([sys.executable, "-c", _HUB, path, x_path, mode],
+                                    env={**env, "KERAS_BACKEND": backend},
+                                    capture_output=True, text=True, timeout=600)
+            assert result.returncode == 0, result.stderr[-3000:]
+        np.testing.assert_allclose(np.load(f"{path}.{loader}.npy"), np.load(f"{path}.{saver}.npy"),
+                                   rtol=1e-4, atol=1e-4)
