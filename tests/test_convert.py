@@ -614,8 +614,9 @@ def _float64_gradients(original, converted, report, x) -> list[np.ndarray]:
 @pytest.mark.parametrize("name", ["ResNet50V2", "ResNet50", "MobileNetV2"])
 def test_applications_blpa_gradients(name, monkeypatch):
     """Every BN unit of the converted network computes the oracle's gradient
-    from its codes (`tests/unit_taps.py`), at 8 and 4 bits; the forward stays
-    exact, and 4 bits lie further from stock than 8."""
+    from its codes (`tests/unit_taps.py`) at 4 bits (8 bits: unit by unit in
+    `tests/test_gradient_oracle.py`); the forward stays exact at both, and 4
+    bits lie further from stock than 8."""
     model = _randomize(_application(name, classifier_activation=None))
     x = _x((4, SIZE, SIZE, 3))
     errors = {}
@@ -624,7 +625,8 @@ def test_applications_blpa_gradients(name, monkeypatch):
         out0, out1, grads = _compare_training(model, converted, report, x)
         np.testing.assert_allclose(out1, out0, rtol=1e-4, atol=1e-4 * np.abs(out0).max())
         errors[bits] = _rel([a for a, _ in grads], [b for _, b in grads])
-        _check_units(converted, x, monkeypatch)
+        if bits == 4:
+            _check_units(converted, x, monkeypatch)
     assert errors[4] > errors[8] > 0
 
 
