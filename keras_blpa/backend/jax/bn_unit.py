@@ -18,7 +18,7 @@ import keras
 
 from keras_blpa import grid
 from keras_blpa.backend.jax import kernels, quantizer, xla
-from keras_blpa.backend.jax.unit import _first_order_only, _no_tangents
+from keras_blpa.backend.jax.unit import _first_order_only, _no_tangents, encode_only
 
 
 def centred_grid(channels: int, bits: int, window: float | None):
@@ -52,13 +52,8 @@ def approx_batch_norm(x, gamma, beta, *, bits: int | None, epsilon: float,
             saved = (x32 - mean) * inv_std
         else:
             params, ones, offset = centred_grid(channels, bits, window)
-            if custom:
-                _, saved = kernels.encode(x32, mean, inv_std, ones, offset, params, bits,
-                                          window, 0.0)
-            else:
-                xhat, on, _ = quantizer.normalize_relu(x32, mean, inv_std, ones, offset, 0.0)
-                saved = quantizer.pack_words(quantizer.encode_codes(xhat, on, params, bits),
-                                             bits)
+            saved = encode_only(x32, mean, inv_std, ones, offset, params, bits, window, custom)
+            if not custom:
                 y = xla.tie(y, saved)
         saved, y = xla.optimization_barrier((saved, y))
         return (y, mean, variance), (saved, gamma, inv_std)

@@ -16,7 +16,12 @@ import jax.numpy as jnp
 
 from keras_blpa import grid
 from keras_blpa.backend.jax import kernels, quantizer, xla
-from keras_blpa.backend.jax.unit import LinearMap, _first_order_only, _no_tangents
+from keras_blpa.backend.jax.unit import (
+    LinearMap,
+    _first_order_only,
+    _no_tangents,
+    encode_only,
+)
 
 
 def relu_grid(z32, bits: int, window: float | None):
@@ -64,14 +69,9 @@ def relu_linear(
             saved = a.astype(compute_dtype)
         else:
             mean, inv_std, gamma, beta = relu_grid(z32, bits, window)
-            params = grid_of(gamma, beta)
-            if custom:
-                _, saved = kernels.encode(z32, mean, inv_std, gamma, beta, params, bits,
-                                          window, 0.0)
-            else:
-                xhat, on, _ = quantizer.normalize_relu(z32, mean, inv_std, gamma, beta, 0.0)
-                saved = quantizer.pack_words(quantizer.encode_codes(xhat, on, params, bits),
-                                             bits)
+            saved = encode_only(z32, mean, inv_std, gamma, beta, grid_of(gamma, beta), bits,
+                                window, custom)
+            if not custom:
                 a = xla.tie(a, saved)
         saved, a = xla.optimization_barrier((saved, a))
         a = a.astype(compute_dtype)

@@ -205,6 +205,16 @@ def bn_relu_linear(
     return list(outputs), jax.lax.stop_gradient(mean), jax.lax.stop_gradient(variance)
 
 
+def encode_only(x32, mean, inv_std, gamma, beta, params, bits: int, window, custom: bool):
+    """The packed codes of `x32` on the BN units' grid, without the unit's
+    own output (for the ReLU-only units and ApproxBatchNormalization, which
+    compute theirs): the custom calls' bytes, or the jnp quantizer's words."""
+    if custom:
+        return kernels.encode(x32, mean, inv_std, gamma, beta, params, bits, window, 0.0)[1]
+    xhat, on, _ = quantizer.normalize_relu(x32, mean, inv_std, gamma, beta, 0.0)
+    return quantizer.pack_words(quantizer.encode_codes(xhat, on, params, bits), bits)
+
+
 def _second_order_error(name: str) -> NotImplementedError:
     return NotImplementedError(
         f"Second-order gradients through the fused BLPA layer {name!r} are not "
