@@ -34,9 +34,12 @@ def main() -> None:
         keras.distribution.set_distribution(
             keras.distribution.DataParallel(devices=jax.devices()))
     keras.utils.set_random_seed(0)
-    bits = None if args.bits in ("none", "stock") else int(args.bits)
-    model = preact_resnet_cifar(11, classes=3, input_shape=(8, 8, 3), bits=bits,
-                                stock=args.bits == "stock")
+    if args.bits == "converted":
+        model = _converted_post_activation_net()
+    else:
+        bits = None if args.bits in ("none", "stock") else int(args.bits)
+        model = preact_resnet_cifar(11, classes=3, input_shape=(8, 8, 3), bits=bits,
+                                    stock=args.bits == "stock")
     model.compile(keras.optimizers.SGD(0.1),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     rng = np.random.default_rng(0)
@@ -57,6 +60,30 @@ def main() -> None:
     with open(args.out + ".json", "w") as f:
         json.dump({"loss": history.history["loss"], "temp_bytes": temps,
                    "collectives": collectives}, f)
+
+
+def _converted_post_activation_net():
+    """A small post-activation ResNet, converted at 4 bits with bn_bits=8: BN
+    units, ReLU-only units, ApproxBatchNormalization and PaddedMaxPooling2D."""
+    import keras
+
+    import keras_blpa
+
+    layers = keras.layers
+    inputs = keras.Input((8, 8, 3))
+    x = layers.ReLU()(layers.BatchNormalization()(layers.Conv2D(16, 3, padding="same")(inputs)))
+    x = layers.MaxPooling2D(3, strides=1)(layers.ZeroPadding2D(1)(x))
+    for _ in range(2):
+        y = layers.ReLU()(layers.BatchNormalization()(layers.Conv2D(16, 3, padding="same")(x)))
+        y = layers.BatchNormalization()(layers.Conv2D(16, 3, padding="same")(y))
+        x = layers.ReLU()(layers.Add()([x, y]))
+    outputs = layers.Dense(3)(layers.GlobalAveragePooling2D()(x))
+    model, report = keras_blpa.convert(keras.Model(inputs, outputs), bits=4, bn_bits=8,
+                                       return_report=True)
+    kinds = {type(layer).__name__ for layer in model.layers}
+    assert {"BNReLUConv2D", "ReLUConv2D", "ReLUDense", "ApproxBatchNormalization",
+            "PaddedMaxPooling2D"} <= kinds, kinds
+    return model
 
 
 if __name__ == "__main__":
