@@ -35,6 +35,17 @@ BN_UNITS = {
 }
 
 
+# The ReLU-only units every backend's oracle test runs, by name: `make(bits)`
+# ("relu_dense" takes a matrix, the others NHWC).
+RELU_UNITS = {
+    "relu_conv": lambda bits: _fused().ReLUConv2D(6, 3, bits=bits),
+    "relu_conv_activation": lambda bits: _fused().ReLUConv2D(5, 1, strides=2, bits=bits,
+                                                             return_activation=True),
+    "relu_dense_pooled": lambda bits: _fused().ReLUDense(7, pooling="avg", bits=bits),
+    "relu_dense": lambda bits: _fused().ReLUDense(5, bits=bits),
+}
+
+
 def _fused():
     import keras_blpa
 

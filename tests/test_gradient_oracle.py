@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_blpa import ApproxBatchNormalization, BNReLUDense, ReLUConv2D, ReLUDense
+from keras_blpa import ApproxBatchNormalization, BNReLUDense
 from keras_blpa.backend.tensorflow import quantizer, unit
 
 # float32 against float64: measured at most 5e-7 over these cases (every path),
@@ -135,13 +135,7 @@ def test_the_code_check_fails_on_an_encoder_one_bin_off(monkeypatch, saved_codes
         _check(layer, x, upstream, saved_codes, "eager")
 
 
-RELU_LAYERS = {
-    "relu_conv": lambda bits: ReLUConv2D(6, 3, bits=bits),
-    "relu_conv_activation": lambda bits: ReLUConv2D(5, 1, strides=2, bits=bits,
-                                                    return_activation=True),
-    "relu_dense_pooled": lambda bits: ReLUDense(7, pooling="avg", bits=bits),
-    "relu_dense": lambda bits: ReLUDense(5, bits=bits),  # pooling=None, on a matrix
-}
+RELU_LAYERS = oracle.RELU_UNITS
 
 
 @pytest.mark.parametrize("bits", [4, 8])

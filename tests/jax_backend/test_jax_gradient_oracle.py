@@ -54,6 +54,12 @@ def saved_codes(monkeypatch):
     return captured
 
 
+def _on_host(params):
+    """A grid's per-channel arrays as NumPy (the oracle decodes in NumPy)."""
+    return params._replace(lo=np.asarray(params.lo), k=np.asarray(params.k),
+                           flip=np.asarray(params.flip))
+
+
 def _check(layer, x, upstream, saved_codes, expect_words: bool):
     trainable = [v.value for v in layer.trainable_variables]
     fixed = [v.value for v in layer.non_trainable_variables]
@@ -74,8 +80,7 @@ def _check(layer, x, upstream, saved_codes, expect_words: bool):
     params = quantizer.quantizer_params(gamma, beta, bits, layer.window, max_value=cap_value)
     cap = None if cap_value is None else quantizer.cap_params(gamma, beta, params, bits,
                                                                cap_value)
-    params = params._replace(lo=np.asarray(params.lo), k=np.asarray(params.k),
-                             flip=np.asarray(params.flip))
+    params = _on_host(params)
     if cap is not None:
         cap = cap._replace(kc=np.asarray(cap.kc), flip=np.asarray(cap.flip))
     q = oracle.unpack(codes, x.shape, bits, words)
@@ -116,13 +121,7 @@ def test_the_oracle_fails_on_a_decoder_one_bin_off(monkeypatch, saved_codes):
         _check(layer, x, upstream, saved_codes, expect_words=True)
 
 
-RELU_LAYERS = {
-    "relu_conv": lambda bits: keras_blpa.ReLUConv2D(6, 3, bits=bits),
-    "relu_conv_activation": lambda bits: keras_blpa.ReLUConv2D(5, 1, strides=2, bits=bits,
-                                                               return_activation=True),
-    "relu_dense_pooled": lambda bits: keras_blpa.ReLUDense(7, pooling="avg", bits=bits),
-    "relu_dense": lambda bits: keras_blpa.ReLUDense(5, bits=bits),  # on a matrix
-}
+RELU_LAYERS = oracle.RELU_UNITS
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -154,8 +153,7 @@ def test_relu_units_compute_blpas_gradient(kind, bits, path, saved_codes):
     _, _, gamma, beta = (np.asarray(v) for v in relu_unit.relu_grid(jnp.asarray(z), bits,
                                                                       layer.window))
     params = quantizer.quantizer_params(gamma, beta, bits, layer.window)
-    params = params._replace(lo=np.asarray(params.lo), k=np.asarray(params.k),
-                             flip=np.asarray(params.flip))
+    params = _on_host(params)
     q = oracle.unpack(codes, z.shape, bits, words)
     oracle.check_relu_codes(q, params, bits, z, gamma, beta)
     expected = oracle.relu_unit_gradients(layer, z, upstream, q, params, bits, gamma, beta)
@@ -187,8 +185,7 @@ def test_approx_batch_normalization_computes_its_meant_gradient(bits, path, save
     window = keras_blpa.grid.resolve_window(bits, None)
     ones, offset = np.ones(8, np.float32), np.full(8, window, np.float32)
     params = quantizer.quantizer_params(ones, offset, bits, None)
-    params = params._replace(lo=np.asarray(params.lo), k=np.asarray(params.k),
-                             flip=np.asarray(params.flip))
+    params = _on_host(params)
     q = oracle.unpack(codes, x.shape, bits, words)
     oracle.check_codes(q, params, bits, x, ones, offset, layer.epsilon)
     expected = oracle.approx_bn_gradients(layer, x, [upstream], q, params, bits)
