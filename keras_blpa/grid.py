@@ -129,8 +129,13 @@ def bin_width(bits: int, window: float | None = None) -> float:
 
 
 def codes_per_word(bits: int) -> int:
-    """How many `bits`-bit codes one uint32 word of `pack_words` holds."""
-    check_bits(bits, allow_none=False)
+    """How many `bits`-bit codes one uint32 word of `pack_words` holds.
+
+    Any width from 1 to 8 packs (the transformer units keep 1- to 4-bit
+    derivative codes); the BN units' grid itself takes only `SUPPORTED_BITS`.
+    """
+    if not (isinstance(bits, numbers.Integral) and not isinstance(bits, bool) and 1 <= bits <= 8):
+        raise ValueError(f"codes pack at 1 to 8 bits; received bits={bits!r}.")
     return 32 // bits
 
 

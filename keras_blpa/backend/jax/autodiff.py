@@ -1,0 +1,65 @@
+"""The custom-gradient seam of the transformer units on JAX.
+
+Twin of `keras_blpa.backend.tensorflow.autodiff` (same names, same contract):
+`custom_vjp` is a `jax.custom_vjp` whose residuals are exactly what the
+forward saved, `vjp` is `jax.vjp`, and `pack` / `unpack` are the uint32 word
+packers of `keras_blpa.backend.jax.quantizer`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from keras_blpa.backend.jax import quantizer, xla
+
+
+def custom_vjp(forward: Callable, backward: Callable, name: str) -> Callable:
+    """`f(*inputs) -> outputs` whose gradient is `backward(saved, grads)`.
+
+    Args, as `keras_blpa.backend.tensorflow.autodiff.custom_vjp`; `backward`
+    returns a gradient of each input's shape and dtype.
+    """
+    del name
+
+    @jax.custom_vjp
+    def call(*inputs):
+        return tuple(forward(*inputs)[0])
+
+    def fwd(*inputs):
+        outputs, saved = forward(*inputs)
+        # Every schedule finishes the codes before an output is used, so the
+        # encoder runs in the forward pass (XLA:CPU drops barriers).
+        outputs = tuple(xla.tie(out, saved[0]) for out in outputs)
+        return outputs, list(saved)
+
+    def bwd(saved, grads):
+        grads = list(grads)
+        # Decode only once the upstream gradient exists (the last output's: an
+        # earlier output, such as a norm's residual branch, may have none).
+        saved = [xla.after(s, grads[-1]) for s in saved]
+        saved, grads = xla.optimization_barrier((saved, grads))
+        return tuple(backward(saved, grads))
+
+    call.defvjp(fwd, bwd)
+    return lambda *inputs: list(call(*inputs))
+
+
+def vjp(fn: Callable, primals: Sequence, cotangent) -> list:
+    """Gradients of `sum(fn(*primals) * cotangent)` with respect to `primals`
+    (`fn` may return a list, with a list of cotangents)."""
+    out, pull = jax.vjp(fn, *primals)
+    return list(pull(jax.tree.map(lambda c, o: jnp.asarray(c, o.dtype), cotangent, out)))
+
+
+def pack(codes, bits: int):
+    """uint32 words of `[rows, features]` codes, packed along the rows by one
+    reduce-window (a buffer XLA:CPU never fuses into the backward pass)."""
+    return quantizer.pack_words(codes, bits)
+
+
+def unpack(words, shape, bits: int):
+    """Inverse of `pack`: int32 codes of `shape` (`[rows, features]`)."""
+    return quantizer.unpack_words(words, tuple(shape), bits).astype(jnp.int32)

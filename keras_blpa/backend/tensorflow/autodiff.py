@@ -1,0 +1,116 @@
+"""The custom-gradient seam of the transformer units (`keras_blpa.transformer`).
+
+Those units are written once in `keras.ops`; what each backend supplies is
+here, with the same names in `keras_blpa.backend.jax.autodiff`:
+
+- `custom_vjp(forward, backward, name)`: a function whose backward pass reads
+  only what `forward` chose to save (packed codes and small vectors);
+- `vjp(fn, primals, cotangents)`: the vector-Jacobian product of a linear map
+  at rebuilt inputs (weight and input gradients of Dense / EinsumDense heads);
+- `pack(codes, bits)` / `unpack(words, shape, bits)`: integer codes of a 2-D
+  `[rows, features]` tensor in uint32 words along the rows.
+
+The structure is that of the BN unit (`keras_blpa.backend.tensorflow.unit`):
+the forward's inputs are cut from the outer tape, the codes are finished
+before any output is used, and the backward reads them only once its
+upstream gradient exists (control dependencies for graph executors, data
+dependencies and barriers for XLA).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import tensorflow as tf
+
+from keras_blpa.backend.tensorflow import quantizer, xla
+
+try:  # Internal API, used only to save memory in eager mode.
+    from tensorflow.python.eager import record as _record
+except ImportError:  # pragma: no cover - other TF versions
+    _record = None
+
+Forward = Callable[..., tuple[list[tf.Tensor], list[tf.Tensor]]]
+Backward = Callable[[list[tf.Tensor], list[tf.Tensor]], list[tf.Tensor]]
+
+
+def custom_vjp(forward: Forward, backward: Backward, name: str) -> Callable[..., list[tf.Tensor]]:
+    """`f(*inputs) -> outputs` whose gradient is `backward(saved, grads)`.
+
+    Args:
+      forward: `forward(*inputs) -> (outputs, saved)`; `saved[0]` must be an
+        integer code tensor (the forward's outputs are tied to it).
+      backward: `backward(saved, grads) -> gradients`, one per input, of its
+        shape and dtype; `grads` has one tensor per output.
+      name: the layer's name, for the op recorded in eager mode.
+    """
+
+    def unit(*inputs):
+        # Stop the outer tape from recording (and keeping alive) the forward's
+        # full-precision intermediates in eager mode.
+        outputs, saved = forward(*(tf.stop_gradient(t) for t in inputs))
+        # Finish the codes before any output is used: graph executors and XLA
+        # could otherwise defer the encoder and keep its float inputs alive.
+        saved = xla.optimization_barrier(*saved)
+        with tf.control_dependencies(saved[:1]):
+            outputs = [tf.identity(xla.tie(out, saved[0])) for out in outputs]
+        # Only shapes and dtypes: capturing the outputs would keep them alive.
+        specs = [(tf.shape(out), out.dtype) for out in outputs]
+
+        def grad(*upstream, variables=None):
+            del variables  # the layers pass their weights as inputs
+            grads = [
+                tf.zeros(shape, dtype) if g is None else g
+                for g, (shape, dtype) in zip(upstream[: len(specs)], specs)
+            ]
+            # Decode only once the upstream gradient exists (the last output's: an
+        # earlier output, such as a norm's residual branch, may have none).
+            gated = xla.optimization_barrier(*(xla.after(s, grads[-1]) for s in saved), *grads)
+            saved_now, grads = gated[: len(saved)], gated[len(saved) :]
+            with tf.control_dependencies(grads):
+                saved_now = [tf.identity(s) for s in saved_now]
+            return list(backward(saved_now, grads))
+
+        return outputs, grad
+
+    def call(*inputs):
+        if tf.executing_eagerly() and _record is not None:
+            # Eager `tf.custom_gradient` keeps the forward's results alive on
+            # the tape; record the same pair directly so only `grad`'s
+            # captures (the codes) stay.
+            outputs, grad = unit(*inputs)
+            _record.record_operation(name, list(outputs), list(inputs), grad)
+            return outputs
+        return list(tf.custom_gradient(unit)(*inputs))
+
+    return call
+
+
+def vjp(
+    fn: Callable[..., tf.Tensor], primals: Sequence[tf.Tensor], cotangent: tf.Tensor
+) -> list[tf.Tensor]:
+    """Gradients of `sum(fn(*primals) * cotangent)` with respect to `primals`.
+
+    For linear maps: the forward product itself is not needed by the
+    gradient and a traced function prunes it.
+    """
+    primals = list(primals)
+    with tf.GradientTape() as tape:
+        tape.watch(primals)
+        out = fn(*primals)
+    return tape.gradient(out, primals, output_gradients=cotangent)
+
+
+def pack(codes: tf.Tensor, bits: int) -> tf.Tensor:
+    """uint32 words of `[rows, features]` codes, packed along the rows.
+
+    Under XLA with one reduce-window (`xla.sum_windows`), whose result is a
+    buffer XLA:CPU never fuses into the backward pass.
+    """
+    windows = xla.sum_windows() if xla.in_xla_context() else None
+    return quantizer.pack_words(codes, bits, windows)
+
+
+def unpack(words: tf.Tensor, shape: tf.Tensor | list, bits: int) -> tf.Tensor:
+    """Inverse of `pack`: int32 codes of `shape` (`[rows, features]`)."""
+    return tf.cast(quantizer.unpack_words(words, shape, bits), tf.int32)

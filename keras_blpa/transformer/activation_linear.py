@@ -1,0 +1,103 @@
+"""The MLP unit: activation -> linear map, keeping codes only.
+
+Forward (exact): `a = f(h)`, `outputs = linear(a, weights)`. Stock autodiff
+keeps `h` (for `f'`) and `a` (for the weight gradient), 8 bytes per element
+in float32. This unit keeps:
+
+- a `derivative_bits`-bit code of `h` whose level is the backward's `f'(h)`
+  (`keras_blpa.transformer.derivative`; exact for ReLU at one bit);
+- a `bits`-bit row code of `a` (`codes.encode_rows`) for the weight gradient.
+
+With `bits=None` it keeps `h` in full precision and rebuilds `a` and `f'(h)`
+exactly: the stock gradient from one tensor instead of two.
+
+Backward, given the outputs' gradients `g`:
+
+    dW, g_a = vjp(linear, a_decoded, W)(g)
+    g_h     = g_a * level[code(h)]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from keras import activations, ops
+
+from keras_blpa.transformer import codes, derivative
+
+Linear = Callable[..., list]
+
+
+def activation_function(activation: str) -> Callable:
+    """The exact forward of a canonical activation name (`derivative.check_activation`)."""
+    return {
+        "gelu": lambda h: activations.gelu(h, approximate=False),
+        "gelu_tanh": lambda h: activations.gelu(h, approximate=True),
+        "silu": activations.silu,
+        "relu": activations.relu,
+    }[activation]
+
+
+def activation_linear(
+    h,
+    weights: Sequence,
+    *,
+    linear: Linear,
+    activation: str,
+    bits: int | None,
+    derivative_bits: int,
+    name: str = "activation_linear",
+) -> list:
+    """Training-mode `linear(f(h), weights)` with a codes-only backward pass.
+
+    Args:
+      h: the pre-activation, features last (any rank).
+      weights: the linear map's weights (kernels, biases).
+      linear: `linear(a, *weights) -> [outputs]`, linear in `a` and in the
+        weights (Dense / EinsumDense heads).
+      activation: a canonical name of `derivative.SUPPORTED`.
+      bits: 4 or 8 for the row code of `a`; None for the exact unit.
+      derivative_bits: 1 to 4, the derivative code's width (ReLU: any, 1 used).
+      name: the layer's name.
+
+    Returns:
+      the linear map's outputs.
+    """
+    f = activation_function(activation)
+    features = h.shape[-1]
+    fit = derivative.fit(activation, 1 if activation == "relu" else derivative_bits)
+    deriv_bits = max(1, (len(fit.levels) - 1).bit_length())
+    h_dtype = h.dtype
+    h_shape = ops.shape(h)
+    weights = list(weights)
+    n_saved = 1 if bits is None else 4  # the rest of `saved`: the weights
+
+    def forward(h, *weights):
+        a = f(h)
+        outputs = linear(a, *weights)
+        h32 = codes.rows(ops.cast(h, "float32"), features)
+        if bits is None:
+            return outputs, [h32, *weights]
+        saved = [codes.autodiff().pack(codes.encode_derivative(h32, fit.edges), deriv_bits)]
+        saved += codes.encode_rows(codes.rows(ops.cast(a, "float32"), features), bits)
+        return outputs, [*saved, *weights]
+
+    def backward(saved, grads):
+        saved, weights = saved[:n_saved], saved[n_saved:]
+        if bits is None:
+            a = f(saved[0])
+        else:
+            shape = (ops.shape(saved[2])[0], features)  # lo: one per row
+            a = codes.decode_rows(*saved[1:], shape, bits)
+            slope = codes.decode_derivative(
+                codes.autodiff().unpack(saved[0], shape, deriv_bits), fit.levels)
+        a = ops.reshape(ops.cast(a, h_dtype), h_shape)
+        g_a, *d_weights = codes.autodiff().vjp(linear, [a, *weights], grads)
+        g_a = codes.rows(ops.cast(g_a, "float32"), features)
+        if bits is None:
+            (g_h,) = codes.autodiff().vjp(f, [saved[0]], g_a)
+        else:
+            g_h = g_a * slope
+        return [ops.reshape(ops.cast(g_h, h_dtype), h_shape), *d_weights]
+
+    return codes.autodiff().custom_vjp(forward, backward, name)(h, *weights)

@@ -1,0 +1,73 @@
+"""The codes the transformer units keep, written once in `keras.ops`.
+
+- Row codes: a `bits`-bit affine code of each row (token) of a `[rows,
+  features]` tensor, `v ~ lo + code * scale` with `lo` and `scale` per row
+  (the row's minimum and `(max - min) / (2**bits - 1)`), rounded to nearest:
+  within half a step of the value. A row keeps `features * bits / 8` bytes
+  plus two floats.
+- Derivative codes: the bin of `h` among the edges of
+  `keras_blpa.transformer.derivative.fit` (`sum(h > edge)`), whose level is
+  the backward's `f'(h)`.
+
+Both pack into uint32 words along the rows through the backend's
+`autodiff.pack` (a reduce-window under XLA, which keeps the float input from
+being fused into the backward pass).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from keras import ops
+
+from keras_blpa import backend
+
+ROW_BITS = (4, 8)
+
+
+def autodiff():
+    """The backend's custom-gradient seam (`keras_blpa.backend.*.autodiff`)."""
+    return backend.module("autodiff")
+
+
+def check_bits(bits: int | None) -> None:
+    """Raises a ValueError naming `bits` unless it is 4, 8 or None."""
+    if bits is not None and not (isinstance(bits, int) and not isinstance(bits, bool)
+                                 and bits in ROW_BITS):
+        raise ValueError(
+            f"`bits` must be one of {ROW_BITS} or None (exact); received bits={bits!r}. "
+            "8 is the default for the transformer units; 4 saves more and loses more."
+        )
+
+
+def rows(x, features: int):
+    """`x` as `[rows, features]` (all leading axes are rows)."""
+    return ops.reshape(x, (-1, features))
+
+
+def encode_rows(v, bits: int) -> list:
+    """`[words, lo, scale]` of a float32 `[rows, features]` tensor."""
+    top = float(2**bits - 1)
+    lo = ops.min(v, axis=1)
+    span = ops.max(v, axis=1) - lo
+    scale = ops.where(span > 0, span / top, ops.ones_like(span))
+    code = ops.clip(ops.round((v - lo[:, None]) / scale[:, None]), 0.0, top)
+    return [autodiff().pack(ops.cast(code, "int32"), bits), lo, scale]
+
+
+def decode_rows(words, lo, scale, shape, bits: int):
+    """float32 `[rows, features]` from `encode_rows`'s result."""
+    code = ops.cast(autodiff().unpack(words, shape, bits), "float32")
+    return lo[:, None] + code * scale[:, None]
+
+
+def encode_derivative(h, edges: np.ndarray):
+    """int32 bin indices `sum(h > edge)` of float32 `h` (any shape)."""
+    code = ops.zeros(ops.shape(h), "int32")
+    for edge in edges:  # at most 15 compares; fused under XLA
+        code = code + ops.cast(h > float(edge), "int32")
+    return code
+
+
+def decode_derivative(code, levels: np.ndarray):
+    """float32 `f'` levels of int32 bin indices."""
+    return ops.take(ops.convert_to_tensor(levels, "float32"), code)
