@@ -35,6 +35,7 @@ def activation_function(activation: str) -> Callable:
         "gelu_tanh": lambda h: activations.gelu(h, approximate=True),
         "silu": activations.silu,
         "relu": activations.relu,
+        "linear": lambda h: h,
     }[activation]
 
 
@@ -45,19 +46,25 @@ def activation_linear(
     linear: Linear,
     activation: str,
     bits: int | None,
-    derivative_bits: int,
+    derivative_bits: int = 3,
+    dropout: float = 0.0,
+    seed=None,
     name: str = "activation_linear",
 ) -> list:
-    """Training-mode `linear(f(h), weights)` with a codes-only backward pass.
+    """Training-mode `dropout(linear(f(h), weights))` with a codes-only backward.
 
     Args:
       h: the pre-activation, features last (any rank).
       weights: the linear map's weights (kernels, biases).
       linear: `linear(a, *weights) -> [outputs]`, linear in `a` and in the
         weights (Dense / EinsumDense heads).
-      activation: a canonical name of `derivative.SUPPORTED`.
+      activation: a canonical name of `derivative.SUPPORTED`, or "linear"
+        (identity: a linear map that keeps a row code of its input only).
       bits: 4 or 8 for the row code of `a`; None for the exact unit.
-      derivative_bits: 1 to 4, the derivative code's width (ReLU: any, 1 used).
+      derivative_bits: 1 to 4, the derivative code's width (ReLU: 1 is exact).
+      dropout: dropout rate on every output, its mask redrawn from `seed` in
+        the backward pass (not kept).
+      seed: two integers (`keras.random.SeedGenerator.next()`), with dropout.
       name: the layer's name.
 
     Returns:
@@ -65,39 +72,48 @@ def activation_linear(
     """
     f = activation_function(activation)
     features = h.shape[-1]
-    fit = derivative.fit(activation, 1 if activation == "relu" else derivative_bits)
-    deriv_bits = max(1, (len(fit.levels) - 1).bit_length())
+    smooth = activation not in ("relu", "linear")
+    fit = derivative.fit(activation, derivative_bits if smooth else 1) if activation != "linear" \
+        else None
+    deriv_bits = None if fit is None else max(1, (len(fit.levels) - 1).bit_length())
     h_dtype = h.dtype
     h_shape = ops.shape(h)
     weights = list(weights)
-    n_saved = 1 if bits is None else 4  # the rest of `saved`: the weights
+    # `saved`: the codes (or h), then the seed, then the weights.
+    n_codes = 1 if bits is None else 3 + (fit is not None)
+    seed = ops.zeros((2,), "int32") if seed is None else seed
 
-    def forward(h, *weights):
+    def forward(h, seed, *weights):
         a = f(h)
-        outputs = linear(a, *weights)
+        outputs = [codes.dropout(out, seed, dropout) for out in linear(a, *weights)]
         h32 = codes.rows(ops.cast(h, "float32"), features)
         if bits is None:
-            return outputs, [h32, *weights]
-        saved = [codes.autodiff().pack(codes.encode_derivative(h32, fit.edges), deriv_bits)]
-        saved += codes.encode_rows(codes.rows(ops.cast(a, "float32"), features), bits)
-        return outputs, [*saved, *weights]
+            return outputs, [h32, seed, *weights]
+        saved = codes.encode_rows(codes.rows(ops.cast(a, "float32"), features), bits)
+        if fit is not None:
+            saved.insert(0, codes.autodiff().pack(codes.encode_derivative(h32, fit.edges),
+                                                  deriv_bits))
+        return outputs, [*saved, seed, *weights]
 
     def backward(saved, grads):
-        saved, weights = saved[:n_saved], saved[n_saved:]
+        coded, seed, weights = saved[:n_codes], saved[n_codes], saved[n_codes + 1:]
+        grads = [codes.dropout(g, seed, dropout) for g in grads]
         if bits is None:
-            a = f(saved[0])
+            a = f(coded[0])
         else:
-            shape = (ops.shape(saved[2])[0], features)  # lo: one per row
-            a = codes.decode_rows(*saved[1:], shape, bits)
-            slope = codes.decode_derivative(
-                codes.autodiff().unpack(saved[0], shape, deriv_bits), fit.levels)
+            shape = (ops.shape(coded[-2])[0], features)  # lo: one per row
+            a = codes.decode_rows(*coded[-3:], shape, bits)
         a = ops.reshape(ops.cast(a, h_dtype), h_shape)
         g_a, *d_weights = codes.autodiff().vjp(linear, [a, *weights], grads)
         g_a = codes.rows(ops.cast(g_a, "float32"), features)
         if bits is None:
-            (g_h,) = codes.autodiff().vjp(f, [saved[0]], g_a)
+            (g_h,) = codes.autodiff().vjp(f, [coded[0]], g_a)
+        elif fit is None:
+            g_h = g_a
         else:
-            g_h = g_a * slope
-        return [ops.reshape(ops.cast(g_h, h_dtype), h_shape), *d_weights]
+            shape = (ops.shape(coded[-2])[0], features)
+            g_h = g_a * codes.decode_derivative(
+                codes.autodiff().unpack(coded[0], shape, deriv_bits), fit.levels)
+        return [ops.reshape(ops.cast(g_h, h_dtype), h_shape), None, *d_weights]
 
-    return codes.autodiff().custom_vjp(forward, backward, name)(h, *weights)
+    return codes.autodiff().custom_vjp(forward, backward, name)(h, seed, *weights)

@@ -71,3 +71,12 @@ def encode_derivative(h, edges: np.ndarray):
 def decode_derivative(code, levels: np.ndarray):
     """float32 `f'` levels of int32 bin indices."""
     return ops.take(ops.convert_to_tensor(levels, "float32"), code)
+
+
+def dropout(x, seed, rate: float):
+    """`x` with dropout at `rate` whose mask is a pure function of `seed`
+    (`autodiff.dropout_keep`); also the backward's gradient map. `rate` 0: `x`."""
+    if not rate:
+        return x
+    keep = autodiff().dropout_keep(seed, ops.shape(x), rate)
+    return ops.where(keep, x / ops.cast(1.0 - rate, x.dtype), ops.zeros_like(x))

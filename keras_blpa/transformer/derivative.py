@@ -82,7 +82,7 @@ def derivative(activation: str, x: np.ndarray) -> np.ndarray:
     raise ValueError(check_activation(activation))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fit(activation: str, bits: int) -> DerivativeCode:
     """The optimal `bits`-bit piecewise-constant code of `f'` (module docstring)."""
     activation = check_activation(activation)

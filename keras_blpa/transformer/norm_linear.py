@@ -48,7 +48,7 @@ def norm_linear(
       x: the input, features last (any rank).
       gamma, beta: `[features]` (ones / zeros where the norm has no scale or
         center; beta is unused by "rms").
-      weights: the linear map's weights.
+      weights: the linear map's weights; none for a norm alone.
       linear: `linear(y, *weights) -> [outputs]`, linear in `y` and weights.
       epsilon: the norm's epsilon.
       norm: "layer" (`keras.layers.LayerNormalization` over the last axis) or
@@ -94,8 +94,12 @@ def norm_linear(
             xhat = codes.decode_rows(*coded, (ops.shape(inv)[0], features), bits)
         y = xhat * gamma if rms else xhat * gamma + beta
         y = ops.reshape(ops.cast(y, x_dtype), x_shape)
-        g_y, *d_weights = codes.autodiff().vjp(linear, [y, *weights], grads[1:])
-        g_y = codes.rows(ops.cast(g_y, "float32") + ops.cast(grads[0], "float32"), features)
+        g_y = ops.cast(grads[0], "float32")
+        d_weights = []
+        if weights:  # heads; a norm alone keeps its code for its own backward
+            g_head, *d_weights = codes.autodiff().vjp(linear, [y, *weights], grads[1:])
+            g_y = g_y + ops.cast(g_head, "float32")
+        g_y = codes.rows(g_y, features)
         d_gamma = ops.sum(g_y * xhat, axis=0)
         d_beta = ops.zeros_like(beta) if rms else ops.sum(g_y, axis=0)
         g_xhat = g_y * gamma

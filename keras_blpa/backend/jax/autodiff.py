@@ -20,7 +20,8 @@ def custom_vjp(forward: Callable, backward: Callable, name: str) -> Callable:
     """`f(*inputs) -> outputs` whose gradient is `backward(saved, grads)`.
 
     Args, as `keras_blpa.backend.tensorflow.autodiff.custom_vjp`; `backward`
-    returns a gradient of each input's shape and dtype.
+    returns a gradient of each input's shape and dtype, or None for an input
+    without one (a mask, a seed).
     """
     del name
 
@@ -52,6 +53,14 @@ def vjp(fn: Callable, primals: Sequence, cotangent) -> list:
     (`fn` may return a list, with a list of cotangents)."""
     out, pull = jax.vjp(fn, *primals)
     return list(pull(jax.tree.map(lambda c, o: jnp.asarray(c, o.dtype), cotangent, out)))
+
+
+def dropout_keep(seed, shape, rate: float):
+    """The keep mask of dropout at `rate`, a pure function of `seed` (two
+    integers, from a `keras.random.SeedGenerator`): the backward pass draws
+    the same mask again instead of keeping it."""
+    key = jnp.asarray(seed).astype(jnp.uint32).reshape(2)
+    return jax.random.uniform(key, tuple(shape), jnp.float32) >= rate
 
 
 def pack(codes, bits: int):

@@ -41,7 +41,8 @@ def custom_vjp(forward: Forward, backward: Backward, name: str) -> Callable[...,
       forward: `forward(*inputs) -> (outputs, saved)`; `saved[0]` must be an
         integer code tensor (the forward's outputs are tied to it).
       backward: `backward(saved, grads) -> gradients`, one per input, of its
-        shape and dtype; `grads` has one tensor per output.
+        shape and dtype, or None for an input without one (a mask, a seed);
+        `grads` has one tensor per output.
       name: the layer's name, for the op recorded in eager mode.
     """
 
@@ -74,6 +75,7 @@ def custom_vjp(forward: Forward, backward: Backward, name: str) -> Callable[...,
         return outputs, grad
 
     def call(*inputs):
+        inputs = [tf.convert_to_tensor(t) for t in inputs]
         if tf.executing_eagerly() and _record is not None:
             # Eager `tf.custom_gradient` keeps the forward's results alive on
             # the tape; record the same pair directly so only `grad`'s
@@ -99,6 +101,14 @@ def vjp(
         tape.watch(primals)
         out = fn(*primals)
     return tape.gradient(out, primals, output_gradients=cotangent)
+
+
+def dropout_keep(seed: tf.Tensor, shape, rate: float) -> tf.Tensor:
+    """The keep mask of dropout at `rate`, a pure function of `seed` (two
+    integers, from a `keras.random.SeedGenerator`): the backward pass draws
+    the same mask again instead of keeping it."""
+    seed = tf.reshape(tf.cast(seed, tf.int64), [2])
+    return tf.random.stateless_uniform(shape, seed, dtype=tf.float32) >= rate
 
 
 def pack(codes: tf.Tensor, bits: int) -> tf.Tensor:
