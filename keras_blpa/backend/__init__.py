@@ -15,7 +15,7 @@ module name for the same role in each (as `keras/src/backend/` does):
 | `kernels`   | loader of the compiled library, fallbacks   | TF op      | XLA custom calls |
 | `linear`    | Conv2D / Dense maps and their gradients     | yes        | yes |
 | `xla`       | XLA structure helpers (barriers, ordering)  | yes        | yes |
-| `autodiff`  | custom-gradient seam of the transformer units (`keras_blpa.transformer`) | yes | yes |
+| `autodiff`  | custom gradients of the transformer units   | yes        | yes |
 
 `module(role)` imports the current backend's module on first use, so that on
 JAX nothing imports TensorFlow (`tests/test_layout.py` checks that).

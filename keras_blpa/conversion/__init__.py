@@ -7,11 +7,12 @@ from collections.abc import Callable, Iterable
 import keras
 
 from keras_blpa import backend, grid
-from keras_blpa.conversion import subclass
+from keras_blpa.conversion import subclass, transformers
 from keras_blpa.conversion.fuse import convert_graph, keep_predicate
 from keras_blpa.conversion.report import Chain, ConversionReport
 from keras_blpa.conversion.standard import standard_graph
 from keras_blpa.layers import BNReLUDense
+from keras_blpa.transformer import codes, derivative
 
 __all__ = ["Chain", "ConversionReport", "convert", "to_standard"]
 
@@ -24,6 +25,8 @@ def convert(
     keep: Iterable[str] | Callable[[keras.layers.Layer], bool] | None = None,
     return_report: bool = False,
     bn_bits: int | None = None,
+    transformer_bits: int | None = 8,
+    derivative_bits: int = 3,
 ) -> keras.Model | tuple[keras.Model, ConversionReport]:
     """A new model in which every BN -> ReLU -> linear chain is one fused layer.
 
@@ -77,6 +80,14 @@ def convert(
     >>> model, report = keras_blpa.convert(base, bits=4, return_report=True)
     >>> print(report)   # a table: each chain, fused or left stock and why
 
+    A model holding KerasHub's `TransformerEncoder` / `TransformerDecoder`
+    blocks (BERT, GPT-2, ...) keeps its class and its layers: each block
+    becomes `keras_blpa.layers.TransformerEncoder` / `TransformerDecoder`, a
+    subclass with the same weights whose training step keeps codes only
+    (`transformer_bits`, `derivative_bits`); a task (`GPT2CausalLM`) is
+    rebuilt around it and still generates. Other blocks stay stock with
+    their reason in `report.blocks`.
+
     A KerasHub backbone or task (a class that subclasses Keras's
     `Functional`) converts too: a backbone becomes a plain Functional model
     with the same inputs, outputs and weights; a task is rebuilt as its own
@@ -96,6 +107,10 @@ def convert(
       bn_bits: 8 or 4 to make every BatchNormalization outside the chains an
         `ApproxBatchNormalization(bits=bn_bits)` (with `window`); None (the
         default) leaves them stock.
+      transformer_bits: 8 (default) or 4 for the transformer blocks' row
+        codes, None for exact tensors.
+      derivative_bits: 1 to 4 (default 3), the blocks' activation-derivative
+        code.
 
     Returns:
       The converted model, or `(model, report)` with `return_report=True`.
@@ -118,11 +133,19 @@ def convert(
                 f"`bn_bits` is the code width of the BatchNormalization layers outside the "
                 f"chains: 4, 8, or None to leave them stock; received bn_bits={bn_bits!r}."
             ) from err
+    try:
+        codes.check_bits(transformer_bits)
+    except ValueError as err:
+        raise ValueError(str(err).replace("`bits`", "`transformer_bits`").replace(
+            "bits=", "transformer_bits=")) from err
+    derivative.check_derivative_bits(derivative_bits)
     keep = keep_predicate(keep)
     if not isinstance(return_report, bool):
         raise ValueError(f"`return_report` must be a bool; received {return_report!r}.")
-    report = ConversionReport(bits=bits, bn_bits=bn_bits)
-    options = dict(bits=bits, naive=naive, window=window, bn_bits=bn_bits)
+    report = ConversionReport(bits=bits, bn_bits=bn_bits, transformer_bits=transformer_bits,
+                              derivative_bits=derivative_bits)
+    options = dict(bits=bits, naive=naive, window=window, bn_bits=bn_bits,
+                   transformer_bits=transformer_bits, derivative_bits=derivative_bits)
     new_model = _convert(model, options, keep, report)
     return (new_model, report) if return_report else new_model
 
@@ -134,6 +157,9 @@ def _convert(model, options: dict, keep, report: ConversionReport, path: str = "
         new_backbone = _convert(backbone, options, keep, report,
                                 f"{path}/{backbone.name}" if path else backbone.name)
         return subclass.rebuild_task(model, new_backbone)
+    if transformers.has_blocks(model):
+        return transformers.convert_blocks(model, options["transformer_bits"],
+                                           options["derivative_bits"], keep, report, path)
     if subclass.is_functional_subclass(model):
         report.notes.append(subclass.note(model))
         model = subclass.as_functional(model)
@@ -173,6 +199,8 @@ def to_standard(model: keras.Model) -> keras.Model:
     backbone = subclass.task_backbone(model)
     if backbone is not None:
         return subclass.rebuild_task(model, to_standard(backbone))
+    if transformers.has_blocks(model):
+        return transformers.standard_blocks(model)
     if subclass.is_functional_subclass(model):
         model = subclass.as_functional(model)
     new_model, load = standard_graph(model)

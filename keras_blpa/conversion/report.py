@@ -61,6 +61,10 @@ class ConversionReport:
         two-layer `Chain`, "fused" when it became a `PaddedMaxPooling2D`.
       notes: what became of Functional subclasses (KerasHub backbones and
         tasks): what the result is and what it does not keep.
+      blocks: each transformer block (a layer holding attention): a one-layer
+        `Chain`, "fused" when it became a `keras_blpa.layers`
+        TransformerEncoder / TransformerDecoder, else with its reason.
+      transformer_bits, derivative_bits: `convert`'s, for the blocks.
     """
 
     chains: list = field(default_factory=list)
@@ -71,6 +75,9 @@ class ConversionReport:
     bn_bits: int | None = None
     pools: list = field(default_factory=list)
     notes: list = field(default_factory=list)
+    blocks: list = field(default_factory=list)
+    transformer_bits: int | None = 8
+    derivative_bits: int = 3
 
     @property
     def fused(self) -> list:
@@ -95,13 +102,24 @@ class ConversionReport:
         def count(n, word):
             return f"{n} {word}{'' if n == 1 else 's'}"
 
-        lines = [
+        lines = [] if self.blocks and not self.chains else [
             f"keras_blpa.convert: {count(len(self.fused), 'chain')} fused into "
             f"{count(self.fused_layers, bits + ' layer')} "
             f"({count(self.stock_layers, 'stock layer')} replaced), {len(self.left)} left stock",
         ]
         lines += [f"Note: {n}" for n in self.notes]
-        rows = [("", "chain", "fused layer / reason")] + [
+        if self.blocks:
+            done = [c for c in self.blocks if c.fused]
+            codes = ("exact tensors (transformer_bits=None)" if self.transformer_bits is None
+                     else f"{self.transformer_bits}-bit codes, {self.derivative_bits}-bit "
+                     "activation derivative")
+            lines.append(f"keras_blpa.convert: transformer blocks: {len(done)} of "
+                         f"{len(self.blocks)} train with BLPA ({codes})")
+            lines += [f"  {'fused' if c.fused else 'stock'}  "
+                      f"{(c.model + '/') if c.model else ''}{c.layers[0]}  "
+                      f"{c.fused_as if c.fused else c.reason}" for c in self.blocks]
+        header = [] if self.blocks and not self.chains else [("", "chain", "fused layer / reason")]
+        rows = header + [
             (
                 "fused" if c.fused else "stock",
                 (f"{c.model}/" if c.model else "") + " -> ".join(c.layers),
@@ -109,7 +127,7 @@ class ConversionReport:
             )
             for c in self.chains
         ]
-        width = [max(len(r[i]) for r in rows) for i in range(2)]
+        width = [max((len(r[i]) for r in rows), default=0) for i in range(2)]
         lines += [f"  {a:<{width[0]}}  {b:<{width[1]}}  {c}".rstrip() for a, b, c in rows]
         if self.pools:
             pooled = [c for c in self.pools if c.fused]

@@ -1,0 +1,131 @@
+"""KerasHub transformer blocks: how `convert` and `to_standard` swap them.
+
+`keras_blpa.layers.TransformerEncoder` / `TransformerDecoder` subclass
+KerasHub's blocks without adding weights or state, so a block converts in
+place: a copy of the model is made (its class kept: a `GPT2CausalLM` still
+generates), and each KerasHub block in it becomes the BLPA subclass with the
+same sublayers and weights. `to_standard` swaps them back.
+
+Blocks of other classes (Llama's, Gemma's: RMSNorm, rotary embeddings,
+SwiGLU) and a bare `MultiHeadAttention` stay stock and the report says so.
+"""
+
+from __future__ import annotations
+
+import keras
+
+from keras_blpa.conversion import subclass
+from keras_blpa.conversion.report import Chain, ConversionReport
+
+
+def _hub():
+    try:
+        import keras_hub
+    except ImportError:
+        return None
+    return keras_hub
+
+
+def _pairs() -> list:
+    """`(KerasHub class, BLPA class)` of every block kind that converts."""
+    hub = _hub()
+    if hub is None:
+        return []
+    from keras_blpa.layers.transformer_decoder import TransformerDecoder
+    from keras_blpa.layers.transformer_encoder import TransformerEncoder
+
+    return [(hub.layers.TransformerEncoder, TransformerEncoder),
+            (hub.layers.TransformerDecoder, TransformerDecoder)]
+
+
+def _all_layers(model) -> list:
+    return [layer for layer in model._flatten_layers(include_self=False, recursive=True)]
+
+
+def _attention_block(layer) -> bool:
+    """A layer (not a model) holding attention: a transformer block of some kind."""
+    if isinstance(layer, keras.Model):
+        return False
+    if isinstance(layer, keras.layers.MultiHeadAttention):
+        return True
+    return any(isinstance(sub, keras.layers.MultiHeadAttention) or "Attention" in type(sub).__name__
+               for sub in layer._flatten_layers(include_self=False, recursive=False))
+
+
+def has_blocks(model) -> bool:
+    """Whether `model` holds a transformer block (KerasHub's or another)."""
+    return any(_attention_block(layer) for layer in _all_layers(model))
+
+
+def _copy(model) -> keras.Model:
+    """A copy of `model` with its class, weights and trainability."""
+    if subclass.is_functional_subclass(model):
+        new = type(model).from_config(model.get_config())
+    else:
+        new = keras.models.clone_model(model)
+    new.set_weights(model.get_weights())
+    new.trainable = model.trainable
+    return new
+
+
+def _owner_names(model) -> dict:
+    """Each inner layer's id -> the name of the layer (block) that holds it."""
+    owners = {}
+    for layer in _all_layers(model):
+        if _attention_block(layer):
+            for sub in layer._flatten_layers(include_self=False, recursive=True):
+                owners[id(sub)] = layer.name
+    return owners
+
+
+def convert_blocks(model, bits: int | None, derivative_bits: int, keep,
+                   report: ConversionReport, path: str = "") -> keras.Model:
+    """A copy of `model` whose KerasHub blocks train with BLPA (module docstring)."""
+    new = _copy(model)
+    pairs = _pairs()
+    inner = _owner_names(new)
+    for layer in _all_layers(new):
+        if not _attention_block(layer) or id(layer) in inner:
+            continue
+        target = next((blpa for stock, blpa in pairs if type(layer) is stock), None)
+        converted = next((True for _, blpa in pairs if type(layer) is blpa), False)
+        if converted:
+            reason = "already a keras_blpa block"
+        elif keep(layer):
+            reason = "kept stock (`keep`)"
+        elif target is None:
+            reason = (f"{type(layer).__name__} is not a block convert covers yet (KerasHub's "
+                      "TransformerEncoder / TransformerDecoder; Llama/Gemma-style blocks with "
+                      "RMSNorm, rotary embeddings and SwiGLU come next)")
+        else:
+            reason = _swap(layer, target, bits, derivative_bits)
+        report.blocks.append(Chain(layers=(layer.name,), model=path,
+                                   fused_as=None if reason else type(layer).__name__,
+                                   reason=reason))
+    return new
+
+
+def _swap(layer, target, bits, derivative_bits) -> str | None:
+    """Makes `layer` a `target` in place; the reason it cannot, or None."""
+    from keras_blpa.layers.transformer_block import check_block
+
+    stock = type(layer)
+    layer.__class__ = target
+    try:
+        layer._init_blpa(bits, derivative_bits)
+        check_block(layer)
+    except ValueError as err:
+        layer.__class__ = stock
+        return str(err)
+    return None
+
+
+def standard_blocks(model) -> keras.Model:
+    """A copy of `model` whose BLPA blocks are KerasHub's again."""
+    new = _copy(model)
+    back = {blpa: stock for stock, blpa in _pairs()}
+    for layer in _all_layers(new):
+        if type(layer) in back:
+            layer.__class__ = back[type(layer)]
+            del layer.bits, layer.derivative_bits
+    return new
