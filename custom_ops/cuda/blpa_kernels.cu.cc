@@ -130,8 +130,14 @@ __global__ void NormalizeReluKernel(ExactArgs p) {
        i < n; i += stride) {
     const Index c = i % channels;
     float xhat;
-    p.a[i] = NormalizeReluOne(p.x[i], p.mean[c], p.inv_std[c], p.gamma[c],
-                              p.beta[c], &xhat, p.negative_slope);
+    // A cap (max_value > 0) branches uniformly, as the codes' kc does.
+    p.a[i] = p.max_value > 0.0f
+                 ? NormalizeReluOneCapped(p.x[i], p.mean[c], p.inv_std[c],
+                                          p.gamma[c], p.beta[c], &xhat,
+                                          p.max_value)
+                 : NormalizeReluOne(p.x[i], p.mean[c], p.inv_std[c],
+                                    p.gamma[c], p.beta[c], &xhat,
+                                    p.negative_slope);
     p.xhat[i] = xhat;
   }
 }
@@ -144,7 +150,9 @@ __global__ void ExactReluKernel(ExactArgs p) {
   for (Index i = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x;
        i < n; i += stride) {
     const Index c = i % channels;
-    p.a[i] = ExactReluOne(p.x[i], p.gamma[c], p.beta[c], p.negative_slope);
+    p.a[i] = p.max_value > 0.0f
+                 ? ExactReluOneCapped(p.x[i], p.gamma[c], p.beta[c], p.max_value)
+                 : ExactReluOne(p.x[i], p.gamma[c], p.beta[c], p.negative_slope);
   }
 }
 
@@ -156,6 +164,10 @@ __device__ __forceinline__ float MaskedGradAt(const BnBackwardArgs& p,
                                               float* xhat) {
   if constexpr (kExact) {
     *xhat = p.xhat[i];
+    if (p.max_value > 0.0f) {
+      return ExactMaskedGradOneCapped(*xhat, p.g_a[i], p.gamma[c], p.beta[c],
+                                      p.max_value);
+    }
     return ExactMaskedGradOne(*xhat, p.g_a[i], p.gamma[c], p.beta[c],
                               p.negative_slope);
   } else {

@@ -1,7 +1,7 @@
 // XLA FFI handlers of the BLPA kernels for JAX (`jax.ffi`): the same CPU
 // loops as the TensorFlow op (blpa_cpu.cc) and, built with BLPA_JAX_CUDA, the
 // same CUDA kernels (blpa_kernels.cu.cc). Python side:
-// keras_blpa/jax_backend/ffi.py, which registers each handler below for
+// keras_blpa/backend/jax/kernels.py, which registers each handler below for
 // "cpu" and "CUDA" under one target name.
 //
 // Layout: the codes of an activation of shape [N, ..., C] are uint8[N, B],
@@ -10,7 +10,7 @@
 // they are the TensorFlow op's bytes. Per-channel operands are f32[C]. Every
 // operand and result has the batch as its leading axis or is per-channel, so
 // a shard of the batch runs the same handler on its own rows
-// (keras_blpa/jax_backend/ffi.py maps them over devices with shard_map).
+// (keras_blpa/backend/jax/kernels.py maps them over devices with shard_map).
 //
 // The BN backward is two calls: the per-channel sums (f32[1, 2, C]: d_beta,
 // d_gamma, accumulated in double) and, from coefficients f32[3, C] that
@@ -18,9 +18,16 @@
 // jnp), the input gradient. The decodes take a scalar `gate` (a reduction of
 // their upstream gradient) that they do not read: it keeps XLA from
 // scheduling them before that gradient exists.
+//
+// A ReLU capped at `max_value` (ReLU6; quantizer.cap_params), as the
+// TensorFlow op takes it: the coded handlers read the cap edge's per-channel
+// kc, cap_flip (and, to encode, cap_aligned), f32[C] each with the attribute
+// max_value > 0, or f32[0] each with max_value 0 (no cap). The exact handlers
+// take only max_value.
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -88,6 +95,39 @@ ffi::Error CheckCodes(const U8& codes, int64_t n, int32_t bits) {
         "codes must hold " + std::to_string(want) + " bytes for " +
         std::to_string(n) + " elements at " + std::to_string(bits) +
         " bits, got " + std::to_string(codes.element_count()));
+  }
+  return ffi::Error::Success();
+}
+
+// A cap needs a finite max_value > 0 and no leaky slope; 0 is no cap.
+ffi::Error CheckMaxValue(float max_value, float slope) {
+  if (!(max_value >= 0.0f) || !std::isfinite(max_value)) {
+    return ffi::Error::InvalidArgument(
+        "max_value must be a finite number > 0 (a capped ReLU) or 0 (none)");
+  }
+  if (max_value > 0.0f && slope != 0.0f) {
+    return ffi::Error::InvalidArgument(
+        "a capped ReLU (max_value) takes no negative_slope");
+  }
+  return ffi::Error::Success();
+}
+
+// The cap edge's per-channel operands: C elements each with max_value > 0,
+// none without a cap. `out` gets their data, or nulls without a cap.
+ffi::Error ReadCap(std::initializer_list<const F32*> vectors, int64_t channels,
+                   float max_value, float slope, const float** out) {
+  ffi::Error err = CheckMaxValue(max_value, slope);
+  if (err.failure()) return err;
+  const bool capped = max_value > 0.0f;
+  const int64_t want = capped ? channels : 0;
+  for (const F32* v : vectors) {
+    if (static_cast<int64_t>(v->element_count()) != want) {
+      return ffi::Error::InvalidArgument(
+          "cap operands must have " + std::to_string(want) + " elements (" +
+          (capped ? "C, max_value > 0" : "none, max_value 0") + "), got " +
+          std::to_string(v->element_count()));
+    }
+    *out++ = capped ? v->typed_data() : nullptr;
   }
   return ffi::Error::Success();
 }
@@ -215,6 +255,53 @@ ffi::Error CheckCoef(const F32& coef, int64_t channels) {
   return ffi::Error::Success();
 }
 
+// The cap edge into the arguments (nothing without a cap).
+ffi::Error SetCap(EncodeArgs* args, const F32& kc, const F32& cap_flip,
+                  const F32& cap_aligned, float max_value) {
+  const float* cap[3];
+  BLPA_RETURN_IF_ERROR(ReadCap({&kc, &cap_flip, &cap_aligned}, args->channels,
+                               max_value, args->negative_slope, cap));
+  args->kc = cap[0];
+  args->cap_flip = cap[1];
+  args->cap_aligned = cap[2];
+  args->max_value = max_value;
+  return ffi::Error::Success();
+}
+
+ffi::Error SetCap(DecodeArgs* args, const F32& kc, const F32& cap_flip,
+                  float max_value) {
+  const float* cap[2];
+  BLPA_RETURN_IF_ERROR(ReadCap({&kc, &cap_flip}, args->channels, max_value,
+                               args->negative_slope, cap));
+  args->kc = cap[0];
+  args->cap_flip = cap[1];
+  args->max_value = max_value;
+  return ffi::Error::Success();
+}
+
+ffi::Error SetCap(BnBackwardArgs* args, const F32& kc, const F32& cap_flip,
+                  float max_value) {
+  const float* cap[2];
+  BLPA_RETURN_IF_ERROR(ReadCap({&kc, &cap_flip}, args->channels, max_value,
+                               args->negative_slope, cap));
+  args->kc = cap[0];
+  args->cap_flip = cap[1];
+  return ffi::Error::Success();
+}
+
+// The exact path's cap: max_value alone.
+ffi::Error SetExactCap(ExactArgs* args, float max_value) {
+  BLPA_RETURN_IF_ERROR(CheckMaxValue(max_value, args->negative_slope));
+  args->max_value = max_value;
+  return ffi::Error::Success();
+}
+
+ffi::Error SetExactCap(BnBackwardArgs* args, float max_value) {
+  BLPA_RETURN_IF_ERROR(CheckMaxValue(max_value, args->negative_slope));
+  args->max_value = max_value;
+  return ffi::Error::Success();
+}
+
 // ---- CPU: XLA's intra-op thread pool ----------------------------------------
 
 // parallel_for on the FFI thread pool. The caller works too and then waits
@@ -274,32 +361,35 @@ CpuPool FfiPool(ffi::ThreadPool pool_handle) {
 
 ffi::Error EncodeCpuImpl(ffi::ThreadPool tp, F32 x, F32 mean, F32 inv_std,
                          F32 gamma, F32 beta, F32 lo, F32 k, F32 flip,
-                         F32 aligned, F32Out a, U8Out codes, int32_t bits,
-                         float window, float negative_slope) {
+                         F32 aligned, F32 kc, F32 cap_flip, F32 cap_aligned,
+                         F32Out a, U8Out codes, int32_t bits, float window,
+                         float negative_slope, float max_value) {
   BLPA_RETURN_IF_ERROR(CheckEncode(
       x, {&mean, &inv_std, &gamma, &beta, &lo, &k, &flip, &aligned}, bits,
       window, negative_slope));
-  const EncodeArgs args =
+  EncodeArgs args =
       MakeEncodeArgs(x, mean, inv_std, gamma, beta, lo, k, flip, aligned, bits,
                      window, negative_slope, a->typed_data(), codes->typed_data());
+  BLPA_RETURN_IF_ERROR(SetCap(&args, kc, cap_flip, cap_aligned, max_value));
   BLPA_RETURN_IF_ERROR(CheckCodes(*codes, args.n, bits));
   if (args.n > 0) EncodeCpu(args, FfiPool(tp));
   return ffi::Error::Success();
 }
 
 ffi::Error DecodeReluCpuImpl(ffi::ThreadPool tp, U8 codes, F32 lo, F32 k,
-                             F32 flip, F32 gamma, F32 beta, F32 /*gate*/,
-                             F32Out a, int32_t bits, float window,
-                             float negative_slope) {
+                             F32 flip, F32 gamma, F32 beta, F32 kc,
+                             F32 cap_flip, F32 /*gate*/, F32Out a, int32_t bits,
+                             float window, float negative_slope,
+                             float max_value) {
   BLPA_RETURN_IF_ERROR(CheckGrid(bits, window));
   BLPA_RETURN_IF_ERROR(CheckSlope(negative_slope));
   const int64_t channels = Channels(a->dimensions());
   const int64_t n = static_cast<int64_t>(a->element_count());
   BLPA_RETURN_IF_ERROR(CheckVectors({&lo, &k, &flip, &gamma, &beta}, channels));
   BLPA_RETURN_IF_ERROR(CheckCodes(codes, n, bits));
-  const DecodeArgs args = MakeDecodeArgs(codes, lo, k, flip, gamma, beta, n,
-                                         channels, bits, window,
-                                         negative_slope, a->typed_data());
+  DecodeArgs args = MakeDecodeArgs(codes, lo, k, flip, gamma, beta, n, channels,
+                                   bits, window, negative_slope, a->typed_data());
+  BLPA_RETURN_IF_ERROR(SetCap(&args, kc, cap_flip, max_value));
   if (n > 0) DecodeReluCpu(args, FfiPool(tp));
   return ffi::Error::Success();
 }
@@ -316,8 +406,9 @@ ffi::Error SumsCpu(ffi::ThreadPool tp, const BnBackwardArgs& args, float* sums) 
 }
 
 ffi::Error BnSumsCpuImpl(ffi::ThreadPool tp, F32 g_a, U8 codes, F32 lo, F32 k,
-                         F32 flip, F32Out sums, int32_t bits, float window,
-                         float negative_slope) {
+                         F32 flip, F32 kc, F32 cap_flip, F32Out sums,
+                         int32_t bits, float window, float negative_slope,
+                         float max_value) {
   BLPA_RETURN_IF_ERROR(CheckGrid(bits, window));
   BLPA_RETURN_IF_ERROR(CheckSlope(negative_slope));
   const int64_t channels = Channels(g_a.dimensions());
@@ -326,13 +417,14 @@ ffi::Error BnSumsCpuImpl(ffi::ThreadPool tp, F32 g_a, U8 codes, F32 lo, F32 k,
   BnBackwardArgs args = MakeBnArgs(g_a, channels, negative_slope);
   BLPA_RETURN_IF_ERROR(CheckCodes(codes, args.n, bits));
   SetCodes(&args, codes, lo, k, flip, bits, window);
+  BLPA_RETURN_IF_ERROR(SetCap(&args, kc, cap_flip, max_value));
   return SumsCpu(tp, args, sums->typed_data());
 }
 
 ffi::Error BnInputGradCpuImpl(ffi::ThreadPool tp, F32 g_a, U8 codes, F32 lo,
-                              F32 k, F32 flip, F32 coef, F32Out g_x,
-                              int32_t bits, float window,
-                              float negative_slope) {
+                              F32 k, F32 flip, F32 kc, F32 cap_flip, F32 coef,
+                              F32Out g_x, int32_t bits, float window,
+                              float negative_slope, float max_value) {
   BLPA_RETURN_IF_ERROR(CheckGrid(bits, window));
   BLPA_RETURN_IF_ERROR(CheckSlope(negative_slope));
   const int64_t channels = Channels(g_a.dimensions());
@@ -341,6 +433,7 @@ ffi::Error BnInputGradCpuImpl(ffi::ThreadPool tp, F32 g_a, U8 codes, F32 lo,
   BnBackwardArgs args = MakeBnArgs(g_a, channels, negative_slope);
   BLPA_RETURN_IF_ERROR(CheckCodes(codes, args.n, bits));
   SetCodes(&args, codes, lo, k, flip, bits, window);
+  BLPA_RETURN_IF_ERROR(SetCap(&args, kc, cap_flip, max_value));
   args.g_x = g_x->typed_data();
   const float* c = coef.typed_data();
   if (args.n > 0) {
@@ -351,47 +444,53 @@ ffi::Error BnInputGradCpuImpl(ffi::ThreadPool tp, F32 g_a, U8 codes, F32 lo,
 
 ffi::Error ExactForwardCpuImpl(ffi::ThreadPool tp, F32 x, F32 mean, F32 inv_std,
                                F32 gamma, F32 beta, F32Out a, F32Out xhat,
-                               float negative_slope) {
+                               float negative_slope, float max_value) {
   BLPA_RETURN_IF_ERROR(CheckSlope(negative_slope));
   const int64_t channels = Channels(x.dimensions());
   BLPA_RETURN_IF_ERROR(CheckVectors({&mean, &inv_std, &gamma, &beta}, channels));
-  const ExactArgs args = MakeExactArgs(x, &mean, &inv_std, gamma, beta,
-                                       negative_slope, a->typed_data(),
-                                       xhat->typed_data());
+  ExactArgs args = MakeExactArgs(x, &mean, &inv_std, gamma, beta,
+                                 negative_slope, a->typed_data(),
+                                 xhat->typed_data());
+  BLPA_RETURN_IF_ERROR(SetExactCap(&args, max_value));
   if (args.n > 0) NormalizeReluCpu(args, FfiPool(tp));
   return ffi::Error::Success();
 }
 
 ffi::Error ExactReluCpuImpl(ffi::ThreadPool tp, F32 xhat, F32 gamma, F32 beta,
-                            F32 /*gate*/, F32Out a, float negative_slope) {
+                            F32 /*gate*/, F32Out a, float negative_slope,
+                            float max_value) {
   BLPA_RETURN_IF_ERROR(CheckSlope(negative_slope));
   BLPA_RETURN_IF_ERROR(CheckVectors({&gamma, &beta}, Channels(xhat.dimensions())));
-  const ExactArgs args = MakeExactArgs(xhat, nullptr, nullptr, gamma, beta,
-                                       negative_slope, a->typed_data(), nullptr);
+  ExactArgs args = MakeExactArgs(xhat, nullptr, nullptr, gamma, beta,
+                                 negative_slope, a->typed_data(), nullptr);
+  BLPA_RETURN_IF_ERROR(SetExactCap(&args, max_value));
   if (args.n > 0) ExactReluCpu(args, FfiPool(tp));
   return ffi::Error::Success();
 }
 
 ffi::Error ExactSumsCpuImpl(ffi::ThreadPool tp, F32 g_a, F32 xhat, F32 gamma,
-                            F32 beta, F32Out sums, float negative_slope) {
+                            F32 beta, F32Out sums, float negative_slope,
+                            float max_value) {
   BLPA_RETURN_IF_ERROR(CheckSlope(negative_slope));
   const int64_t channels = Channels(g_a.dimensions());
   BLPA_RETURN_IF_ERROR(CheckVectors({&gamma, &beta}, channels));
   BLPA_RETURN_IF_ERROR(CheckSumsShape(sums, channels));
   BnBackwardArgs args = MakeBnArgs(g_a, channels, negative_slope);
   SetExact(&args, xhat, gamma, beta);
+  BLPA_RETURN_IF_ERROR(SetExactCap(&args, max_value));
   return SumsCpu(tp, args, sums->typed_data());
 }
 
 ffi::Error ExactInputGradCpuImpl(ffi::ThreadPool tp, F32 g_a, F32 xhat,
                                  F32 gamma, F32 beta, F32 coef, F32Out g_x,
-                                 float negative_slope) {
+                                 float negative_slope, float max_value) {
   BLPA_RETURN_IF_ERROR(CheckSlope(negative_slope));
   const int64_t channels = Channels(g_a.dimensions());
   BLPA_RETURN_IF_ERROR(CheckVectors({&gamma, &beta}, channels));
   BLPA_RETURN_IF_ERROR(CheckCoef(coef, channels));
   BnBackwardArgs args = MakeBnArgs(g_a, channels, negative_slope);
   SetExact(&args, xhat, gamma, beta);
+  BLPA_RETURN_IF_ERROR(SetExactCap(&args, max_value));
   args.g_x = g_x->typed_data();
   const float* c = coef.typed_data();
   if (args.n > 0) {
@@ -411,30 +510,33 @@ ffi::Error Launched(const char* error) {
 
 ffi::Error EncodeGpuImpl(void* stream, F32 x, F32 mean, F32 inv_std, F32 gamma,
                          F32 beta, F32 lo, F32 k, F32 flip, F32 aligned,
-                         F32Out a, U8Out codes, int32_t bits, float window,
-                         float negative_slope) {
+                         F32 kc, F32 cap_flip, F32 cap_aligned, F32Out a,
+                         U8Out codes, int32_t bits, float window,
+                         float negative_slope, float max_value) {
   BLPA_RETURN_IF_ERROR(CheckEncode(
       x, {&mean, &inv_std, &gamma, &beta, &lo, &k, &flip, &aligned}, bits,
       window, negative_slope));
-  const EncodeArgs args =
+  EncodeArgs args =
       MakeEncodeArgs(x, mean, inv_std, gamma, beta, lo, k, flip, aligned, bits,
                      window, negative_slope, a->typed_data(), codes->typed_data());
+  BLPA_RETURN_IF_ERROR(SetCap(&args, kc, cap_flip, cap_aligned, max_value));
   BLPA_RETURN_IF_ERROR(CheckCodes(*codes, args.n, bits));
   return Launched(LaunchEncodeGpu(args, stream));
 }
 
 ffi::Error DecodeReluGpuImpl(void* stream, U8 codes, F32 lo, F32 k, F32 flip,
-                             F32 gamma, F32 beta, F32 /*gate*/, F32Out a,
-                             int32_t bits, float window, float negative_slope) {
+                             F32 gamma, F32 beta, F32 kc, F32 cap_flip,
+                             F32 /*gate*/, F32Out a, int32_t bits, float window,
+                             float negative_slope, float max_value) {
   BLPA_RETURN_IF_ERROR(CheckGrid(bits, window));
   BLPA_RETURN_IF_ERROR(CheckSlope(negative_slope));
   const int64_t channels = Channels(a->dimensions());
   const int64_t n = static_cast<int64_t>(a->element_count());
   BLPA_RETURN_IF_ERROR(CheckVectors({&lo, &k, &flip, &gamma, &beta}, channels));
   BLPA_RETURN_IF_ERROR(CheckCodes(codes, n, bits));
-  const DecodeArgs args = MakeDecodeArgs(codes, lo, k, flip, gamma, beta, n,
-                                         channels, bits, window,
-                                         negative_slope, a->typed_data());
+  DecodeArgs args = MakeDecodeArgs(codes, lo, k, flip, gamma, beta, n, channels,
+                                   bits, window, negative_slope, a->typed_data());
+  BLPA_RETURN_IF_ERROR(SetCap(&args, kc, cap_flip, max_value));
   return Launched(LaunchDecodeReluGpu(args, stream));
 }
 
@@ -453,8 +555,9 @@ ffi::Error SumsGpu(void* stream, ffi::ScratchAllocator& scratch,
 }
 
 ffi::Error BnSumsGpuImpl(void* stream, ffi::ScratchAllocator scratch, F32 g_a,
-                         U8 codes, F32 lo, F32 k, F32 flip, F32Out sums,
-                         int32_t bits, float window, float negative_slope) {
+                         U8 codes, F32 lo, F32 k, F32 flip, F32 kc,
+                         F32 cap_flip, F32Out sums, int32_t bits, float window,
+                         float negative_slope, float max_value) {
   BLPA_RETURN_IF_ERROR(CheckGrid(bits, window));
   BLPA_RETURN_IF_ERROR(CheckSlope(negative_slope));
   const int64_t channels = Channels(g_a.dimensions());
@@ -463,12 +566,14 @@ ffi::Error BnSumsGpuImpl(void* stream, ffi::ScratchAllocator scratch, F32 g_a,
   BnBackwardArgs args = MakeBnArgs(g_a, channels, negative_slope);
   BLPA_RETURN_IF_ERROR(CheckCodes(codes, args.n, bits));
   SetCodes(&args, codes, lo, k, flip, bits, window);
+  BLPA_RETURN_IF_ERROR(SetCap(&args, kc, cap_flip, max_value));
   return SumsGpu(stream, scratch, args, sums->typed_data());
 }
 
 ffi::Error BnInputGradGpuImpl(void* stream, F32 g_a, U8 codes, F32 lo, F32 k,
-                              F32 flip, F32 coef, F32Out g_x, int32_t bits,
-                              float window, float negative_slope) {
+                              F32 flip, F32 kc, F32 cap_flip, F32 coef,
+                              F32Out g_x, int32_t bits, float window,
+                              float negative_slope, float max_value) {
   BLPA_RETURN_IF_ERROR(CheckGrid(bits, window));
   BLPA_RETURN_IF_ERROR(CheckSlope(negative_slope));
   const int64_t channels = Channels(g_a.dimensions());
@@ -477,52 +582,59 @@ ffi::Error BnInputGradGpuImpl(void* stream, F32 g_a, U8 codes, F32 lo, F32 k,
   BnBackwardArgs args = MakeBnArgs(g_a, channels, negative_slope);
   BLPA_RETURN_IF_ERROR(CheckCodes(codes, args.n, bits));
   SetCodes(&args, codes, lo, k, flip, bits, window);
+  BLPA_RETURN_IF_ERROR(SetCap(&args, kc, cap_flip, max_value));
   args.g_x = g_x->typed_data();
   return Launched(LaunchBnInputGradGpu(args, coef.typed_data(), stream));
 }
 
 ffi::Error ExactForwardGpuImpl(void* stream, F32 x, F32 mean, F32 inv_std,
                                F32 gamma, F32 beta, F32Out a, F32Out xhat,
-                               float negative_slope) {
+                               float negative_slope, float max_value) {
   BLPA_RETURN_IF_ERROR(CheckSlope(negative_slope));
   const int64_t channels = Channels(x.dimensions());
   BLPA_RETURN_IF_ERROR(CheckVectors({&mean, &inv_std, &gamma, &beta}, channels));
-  const ExactArgs args = MakeExactArgs(x, &mean, &inv_std, gamma, beta,
-                                       negative_slope, a->typed_data(),
-                                       xhat->typed_data());
+  ExactArgs args = MakeExactArgs(x, &mean, &inv_std, gamma, beta,
+                                 negative_slope, a->typed_data(),
+                                 xhat->typed_data());
+  BLPA_RETURN_IF_ERROR(SetExactCap(&args, max_value));
   return Launched(LaunchNormalizeReluGpu(args, stream));
 }
 
 ffi::Error ExactReluGpuImpl(void* stream, F32 xhat, F32 gamma, F32 beta,
-                            F32 /*gate*/, F32Out a, float negative_slope) {
+                            F32 /*gate*/, F32Out a, float negative_slope,
+                            float max_value) {
   BLPA_RETURN_IF_ERROR(CheckSlope(negative_slope));
   BLPA_RETURN_IF_ERROR(CheckVectors({&gamma, &beta}, Channels(xhat.dimensions())));
-  const ExactArgs args = MakeExactArgs(xhat, nullptr, nullptr, gamma, beta,
-                                       negative_slope, a->typed_data(), nullptr);
+  ExactArgs args = MakeExactArgs(xhat, nullptr, nullptr, gamma, beta,
+                                 negative_slope, a->typed_data(), nullptr);
+  BLPA_RETURN_IF_ERROR(SetExactCap(&args, max_value));
   return Launched(LaunchExactReluGpu(args, stream));
 }
 
 ffi::Error ExactSumsGpuImpl(void* stream, ffi::ScratchAllocator scratch,
                             F32 g_a, F32 xhat, F32 gamma, F32 beta,
-                            F32Out sums, float negative_slope) {
+                            F32Out sums, float negative_slope,
+                            float max_value) {
   BLPA_RETURN_IF_ERROR(CheckSlope(negative_slope));
   const int64_t channels = Channels(g_a.dimensions());
   BLPA_RETURN_IF_ERROR(CheckVectors({&gamma, &beta}, channels));
   BLPA_RETURN_IF_ERROR(CheckSumsShape(sums, channels));
   BnBackwardArgs args = MakeBnArgs(g_a, channels, negative_slope);
   SetExact(&args, xhat, gamma, beta);
+  BLPA_RETURN_IF_ERROR(SetExactCap(&args, max_value));
   return SumsGpu(stream, scratch, args, sums->typed_data());
 }
 
 ffi::Error ExactInputGradGpuImpl(void* stream, F32 g_a, F32 xhat, F32 gamma,
                                  F32 beta, F32 coef, F32Out g_x,
-                                 float negative_slope) {
+                                 float negative_slope, float max_value) {
   BLPA_RETURN_IF_ERROR(CheckSlope(negative_slope));
   const int64_t channels = Channels(g_a.dimensions());
   BLPA_RETURN_IF_ERROR(CheckVectors({&gamma, &beta}, channels));
   BLPA_RETURN_IF_ERROR(CheckCoef(coef, channels));
   BnBackwardArgs args = MakeBnArgs(g_a, channels, negative_slope);
   SetExact(&args, xhat, gamma, beta);
+  BLPA_RETURN_IF_ERROR(SetExactCap(&args, max_value));
   args.g_x = g_x->typed_data();
   return Launched(LaunchBnInputGradGpu(args, coef.typed_data(), stream));
 }
@@ -537,12 +649,20 @@ ffi::Error ExactInputGradGpuImpl(void* stream, F32 g_a, F32 xhat, F32 gamma,
 
 namespace ffi = ::xla::ffi;
 
-#define BLPA_GRID_ATTRS                                              \
-  .Attr<int32_t>("bits").Attr<float>("window").Attr<float>("negative_slope")
+#define BLPA_GRID_ATTRS                                  \
+  .Attr<int32_t>("bits")                                 \
+      .Attr<float>("window")                             \
+      .Attr<float>("negative_slope")                     \
+      .Attr<float>("max_value")
+#define BLPA_EXACT_ATTRS                                 \
+  .Attr<float>("negative_slope").Attr<float>("max_value")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BlpaEncodeCpu, blpa::EncodeCpuImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<blpa::F32>()
+                                  .Arg<blpa::F32>()
+                                  .Arg<blpa::F32>()
                                   .Arg<blpa::F32>()
                                   .Arg<blpa::F32>()
                                   .Arg<blpa::F32>()
@@ -565,6 +685,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BlpaDecodeReluCpu, blpa::DecodeReluCpuImpl,
                                   .Arg<blpa::F32>()
                                   .Arg<blpa::F32>()
                                   .Arg<blpa::F32>()
+                                  .Arg<blpa::F32>()
+                                  .Arg<blpa::F32>()
                                   .Ret<ffi::Buffer<ffi::F32>>() BLPA_GRID_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BlpaBnSumsCpu, blpa::BnSumsCpuImpl,
@@ -575,6 +697,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BlpaBnSumsCpu, blpa::BnSumsCpuImpl,
                                   .Arg<blpa::F32>()
                                   .Arg<blpa::F32>()
                                   .Arg<blpa::F32>()
+                                  .Arg<blpa::F32>()
+                                  .Arg<blpa::F32>()
                                   .Ret<ffi::Buffer<ffi::F32>>() BLPA_GRID_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BlpaBnInputGradCpu, blpa::BnInputGradCpuImpl,
@@ -582,6 +706,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BlpaBnInputGradCpu, blpa::BnInputGradCpuImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<blpa::F32>()
                                   .Arg<blpa::U8>()
+                                  .Arg<blpa::F32>()
+                                  .Arg<blpa::F32>()
                                   .Arg<blpa::F32>()
                                   .Arg<blpa::F32>()
                                   .Arg<blpa::F32>()
@@ -598,7 +724,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BlpaExactForwardCpu, blpa::ExactForwardCpuImpl,
                                   .Arg<blpa::F32>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("negative_slope"));
+                                  BLPA_EXACT_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BlpaExactReluCpu, blpa::ExactReluCpuImpl,
                               ffi::Ffi::Bind()
@@ -608,7 +734,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BlpaExactReluCpu, blpa::ExactReluCpuImpl,
                                   .Arg<blpa::F32>()
                                   .Arg<blpa::F32>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("negative_slope"));
+                                  BLPA_EXACT_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BlpaExactSumsCpu, blpa::ExactSumsCpuImpl,
                               ffi::Ffi::Bind()
@@ -618,7 +744,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BlpaExactSumsCpu, blpa::ExactSumsCpuImpl,
                                   .Arg<blpa::F32>()
                                   .Arg<blpa::F32>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("negative_slope"));
+                                  BLPA_EXACT_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BlpaExactInputGradCpu, blpa::ExactInputGradCpuImpl,
                               ffi::Ffi::Bind()
@@ -629,13 +755,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BlpaExactInputGradCpu, blpa::ExactInputGradCpuImpl
                                   .Arg<blpa::F32>()
                                   .Arg<blpa::F32>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("negative_slope"));
+                                  BLPA_EXACT_ATTRS);
 
 #if BLPA_JAX_CUDA
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BlpaEncodeGpu, blpa::EncodeGpuImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<void*>>()
+                                  .Arg<blpa::F32>()
+                                  .Arg<blpa::F32>()
+                                  .Arg<blpa::F32>()
                                   .Arg<blpa::F32>()
                                   .Arg<blpa::F32>()
                                   .Arg<blpa::F32>()
@@ -658,6 +787,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BlpaDecodeReluGpu, blpa::DecodeReluGpuImpl,
                                   .Arg<blpa::F32>()
                                   .Arg<blpa::F32>()
                                   .Arg<blpa::F32>()
+                                  .Arg<blpa::F32>()
+                                  .Arg<blpa::F32>()
                                   .Ret<ffi::Buffer<ffi::F32>>() BLPA_GRID_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BlpaBnSumsGpu, blpa::BnSumsGpuImpl,
@@ -669,6 +800,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BlpaBnSumsGpu, blpa::BnSumsGpuImpl,
                                   .Arg<blpa::F32>()
                                   .Arg<blpa::F32>()
                                   .Arg<blpa::F32>()
+                                  .Arg<blpa::F32>()
+                                  .Arg<blpa::F32>()
                                   .Ret<ffi::Buffer<ffi::F32>>() BLPA_GRID_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BlpaBnInputGradGpu, blpa::BnInputGradGpuImpl,
@@ -676,6 +809,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BlpaBnInputGradGpu, blpa::BnInputGradGpuImpl,
                                   .Ctx<ffi::PlatformStream<void*>>()
                                   .Arg<blpa::F32>()
                                   .Arg<blpa::U8>()
+                                  .Arg<blpa::F32>()
+                                  .Arg<blpa::F32>()
                                   .Arg<blpa::F32>()
                                   .Arg<blpa::F32>()
                                   .Arg<blpa::F32>()
@@ -692,7 +827,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BlpaExactForwardGpu, blpa::ExactForwardGpuImpl,
                                   .Arg<blpa::F32>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("negative_slope"));
+                                  BLPA_EXACT_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BlpaExactReluGpu, blpa::ExactReluGpuImpl,
                               ffi::Ffi::Bind()
@@ -702,7 +837,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BlpaExactReluGpu, blpa::ExactReluGpuImpl,
                                   .Arg<blpa::F32>()
                                   .Arg<blpa::F32>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("negative_slope"));
+                                  BLPA_EXACT_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BlpaExactSumsGpu, blpa::ExactSumsGpuImpl,
                               ffi::Ffi::Bind()
@@ -713,7 +848,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BlpaExactSumsGpu, blpa::ExactSumsGpuImpl,
                                   .Arg<blpa::F32>()
                                   .Arg<blpa::F32>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("negative_slope"));
+                                  BLPA_EXACT_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BlpaExactInputGradGpu, blpa::ExactInputGradGpuImpl,
                               ffi::Ffi::Bind()
@@ -724,6 +859,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BlpaExactInputGradGpu, blpa::ExactInputGradGpuImpl
                                   .Arg<blpa::F32>()
                                   .Arg<blpa::F32>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("negative_slope"));
+                                  BLPA_EXACT_ATTRS);
 
 #endif  // BLPA_JAX_CUDA

@@ -508,6 +508,81 @@ void BnBackwardCappedRun(const uint8_t* __restrict codes, const float* g_a,
   }
 }
 
+// The exact path of a capped ReLU (ExactArgs/BnBackwardArgs max_value > 0).
+BLPA_CPU_CLONES
+void NormalizeReluCappedRun(const float* x, const float* __restrict mean,
+                            const float* __restrict inv_std,
+                            const float* __restrict gamma,
+                            const float* __restrict beta, int64_t len,
+                            float* __restrict a, float* xhat, float m) {
+#pragma GCC ivdep
+  for (int64_t t = 0; t < len; ++t) {
+    a[t] = NormalizeReluOneCapped(x[t], mean[t], inv_std[t], gamma[t], beta[t],
+                                  &xhat[t], m);
+  }
+}
+
+BLPA_CPU_CLONES
+void ExactReluCappedRun(const float* __restrict xhat,
+                        const float* __restrict gamma,
+                        const float* __restrict beta, int64_t len,
+                        float* __restrict a, float m) {
+  for (int64_t t = 0; t < len; ++t) {
+    a[t] = ExactReluOneCapped(xhat[t], gamma[t], beta[t], m);
+  }
+}
+
+template <typename Acc>
+inline void ExactSumsCappedLoop(const float* __restrict xhat,
+                                const float* __restrict g_a,
+                                const float* __restrict gamma,
+                                const float* __restrict beta, int64_t len,
+                                Acc* __restrict sum_b, Acc* __restrict sum_g,
+                                float m) {
+  for (int64_t t = 0; t < len; ++t) {
+    const float g_y =
+        ExactMaskedGradOneCapped(xhat[t], g_a[t], gamma[t], beta[t], m);
+    sum_b[t] += static_cast<Acc>(g_y);
+    sum_g[t] += static_cast<Acc>(g_y * xhat[t]);
+  }
+}
+
+BLPA_CPU_CLONES
+void ExactSumsCappedRun(const float* __restrict xhat,
+                        const float* __restrict g_a,
+                        const float* __restrict gamma,
+                        const float* __restrict beta, int64_t len,
+                        float* __restrict sum_b, float* __restrict sum_g,
+                        float m) {
+  ExactSumsCappedLoop(xhat, g_a, gamma, beta, len, sum_b, sum_g, m);
+}
+
+BLPA_CPU_CLONES
+void ExactSumsCappedRun(const float* __restrict xhat,
+                        const float* __restrict g_a,
+                        const float* __restrict gamma,
+                        const float* __restrict beta, int64_t len,
+                        double* __restrict sum_b, double* __restrict sum_g,
+                        float m) {
+  ExactSumsCappedLoop(xhat, g_a, gamma, beta, len, sum_b, sum_g, m);
+}
+
+BLPA_CPU_CLONES
+void ExactBnBackwardCappedRun(const float* __restrict xhat, const float* g_a,
+                              const float* __restrict gamma,
+                              const float* __restrict beta,
+                              const float* __restrict scale,
+                              const float* __restrict mean_dbeta,
+                              const float* __restrict mean_dgamma, int64_t len,
+                              float* g_x, float m) {
+#pragma GCC ivdep
+  for (int64_t t = 0; t < len; ++t) {
+    const float g_y =
+        ExactMaskedGradOneCapped(xhat[t], g_a[t], gamma[t], beta[t], m);
+    g_x[t] = BnInputGradOne(g_y, xhat[t], scale[t], mean_dbeta[t], mean_dgamma[t]);
+  }
+}
+
 // ---- blocks -----------------------------------------------------------------
 
 void EncodeBlock(const EncodeArgs& args, const Periodic& p, int64_t begin,
@@ -613,6 +688,12 @@ void DecodeReluBlock(const DecodeArgs& args, const Periodic& p, int64_t begin,
 void NormalizeReluBlock(const ExactArgs& args, const Periodic& p, int64_t begin,
                         int64_t end) {
   ForEachRun(p, begin, end, [&](int64_t o, int64_t c, int64_t len) {
+    if (args.max_value > 0.0f) {
+      NormalizeReluCappedRun(args.x + begin + o, p[0] + c, p[1] + c, p[2] + c,
+                             p[3] + c, len, args.a + begin + o,
+                             args.xhat + begin + o, args.max_value);
+      return;
+    }
     NormalizeReluRun(args.x + begin + o, p[0] + c, p[1] + c, p[2] + c, p[3] + c,
                      len, args.a + begin + o, args.xhat + begin + o,
                      args.negative_slope);
@@ -623,6 +704,11 @@ void NormalizeReluBlock(const ExactArgs& args, const Periodic& p, int64_t begin,
 void ExactReluBlock(const ExactArgs& args, const Periodic& p, int64_t begin,
                     int64_t end) {
   ForEachRun(p, begin, end, [&](int64_t o, int64_t c, int64_t len) {
+    if (args.max_value > 0.0f) {
+      ExactReluCappedRun(args.x + begin + o, p[0] + c, p[1] + c, len,
+                         args.a + begin + o, args.max_value);
+      return;
+    }
     ExactReluRun(args.x + begin + o, p[0] + c, p[1] + c, len, args.a + begin + o,
                  args.negative_slope);
   });
@@ -654,7 +740,14 @@ void BnSumsShard(const BnBackwardArgs& args, const Periodic& p, int64_t begin,
       if (args.exact) {
         const float* xhat = args.xhat + b + o;
         const float* g_a = args.g_a + b + o;
-        if (use_float) {
+        const float m = args.max_value;
+        if (m > 0.0f && use_float) {
+          ExactSumsCappedRun(xhat, g_a, p[0] + c, p[1] + c, len, part + c,
+                             part + period + c, m);
+        } else if (m > 0.0f) {
+          ExactSumsCappedRun(xhat, g_a, p[0] + c, p[1] + c, len, sum_b + c,
+                             sum_g + c, m);
+        } else if (use_float) {
           ExactSumsRun(xhat, g_a, p[0] + c, p[1] + c, len, part + c,
                        part + period + c, s);
         } else {
@@ -693,6 +786,13 @@ void BnBackwardBlock(const BnBackwardArgs& args, const Periodic& p,
                      int64_t begin, int64_t end) {
   if (args.exact) {
     ForEachRun(p, begin, end, [&](int64_t o, int64_t c, int64_t len) {
+      if (args.max_value > 0.0f) {
+        ExactBnBackwardCappedRun(args.xhat + begin + o, args.g_a + begin + o,
+                                 p[0] + c, p[1] + c, p[2] + c, p[3] + c,
+                                 p[4] + c, len, args.g_x + begin + o,
+                                 args.max_value);
+        return;
+      }
       ExactBnBackwardRun(args.xhat + begin + o, args.g_a + begin + o, p[0] + c,
                          p[1] + c, p[2] + c, p[3] + c, p[4] + c, len,
                          args.g_x + begin + o, args.negative_slope);

@@ -325,6 +325,28 @@ BLPA_HD float ExactMaskedGradOne(float xhat, float g_a, float gamma,
   return xhat * gamma + beta > 0.0f ? g_a : LeakyNeg(g_a, s);
 }
 
+// The exact path of a capped ReLU (quantizer.normalize_relu_capped,
+// relu_exact_capped, exact_masks_capped): m where y >= m, gradient only where
+// 0 < y < m. The JAX custom calls use these; the TensorFlow op's exact
+// kernels have no cap (its capped exact unit runs pure TF).
+BLPA_HD float NormalizeReluOneCapped(float x, float mean, float inv_std,
+                                     float gamma, float beta, float* xhat,
+                                     float m) {
+  const float h = (x - mean) * inv_std;
+  *xhat = h;
+  return CappedRelu(h * gamma + beta, m);
+}
+
+BLPA_HD float ExactReluOneCapped(float xhat, float gamma, float beta, float m) {
+  return CappedRelu(xhat * gamma + beta, m);
+}
+
+BLPA_HD float ExactMaskedGradOneCapped(float xhat, float g_a, float gamma,
+                                       float beta, float m) {
+  const float y = xhat * gamma + beta;
+  return ((y > 0.0f) & (y < m)) ? g_a : 0.0f;
+}
+
 // Arguments of one encode over `n` elements with `channels` channels (channel
 // of flat element i is i % channels). Device pointers for the GPU launchers.
 struct EncodeArgs {
@@ -388,6 +410,8 @@ struct ExactArgs {
   float* a;
   float* xhat;  // forward only; may alias x (the op forwards x's buffer)
   float negative_slope = 0.0f;  // leaky ReLU slope of `a` (>= 0, finite)
+  // > 0: a ReLU capped at max_value (slope 0); 0: no cap.
+  float max_value = 0.0f;
 };
 
 // Arguments of one fused BN backward over `n` elements (`n / channels` rows),
@@ -422,6 +446,8 @@ struct BnBackwardArgs {
   // saturated.
   const float* kc = nullptr;
   const float* cap_flip = nullptr;
+  // The exact path's cap (> 0; 0: none): g_y = 0 unless 0 < y < max_value.
+  float max_value = 0.0f;
 };
 
 inline int64_t BnBackwardScratchBytes(int64_t channels) {

@@ -70,7 +70,15 @@ def _check(layer, x, upstream, saved_codes, expect_words: bool):
         return sum(jnp.sum(o * g) for o, g in zip(outputs, upstream))
 
     del saved_codes[:]
-    grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(x), trainable)
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(jnp.asarray(x), trainable)
+    # The step that ran is the step checked: custom calls on that path only.
+    text = lowered.as_text()
+    cap = f"max_value = {layer.max_value or 0.0:e}"  # a capped unit's calls carry its cap
+    for target in ("blpa_encode", "blpa_decode_relu", "blpa_bn_sums", "blpa_bn_input_grad"):
+        calls = [line for line in text.splitlines() if f"@{target}" in line]
+        assert bool(calls) == (not expect_words), target
+        assert all(cap in line for line in calls), calls
+    grads = lowered.compile()(jnp.asarray(x), trainable)
     jax.effects_barrier()
     (codes, words), = saved_codes
     assert words == expect_words
@@ -99,9 +107,7 @@ LAYERS = oracle.BN_UNITS
 def test_bn_units_compute_blpas_gradient(kind, bits, path, saved_codes):
     layer = LAYERS[kind](bits)
     x, upstream = oracle.random_bn_unit(layer, (4, 8, 8, 8))
-    # Capped units run the jnp quantizer on both paths (the custom calls have no cap).
-    words = path == "jnp" or kind == "conv_capped"
-    _check(layer, x, upstream, saved_codes, expect_words=words)
+    _check(layer, x, upstream, saved_codes, expect_words=path == "jnp")
 
 
 def test_the_oracle_fails_on_a_decoder_one_bin_off(monkeypatch, saved_codes):

@@ -18,6 +18,12 @@ ROCm) and whenever the library is unavailable:
 building. Layout: the codes of an activation `[N, ..., C]` are `uint8[N, B]`,
 `B` bytes per sample; flattened, they are the TensorFlow op's bytes.
 
+A capped ReLU (`max_value`, ReLU6) runs the same handlers, as the TensorFlow
+op does: the coded calls also take the cap edge's per-channel `kc`, `flip`
+(and, to encode, `aligned`) of `quantizer.cap_params` with the attribute
+`max_value`, or empty operands and `max_value=0` without a cap; the exact
+calls take `max_value` alone.
+
 Under `keras.distribution.DataParallel` with several devices, every call is
 mapped over the batch shards with `jax.shard_map`: each device runs the
 handler on its own rows, and only the per-channel BN sums are added over
@@ -36,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from keras_blpa.grid import QuantParams, resolve_window
+from keras_blpa.grid import CapParams, QuantParams, resolve_window
 
 # target name -> handler symbol stem (the library exports <stem>Cpu, <stem>Gpu)
 TARGETS = {
@@ -229,13 +235,31 @@ def _mapped(fn, batch_args: tuple, shared_args: tuple, batch_results: int, sums:
 # ---- the custom calls ----------------------------------------------------------
 
 
-def _grid_attrs(bits: int, window: float | None, slope: float) -> dict:
+def _grid_attrs(bits: int, window: float | None, slope: float,
+                cap: CapParams | None = None) -> dict:
     # Attributes must be numpy scalars of the handler's exact C types.
     return {
         "bits": np.int32(bits),
         "window": np.float32(resolve_window(bits, window)),
-        "negative_slope": np.float32(slope),
+        **_exact_attrs(slope, None if cap is None else cap.max_value),
     }
+
+
+def _exact_attrs(slope: float, max_value: float | None) -> dict:
+    return {"negative_slope": np.float32(slope),
+            "max_value": np.float32(0.0 if max_value is None else max_value)}
+
+
+_NO_CAP = np.zeros((0,), np.float32)
+
+
+def _cap_vectors(cap: CapParams | None, encode: bool = False) -> tuple:
+    """The cap edge's per-channel operands, empty ones without a cap (the
+    handlers read `max_value > 0` as the cap)."""
+    if cap is None:
+        return (_NO_CAP,) * (3 if encode else 2)
+    vectors = (cap.kc, cap.flip, cap.aligned) if encode else (cap.kc, cap.flip)
+    return tuple(jnp.asarray(v, jnp.float32) for v in vectors)
 
 
 def _codes_shape(shape, bits: int) -> tuple[int, int]:
@@ -248,9 +272,10 @@ def _f32(shape):
 
 
 def encode(x, mean, inv_std, gamma, beta, params: QuantParams, bits: int,
-           window: float | None, slope: float):
-    """`(a, codes)`: the (leaky) ReLU output and the packed codes of x (float32)."""
-    attrs = _grid_attrs(bits, window, slope)
+           window: float | None, slope: float, cap: CapParams | None = None):
+    """`(a, codes)`: the (leaky or capped) ReLU output and the packed codes of
+    x (float32)."""
+    attrs = _grid_attrs(bits, window, slope, cap)
 
     def run(x, *vectors):
         call = jax.ffi.ffi_call(
@@ -259,22 +284,23 @@ def encode(x, mean, inv_std, gamma, beta, params: QuantParams, bits: int,
         )
         return tuple(call(x, *vectors, **attrs))
 
-    vectors = (mean, inv_std, gamma, beta, params.lo, params.k, params.flip, params.aligned)
+    vectors = (mean, inv_std, gamma, beta, params.lo, params.k, params.flip, params.aligned,
+               *_cap_vectors(cap, encode=True))
     return _mapped(run, (x,), vectors, 2)
 
 
 def decode_relu(codes, params: QuantParams, gamma, beta, shape, bits: int,
-                window: float | None, slope: float, gate):
-    """The (leaky) ReLU output rebuilt from the codes; runs only once `gate`
-    (an array of the upstream gradient's batch) exists."""
-    attrs = _grid_attrs(bits, window, slope)
+                window: float | None, slope: float, gate, cap: CapParams | None = None):
+    """The (leaky or capped) ReLU output rebuilt from the codes; runs only
+    once `gate` (an array of the upstream gradient's batch) exists."""
+    attrs = _grid_attrs(bits, window, slope, cap)
 
     def run(codes, gate, *vectors):
         local = (codes.shape[0], *shape[1:])
         call = jax.ffi.ffi_call("blpa_decode_relu", _f32(local))
         return call(codes, *vectors, _gate(gate), **attrs)
 
-    vectors = (params.lo, params.k, params.flip, gamma, beta)
+    vectors = (params.lo, params.k, params.flip, gamma, beta, *_cap_vectors(cap))
     return _mapped(run, (codes, gate), vectors, 1)
 
 
@@ -289,29 +315,30 @@ def _coefficients(gamma, inv_std, d_beta, d_gamma, count: float):
 
 
 def decode_bn_backward(g_a, codes, params: QuantParams, gamma, inv_std, bits: int,
-                       window: float | None, slope: float):
-    """`(g_x, d_gamma, d_beta)`: the ReLU and BN backward from the codes."""
-    attrs = _grid_attrs(bits, window, slope)
+                       window: float | None, slope: float, cap: CapParams | None = None):
+    """`(g_x, d_gamma, d_beta)`: the ReLU (capped: gradient only where
+    `0 < y < max_value`) and BN backward from the codes."""
+    attrs = _grid_attrs(bits, window, slope, cap)
     channels = g_a.shape[-1]
 
-    def sums(g_a, codes, lo, k, flip):
+    def sums(g_a, codes, lo, k, flip, kc, cap_flip):
         call = jax.ffi.ffi_call("blpa_bn_sums", _f32((1, 2, channels)))
-        return call(g_a, codes, lo, k, flip, **attrs)
+        return call(g_a, codes, lo, k, flip, kc, cap_flip, **attrs)
 
-    def grad(g_a, codes, lo, k, flip, coef):
+    def grad(g_a, codes, lo, k, flip, kc, cap_flip, coef):
         call = jax.ffi.ffi_call("blpa_bn_input_grad", _f32(g_a.shape))
-        return call(g_a, codes, lo, k, flip, coef, **attrs)
+        return call(g_a, codes, lo, k, flip, kc, cap_flip, coef, **attrs)
 
-    vectors = (params.lo, params.k, params.flip)
+    vectors = (params.lo, params.k, params.flip, *_cap_vectors(cap))
     d_beta, d_gamma = _mapped(sums, (g_a, codes), vectors, 1, sums=True)
     coef = _coefficients(gamma, inv_std, d_beta, d_gamma, float(np.prod(g_a.shape[:-1])))
     g_x = _mapped(grad, (g_a, codes), (*vectors, coef), 1)
     return g_x, d_gamma, d_beta
 
 
-def exact_forward(x, mean, inv_std, gamma, beta, slope: float):
-    """`(a, xhat)` of the exact path (bits=None)."""
-    attrs = {"negative_slope": np.float32(slope)}
+def exact_forward(x, mean, inv_std, gamma, beta, slope: float, max_value: float | None = None):
+    """`(a, xhat)` of the exact path (bits=None); `a` capped at `max_value`."""
+    attrs = _exact_attrs(slope, max_value)
 
     def run(x, *vectors):
         call = jax.ffi.ffi_call("blpa_exact_forward", (_f32(x.shape), _f32(x.shape)))
@@ -320,9 +347,9 @@ def exact_forward(x, mean, inv_std, gamma, beta, slope: float):
     return _mapped(run, (x,), (mean, inv_std, gamma, beta), 2)
 
 
-def exact_relu(xhat, gamma, beta, slope: float, gate):
-    """The (leaky) ReLU output rebuilt from xhat, once `gate` exists."""
-    attrs = {"negative_slope": np.float32(slope)}
+def exact_relu(xhat, gamma, beta, slope: float, gate, max_value: float | None = None):
+    """The (leaky or capped) ReLU output rebuilt from xhat, once `gate` exists."""
+    attrs = _exact_attrs(slope, max_value)
 
     def run(xhat, gate, gamma, beta):
         call = jax.ffi.ffi_call("blpa_exact_relu", _f32(xhat.shape))
@@ -331,9 +358,10 @@ def exact_relu(xhat, gamma, beta, slope: float, gate):
     return _mapped(run, (xhat, gate), (gamma, beta), 1)
 
 
-def exact_bn_backward(g_a, xhat, gamma, beta, inv_std, slope: float):
-    """`(g_x, d_gamma, d_beta)` of the exact path."""
-    attrs = {"negative_slope": np.float32(slope)}
+def exact_bn_backward(g_a, xhat, gamma, beta, inv_std, slope: float,
+                      max_value: float | None = None):
+    """`(g_x, d_gamma, d_beta)` of the exact path (capped at `max_value`)."""
+    attrs = _exact_attrs(slope, max_value)
     channels = g_a.shape[-1]
 
     def sums(g_a, xhat, gamma, beta):

@@ -75,10 +75,10 @@ def bn_relu_linear(
 
     # Custom calls where the platform has them (decided at trace time: the
     # two paths keep different residuals, which lax.platform_dependent's
-    # branches cannot), the jnp quantizer elsewhere.
+    # branches cannot), the jnp quantizer elsewhere. Capped units too: the
+    # calls take the cap edge (`kernels`), as the TensorFlow op does.
     cap = resolve_max_value(max_value, slope)
-    # Capped units run the jnp quantizer: the custom calls have no cap yet.
-    custom = cap is None and kernels.usable(shape, bits)
+    custom = kernels.usable(shape, bits)
 
     def grid_of(gamma, beta):
         if bits is None:
@@ -98,13 +98,13 @@ def bn_relu_linear(
         if custom:
             # Opaque to fusion: the codes are the only full-size residual.
             if bits is None:
-                a, saved = kernels.exact_forward(x32, mean, inv_std, gamma, beta, slope)
+                a, saved = kernels.exact_forward(x32, mean, inv_std, gamma, beta, slope, cap)
             else:
                 a, saved = kernels.encode(x32, mean, inv_std, gamma, beta, params, bits,
-                                          window, slope)
+                                          window, slope, caps)
                 if naive:
                     decoded = kernels.decode_relu(saved, params, gamma, beta, shape, bits,
-                                                  window, slope, x32)
+                                                  window, slope, x32, caps)
                     a = decoded + 0.0 * a
         elif cap is not None:
             xhat, on, saturated, a = quantizer.normalize_relu_capped(
@@ -140,15 +140,16 @@ def bn_relu_linear(
     def decode_for_linear(saved, params, caps, gamma, beta, gate):
         """The approximate ReLU output, not before the upstream gradient
         (the jnp path's `saved` is already gated on it)."""
+        if custom:
+            if bits is None:
+                return kernels.exact_relu(saved, gamma, beta, slope, gate, cap)
+            return kernels.decode_relu(saved, params, gamma, beta, shape, bits, window, slope,
+                                       gate, caps)
         if cap is not None:
             if bits is None:
                 return quantizer.relu_exact_capped(saved, gamma, beta, cap)
             return quantizer.relu_from_decoded_capped(
                 *decoded_capped(saved, params, caps), gamma, beta, cap)
-        if custom:
-            if bits is None:
-                return kernels.exact_relu(saved, gamma, beta, slope, gate)
-            return kernels.decode_relu(saved, params, gamma, beta, shape, bits, window, slope, gate)
         if bits is None:
             return quantizer.relu_exact(saved, gamma, beta, slope)
         xhat, mask = quantizer.decode_words(saved, params, shape, bits)
@@ -157,9 +158,9 @@ def bn_relu_linear(
     def bn_backward(g_a, saved, params, caps, gamma, beta, inv_std):
         if custom:
             if bits is None:
-                return kernels.exact_bn_backward(g_a, saved, gamma, beta, inv_std, slope)
+                return kernels.exact_bn_backward(g_a, saved, gamma, beta, inv_std, slope, cap)
             return kernels.decode_bn_backward(g_a, saved, params, gamma, inv_std, bits, window,
-                                              slope)
+                                              slope, caps)
         # The second decode waits for g_a, so that it does not live beside
         # the first one while the linear map's gradients run.
         saved = xla.after(saved, g_a)
