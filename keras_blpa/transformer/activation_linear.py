@@ -79,8 +79,6 @@ def activation_linear(
     h_dtype = h.dtype
     h_shape = ops.shape(h)
     weights = list(weights)
-    # `saved`: the codes (or h), then the seed, then the weights.
-    n_codes = 1 if bits is None else 3 + (fit is not None)
     seed = ops.zeros((2,), "int32") if seed is None else seed
 
     def forward(h, seed, *weights):
@@ -88,15 +86,15 @@ def activation_linear(
         outputs = [codes.dropout(out, seed, dropout) for out in linear(a, *weights)]
         h32 = codes.rows(ops.cast(h, "float32"), features)
         if bits is None:
-            return outputs, [h32, seed, *weights]
+            return outputs, [h32], [seed, *weights]
         saved = codes.encode_rows(codes.rows(ops.cast(a, "float32"), features), bits)
         if fit is not None:
             saved.insert(0, codes.autodiff().pack(codes.encode_derivative(h32, fit.edges),
                                                   deriv_bits))
-        return outputs, [*saved, seed, *weights]
+        return outputs, saved, [seed, *weights]
 
-    def backward(saved, grads):
-        coded, seed, weights = saved[:n_codes], saved[n_codes], saved[n_codes + 1:]
+    def backward(coded, kept, grads):
+        seed, *weights = kept
         grads = [codes.dropout(g, seed, dropout) for g in grads]
         if bits is None:
             a = f(coded[0])

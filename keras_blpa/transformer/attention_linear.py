@@ -77,7 +77,6 @@ def attention_linear(
         mask_words = ops.zeros((1, 1), "uint32")
     seed = ops.zeros((2,), "int32") if seed is None else seed
     weights = list(weights)
-    n_codes = 3 if bits is None else 9
 
     def attend(q, k, v, mask_bool, seed, *weights):
         scores = ops.einsum(dot_equation, k, q * ops.cast(scale, q.dtype))
@@ -106,11 +105,11 @@ def attention_linear(
             saved = []
             for t, dim in zip((q, k, v), dims):
                 saved += codes.encode_rows(codes.rows(ops.cast(t, "float32"), dim), bits)
-        return outputs, [*saved, mask_words, seed, *weights]
+        return outputs, [*saved, mask_words], [seed, *weights]
 
-    def backward(saved, grads):
-        coded, mask_words, seed = saved[:n_codes], saved[n_codes], saved[n_codes + 1]
-        weights = saved[n_codes + 2:]
+    def backward(coded, kept, grads):
+        *coded, mask_words = coded
+        seed, *weights = kept
         if bits is None:
             qkv = coded
         else:

@@ -78,5 +78,5 @@ def dropout(x, seed, rate: float):
     (`autodiff.dropout_keep`); also the backward's gradient map. `rate` 0: `x`."""
     if not rate:
         return x
-    keep = autodiff().dropout_keep(seed, ops.shape(x), rate)
+    keep = autodiff().dropout_keep(seed, ops.shape(x), rate, x)
     return ops.where(keep, x / ops.cast(1.0 - rate, x.dtype), ops.zeros_like(x))

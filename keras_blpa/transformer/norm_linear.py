@@ -63,7 +63,6 @@ def norm_linear(
     features = x.shape[-1]
     x_dtype = x.dtype
     x_shape = ops.shape(x)
-    n_saved = 2 if bits is None else 4  # then gamma, beta, weights
     rms = norm == "rms"
 
     def normalize(x32):
@@ -83,11 +82,11 @@ def norm_linear(
         outputs = linear(y, *weights)
         xhat, inv = normalize(codes.rows(ops.cast(x, "float32"), features))
         saved = [xhat] if bits is None else codes.encode_rows(xhat, bits)
-        return [y, *outputs], [*saved, inv[:, 0], gamma, beta, *weights]
+        return [y, *outputs], [*saved, inv[:, 0]], [gamma, beta, *weights]
 
-    def backward(saved, grads):
-        saved, (gamma, beta, *weights) = saved[:n_saved], saved[n_saved:]
+    def backward(saved, kept, grads):
         *coded, inv = saved
+        gamma, beta, *weights = kept
         if bits is None:
             xhat = coded[0]
         else:

@@ -17,7 +17,7 @@ from keras_blpa.backend.jax import quantizer, xla
 
 
 def custom_vjp(forward: Callable, backward: Callable, name: str) -> Callable:
-    """`f(*inputs) -> outputs` whose gradient is `backward(saved, grads)`.
+    """`f(*inputs) -> outputs` whose gradient is `backward(saved, kept, grads)`.
 
     Args, as `keras_blpa.backend.tensorflow.autodiff.custom_vjp`; `backward`
     returns a gradient of each input's shape and dtype, or None for an input
@@ -30,19 +30,22 @@ def custom_vjp(forward: Callable, backward: Callable, name: str) -> Callable:
         return tuple(forward(*inputs)[0])
 
     def fwd(*inputs):
-        outputs, saved = forward(*inputs)
+        outputs, saved, kept = forward(*inputs)
         # Every schedule finishes the codes before an output is used, so the
         # encoder runs in the forward pass (XLA:CPU drops barriers).
         outputs = tuple(xla.tie(out, saved[0]) for out in outputs)
-        return outputs, list(saved)
+        return outputs, (list(saved), list(kept))
 
-    def bwd(saved, grads):
+    def bwd(residuals, grads):
+        saved, kept = residuals
         grads = list(grads)
         # Decode only once the upstream gradient exists (the last output's: an
-        # earlier output, such as a norm's residual branch, may have none).
-        saved = [xla.after(s, grads[-1]) for s in saved]
-        saved, grads = xla.optimization_barrier((saved, grads))
-        return tuple(backward(saved, grads))
+        # earlier output, such as a norm's residual branch, may have none);
+        # the weights too, whose transposed copies would otherwise be made in
+        # the forward pass and held until the backward.
+        saved, kept = ([xla.after(s, grads[-1]) for s in part] for part in (saved, kept))
+        saved, kept, grads = xla.optimization_barrier((saved, kept, grads))
+        return tuple(backward(saved, kept, grads))
 
     call.defvjp(fwd, bwd)
     return lambda *inputs: list(call(*inputs))
@@ -55,11 +58,13 @@ def vjp(fn: Callable, primals: Sequence, cotangent) -> list:
     return list(pull(jax.tree.map(lambda c, o: jnp.asarray(c, o.dtype), cotangent, out)))
 
 
-def dropout_keep(seed, shape, rate: float):
+def dropout_keep(seed, shape, rate: float, gate):
     """The keep mask of dropout at `rate`, a pure function of `seed` (two
     integers, from a `keras.random.SeedGenerator`): the backward pass draws
-    the same mask again instead of keeping it."""
-    key = jnp.asarray(seed).astype(jnp.uint32).reshape(2)
+    the same mask again instead of keeping it. The random bits wait for
+    `gate` (the tensor being dropped): seeds are known when the step starts,
+    and XLA would otherwise draw every layer's bits up front and hold them."""
+    key = xla.after(jnp.asarray(seed).astype(jnp.uint32).reshape(2), gate)
     return jax.random.uniform(key, tuple(shape), jnp.float32) >= rate
 
 

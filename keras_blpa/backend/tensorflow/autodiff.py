@@ -30,17 +30,20 @@ try:  # Internal API, used only to save memory in eager mode.
 except ImportError:  # pragma: no cover - other TF versions
     _record = None
 
-Forward = Callable[..., tuple[list[tf.Tensor], list[tf.Tensor]]]
-Backward = Callable[[list[tf.Tensor], list[tf.Tensor]], list[tf.Tensor]]
+Forward = Callable[..., tuple[list[tf.Tensor], list[tf.Tensor], list[tf.Tensor]]]
+Backward = Callable[[list[tf.Tensor], list[tf.Tensor], list[tf.Tensor]], list[tf.Tensor]]
 
 
 def custom_vjp(forward: Forward, backward: Backward, name: str) -> Callable[..., list[tf.Tensor]]:
-    """`f(*inputs) -> outputs` whose gradient is `backward(saved, grads)`.
+    """`f(*inputs) -> outputs` whose gradient is `backward(saved, kept, grads)`.
 
     Args:
-      forward: `forward(*inputs) -> (outputs, saved)`; `saved[0]` must be an
-        integer code tensor (the forward's outputs are tied to it).
-      backward: `backward(saved, grads) -> gradients`, one per input, of its
+      forward: `forward(*inputs) -> (outputs, saved, kept)`: `saved` are the
+        per-sample tensors (codes) that the backward reads only once its
+        upstream gradient exists (the outputs are tied to `saved[0]`, so the
+        codes are finished in the forward pass); `kept` are tensors the model
+        holds anyway (weights, seeds), passed through untouched.
+      backward: `backward(saved, kept, grads) -> gradients`, one per input, of its
         shape and dtype, or None for an input without one (a mask, a seed);
         `grads` has one tensor per output.
       name: the layer's name, for the op recorded in eager mode.
@@ -49,7 +52,7 @@ def custom_vjp(forward: Forward, backward: Backward, name: str) -> Callable[...,
     def unit(*inputs):
         # Stop the outer tape from recording (and keeping alive) the forward's
         # full-precision intermediates in eager mode.
-        outputs, saved = forward(*(tf.stop_gradient(t) for t in inputs))
+        outputs, saved, kept = forward(*(tf.stop_gradient(t) for t in inputs))
         # Finish the codes before any output is used: graph executors and XLA
         # could otherwise defer the encoder and keep its float inputs alive.
         saved = xla.optimization_barrier(*saved)
@@ -64,13 +67,17 @@ def custom_vjp(forward: Forward, backward: Backward, name: str) -> Callable[...,
                 tf.zeros(shape, dtype) if g is None else g
                 for g, (shape, dtype) in zip(upstream[: len(specs)], specs)
             ]
-            # Decode only once the upstream gradient exists (the last output's: an
-        # earlier output, such as a norm's residual branch, may have none).
-            gated = xla.optimization_barrier(*(xla.after(s, grads[-1]) for s in saved), *grads)
-            saved_now, grads = gated[: len(saved)], gated[len(saved) :]
+            # Decode only once the upstream gradient exists (the last output's:
+            # an earlier output, such as a norm's residual branch, may have
+            # none); the weights too, whose transposed copies would otherwise
+            # be made in the forward pass and held until the backward.
+            n, m = len(saved), len(kept)
+            gated = xla.optimization_barrier(
+                *(xla.after(s, grads[-1]) for s in (*saved, *kept)), *grads)
+            saved_now, kept, grads = gated[:n], gated[n : n + m], gated[n + m :]
             with tf.control_dependencies(grads):
                 saved_now = [tf.identity(s) for s in saved_now]
-            return list(backward(saved_now, grads))
+            return list(backward(saved_now, kept, grads))
 
         return outputs, grad
 
@@ -103,11 +110,14 @@ def vjp(
     return tape.gradient(out, primals, output_gradients=cotangent)
 
 
-def dropout_keep(seed: tf.Tensor, shape, rate: float) -> tf.Tensor:
+def dropout_keep(seed: tf.Tensor, shape, rate: float, gate: tf.Tensor) -> tf.Tensor:
     """The keep mask of dropout at `rate`, a pure function of `seed` (two
     integers, from a `keras.random.SeedGenerator`): the backward pass draws
-    the same mask again instead of keeping it."""
-    seed = tf.reshape(tf.cast(seed, tf.int64), [2])
+    the same mask again instead of keeping it. The random bits wait for
+    `gate` (the tensor being dropped): seeds are known when the step starts,
+    and executors would otherwise draw every layer's bits up front."""
+    with tf.control_dependencies([gate]):
+        seed = xla.after(tf.reshape(tf.cast(seed, tf.int64), [2]), gate)
     return tf.random.stateless_uniform(shape, seed, dtype=tf.float32) >= rate
 
 
