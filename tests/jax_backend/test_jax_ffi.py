@@ -190,6 +190,7 @@ def test_capped_encode_and_decode_are_bit_exact_with_the_jnp_quantizer(shape, bi
 def test_capped_exact_forward_and_relu_are_bit_exact_with_the_jnp_quantizer(max_value):
     shape = (4, 4, 4, 10)
     x, mean, inv_std, gamma, beta = _capped_inputs(shape, max_value, normalized=False)
+    assert "cpu" in kernels.load(), kernels.load_error()
 
     @jax.jit
     def both(x):
@@ -217,6 +218,7 @@ def test_capped_bn_backward_matches_the_jnp_quantizer(bits, max_value):
     params = None if bits is None else quantizer.quantizer_params(gamma, beta, bits,
                                                                   max_value=max_value)
     cap = None if bits is None else quantizer.cap_params(gamma, beta, params, bits, max_value)
+    assert "cpu" in kernels.load(), kernels.load_error()
 
     @jax.jit
     def both(x, g_a):
@@ -232,6 +234,10 @@ def test_capped_bn_backward_matches_the_jnp_quantizer(bits, max_value):
             got = kernels.decode_bn_backward(g_a, codes, params, gamma, inv_std, bits, None, 0.0,
                                              cap)
             q = quantizer.encode_codes(xhat, on, params, bits, cap, saturated)
+            # The jnp unit's own backward, which reduces over the integer codes.
+            words = quantizer.pack_words(q, bits)
+            got = got + quantizer.decode_bn_backward(g_a, words, params, gamma, inv_std, bits,
+                                                     0.0, cap)
             xhat, mask, _ = quantizer.centres_and_masks_capped(q, params, cap, bits)
         want = quantizer.relu_bn_backward(g_a, xhat, mask, gamma, inv_std)
         # Without the cap's mask: what a handler that ignored the cap returns.
@@ -239,7 +245,8 @@ def test_capped_bn_backward_matches_the_jnp_quantizer(bits, max_value):
         return got, want, on_only
 
     got, want, on_only = both(x, g_a)
-    for value, ref, wrong in zip(got, want, on_only):  # g_x, d_gamma, d_beta
+    assert len(got) == (3 if bits is None else 6)
+    for value, ref, wrong in zip(got, want * 2, on_only * 2):  # g_x, d_gamma, d_beta
         scale = float(np.max(np.abs(np.asarray(ref)))) or 1.0
         np.testing.assert_allclose(np.asarray(value), np.asarray(ref), rtol=0, atol=2e-5 * scale)
         assert np.max(np.abs(np.asarray(wrong) - np.asarray(ref))) > 1e-3 * scale

@@ -285,8 +285,9 @@ def relu_bn_backward(g_a, xhat, mask, gamma, inv_std, negative_slope: float = 0.
 
 
 def decode_bn_backward(g_a, words, params: QuantParams, gamma, inv_std, bits: int,
-                       negative_slope: float = 0.0):
-    """`relu_bn_backward` with `xhat` and the mask decoded from the word layout.
+                       negative_slope: float = 0.0, cap: CapParams | None = None):
+    """`relu_bn_backward` with `xhat` and the mask decoded from the word layout
+    (with `cap`, a capped ReLU's mask `0 < y < max_value`).
 
     `d_gamma = sum(g_y * xhat)` is reduced over the integer codes instead,
     `w * sum(g_y * q) + (lo + w / 2) * d_beta` (xhat = (q + 1/2) w + lo): the
@@ -301,6 +302,8 @@ def decode_bn_backward(g_a, words, params: QuantParams, gamma, inv_std, bits: in
     w = bin_width(bits, params.window)
     q = unpack_words(words, g_a.shape, bits).astype(jnp.float32)
     mask = (q >= params.k) != (params.flip > 0.5)
+    if cap is not None:  # not saturated (`centres_and_masks_capped`)
+        mask = mask & ((q >= cap.kc) == (cap.flip > 0.5))
     g_y = leaky(g_a, mask, negative_slope)
     d_beta = jnp.sum(g_y, axes)
     d_gamma = w * jnp.sum(g_y * q, axes) + (params.lo + 0.5 * w) * d_beta

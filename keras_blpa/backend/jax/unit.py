@@ -164,17 +164,14 @@ def bn_relu_linear(
         # The second decode waits for g_a, so that it does not live beside
         # the first one while the linear map's gradients run.
         saved = xla.after(saved, g_a)
-        if cap is not None:
-            if bits is None:
-                mask = quantizer.exact_masks_capped(saved, gamma, beta, cap)[0]
-                return quantizer.relu_bn_backward(g_a, saved, mask, gamma, inv_std)
-            xhat, mask, _ = decoded_capped(saved, params, caps)
-            return quantizer.relu_bn_backward(g_a, xhat, mask, gamma, inv_std)
+        if cap is not None and bits is None:
+            mask = quantizer.exact_masks_capped(saved, gamma, beta, cap)[0]
+            return quantizer.relu_bn_backward(g_a, saved, mask, gamma, inv_std)
         if bits is None:
             return quantizer.relu_bn_backward(
                 g_a, saved, quantizer.exact_mask(saved, gamma, beta), gamma, inv_std, slope
             )
-        return quantizer.decode_bn_backward(g_a, saved, params, gamma, inv_std, bits, slope)
+        return quantizer.decode_bn_backward(g_a, saved, params, gamma, inv_std, bits, slope, caps)
 
     def backward(residuals, cotangents):
         if custom:
