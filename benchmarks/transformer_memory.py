@@ -1,0 +1,236 @@
+"""Activation memory and step time of KerasHub transformers, stock against BLPA.
+
+The model is a KerasHub task with random weights (no download): GPT-2
+(`GPT2CausalLM`: causal LM loss over the vocabulary) or BERT
+(`BertTextClassifier`: two classes), with `--layers` blocks of hidden size
+256, 4 heads, MLP 1024, sequence 128, vocabulary 1000 (the issue's sizes),
+dropout as KerasHub's default (0.1). Variants:
+
+- `stock`: as KerasHub builds it;
+- `remat`: built under `keras.RematScope(mode="list_of_layers")` over every
+  block's Dense / EinsumDense / LayerNormalization sublayers
+  (`jax.checkpoint` / `tf.recompute_grad` each). Whole blocks cannot be
+  rematerialized this way in Keras 3.15: `RematScope` wraps the block's call
+  with all its arguments, and KerasHub's blocks take keyword arguments
+  (TensorFlow: "The custom_gradient decorator currently supports keywords
+  arguments only when eager execution is enabled") and a Python `training`
+  flag (JAX traces it: "Attempted boolean conversion");
+- `exact`: `keras_blpa.convert(model, transformer_bits=None)` (float tensors);
+- `default`: `keras_blpa.convert(model)` (8-bit row codes, 3-bit derivative);
+- `lean`: `transformer_bits=4, derivative_bits=1`.
+
+Memory per sample is the slope between two batch sizes of what the training
+step needs:
+
+- JAX: XLA's temp buffer of the compiled `train_step` (`memory_analysis()`),
+  in this process (nothing runs);
+- TensorFlow: the peak of the BFC allocator (`TF_CPU_ALLOCATOR_USE_BFC=true`)
+  over a `train_on_batch` after two warm-up steps, the lowest of three steps,
+  in a fresh process per variant and batch size.
+
+`codes` is what the units keep per sample by construction (row codes, their
+per-row floats, derivative codes, 1-bit masks), the floor the measured
+slope approaches; the rest is one block's transient working set and what
+stays stock (embeddings, the head, the loss).
+
+`--time` also times `train_on_batch` at the larger batch size, all variants
+interleaved in one process (rounds of one step each, after warm-up), and
+reports the median per variant and its ratio to stock.
+
+    python benchmarks/transformer_memory.py --model gpt2 --layers 4
+    KERAS_BACKEND=jax python benchmarks/transformer_memory.py --model bert --layers 12 --time
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+VARIANTS = ("stock", "remat", "exact", "default", "lean")
+SIZES = dict(vocabulary_size=1000, num_heads=4, hidden_dim=256, intermediate_dim=1024,
+             max_sequence_length=128)
+
+
+def build(model: str, layers: int, variant: str, policy: str):
+    """The task of `variant` (module docstring), compiled."""
+    import keras
+    import keras_hub
+
+    import keras_blpa
+
+    keras.config.set_dtype_policy(policy)
+    cls = keras_hub.models.GPT2Backbone if model == "gpt2" else keras_hub.models.BertBackbone
+    names = ["query", "key", "value", "attention_output", "self_attention_layer_norm",
+             "feedforward_layer_norm", "feedforward_intermediate_dense",
+             "feedforward_output_dense"]
+    if variant == "remat":
+        with keras.RematScope(mode="list_of_layers", layer_names=names):
+            backbone = cls(num_layers=layers, **SIZES)
+    else:
+        keras.utils.set_random_seed(0)
+        backbone = cls(num_layers=layers, **SIZES)
+    if model == "gpt2":
+        task = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    else:
+        task = keras_hub.models.BertTextClassifier(backbone=backbone, num_classes=2,
+                                                   preprocessor=None)
+    options = {"exact": dict(transformer_bits=None), "default": {},
+               "lean": dict(transformer_bits=4, derivative_bits=1)}
+    if variant in options:
+        task = keras_blpa.convert(task, **options[variant])
+    task.compile(optimizer="sgd",
+                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                 jit_compile="auto" if keras.backend.backend() == "jax" else False)
+    return task
+
+
+def batch(model: str, size: int):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    seq = SIZES["max_sequence_length"]
+    x = {"token_ids": rng.integers(0, SIZES["vocabulary_size"], (size, seq)).astype("int32"),
+         "padding_mask": np.ones((size, seq), bool)}
+    if model == "bert":
+        x["segment_ids"] = np.zeros((size, seq), "int32")
+        return x, rng.integers(0, 2, (size,)).astype("int32")
+    return x, x["token_ids"]
+
+
+def codes_bytes_per_sample(layers: int, variant: str) -> float:
+    """What the units keep per sample (module docstring); stock and remat: 0."""
+    if variant in ("stock", "remat"):
+        return 0.0
+    h, heads, inner, seq = (SIZES[k] for k in
+                            ("hidden_dim", "num_heads", "intermediate_dim", "max_sequence_length"))
+    bits = {"exact": None, "default": 8, "lean": 4}[variant]
+    derivative_bits = {"default": 3, "lean": 1}.get(variant)
+    if bits is None:  # float32 xhat (x2), q, k, v and the MLP's pre-activation
+        per_token = 4 * (2 * h + 3 * h + inner) + 4 * 2
+    else:
+        per_token = (2 * (h * bits / 8 + 8)  # two norm codes (+ lo, scale)
+                     + 3 * (h * bits / 8 + 8 * heads)  # q, k, v rows per head
+                     + inner * bits / 8 + 8  # the activation's row code
+                     + inner * 4 / (32 // derivative_bits) + 2 * 4)  # derivative words, inv
+    return layers * seq * (per_token + seq / 8)  # + the 1-bit attention mask
+
+
+def jax_temp_bytes(task, model: str, size: int) -> int:
+    import jax
+
+    x, y = batch(model, size)
+    task.optimizer.build(task.trainable_variables)
+    state = tuple([v.value for v in vs] for vs in (
+        task.trainable_variables, task.non_trainable_variables, task.optimizer.variables,
+        task.metrics_variables))
+    spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (x, y))
+    compiled = jax.jit(task.train_step, donate_argnums=0).lower(state, spec).compile()
+    return int(compiled.memory_analysis().temp_size_in_bytes)
+
+
+def tf_peak_child(model: str, layers: int, variant: str, policy: str, size: int) -> int:
+    import tensorflow as tf
+
+    task = build(model, layers, variant, policy)
+    x, y = batch(model, size)
+    x = {k: tf.constant(v) for k, v in x.items()}
+    y = tf.constant(y)
+    for _ in range(2):
+        task.train_on_batch(x, y)
+    peaks = []
+    for _ in range(3):
+        tf.config.experimental.reset_memory_stats("CPU:0")
+        task.train_on_batch(x, y)
+        peaks.append(tf.config.experimental.get_memory_info("CPU:0")["peak"])
+    return min(peaks)
+
+
+def tf_peak(args, variant: str, size: int) -> int:
+    env = {**os.environ, "TF_CPU_ALLOCATOR_USE_BFC": "true", "KERAS_BACKEND": "tensorflow"}
+    cmd = [sys.executable, __file__, "--child", variant, str(size), "--model", args.model,
+           "--layers", str(args.layers), "--policy", args.policy]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise RuntimeError(f"{variant} at batch {size} failed:\n{out.stderr[-3000:]}")
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def step_times(args) -> dict:
+    """Median seconds of one `train_on_batch` per variant, interleaved."""
+    import numpy as np
+
+    tasks = {v: build(args.model, args.layers, v, args.policy) for v in args.variants}
+    x, y = batch(args.model, args.batch_sizes[-1])
+    for task in tasks.values():
+        for _ in range(2):
+            task.train_on_batch(x, y)
+    times = {v: [] for v in tasks}
+    for _ in range(args.rounds):
+        for v, task in tasks.items():
+            start = time.perf_counter()
+            task.train_on_batch(x, y)
+            times[v].append(time.perf_counter() - start)
+    return {v: float(np.median(t)) for v, t in times.items()}
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="gpt2", choices=["gpt2", "bert"])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--batch-sizes", type=int, nargs=2, default=(2, 6))
+    p.add_argument("--policy", default="float32", choices=["float32", "mixed_bfloat16"])
+    p.add_argument("--time", action="store_true", help="also time the steps, interleaved")
+    p.add_argument("--rounds", type=int, default=7, help="timed steps per variant")
+    p.add_argument("--out", default=None, help="write the rows as JSON here")
+    p.add_argument("--child", nargs=2, metavar=("VARIANT", "BATCH"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(tf_peak_child(args.model, args.layers, args.child[0], args.policy,
+                            int(args.child[1])))
+        return []
+    import keras
+
+    backend = keras.backend.backend()
+    small, large = args.batch_sizes
+    rows = []
+    for variant in args.variants:
+        if backend == "jax":
+            task = build(args.model, args.layers, variant, args.policy)
+            used = [jax_temp_bytes(task, args.model, b) for b in (small, large)]
+        else:
+            used = [tf_peak(args, variant, b) for b in (small, large)]
+        rows.append(dict(model=args.model, layers=args.layers, variant=variant,
+                         backend=backend, policy=args.policy, batch_sizes=[small, large],
+                         bytes=used, mib_per_sample=(used[1] - used[0]) / (large - small) / 2**20,
+                         codes_mib_per_sample=codes_bytes_per_sample(args.layers, variant) / 2**20))
+        print(json.dumps(rows[-1]), flush=True)
+    if args.time:
+        times = step_times(args)
+        for row in rows:
+            row["step_s"] = times[row["variant"]]
+    stock = next((r for r in rows if r["variant"] == "stock"), None)
+    print(f"\n{args.model}, {args.layers} layers, {backend}, {args.policy}: MiB per sample")
+    print("| variant | measured | codes | vs stock |" + (" step s | time vs stock |"
+                                                          if args.time else ""))
+    print("|---|---|---|---|" + ("---|---|" if args.time else ""))
+    for r in rows:
+        ratio = f"{stock['mib_per_sample'] / r['mib_per_sample']:.2f}x less" if stock else ""
+        line = (f"| {r['variant']} | {r['mib_per_sample']:.3f} | "
+                f"{r['codes_mib_per_sample']:.3f} | {ratio} |")
+        if args.time:
+            line += f" {r['step_s']:.3f} | {r['step_s'] / stock['step_s']:.2f}x |" if stock \
+                else f" {r['step_s']:.3f} | |"
+        print(line)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
