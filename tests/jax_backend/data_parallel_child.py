@@ -1,9 +1,9 @@
 """Process for tests/jax_backend/test_jax_distribution.py: a `fit` (two steps
 of global batch 16) of a ResNet-11 (fused, or `--bits stock`) on `--devices`
 CPU devices under `keras.distribution.DataParallel` (1: no distribution),
-then the compiled step's per-device temp buffer at two global batch sizes
-and the collectives in that program. Writes JSON and the weights (.npz) to
-`--out`.
+then the compiled step's per-device temp buffer at two global batch sizes,
+the collectives in that program and the rows each BLPA custom call in it
+reads. Writes JSON and the weights (.npz) to `--out`.
 """
 
 from __future__ import annotations
@@ -57,9 +57,13 @@ def main() -> None:
                          r"collective-permute)(?:-start)?\(", hlo):
         elements = int(np.prod([int(d) for d in m.group(2).split(",") if d] or [1]))
         collectives.append([m.group(3), elements])
+    # The rows (leading dimension of the first operand) each BLPA custom call
+    # reads: a call the partitioner could not split would read all 128.
+    custom_call_rows = [[m.group(1), int(m.group(2))] for m in re.finditer(
+        r'custom_call_target="(blpa_\w+)", operand_layout_constraints=\{\w+\[(\d+)', hlo)]
     with open(args.out + ".json", "w") as f:
         json.dump({"loss": history.history["loss"], "temp_bytes": temps,
-                   "collectives": collectives}, f)
+                   "collectives": collectives, "custom_call_rows": custom_call_rows}, f)
 
 
 def _converted_post_activation_net():
