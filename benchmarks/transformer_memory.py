@@ -199,26 +199,36 @@ def main(argv=None) -> list[dict]:
     small, large = args.batch_sizes
     rows = []
     for variant in args.variants:
-        if backend == "jax":
-            task = build(args.model, args.layers, variant, args.policy)
-            used = [jax_temp_bytes(task, args.model, b) for b in (small, large)]
+        row = dict(model=args.model, layers=args.layers, variant=variant, backend=backend,
+                   policy=args.policy, batch_sizes=[small, large],
+                   codes_mib_per_sample=codes_bytes_per_sample(args.layers, variant) / 2**20)
+        try:
+            if backend == "jax":
+                task = build(args.model, args.layers, variant, args.policy)
+                used = [jax_temp_bytes(task, args.model, b) for b in (small, large)]
+            else:
+                used = [tf_peak(args, variant, b) for b in (small, large)]
+        except Exception as err:  # noqa: BLE001 - a variant that fails is reported
+            row["error"] = str(err).strip().splitlines()[-1][:300]
         else:
-            used = [tf_peak(args, variant, b) for b in (small, large)]
-        rows.append(dict(model=args.model, layers=args.layers, variant=variant,
-                         backend=backend, policy=args.policy, batch_sizes=[small, large],
-                         bytes=used, mib_per_sample=(used[1] - used[0]) / (large - small) / 2**20,
-                         codes_mib_per_sample=codes_bytes_per_sample(args.layers, variant) / 2**20))
-        print(json.dumps(rows[-1]), flush=True)
+            row.update(bytes=used, mib_per_sample=(used[1] - used[0]) / (large - small) / 2**20)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    rows_ok = [r for r in rows if "error" not in r]
     if args.time:
+        args.variants = [r["variant"] for r in rows_ok]
         times = step_times(args)
-        for row in rows:
+        for row in rows_ok:
             row["step_s"] = times[row["variant"]]
-    stock = next((r for r in rows if r["variant"] == "stock"), None)
+    stock = next((r for r in rows_ok if r["variant"] == "stock"), None)
     print(f"\n{args.model}, {args.layers} layers, {backend}, {args.policy}: MiB per sample")
     print("| variant | measured | codes | vs stock |" + (" step s | time vs stock |"
                                                           if args.time else ""))
     print("|---|---|---|---|" + ("---|---|" if args.time else ""))
     for r in rows:
+        if "error" in r:
+            print(f"| {r['variant']} | fails: {r['error']} | | |")
+            continue
         ratio = f"{stock['mib_per_sample'] / r['mib_per_sample']:.2f}x less" if stock else ""
         line = (f"| {r['variant']} | {r['mib_per_sample']:.3f} | "
                 f"{r['codes_mib_per_sample']:.3f} | {ratio} |")

@@ -86,11 +86,13 @@ def activation_linear(
         outputs = [codes.dropout(out, seed, dropout) for out in linear(a, *weights)]
         h32 = codes.rows(ops.cast(h, "float32"), features)
         if bits is None:
-            return outputs, [h32], [seed, *weights]
-        saved = codes.encode_rows(codes.rows(ops.cast(a, "float32"), features), bits)
-        if fit is not None:
-            saved.insert(0, codes.autodiff().pack(codes.encode_derivative(h32, fit.edges),
-                                                  deriv_bits))
+            saved = [h32]
+        else:
+            saved = codes.encode_rows(codes.rows(ops.cast(a, "float32"), features), bits)
+            if fit is not None:
+                saved.insert(0, codes.autodiff().pack(codes.encode_derivative(h32, fit.edges),
+                                                      deriv_bits))
+        codes.record("activation_linear", saved)
         return outputs, saved, [seed, *weights]
 
     def backward(coded, kept, grads):

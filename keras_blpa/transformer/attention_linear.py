@@ -105,6 +105,7 @@ def attention_linear(
             saved = []
             for t, dim in zip((q, k, v), dims):
                 saved += codes.encode_rows(codes.rows(ops.cast(t, "float32"), dim), bits)
+        codes.record("attention_linear", [*saved, mask_words])
         return outputs, [*saved, mask_words], [seed, *weights]
 
     def backward(coded, kept, grads):

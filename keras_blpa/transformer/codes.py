@@ -16,17 +16,40 @@ being fused into the backward pass).
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 from keras import ops
 
 from keras_blpa import backend
 
 ROW_BITS = (4, 8)
+_recorders: list[list] = []
 
 
 def autodiff():
     """The backend's custom-gradient seam (`keras_blpa.backend.*.autodiff`)."""
     return backend.module("autodiff")
+
+
+@contextlib.contextmanager
+def recording():
+    """Collects `(unit, saved)` for every unit run inside, in order: what each
+    unit keeps for its backward pass (tests decode it independently). Eager
+    only (TensorFlow eager, JAX outside `jit`): traced values are not
+    collected."""
+    saved: list = []
+    _recorders.append(saved)
+    try:
+        yield saved
+    finally:
+        _recorders.remove(saved)
+
+
+def record(unit: str, saved: list) -> None:
+    """Hands a unit's saved tensors to every active `recording()`."""
+    for recorder in _recorders:
+        recorder.append((unit, list(saved)))
 
 
 def check_bits(bits: int | None) -> None:

@@ -82,6 +82,7 @@ def norm_linear(
         outputs = linear(y, *weights)
         xhat, inv = normalize(codes.rows(ops.cast(x, "float32"), features))
         saved = [xhat] if bits is None else codes.encode_rows(xhat, bits)
+        codes.record("norm_linear", [*saved, inv[:, 0]])
         return [y, *outputs], [*saved, inv[:, 0]], [gamma, beta, *weights]
 
     def backward(saved, kept, grads):

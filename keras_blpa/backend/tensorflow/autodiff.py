@@ -74,10 +74,10 @@ def custom_vjp(forward: Forward, backward: Backward, name: str) -> Callable[...,
             n, m = len(saved), len(kept)
             gated = xla.optimization_barrier(
                 *(xla.after(s, grads[-1]) for s in (*saved, *kept)), *grads)
-            saved_now, kept, grads = gated[:n], gated[n : n + m], gated[n + m :]
+            saved_now, kept_now, grads = gated[:n], gated[n : n + m], gated[n + m :]
             with tf.control_dependencies(grads):
                 saved_now = [tf.identity(s) for s in saved_now]
-            return list(backward(saved_now, kept, grads))
+            return list(backward(saved_now, kept_now, grads))
 
         return outputs, grad
 

@@ -1,0 +1,3 @@
+"""The transformer units and blocks on JAX (bodies: `tests/transformer_tests.py`)."""
+
+from transformer_tests import *  # noqa: F401,F403

@@ -1,0 +1,212 @@
+"""The transformer units' and blocks' tests, on whichever backend Keras runs.
+
+Collected by `tests/test_transformers.py` (TensorFlow suite) and
+`tests/jax_backend/test_jax_transformers.py` (JAX suite), which import them.
+Each unit's gradient is checked against the float64 oracle of
+`tests/transformer_oracle.py` from the codes the unit saved (eager, where
+`codes.recording()` sees them), and the blocks against KerasHub's own.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import transformer_oracle as oracle
+from keras import ops
+
+from keras_blpa.transformer import codes, derivative
+from keras_blpa.transformer.activation_linear import activation_linear
+from keras_blpa.transformer.attention_linear import attention_linear
+from keras_blpa.transformer.norm_linear import norm_linear
+
+TOLERANCE = 1e-5  # relative to the largest oracle entry, as the BN oracle's
+
+
+def gradients(loss, args, jit: bool = False) -> list[np.ndarray]:
+    """Gradients of the scalar `loss(*args)` with respect to every arg."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        grad = jax.grad(loss, argnums=tuple(range(len(args))))
+        return [np.asarray(g) for g in (jax.jit(grad) if jit else grad)(*args)]
+    import tensorflow as tf
+
+    def step(*tensors):
+        with tf.GradientTape() as tape:
+            tape.watch(tensors)
+            value = loss(*tensors)
+        return tape.gradient(value, tensors)
+
+    if jit:
+        step = tf.function(step, jit_compile=True)
+    return [g.numpy() for g in step(*[tf.constant(a) for a in args])]
+
+
+def _rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+def _dense(a, kernel, bias):
+    return [ops.matmul(a, kernel) + bias]
+
+
+def _upstream(shape, seed=1):
+    return _rng(seed).standard_normal(shape).astype("float32")
+
+
+@pytest.mark.parametrize("name", ["gelu", "gelu_tanh", "silu", "relu", "linear"])
+@pytest.mark.parametrize("bits,derivative_bits", [(None, 3), (8, 3), (8, 1), (4, 2), (8, 4)])
+def test_activation_unit_matches_oracle(name, bits, derivative_bits):
+    rng = _rng()
+    h = (1.5 * rng.standard_normal((3, 7, 24))).astype("float32")
+    h[0, 0, :4] = [0.0, -0.0, 1e-8, -1e-8]  # at the ReLU kink
+    kernel = (0.2 * rng.standard_normal((24, 5))).astype("float32")
+    bias = rng.standard_normal(5).astype("float32")
+    g = _upstream((3, 7, 5))
+
+    def loss(h, kernel, bias):
+        (out,) = activation_linear(h, [kernel, bias], linear=_dense, activation=name,
+                                   bits=bits, derivative_bits=derivative_bits)
+        return ops.sum(out * g)
+
+    with codes.recording() as saved:
+        got = gradients(loss, [h, kernel, bias])
+    want = oracle.activation_dense(h, kernel, bias, g, name, bits, derivative_bits,
+                                   saved[0][1])
+    for what, a, b in zip(["h", "kernel", "bias"], got, want):
+        assert oracle.worst_error(a, b) < TOLERANCE, what
+
+
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_norm_unit_matches_oracle_with_three_heads(norm, bits):
+    rng = _rng(2)
+    x = (3.0 * rng.standard_normal((2, 9, 32)) + 1.0).astype("float32")
+    gamma = (1 + 0.2 * rng.standard_normal(32)).astype("float32")
+    beta = (0.2 * rng.standard_normal(32)).astype("float32")
+    kernels = [(0.2 * rng.standard_normal((32, 4, 8))).astype("float32") for _ in range(3)]
+    g_y = _upstream((2, 9, 32), 3)
+    g_outs = [_upstream((2, 9, 4, 8), 4 + i) for i in range(3)]
+
+    def heads(y, *kernels):
+        return [ops.einsum("abc,cde->abde", y, kernel) for kernel in kernels]
+
+    def loss(x, gamma, beta, *kernels):
+        y, *outs = norm_linear(x, gamma, beta, list(kernels), linear=heads, epsilon=1e-3,
+                               norm=norm, bits=bits)
+        return ops.sum(y * g_y) + sum(ops.sum(o * g) for o, g in zip(outs, g_outs))
+
+    with codes.recording() as saved:
+        got = gradients(loss, [x, gamma, beta, *kernels])
+    want = oracle.norm_dense(x, gamma, beta, kernels, g_y, g_outs, norm, 1e-3, bits,
+                             saved[0][1])
+    for i, (a, b) in enumerate(zip(got, want)):
+        if norm == "rms" and i == 2:
+            continue  # RMS has no beta: no gradient reaches it
+        assert oracle.worst_error(a, b) < TOLERANCE, i
+
+
+@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_attention_unit_matches_oracle(masked, bits):
+    rng = _rng(5)
+    batch, length, heads, dim, out = 2, 6, 3, 4, 7
+    q, k, v = (rng.standard_normal((batch, length, heads, dim)).astype("float32")
+               for _ in range(3))
+    kernel = (0.3 * rng.standard_normal((heads, dim, out))).astype("float32")
+    mask = np.tril(np.ones((length, length), bool))[None].repeat(batch, 0)
+    mask[1, :, 4:] = False  # padding after 4 tokens
+    mask = mask if masked else None
+    g = _upstream((batch, length, out), 6)
+    scale = 1 / np.sqrt(dim)
+
+    def project(o, kernel):
+        return [ops.einsum("abcd,cde->abe", o, kernel)]
+
+    def loss(q, k, v, kernel):
+        (o,) = attention_linear(q, k, v, mask, None, [kernel], linear=project, scale=scale,
+                                dot_equation="aecd,abcd->acbe",
+                                combine_equation="acbe,aecd->abcd", attention_dropout=0.0,
+                                dropout=0.0, bits=bits)
+        return ops.sum(o * g)
+
+    with codes.recording() as saved:
+        got = gradients(loss, [q, k, v, kernel])
+    want = oracle.attention(q, k, v, mask, kernel, g, scale, bits, saved[0][1])
+    for what, a, b in zip("qkvW", got, want):
+        assert oracle.worst_error(a, b) < TOLERANCE, what
+
+
+def test_oracle_fails_on_a_decoder_one_step_off(monkeypatch):
+    """The oracle can fail: a row decoder one step high on one row is caught."""
+    rng = _rng(7)
+    h = rng.standard_normal((4, 16)).astype("float32")
+    kernel = rng.standard_normal((16, 3)).astype("float32")
+    g = _upstream((4, 3), 8)
+    decode = codes.decode_rows
+
+    def off_by_one(words, lo, scale, shape, bits):
+        rows = decode(words, lo, scale, shape, bits)
+        return rows + ops.where(ops.arange(shape[0])[:, None] == 0, scale[:, None], 0.0)
+
+    monkeypatch.setattr(codes, "decode_rows", off_by_one)
+
+    def loss(h, kernel):
+        (out,) = activation_linear(h, [kernel], linear=lambda a, w: [ops.matmul(a, w)],
+                                   activation="gelu", bits=8)
+        return ops.sum(out * g)
+
+    with codes.recording() as saved:
+        got = gradients(loss, [h, kernel])
+    want = oracle.activation_dense(h, kernel, None, g, "gelu", 8, 3, saved[0][1])
+    assert oracle.worst_error(got[1], want[1]) > 10 * TOLERANCE
+
+
+def test_dropout_mask_is_redrawn_exactly_in_the_backward():
+    """The backward's mask is the forward's: the gradient reaching a dropped
+    output is zero and the kept ones are scaled by 1 / (1 - rate)."""
+    rng = _rng(9)
+    h = (rng.standard_normal((4, 8, 16)) + 3).astype("float32")  # no zero outputs
+    kernel = np.eye(16, dtype="float32")
+    seed = ops.convert_to_tensor(np.array([3, 11], "int32"))
+
+    def run(h):
+        (out,) = activation_linear(h, [kernel], linear=lambda a, w: [ops.matmul(a, w)],
+                                   activation="linear", bits=None, dropout=0.5, seed=seed)
+        return out
+
+    out = np.asarray(run(h))
+    kept = out != 0
+    assert 0.3 < kept.mean() < 0.7
+    (g_h,) = gradients(lambda h: ops.sum(run(h)), [h])
+    np.testing.assert_allclose(g_h, np.where(kept, 2.0, 0.0), rtol=1e-6)
+
+
+def test_derivative_levels_are_the_bins_conditional_means():
+    """Each level is its bin's mean of f' under N(0, 1) (computed here on a
+    finer grid), and more bits never fit worse."""
+    x = np.linspace(-10, 10, 200001)
+    weight = np.exp(-0.5 * x * x)
+    for name in ("gelu", "silu"):
+        errors = []
+        for bits in (1, 2, 3, 4):
+            fit = derivative.fit(name, bits)
+            assert len(fit.levels) == 2**bits and np.all(np.diff(fit.edges) > 0)
+            bins = np.searchsorted(fit.edges, x, side="left")
+            d = oracle.slope(name, x)
+            for i, level in enumerate(fit.levels):
+                inside = bins == i
+                mean = np.sum(weight[inside] * d[inside]) / np.sum(weight[inside])
+                assert abs(mean - level) < 2e-3, (name, bits, i)
+            errors.append(derivative.expected_error(name, bits))
+        assert errors == sorted(errors, reverse=True) and errors[-1] < errors[0] / 4
+
+
+def test_units_refuse_what_they_do_not_cover():
+    with pytest.raises(ValueError, match="activation.*tanh"):
+        derivative.check_activation("tanh")
+    with pytest.raises(ValueError, match="derivative_bits"):
+        derivative.check_derivative_bits(5)
+    with pytest.raises(ValueError, match="bits=3"):
+        codes.check_bits(3)
