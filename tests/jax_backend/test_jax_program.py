@@ -19,9 +19,11 @@ runs before the backward begins and every decode after it, with an operand
 computed from its upstream gradient.
 
 The same for the units without a fused BN (`ReLUConv2D`, `ReLUDense`,
-`ApproxBatchNormalization`) and for `PaddedMaxPooling2D`, which keeps its
-input (it needs the maxima) but not the padded copy, and pads again in the
-backward once the gradient exists.
+`ApproxBatchNormalization`) and for `PaddedMaxPooling2D`, which may keep its
+input (it needs the maxima) but no padded copy, and pads again in the
+backward once the gradient exists. (XLA:CPU keeps neither: it keeps the
+forward's argmax indices, and materializes the gradient's zero of the padded
+shape in the forward, a constant that `_data_free` sets aside.)
 """
 
 from __future__ import annotations
@@ -257,16 +259,18 @@ def test_unfused_codes_bundled_and_decodes_behind_the_gradient(unfused):
     optimization barrier beside a float (its forward output); each unit's
     decodes (the unpacking shifts of its backward) and each pooling's second
     pad depend on the gradient seed."""
+    if unfused["kernels"] == "custom" and not unfused["pools"]:
+        pytest.skip("custom calls: their order is checked on the compiled program")
     before = unfused["before"]
     params = {i.text.split("parameter(", 1)[1].split(")")[0]: i.name
               for i in before if i.opcode == "parameter"}
     seed = params[unfused["seed_parameter"]]
     by_name = {i.name: i for i in before}
     for pool in unfused["pools"]:
-        scope = f"transpose(jvp({pool['name']}))"
+        scope = f"transpose(jvp({pool['name']}))/"
         pads = [i for i in before if i.dims == tuple(pool["padded_shape"])
-                and i.dtype in xla_checks.FLOATS and scope in _op_name(i)]
-        assert pads and all(xla_checks.depends_on(before, i.name, seed) for i in pads)
+                and i.dtype in xla_checks.FLOATS and "pad" in _op_name(i).partition(scope)[2]]
+        assert pads and all(xla_checks.depends_on(before, i.name, seed) for i in pads), pool
     if unfused["kernels"] == "custom":
         return  # custom calls: their order is checked on the compiled program
     bundled = Counter()
