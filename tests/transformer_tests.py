@@ -210,3 +210,103 @@ def test_units_refuse_what_they_do_not_cover():
         derivative.check_derivative_bits(5)
     with pytest.raises(ValueError, match="bits=3"):
         codes.check_bits(3)
+
+
+# ---- KerasHub blocks -------------------------------------------------------
+
+BLOCKS = {  # kind: (KerasHub class name, normalize_first, padding-mask argument)
+    "encoder": ("TransformerEncoder", False, "padding_mask"),
+    "decoder": ("TransformerDecoder", True, "decoder_padding_mask"),
+}
+
+
+def _block_pair(kind: str, bits, dropout: float = 0.0, activation: str = "gelu"):
+    """A KerasHub block and its BLPA twin with the same weights, built."""
+    hub = pytest.importorskip("keras_hub")
+    import keras_blpa.layers as layers
+
+    name, first, _ = BLOCKS[kind]
+    args = dict(intermediate_dim=64, num_heads=4, dropout=dropout, activation=activation,
+                normalize_first=first)
+    x = _rng(11).standard_normal((2, 16, 32)).astype("float32")
+    stock = getattr(hub.layers, name)(**args)
+    stock(x)
+    blpa = getattr(layers, name)(**args, bits=bits)
+    blpa(x)
+    blpa.set_weights(stock.get_weights())
+    return stock, blpa, x
+
+
+def _block_gradients(block, x, mask_argument, mask, weight, jit: bool) -> list[np.ndarray]:
+    """Gradients of `sum(block(x) * weight)` (training) for every trainable
+    variable and `x`."""
+    kwargs = {mask_argument: mask}
+    if keras.backend.backend() == "jax":
+        import jax
+
+        frozen = [v.value for v in block.non_trainable_variables]
+
+        def loss(trainable, x):
+            out, _ = block.stateless_call(trainable, frozen, x, training=True, **kwargs)
+            return ops.sum(out * weight)
+
+        grad = jax.grad(loss, argnums=(0, 1))
+        trainable, g_x = (jax.jit(grad) if jit else grad)(
+            [v.value for v in block.trainable_variables], x)
+        return [np.asarray(g) for g in (*trainable, g_x)]
+    import tensorflow as tf
+
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            value = tf.reduce_sum(block(x, training=True, **kwargs) * weight)
+        return tape.gradient(value, [*block.trainable_variables, x])
+
+    if jit:
+        step = tf.function(step, jit_compile=True)
+    return [g.numpy() for g in step(tf.constant(x))]
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "xla"])
+@pytest.mark.parametrize("kind", sorted(BLOCKS))
+def test_block_at_bits_none_equals_keras_hub(kind, jit):
+    """Same outputs in inference and training, same gradients (bits=None)."""
+    stock, blpa, x = _block_pair(kind, bits=None)
+    mask_argument = BLOCKS[kind][2]
+    mask = np.ones((2, 16), bool)
+    mask[1, 11:] = False
+    kwargs = {mask_argument: mask}
+    for training in (False, True):
+        np.testing.assert_allclose(np.asarray(blpa(x, training=training, **kwargs)),
+                                   np.asarray(stock(x, training=training, **kwargs)),
+                                   rtol=1e-5, atol=1e-5)
+    weight = _upstream(x.shape, 12)
+    got = _block_gradients(blpa, x, mask_argument, mask, weight, jit)
+    want = _block_gradients(stock, x, mask_argument, mask, weight, jit)
+    largest = max(np.abs(w).max() for w in want)
+    names = [v.path for v in stock.trainable_variables] + ["inputs"]
+    for name, a, b in zip(names, got, want):
+        if name.endswith("key/bias"):
+            # Its true gradient is 0 (softmax ignores a per-query shift): rounding only.
+            assert np.abs(a - b).max() < 1e-5 * largest, name
+        else:
+            assert oracle.worst_error(a, b) < 1e-5, name
+
+
+@pytest.mark.parametrize("kind", sorted(BLOCKS))
+def test_block_forward_is_exact_at_8_bits(kind):
+    stock, blpa, x = _block_pair(kind, bits=8)
+    np.testing.assert_allclose(np.asarray(blpa(x, training=True)),
+                               np.asarray(stock(x, training=True)), rtol=1e-5, atol=1e-5)
+
+
+def test_block_refuses_an_activation_without_a_derivative_code():
+    with pytest.raises(ValueError, match="activation.*tanh"):
+        _block_pair("encoder", bits=8, activation="tanh")
+    import keras_blpa.layers as layers
+
+    pytest.importorskip("keras_hub")
+    with pytest.raises(ValueError, match="bits=3"):
+        layers.TransformerEncoder(intermediate_dim=8, num_heads=2, bits=3)
+    with pytest.raises(ValueError, match="derivative_bits"):
+        layers.TransformerDecoder(intermediate_dim=8, num_heads=2, derivative_bits=0)

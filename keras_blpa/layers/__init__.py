@@ -9,5 +9,24 @@ from keras_blpa.layers.relu_dense import ReLUDense
 
 __all__ = [
     "ApproxBatchNormalization", "BNReLUConv2D", "BNReLUDense", "PaddedMaxPooling2D", "ReLUConv2D",
-    "ReLUDense",
+    "ReLUDense", "TransformerDecoder", "TransformerEncoder",
 ]
+
+_HUB_BLOCKS = {"TransformerEncoder": "transformer_encoder",
+               "TransformerDecoder": "transformer_decoder"}
+
+
+def __getattr__(name: str):
+    # KerasHub's blocks need keras-hub (the `hub` extra): imported on first use.
+    if name in _HUB_BLOCKS:
+        import importlib
+
+        try:
+            module = importlib.import_module(f"keras_blpa.layers.{_HUB_BLOCKS[name]}")
+        except ImportError as err:
+            raise ImportError(
+                f"keras_blpa.layers.{name} subclasses keras_hub.layers.{name}; install "
+                "keras-hub (pip install 'keras-blpa[hub]')."
+            ) from err
+        return getattr(module, name)
+    raise AttributeError(f"module 'keras_blpa.layers' has no attribute {name!r}")

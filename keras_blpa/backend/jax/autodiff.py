@@ -68,6 +68,15 @@ def dropout_keep(seed, shape, rate: float, gate):
     return jax.random.uniform(key, tuple(shape), jnp.float32) >= rate
 
 
+def bins(x, edges):
+    """int32 `sum(x > edge)` over ascending float32 `edges` (one compare per
+    edge, which XLA fuses into one loop)."""
+    code = jnp.zeros(x.shape, jnp.int32)
+    for edge in edges:
+        code = code + (x > float(edge)).astype(jnp.int32)
+    return code
+
+
 def pack(codes, bits: int):
     """uint32 words of `[rows, features]` codes, packed along the rows by one
     reduce-window (a buffer XLA:CPU never fuses into the backward pass)."""

@@ -121,6 +121,18 @@ def dropout_keep(seed: tf.Tensor, shape, rate: float, gate: tf.Tensor) -> tf.Ten
     return tf.random.stateless_uniform(shape, seed, dtype=tf.float32) >= rate
 
 
+def bins(x: tf.Tensor, edges) -> tf.Tensor:
+    """int32 `sum(x > edge)` over ascending float32 `edges`, in one op.
+
+    A compare per edge would leave the executor that many full-size int32
+    tensors to run in parallel (measured: +2.9 MiB per sample on a 4-block
+    GPT-2 at 3 bits). `Bucketize` counts `edge <= value`; on the negated
+    input and edges that is `edge >= x`, whose complement is `edge < x`."""
+    flipped = [-float(e) for e in reversed(edges)]
+    at_or_above = tf.raw_ops.Bucketize(input=-x, boundaries=flipped)
+    return len(flipped) - at_or_above
+
+
 def pack(codes: tf.Tensor, bits: int) -> tf.Tensor:
     """uint32 words of `[rows, features]` codes, packed along the rows.
 
