@@ -310,3 +310,76 @@ def test_block_refuses_an_activation_without_a_derivative_code():
         layers.TransformerEncoder(intermediate_dim=8, num_heads=2, bits=3)
     with pytest.raises(ValueError, match="derivative_bits"):
         layers.TransformerDecoder(intermediate_dim=8, num_heads=2, derivative_bits=0)
+
+
+def _gpt2(layers: int = 2):
+    hub = pytest.importorskip("keras_hub")
+    keras.utils.set_random_seed(0)
+    return hub.models.GPT2Backbone(vocabulary_size=100, num_layers=layers, num_heads=2,
+                                   hidden_dim=16, intermediate_dim=32, max_sequence_length=16)
+
+
+def _tokens(batch: int = 2):
+    ids = _rng(13).integers(1, 100, (batch, 16)).astype("int32")
+    mask = np.ones((batch, 16), bool)
+    mask[-1, 10:] = False
+    return {"token_ids": ids, "padding_mask": mask}
+
+
+def test_convert_keeps_a_causal_lm_that_generates_the_same_text():
+    hub = pytest.importorskip("keras_hub")
+    import keras_blpa
+
+    lm = hub.models.GPT2CausalLM(backbone=_gpt2(), preprocessor=None)
+    converted, report = keras_blpa.convert(lm, return_report=True)
+    assert type(converted) is type(lm)
+    assert [type(b).__module__ for b in converted.backbone.transformer_layers] == [
+        "keras_blpa.layers.transformer_decoder"] * 2
+    assert [c.fused for c in report.blocks] == [True, True] and "2 of 2" in str(report)
+    tokens = _tokens()
+    np.testing.assert_array_equal(np.asarray(converted(tokens)), np.asarray(lm(tokens)))
+    prompt = {"token_ids": tokens["token_ids"] * 0 + tokens["token_ids"][:, :1],
+              "padding_mask": np.arange(16)[None].repeat(2, 0) < 3}
+    lm.compile(sampler="greedy")
+    converted.compile(sampler="greedy")
+    want = lm.generate(prompt, stop_token_ids=None)
+    got = converted.generate(prompt, stop_token_ids=None)
+    assert not np.array_equal(want["token_ids"][:, 3:], prompt["token_ids"][:, 3:])
+    np.testing.assert_array_equal(got["token_ids"], want["token_ids"])
+    back = keras_blpa.to_standard(converted)
+    assert all(type(b) is hub.layers.TransformerDecoder for b in back.backbone.transformer_layers)
+    np.testing.assert_array_equal(np.asarray(back(tokens)), np.asarray(lm(tokens)))
+
+
+def test_convert_reports_blocks_it_does_not_cover_and_bad_options():
+    pytest.importorskip("keras_hub")
+    import keras_blpa
+
+    inputs = keras.Input((8, 16))
+    attended = keras.layers.MultiHeadAttention(num_heads=2, key_dim=8)(inputs, inputs)
+    model = keras.Model(inputs, keras.layers.Dense(3)(attended))
+    _, report = keras_blpa.convert(model, return_report=True)
+    assert [c.fused for c in report.blocks] == [False]
+    assert "MultiHeadAttention is not a block convert covers yet" in str(report)
+    with pytest.raises(ValueError, match="transformer_bits=3"):
+        keras_blpa.convert(_gpt2(1), transformer_bits=3)
+    with pytest.raises(ValueError, match="derivative_bits"):
+        keras_blpa.convert(_gpt2(1), derivative_bits=7)
+
+
+def test_blocks_in_a_functional_model_save_and_load(tmp_path):
+    pytest.importorskip("keras_hub")
+    import keras_blpa
+
+    inputs = keras.Input((16, 32))
+    x = keras_blpa.layers.TransformerEncoder(64, 4, dropout=0.1, bits=4, derivative_bits=2)(
+        inputs)
+    model = keras.Model(inputs, keras_blpa.layers.TransformerDecoder(64, 4, bits=None)(x))
+    path = str(tmp_path / "blocks.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    blocks = [layer for layer in loaded.layers if "Transformer" in type(layer).__name__]
+    assert [(type(b).__name__, b.bits, b.derivative_bits) for b in blocks] == [
+        ("TransformerEncoder", 4, 2), ("TransformerDecoder", None, 3)]
+    x = _rng(14).standard_normal((2, 16, 32)).astype("float32")
+    np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
