@@ -1,10 +1,11 @@
 """Activation memory and step time of KerasHub transformers, stock against BLPA.
 
-The model is a KerasHub task with random weights (no download): GPT-2
-(`GPT2CausalLM`: causal LM loss over the vocabulary) or BERT
-(`BertTextClassifier`: two classes), with `--layers` blocks of hidden size
-256, 4 heads, MLP 1024, sequence 128, vocabulary 1000 (the issue's sizes),
-dropout as KerasHub's default (0.1). Variants:
+The model is a KerasHub backbone with random weights (no download), GPT-2
+or BERT, with `--layers` blocks of hidden size 256, 4 heads, MLP 1024,
+sequence 128, vocabulary 1000, dropout as KerasHub's default (0.1), trained
+with a mean-squared loss on its sequence output; with `--head`, the task
+(`GPT2CausalLM`: causal LM loss over the vocabulary; `BertTextClassifier`:
+two classes). Variants:
 
 - `stock`: as KerasHub builds it;
 - `remat`: built under `keras.RematScope(mode="list_of_layers")` over every
@@ -55,7 +56,7 @@ SIZES = dict(vocabulary_size=1000, num_heads=4, hidden_dim=256, intermediate_dim
              max_sequence_length=128)
 
 
-def build(model: str, layers: int, variant: str, policy: str):
+def build(model: str, layers: int, variant: str, policy: str, head: bool = False):
     """The task of `variant` (module docstring), compiled."""
     import keras
     import keras_hub
@@ -73,22 +74,31 @@ def build(model: str, layers: int, variant: str, policy: str):
     else:
         keras.utils.set_random_seed(0)
         backbone = cls(num_layers=layers, **SIZES)
+    options = {"exact": dict(transformer_bits=None), "default": {},
+               "lean": dict(transformer_bits=4, derivative_bits=1)}
+    jit = "auto" if keras.backend.backend() == "jax" else False
+    if not head:  # the backbone alone, a mean-squared loss on its sequence output
+        if variant in options:
+            backbone = keras_blpa.convert(backbone, **options[variant])
+        output = backbone.output
+        output = output["sequence_output"] if isinstance(output, dict) else output
+        model = keras.Model(backbone.input, output)
+        model.compile(optimizer="sgd", loss="mse", jit_compile=jit)
+        return model
     if model == "gpt2":
         task = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
     else:
         task = keras_hub.models.BertTextClassifier(backbone=backbone, num_classes=2,
                                                    preprocessor=None)
-    options = {"exact": dict(transformer_bits=None), "default": {},
-               "lean": dict(transformer_bits=4, derivative_bits=1)}
     if variant in options:
         task = keras_blpa.convert(task, **options[variant])
     task.compile(optimizer="sgd",
                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                 jit_compile="auto" if keras.backend.backend() == "jax" else False)
+                 jit_compile=jit)
     return task
 
 
-def batch(model: str, size: int):
+def batch(model: str, size: int, head: bool = False):
     import numpy as np
 
     rng = np.random.default_rng(0)
@@ -97,6 +107,9 @@ def batch(model: str, size: int):
          "padding_mask": np.ones((size, seq), bool)}
     if model == "bert":
         x["segment_ids"] = np.zeros((size, seq), "int32")
+    if not head:
+        return x, np.zeros((size, seq, SIZES["hidden_dim"]), "float32")
+    if model == "bert":
         return x, rng.integers(0, 2, (size,)).astype("int32")
     return x, x["token_ids"]
 
@@ -119,10 +132,10 @@ def codes_bytes_per_sample(layers: int, variant: str) -> float:
     return layers * seq * (per_token + seq / 8)  # + the 1-bit attention mask
 
 
-def jax_temp_bytes(task, model: str, size: int) -> int:
+def jax_temp_bytes(task, model: str, size: int, head: bool) -> int:
     import jax
 
-    x, y = batch(model, size)
+    x, y = batch(model, size, head)
     task.optimizer.build(task.trainable_variables)
     state = tuple([v.value for v in vs] for vs in (
         task.trainable_variables, task.non_trainable_variables, task.optimizer.variables,
@@ -132,11 +145,12 @@ def jax_temp_bytes(task, model: str, size: int) -> int:
     return int(compiled.memory_analysis().temp_size_in_bytes)
 
 
-def tf_peak_child(model: str, layers: int, variant: str, policy: str, size: int) -> int:
+def tf_peak_child(model: str, layers: int, variant: str, policy: str, size: int,
+                  head: bool) -> int:
     import tensorflow as tf
 
-    task = build(model, layers, variant, policy)
-    x, y = batch(model, size)
+    task = build(model, layers, variant, policy, head)
+    x, y = batch(model, size, head)
     x = {k: tf.constant(v) for k, v in x.items()}
     y = tf.constant(y)
     for _ in range(2):
@@ -153,18 +167,30 @@ def tf_peak(args, variant: str, size: int) -> int:
     env = {**os.environ, "TF_CPU_ALLOCATOR_USE_BFC": "true", "KERAS_BACKEND": "tensorflow"}
     cmd = [sys.executable, __file__, "--child", variant, str(size), "--model", args.model,
            "--layers", str(args.layers), "--policy", args.policy]
+    cmd += ["--head"] if args.head else []
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode:
         raise RuntimeError(f"{variant} at batch {size} failed:\n{out.stderr[-3000:]}")
     return int(out.stdout.strip().splitlines()[-1])
 
 
+def _error_line(text: str) -> str:
+    """The line of a traceback that says what went wrong."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "\x1b[1m" in line or "[1m" in line:  # Keras's bold message
+            return line.replace("\x1b[1m", "").replace("\x1b[0m", "").replace("[1m", "")\
+                .replace("[0m", "")[:300]
+    errors = [line for line in lines if "Error" in line]
+    return (errors or lines or ["failed"])[-1][:300]
+
+
 def step_times(args) -> dict:
     """Median seconds of one `train_on_batch` per variant, interleaved."""
     import numpy as np
 
-    tasks = {v: build(args.model, args.layers, v, args.policy) for v in args.variants}
-    x, y = batch(args.model, args.batch_sizes[-1])
+    tasks = {v: build(args.model, args.layers, v, args.policy, args.head) for v in args.variants}
+    x, y = batch(args.model, args.batch_sizes[-1], args.head)
     for task in tasks.values():
         for _ in range(2):
             task.train_on_batch(x, y)
@@ -184,6 +210,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--batch-sizes", type=int, nargs=2, default=(2, 6))
     p.add_argument("--policy", default="float32", choices=["float32", "mixed_bfloat16"])
+    p.add_argument("--head", action="store_true",
+                   help="train the task (GPT2CausalLM, BertTextClassifier), not the backbone")
     p.add_argument("--time", action="store_true", help="also time the steps, interleaved")
     p.add_argument("--rounds", type=int, default=7, help="timed steps per variant")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
@@ -191,7 +219,7 @@ def main(argv=None) -> list[dict]:
     args = p.parse_args(argv)
     if args.child:
         print(tf_peak_child(args.model, args.layers, args.child[0], args.policy,
-                            int(args.child[1])))
+                            int(args.child[1]), args.head))
         return []
     import keras
 
@@ -199,17 +227,18 @@ def main(argv=None) -> list[dict]:
     small, large = args.batch_sizes
     rows = []
     for variant in args.variants:
-        row = dict(model=args.model, layers=args.layers, variant=variant, backend=backend,
+        row = dict(model=args.model, head=args.head, layers=args.layers, variant=variant,
+                   backend=backend,
                    policy=args.policy, batch_sizes=[small, large],
                    codes_mib_per_sample=codes_bytes_per_sample(args.layers, variant) / 2**20)
         try:
             if backend == "jax":
-                task = build(args.model, args.layers, variant, args.policy)
-                used = [jax_temp_bytes(task, args.model, b) for b in (small, large)]
+                task = build(args.model, args.layers, variant, args.policy, args.head)
+                used = [jax_temp_bytes(task, args.model, b, args.head) for b in (small, large)]
             else:
                 used = [tf_peak(args, variant, b) for b in (small, large)]
         except Exception as err:  # noqa: BLE001 - a variant that fails is reported
-            row["error"] = str(err).strip().splitlines()[-1][:300]
+            row["error"] = _error_line(str(err))
         else:
             row.update(bytes=used, mib_per_sample=(used[1] - used[0]) / (large - small) / 2**20)
         rows.append(row)
@@ -221,7 +250,9 @@ def main(argv=None) -> list[dict]:
         for row in rows_ok:
             row["step_s"] = times[row["variant"]]
     stock = next((r for r in rows_ok if r["variant"] == "stock"), None)
-    print(f"\n{args.model}, {args.layers} layers, {backend}, {args.policy}: MiB per sample")
+    what = "task" if args.head else "backbone"
+    print(f"\n{args.model} {what}, {args.layers} layers, {backend}, {args.policy}: "
+          "MiB per sample")
     print("| variant | measured | codes | vs stock |" + (" step s | time vs stock |"
                                                           if args.time else ""))
     print("|---|---|---|---|" + ("---|---|" if args.time else ""))

@@ -144,8 +144,7 @@ def convert(
         raise ValueError(f"`return_report` must be a bool; received {return_report!r}.")
     report = ConversionReport(bits=bits, bn_bits=bn_bits, transformer_bits=transformer_bits,
                               derivative_bits=derivative_bits)
-    options = dict(bits=bits, naive=naive, window=window, bn_bits=bn_bits,
-                   transformer_bits=transformer_bits, derivative_bits=derivative_bits)
+    options = dict(bits=bits, naive=naive, window=window, bn_bits=bn_bits)
     new_model = _convert(model, options, keep, report)
     return (new_model, report) if return_report else new_model
 
@@ -158,8 +157,8 @@ def _convert(model, options: dict, keep, report: ConversionReport, path: str = "
                                 f"{path}/{backbone.name}" if path else backbone.name)
         return subclass.rebuild_task(model, new_backbone)
     if transformers.has_blocks(model):
-        return transformers.convert_blocks(model, options["transformer_bits"],
-                                           options["derivative_bits"], keep, report, path)
+        return transformers.convert_blocks(model, report.transformer_bits,
+                                           report.derivative_bits, keep, report, path)
     if subclass.is_functional_subclass(model):
         report.notes.append(subclass.note(model))
         model = subclass.as_functional(model)
