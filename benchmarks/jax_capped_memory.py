@@ -2,8 +2,8 @@
 backend: XLA's temp slope of the compiled training step (MiB per sample), a
 stack of BN -> ReLU[6] -> 3x3 conv units, bits=None and 4 bits, side by side.
 
-Capped units run the jnp quantizer (the custom calls have no cap yet); plain
-ones the custom calls where they run by default (CPU).
+Both run the XLA custom calls where they run by default (CPU; the cap is an
+operand of the custom calls), the jnp quantizer elsewhere.
 
     KERAS_BACKEND=jax python benchmarks/jax_capped_memory.py --depth 20 --channels 32
 """
