@@ -133,34 +133,17 @@ def codes_bytes_per_sample(layers: int, variant: str) -> float:
 
 
 def jax_temp_bytes(task, model: str, size: int, head: bool) -> int:
-    import jax
+    from keras_blpa import profiling
 
-    x, y = batch(model, size, head)
-    task.optimizer.build(task.trainable_variables)
-    state = tuple([v.value for v in vs] for vs in (
-        task.trainable_variables, task.non_trainable_variables, task.optimizer.variables,
-        task.metrics_variables))
-    spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (x, y))
-    compiled = jax.jit(task.train_step, donate_argnums=0).lower(state, spec).compile()
-    return int(compiled.memory_analysis().temp_size_in_bytes)
+    return profiling.batch_temp_bytes(task, *batch(model, size, head))
 
 
 def tf_peak_child(model: str, layers: int, variant: str, policy: str, size: int,
                   head: bool) -> int:
-    import tensorflow as tf
+    from keras_blpa import profiling
 
     task = build(model, layers, variant, policy, head)
-    x, y = batch(model, size, head)
-    x = {k: tf.constant(v) for k, v in x.items()}
-    y = tf.constant(y)
-    for _ in range(2):
-        task.train_on_batch(x, y)
-    peaks = []
-    for _ in range(3):
-        tf.config.experimental.reset_memory_stats("CPU:0")
-        task.train_on_batch(x, y)
-        peaks.append(tf.config.experimental.get_memory_info("CPU:0")["peak"])
-    return min(peaks)
+    return profiling.batch_peak_bytes(task, *batch(model, size, head), device="CPU:0")
 
 
 def tf_peak(args, variant: str, size: int) -> int:

@@ -27,6 +27,9 @@ FASHION_MNIST_DIR = Path(
     os.environ.get("KERAS_BLPA_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
 )
 SUBSET = Path(__file__).parent / "data" / "fashion_mnist_subset.npz"
+PYTHON_DOCS_DIR = Path(os.environ.get("KERAS_BLPA_PYTHON_DOCS_DIR",
+                                      "/usr/share/doc/python3.11/html/_sources"))
+TEXT_SUBSET = Path(__file__).parent / "data" / "python_docs_subset.txt.gz"
 CIFAR_MEAN = np.array([0.4914, 0.4822, 0.4465], "float32")
 CIFAR_STD = np.array([0.2470, 0.2435, 0.2616], "float32")
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], "float32")
@@ -78,6 +81,40 @@ def load_fashion_mnist(source: str = "auto") -> tuple[tuple, tuple, str]:
         (prep(x_test), y_test.astype("int32")),
         description,
     )
+
+
+def load_python_docs(source: str = "auto", test_fraction: float = 0.05
+                     ) -> tuple[np.ndarray, np.ndarray, str]:
+    """English text as bytes (uint8): the Python documentation's reST sources.
+
+    Args:
+      source: "debian" (every `*.rst.txt` of the Debian package `python3-doc`,
+        about 12 MB), "subset" (its tutorial, 256 KB, shipped with keras_blpa)
+        or "auto" (debian if present).
+      test_fraction: the share of the text (its end) held out for testing.
+
+    Returns:
+      `(train_bytes, test_bytes, description)`.
+    """
+    if source not in ("auto", "debian", "subset"):
+        raise ValueError(f"`source` must be auto, debian or subset; received {source!r}.")
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"`test_fraction` must be in (0, 1); received {test_fraction!r}.")
+    files = sorted(PYTHON_DOCS_DIR.rglob("*.rst.txt")) if PYTHON_DOCS_DIR.is_dir() else []
+    if source == "debian" and not files:
+        raise FileNotFoundError(
+            f"no *.rst.txt under {PYTHON_DOCS_DIR}. Install them with `apt-get install "
+            "python3-doc`, set KERAS_BLPA_PYTHON_DOCS_DIR, or use source='subset'.")
+    if files and source != "subset":
+        text = b"".join(f.read_bytes() for f in files)
+        description = f"Python documentation sources from {PYTHON_DOCS_DIR} ({len(files)} files)"
+    else:
+        with gzip.open(TEXT_SUBSET) as f:
+            text = f.read()
+        description = "Python tutorial sources shipped with keras_blpa"
+    data = np.frombuffer(text, np.uint8)
+    split = int(len(data) * (1 - test_fraction))
+    return data[:split], data[split:], description
 
 
 def _augment_cifar(image, label):

@@ -418,6 +418,46 @@ def jax_temp_slope(batch_sizes=(8, 24), **model_kwargs) -> dict:
     }
 
 
+def batch_temp_bytes(model, x, y) -> int:
+    """XLA's temp buffer (bytes) of `model.train_step` on the batch `(x, y)`
+    (any structure of arrays), compiled with `jax.jit`; nothing runs. A
+    compiled model (Keras's JAX backend)."""
+    import jax
+    import keras
+
+    if keras.backend.backend() != "jax":
+        raise RuntimeError("batch_temp_bytes needs KERAS_BACKEND=jax.")
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    state = tuple([v.value for v in variables] for variables in (
+        model.trainable_variables, model.non_trainable_variables,
+        model.optimizer.variables, model.metrics_variables))
+    spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (x, y))
+    compiled = jax.jit(model.train_step, donate_argnums=0).lower(state, spec).compile()
+    return int(compiled.memory_analysis().temp_size_in_bytes)
+
+
+def batch_peak_bytes(model, x, y, steps: int = 3, device: str | None = None) -> int:
+    """Peak memory (bytes) of `device` over a `train_on_batch(x, y)` of a
+    compiled model, after two warm-up steps; the lowest of `steps` steps
+    (see `peak_step_memory`). TensorFlow; count every allocation on CPU with
+    `TF_CPU_ALLOCATOR_USE_BFC=true` set before TensorFlow starts."""
+    _tensorflow_backend("batch_peak_bytes")
+    import tensorflow as tf
+
+    device = device or memory_device()
+    with tf.device(device):
+        x, y = tf.nest.map_structure(tf.constant, (x, y))
+    for _ in range(2):
+        model.train_on_batch(x, y)
+    peaks = []
+    for _ in range(steps):
+        tf.config.experimental.reset_memory_stats(device)
+        model.train_on_batch(x, y)
+        peaks.append(tf.config.experimental.get_memory_info(device)["peak"])
+    return min(peaks)
+
+
 def _model_kwargs(**given) -> dict:
     """`build_model`'s keyword arguments with its defaults filled in."""
     import inspect
