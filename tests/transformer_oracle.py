@@ -139,11 +139,15 @@ def attention(q, k, v, mask, kernel, g, scale: float, bits, saved) -> list:
     q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
     batch, length, heads, dim = q.shape
     if bits is not None:
-        rows = batch * length * heads
         coded = []
         for i, t in enumerate((q, k, v)):
-            decoded = decode_rows(*saved[3 * i: 3 * i + 3], rows, bits)
-            check_rows(decoded, t.astype(np.float32), saved[3 * i + 2])
+            # Words `[tokens / k, heads * dim]`, `lo` and `scale` `[tokens, heads]`:
+            # a row per token and head.
+            words, lo, step = saved[3 * i: 3 * i + 3]
+            codes = unpack(words, batch * length, bits).reshape(-1, dim)
+            lo, step = (np.asarray(p, np.float64).reshape(-1) for p in (lo, step))
+            decoded = lo[:, None] + codes * step[:, None]
+            check_rows(decoded, t.astype(np.float32), step)
             coded.append(decoded.reshape(t.shape))
         q, k, v = coded
     if mask is not None:

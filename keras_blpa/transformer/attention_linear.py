@@ -66,7 +66,7 @@ def attention_linear(
       name: the layer's name.
     """
     shapes = [ops.shape(t) for t in (q, k, v)]
-    dims = [t.shape[-1] for t in (q, k, v)]
+    groups = [tuple(t.shape[2:]) for t in (q, k, v)]  # (heads, dim)
     dtype = q.dtype
     has_mask = mask is not None
     if has_mask:
@@ -103,8 +103,9 @@ def attention_linear(
             saved = [q, k, v]
         else:
             saved = []
-            for t, dim in zip((q, k, v), dims):
-                saved += codes.encode_rows(codes.rows(ops.cast(t, "float32"), dim), bits)
+            for t in (q, k, v):  # a row per token, the heads side by side
+                saved += codes.encode_rows(ops.reshape(ops.cast(t, "float32"),
+                                                       (-1, *t.shape[2:])), bits)
         codes.record("attention_linear", [*saved, mask_words])
         return outputs, [*saved, mask_words], [seed, *weights]
 
@@ -116,9 +117,9 @@ def attention_linear(
         else:
             qkv = [
                 ops.reshape(ops.cast(codes.decode_rows(
-                    *coded[3 * i: 3 * i + 3], (ops.shape(coded[3 * i + 1])[0], dim), bits),
+                    *coded[3 * i: 3 * i + 3], (ops.shape(coded[3 * i + 1])[0], *group), bits),
                     dtype), shape)
-                for i, (dim, shape) in enumerate(zip(dims, shapes))
+                for i, (group, shape) in enumerate(zip(groups, shapes))
             ]
         mask_bool = unpack_mask(mask_words)
         grads_in = codes.autodiff().vjp(

@@ -68,19 +68,28 @@ def rows(x, features: int):
 
 
 def encode_rows(v, bits: int) -> list:
-    """`[words, lo, scale]` of a float32 `[rows, features]` tensor."""
+    """`[words, lo, scale]` of a float32 `[rows, features]` tensor, or of
+    `[rows, groups, features]` (a code per row and group: a token's heads),
+    whose words hold the groups side by side, `[rows / k, groups * features]`:
+    no axis is merged into the rows, so a mesh axis that splits the groups
+    (the heads, under tensor parallelism) needs no gather."""
     top = float(2**bits - 1)
-    lo = ops.min(v, axis=1)
-    span = ops.max(v, axis=1) - lo
+    lo = ops.min(v, axis=-1)
+    span = ops.max(v, axis=-1) - lo
     scale = ops.where(span > 0, span / top, ops.ones_like(span))
-    code = ops.clip(ops.round((v - lo[:, None]) / scale[:, None]), 0.0, top)
-    return [autodiff().pack(ops.cast(code, "int32"), bits), lo, scale]
+    code = ops.clip(ops.round((v - lo[..., None]) / scale[..., None]), 0.0, top)
+    columns = int(np.prod(v.shape[1:]))
+    return [autodiff().pack(ops.reshape(ops.cast(code, "int32"), (-1, columns)), bits), lo, scale]
 
 
 def decode_rows(words, lo, scale, shape, bits: int):
-    """float32 `[rows, features]` from `encode_rows`'s result."""
-    code = ops.cast(autodiff().unpack(words, shape, bits), "float32")
-    return lo[:, None] + code * scale[:, None]
+    """float32 `shape` (`[rows, features]` or `[rows, groups, features]`) from
+    `encode_rows`'s result."""
+    columns = int(np.prod(shape[1:]))
+    code = ops.cast(autodiff().unpack(words, (shape[0], columns), bits), "float32")
+    if len(shape) > 2:
+        code = ops.reshape(code, (-1, *shape[1:]))
+    return lo[..., None] + code * scale[..., None]
 
 
 def encode_derivative(h, edges: np.ndarray):
