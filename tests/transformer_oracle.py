@@ -19,6 +19,8 @@ from keras_blpa.transformer import derivative
 def unpack(words, rows: int, bits: int) -> np.ndarray:
     """int64 codes `[rows, features]` of uint32 words packed along the rows:
     row r sits in word r // k at bit (r % k) * bits, k = 32 // bits."""
+    if np.asarray(words).dtype == np.uint8:  # TensorFlow outside XLA keeps 8-bit codes so
+        return np.asarray(words).astype(np.int64)
     words = np.asarray(words).astype(np.uint64)
     k = 32 // bits
     r = np.arange(rows)

@@ -137,12 +137,19 @@ def pack(codes: tf.Tensor, bits: int) -> tf.Tensor:
     """uint32 words of `[rows, features]` codes, packed along the rows.
 
     Under XLA with one reduce-window (`xla.sum_windows`), whose result is a
-    buffer XLA:CPU never fuses into the backward pass.
+    buffer XLA:CPU never fuses into the backward pass. Outside XLA, 8-bit
+    codes stay uint8 as they are: the same bytes, and no shifts to run
+    (TensorFlow's executor runs each op as a pass of its own).
     """
-    windows = xla.sum_windows() if xla.in_xla_context() else None
-    return quantizer.pack_words(codes, bits, windows)
+    if not xla.in_xla_context():
+        if bits == 8:
+            return tf.cast(codes, tf.uint8)
+        return quantizer.pack_words(codes, bits)
+    return quantizer.pack_words(codes, bits, xla.sum_windows())
 
 
 def unpack(words: tf.Tensor, shape: tf.Tensor | list, bits: int) -> tf.Tensor:
     """Inverse of `pack`: int32 codes of `shape` (`[rows, features]`)."""
+    if words.dtype == tf.uint8:
+        return tf.cast(words, tf.int32)
     return tf.cast(quantizer.unpack_words(words, shape, bits), tf.int32)
