@@ -9,6 +9,8 @@ Each unit's gradient is checked against the float64 oracle of
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
 import numpy as np
 import pytest
@@ -383,3 +385,217 @@ def test_blocks_in_a_functional_model_save_and_load(tmp_path):
         ("TransformerEncoder", 4, 2), ("TransformerDecoder", None, 3)]
     x = _rng(14).standard_normal((2, 16, 32)).astype("float32")
     np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
+
+
+# ---- mixed_bfloat16 --------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _policy(name: str):
+    """Keras's global dtype policy `name` while layers are built inside."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def _dtype(t) -> str:
+    return keras.backend.standardize_dtype(t.dtype)
+
+
+def _bf16(array):
+    return ops.cast(ops.convert_to_tensor(np.asarray(array, "float32")), "bfloat16")
+
+
+def _float64(t) -> np.ndarray:
+    return np.asarray(ops.cast(t, "float32"), np.float64)
+
+
+def _unit_under_bf16(unit: str, bits):
+    """`(run, args, coded)`: a unit on bfloat16 activations and float32
+    weights (what a `mixed_bfloat16` layer holds), and float64 `[rows,
+    features]` copies of the values its row codes hold."""
+    rng = _rng(15)
+    kernel = (0.3 * rng.standard_normal((16, 8))).astype("float32")
+    bias = rng.standard_normal(8).astype("float32")
+    if unit == "norm":
+        x = _bf16(3 * rng.standard_normal((2, 9, 16)) + 1)
+        gamma = (1 + 0.2 * rng.standard_normal(16)).astype("float32")
+        beta = (0.2 * rng.standard_normal(16)).astype("float32")
+        x64 = _float64(x).reshape(-1, 16)
+        xhat = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-3)
+        return (lambda *args: norm_linear(*args[:3], list(args[3:]), linear=_dense,
+                                          epsilon=1e-3, bits=bits),
+                [x, gamma, beta, kernel, bias], [xhat])
+    if unit == "activation":
+        from keras_blpa.transformer.activation_linear import activation_function
+
+        h = _bf16(1.5 * rng.standard_normal((2, 9, 16)))
+        a = activation_function("gelu")(h)  # as the unit's forward computes it
+        return (lambda h, *w: activation_linear(h, list(w), linear=_dense, activation="gelu",
+                                                bits=bits),
+                [h, kernel, bias], [_float64(a).reshape(-1, 16)])
+    qkv = [_bf16(rng.standard_normal((2, 6, 2, 8))) for _ in range(3)]
+    mask = np.tril(np.ones((6, 6), bool))[None].repeat(2, 0)
+
+    def project(o, kernel, bias):
+        return [ops.einsum("abcd,cde->abe", o, kernel) + bias]
+
+    return (lambda q, k, v, *w: attention_linear(
+                q, k, v, mask, None, list(w), linear=project, scale=8**-0.5,
+                dot_equation="aecd,abcd->acbe", combine_equation="acbe,aecd->abcd",
+                attention_dropout=0.0, dropout=0.0, bits=bits),
+            [*qkv, kernel.reshape(2, 8, 8), bias], [_float64(t).reshape(-1, 8) for t in qkv])
+
+
+@pytest.mark.parametrize("bits", [None, 8])
+@pytest.mark.parametrize("unit", ["norm", "activation", "attention"])
+def test_units_under_mixed_bfloat16_code_float32_values_and_return_each_dtype(unit, bits):
+    """bfloat16 activations, float32 weights: outputs and the activations'
+    gradients in bfloat16, the weights' in float32; row codes of the values
+    cast to float32 (uint32 words, float32 per-row floats, within half a
+    step), derivative codes the bins of float32 `h`; bits=None keeps the
+    bfloat16 tensors themselves (half of float32)."""
+    run, args, coded = _unit_under_bf16(unit, bits)
+    outputs = run(*args)
+    assert [_dtype(o) for o in outputs] == ["bfloat16"] * len(outputs)
+
+    def loss(*args):
+        return sum(ops.sum(ops.cast(o, "float32") * (i + 1)) for i, o in enumerate(run(*args)))
+
+    with codes.recording() as recorded:
+        grads = gradients(loss, args)
+    assert [_dtype(g) for g in grads] == [_dtype(a) for a in args]
+    assert all(np.isfinite(_float64(g)).all() for g in grads)
+    ((_, saved),) = recorded
+    if unit == "norm":
+        saved, inv = saved[:-1], saved[-1]
+        assert _dtype(inv) == "float32"
+    elif unit == "attention":
+        saved = saved[:-1]  # the 1-bit mask
+    if bits is None:
+        assert [_dtype(s) for s in saved] == ["bfloat16"] * len(saved)
+        kept = args[:1] if unit != "attention" else args[:3]
+        for s, a in zip(saved, kept):
+            np.testing.assert_array_equal(_float64(s), _float64(a).reshape(s.shape))
+        return
+    if unit == "activation":
+        fit = derivative.fit("gelu", 3)
+        h = _float64(args[0]).reshape(-1, 16)
+        width = max(1, (len(fit.levels) - 1).bit_length())
+        assert _dtype(saved[0]) == "uint32"
+        np.testing.assert_array_equal(oracle.unpack(saved[0], h.shape[0], width),
+                                      np.sum(h[..., None] > fit.edges, axis=-1))
+        saved = saved[1:]
+    for i, values in enumerate(coded):
+        words, lo, scale = saved[3 * i: 3 * i + 3]
+        assert _dtype(words) in ("uint8", "uint32")  # codes, unpacked (TF eager) or packed
+        assert (_dtype(lo), _dtype(scale)) == ("float32", "float32")
+        # A code row per `lo` row (a token, its heads side by side in attention).
+        lo, scale = (np.asarray(t, np.float64).reshape(-1) for t in (lo, scale))
+        code = oracle.unpack(words, np.shape(saved[3 * i + 1])[0], bits)
+        decoded = lo[:, None] + code.reshape(lo.size, -1) * scale[:, None]
+        oracle.check_rows(decoded, values, scale)
+
+
+def _called_gradients(block, x, mask_argument, mask, weight, jit: bool) -> list[np.ndarray]:
+    """`_block_gradients` through the block's `__call__`, the path a model
+    takes: it casts the input to the compute dtype and autocasts the kernels
+    (JAX's `stateless_call` does neither). A float32 loss."""
+    kwargs = {mask_argument: mask}
+    variables = block.trainable_variables
+    if keras.backend.backend() == "jax":
+        import jax
+
+        def loss(trainable, x):
+            with keras.StatelessScope(state_mapping=list(zip(variables, trainable))):
+                out = block(x, training=True, **kwargs)
+            return ops.sum(ops.cast(out, "float32") * weight)
+
+        grad = jax.grad(loss, argnums=(0, 1))
+        trainable, g_x = (jax.jit(grad) if jit else grad)([v.value for v in variables], x)
+        return [np.asarray(g) for g in (*trainable, g_x)]
+    import tensorflow as tf
+
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            out = tf.cast(block(x, training=True, **kwargs), tf.float32)
+            value = tf.reduce_sum(out * weight)
+        return tape.gradient(value, [*variables, x])
+
+    if jit:
+        step = tf.function(step, jit_compile=True)
+    return [g.numpy() for g in step(tf.constant(x))]
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "xla"])
+@pytest.mark.parametrize("kind", sorted(BLOCKS))
+def test_block_under_mixed_bfloat16_is_keras_hub_within_its_own_rounding(kind, jit):
+    """The tolerance is stock's own bfloat16 spread: S, the worst relative
+    error of KerasHub's block at mixed_bfloat16 against the same block at
+    float32, over its gradients (F: over its training output). Stock and
+    BLPA at bfloat16 are both bfloat16 roundings of that float32 result, so
+    they differ by at most 2S (2F). Inference runs KerasHub's code: equal.
+    At 8 bits, bfloat16 adds at most its rounding (2S) to the 8-bit error
+    measured at float32. Weight gradients in the variables' float32."""
+    keras.utils.set_random_seed(0)  # the same weights on every run
+    stock32, _, x = _block_pair(kind, bits=None)
+    weights = stock32.get_weights()
+    with _policy("mixed_bfloat16"):
+        stock16, exact16, _ = _block_pair(kind, bits=None)
+        _, eight16, _ = _block_pair(kind, bits=8)
+    _, eight32, _ = _block_pair(kind, bits=8)
+    for block in (stock16, exact16, eight16, eight32):
+        block.set_weights(weights)
+    assert {v.dtype for b in (stock16, exact16) for v in b.variables} == {"float32"}
+    mask_argument = BLOCKS[kind][2]
+    mask = np.ones((2, 16), bool)
+    mask[1, 11:] = False
+    kwargs = {mask_argument: mask}
+
+    for block in (exact16, eight16):
+        np.testing.assert_array_equal(_float64(block(x, training=False, **kwargs)),
+                                      _float64(stock16(x, training=False, **kwargs)))
+    with codes.recording() as called:
+        out16 = exact16(x, training=True, **kwargs)
+    # `stateless_call` skips `__call__`'s casts of the input and kernels: the
+    # block casts them itself.
+    with codes.recording() as stateless:
+        exact16.stateless_call([v.value for v in exact16.trainable_variables],
+                               [v.value for v in exact16.non_trainable_variables], x,
+                               training=True, **kwargs)
+    assert _dtype(out16) == "bfloat16"
+    # bits=None keeps the units' bfloat16 inputs themselves.
+    assert len(called) == len(stateless) >= 4
+    assert {_dtype(saved[0]) for _, saved in called + stateless} == {"bfloat16"}
+    want32 = _float64(stock32(x, training=True, **kwargs))
+    want16 = _float64(stock16(x, training=True, **kwargs))
+    spread = oracle.worst_error(want16, want32)
+    assert oracle.worst_error(_float64(out16), want16) <= 2 * spread
+    # The forward does not depend on the codes.
+    np.testing.assert_array_equal(_float64(eight16(x, training=True, **kwargs)), _float64(out16))
+
+    weight = _upstream(x.shape, 12)
+    grads = {name: _called_gradients(block, x, mask_argument, mask, weight, jit)
+             for name, block in [("stock32", stock32), ("stock16", stock16),
+                                 ("exact16", exact16), ("eight16", eight16),
+                                 ("eight32", eight32)]}
+    names = [v.path for v in stock16.trainable_variables] + ["inputs"]
+    assert all(g.dtype == np.float32 for g in grads["exact16"] + grads["eight16"])
+    largest = max(np.abs(g).max() for g in grads["stock32"])
+
+    def error(got: str, want: str) -> list[float]:
+        # key/bias: its true gradient is 0 (softmax ignores a per-query
+        # shift), rounding only: relative to the block's largest gradient.
+        return [np.abs(a - b).max() / largest if name.endswith("key/bias")
+                else oracle.worst_error(a, b)
+                for name, a, b in zip(names, grads[got], grads[want])]
+
+    spread = max(error("stock16", "stock32"))
+    for name, e in zip(names, error("exact16", "stock16")):
+        assert e <= 2 * spread, (name, e, spread)
+    for name, e16, e32 in zip(names, error("eight16", "stock32"), error("eight32", "stock32")):
+        assert e16 <= e32 + 2 * spread, (name, e16, e32, spread)

@@ -116,6 +116,10 @@ class BLPABlockMixin:
         return None
 
     def _blpa_forward(self, x, mask):
+        # `__call__` casts the input to the compute dtype (and its autocast
+        # scope the kernels); `stateless_call` does neither. The units cast
+        # the kernels to the activations' dtype themselves.
+        x = ops.cast(x, self.compute_dtype)
         attention = self._self_attention_layer
         ln1, ln2 = self._self_attention_layer_norm, self._feedforward_layer_norm
         qkv_weights, qkv = heads(

@@ -8,8 +8,12 @@ in float32. This unit keeps:
   (`keras_blpa.transformer.derivative`; exact for ReLU at one bit);
 - a `bits`-bit row code of `a` (`codes.encode_rows`) for the weight gradient.
 
-With `bits=None` it keeps `h` in full precision and rebuilds `a` and `f'(h)`
+With `bits=None` it keeps `h` (in its own dtype) and rebuilds `a` and `f'(h)`
 exactly: the stock gradient from one tensor instead of two.
+
+Under `mixed_bfloat16` (`h` in bfloat16) `f` and the linear map compute in
+`h`'s dtype as Keras's Dense does; the codes are taken from `h` and `a`
+cast to float32, and `f'` is applied in float32.
 
 Backward, given the outputs' gradients `g`:
 
@@ -79,17 +83,18 @@ def activation_linear(
     h_dtype = h.dtype
     h_shape = ops.shape(h)
     weights = list(weights)
+    linear = codes.compute_linear(linear, h_dtype)
     seed = ops.zeros((2,), "int32") if seed is None else seed
 
     def forward(h, seed, *weights):
         a = f(h)
         outputs = [codes.dropout(out, seed, dropout) for out in linear(a, *weights)]
-        h32 = codes.rows(ops.cast(h, "float32"), features)
         if bits is None:
-            saved = [h32]
+            saved = [codes.rows(h, features)]
         else:
             saved = codes.encode_rows(codes.rows(ops.cast(a, "float32"), features), bits)
             if fit is not None:
+                h32 = codes.rows(ops.cast(h, "float32"), features)
                 saved.insert(0, codes.autodiff().pack(codes.encode_derivative(h32, fit.edges),
                                                       deriv_bits))
         codes.record("activation_linear", saved)
@@ -107,7 +112,7 @@ def activation_linear(
         g_a, *d_weights = codes.autodiff().vjp(linear, [a, *weights], grads)
         g_a = codes.rows(ops.cast(g_a, "float32"), features)
         if bits is None:
-            (g_h,) = codes.autodiff().vjp(f, [coded[0]], g_a)
+            (g_h,) = codes.autodiff().vjp(f, [ops.cast(coded[0], "float32")], g_a)
         elif fit is None:
             g_h = g_a
         else:

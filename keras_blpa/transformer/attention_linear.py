@@ -15,8 +15,12 @@ recomputes P and `o` from them (as FlashAttention recomputes P), redraws
 both dropout masks from the seed, and differentiates that recomputation:
 the `s**2` tensors exist only inside one unit's backward pass.
 
-With `bits=None` q, k and v are kept in full precision and the gradient is
-exact.
+With `bits=None` q, k and v are kept as they are and the gradient is exact.
+
+Under `mixed_bfloat16` the products run in q's dtype, the logits and the
+masked softmax in float32 (cast back), as Keras's `dot_product_attention`
+forms them on each backend (`autodiff.logits`); the codes are taken from
+q, k and v cast to float32.
 """
 
 from __future__ import annotations
@@ -77,15 +81,19 @@ def attention_linear(
         mask_words = ops.zeros((1, 1), "uint32")
     seed = ops.zeros((2,), "int32") if seed is None else seed
     weights = list(weights)
+    linear = codes.compute_linear(linear, dtype)
 
     def attend(q, k, v, mask_bool, seed, *weights):
-        scores = ops.einsum(dot_equation, k, q * ops.cast(scale, q.dtype))
+        # float32 logits, scaled after (one bfloat16 rounding fewer), as
+        # Keras's dot_product_attention computes them on each backend.
+        scores = codes.autodiff().logits(dot_equation, k, q) * scale
         if has_mask:
             keep = ops.expand_dims(mask_bool, 1)  # over heads
             scores = ops.where(keep, scores, ops.cast(_LARGE_NEGATIVE, scores.dtype))
         probs = ops.softmax(scores, axis=-1)
         if has_mask:
             probs = ops.where(keep, probs, ops.zeros_like(probs))
+        probs = ops.cast(probs, v.dtype)
         probs = codes.dropout(probs, seed, attention_dropout)
         o = ops.einsum(combine_equation, probs, v)
         return [codes.dropout(out, seed + 1, dropout) for out in linear(o, *weights)]

@@ -62,6 +62,20 @@ def check_bits(bits: int | None) -> None:
         )
 
 
+def compute_linear(linear, dtype):
+    """`linear(a, *weights)` with the weights cast to `dtype`, the activations'
+    compute dtype, as Keras autocasts a layer's variables under a mixed
+    policy (`mixed_bfloat16`: bfloat16 products of float32 variables). The
+    outputs come back in `dtype`, and the cast's vjp returns each weight's
+    gradient in the weight's own dtype. A no-op inside a block, whose
+    `__call__` has cast them already."""
+
+    def cast_linear(a, *weights):
+        return linear(a, *(ops.cast(w, dtype) for w in weights))
+
+    return cast_linear
+
+
 def rows(x, features: int):
     """`x` as `[rows, features]` (all leading axes are rows)."""
     return ops.reshape(x, (-1, features))

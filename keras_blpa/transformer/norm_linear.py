@@ -18,7 +18,10 @@ shared by the norm's backward and every head, plus `inv`:
     g_x        = inv * (g_xhat - mean(g_xhat) - xhat_q * mean(g_xhat * xhat_q))
     (RMS:  g_x = inv * (g_xhat - xhat_q * mean(g_xhat * xhat_q)))
 
-With `bits=None` it keeps `xhat` in float32: the exact gradient.
+With `bits=None` it keeps `x` itself (in its own dtype: half the bytes of a
+float32 `xhat` under `mixed_bfloat16`) and normalizes it again: the exact
+gradient. The norm and the codes compute in float32 whatever `x`'s dtype;
+`y`, the heads and `g_x` are in `x`'s dtype.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ def norm_linear(
     x_dtype = x.dtype
     x_shape = ops.shape(x)
     rms = norm == "rms"
+    linear = codes.compute_linear(linear, x_dtype)
 
     def normalize(x32):
         if rms:
@@ -80,8 +84,9 @@ def norm_linear(
             y = ops.layer_normalization(x, gamma, beta, axis=-1, epsilon=epsilon)
         y = ops.cast(y, x_dtype)
         outputs = linear(y, *weights)
-        xhat, inv = normalize(codes.rows(ops.cast(x, "float32"), features))
-        saved = [xhat] if bits is None else codes.encode_rows(xhat, bits)
+        x_rows = codes.rows(x, features)
+        xhat, inv = normalize(ops.cast(x_rows, "float32"))
+        saved = [x_rows] if bits is None else codes.encode_rows(xhat, bits)
         codes.record("norm_linear", [*saved, inv[:, 0]])
         return [y, *outputs], [*saved, inv[:, 0]], [gamma, beta, *weights]
 
@@ -89,7 +94,7 @@ def norm_linear(
         *coded, inv = saved
         gamma, beta, *weights = kept
         if bits is None:
-            xhat = coded[0]
+            xhat = normalize(ops.cast(coded[0], "float32"))[0]
         else:
             xhat = codes.decode_rows(*coded, (ops.shape(inv)[0], features), bits)
         y = xhat * gamma if rms else xhat * gamma + beta

@@ -20,10 +20,21 @@ def custom_vjp(forward: Callable, backward: Callable, name: str) -> Callable:
     """`f(*inputs) -> outputs` whose gradient is `backward(saved, kept, grads)`.
 
     Args, as `keras_blpa.backend.tensorflow.autodiff.custom_vjp`; `backward`
-    returns a gradient of each input's shape and dtype, or None for an input
-    without one (a mask, a seed).
+    returns a gradient of each input's shape, or None for an input without
+    one (a mask, a seed), which is cast to the input's dtype: JAX would pass
+    a float32 cotangent of a bfloat16 input on unchanged.
     """
     del name
+
+    def apply(*inputs):
+        dtypes = [jnp.result_type(t) for t in inputs]
+        return list(_custom_vjp(forward, backward, dtypes)(*inputs))
+
+    return apply
+
+
+def _custom_vjp(forward: Callable, backward: Callable, dtypes: list) -> Callable:
+    """`custom_vjp` for inputs of `dtypes` (what its backward is cast to)."""
 
     @jax.custom_vjp
     def call(*inputs):
@@ -45,10 +56,11 @@ def custom_vjp(forward: Callable, backward: Callable, name: str) -> Callable:
         # the forward pass and held until the backward.
         saved, kept = ([xla.after(s, grads[-1]) for s in part] for part in (saved, kept))
         saved, kept, grads = xla.optimization_barrier((saved, kept, grads))
-        return tuple(backward(saved, kept, grads))
+        return tuple(None if g is None else jnp.asarray(g, dtype)
+                     for g, dtype in zip(backward(saved, kept, grads), dtypes))
 
     call.defvjp(fwd, bwd)
-    return lambda *inputs: list(call(*inputs))
+    return call
 
 
 def vjp(fn: Callable, primals: Sequence, cotangent) -> list:
@@ -56,6 +68,12 @@ def vjp(fn: Callable, primals: Sequence, cotangent) -> list:
     (`fn` may return a list, with a list of cotangents)."""
     out, pull = jax.vjp(fn, *primals)
     return list(pull(jax.tree.map(lambda c, o: jnp.asarray(c, o.dtype), cotangent, out)))
+
+
+def logits(equation: str, a, b):
+    """float32 `einsum(equation, a, b)`: bfloat16 products accumulated in
+    float32, as Keras's JAX `dot_product_attention` computes its logits."""
+    return jnp.einsum(equation, a, b, preferred_element_type=jnp.float32)
 
 
 def dropout_keep(seed, shape, rate: float, gate):

@@ -44,12 +44,14 @@ def custom_vjp(forward: Forward, backward: Backward, name: str) -> Callable[...,
         codes are finished in the forward pass); `kept` are tensors the model
         holds anyway (weights, seeds), passed through untouched.
       backward: `backward(saved, kept, grads) -> gradients`, one per input, of its
-        shape and dtype, or None for an input without one (a mask, a seed);
-        `grads` has one tensor per output.
+        shape, or None for an input without one (a mask, a seed); `grads` has
+        one tensor per output. Each gradient is cast to its input's dtype (a
+        backward computes in float32 under `mixed_bfloat16`).
       name: the layer's name, for the op recorded in eager mode.
     """
 
     def unit(*inputs):
+        dtypes = [t.dtype for t in inputs]
         # Stop the outer tape from recording (and keeping alive) the forward's
         # full-precision intermediates in eager mode.
         outputs, saved, kept = forward(*(tf.stop_gradient(t) for t in inputs))
@@ -77,7 +79,8 @@ def custom_vjp(forward: Forward, backward: Backward, name: str) -> Callable[...,
             saved_now, kept_now, grads = gated[:n], gated[n : n + m], gated[n + m :]
             with tf.control_dependencies(grads):
                 saved_now = [tf.identity(s) for s in saved_now]
-            return list(backward(saved_now, kept_now, grads))
+            return [None if g is None else tf.cast(g, dtype)
+                    for g, dtype in zip(backward(saved_now, kept_now, grads), dtypes)]
 
         return outputs, grad
 
@@ -108,6 +111,13 @@ def vjp(
         tape.watch(primals)
         out = fn(*primals)
     return tape.gradient(out, primals, output_gradients=cotangent)
+
+
+def logits(equation: str, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+    """float32 `einsum(equation, a, b)`, from the product in the inputs'
+    dtype, as Keras's TensorFlow `dot_product_attention` computes its logits
+    (TensorFlow's einsum has no wider accumulator type)."""
+    return tf.cast(tf.einsum(equation, a, b), tf.float32)
 
 
 def dropout_keep(seed: tf.Tensor, shape, rate: float, gate: tf.Tensor) -> tf.Tensor:
