@@ -114,16 +114,18 @@ def batch(model: str, size: int, head: bool = False):
     return x, x["token_ids"]
 
 
-def codes_bytes_per_sample(layers: int, variant: str) -> float:
-    """What the units keep per sample (module docstring); stock and remat: 0."""
+def codes_bytes_per_sample(layers: int, variant: str, policy: str = "float32") -> float:
+    """What the units keep per sample (module docstring); stock and remat: 0.
+    `exact` keeps the tensors themselves, in the compute dtype."""
     if variant in ("stock", "remat"):
         return 0.0
     h, heads, inner, seq = (SIZES[k] for k in
                             ("hidden_dim", "num_heads", "intermediate_dim", "max_sequence_length"))
     bits = {"exact": None, "default": 8, "lean": 4}[variant]
     derivative_bits = {"default": 3, "lean": 1}.get(variant)
-    if bits is None:  # float32 xhat (x2), q, k, v and the MLP's pre-activation
-        per_token = 4 * (2 * h + 3 * h + inner) + 4 * 2
+    if bits is None:  # the norms' inputs, q, k, v and the MLP's pre-activation
+        size = 2 if policy == "mixed_bfloat16" else 4
+        per_token = size * (2 * h + 3 * h + inner) + 4 * 2
     else:
         per_token = (2 * (h * bits / 8 + 8)  # two norm codes (+ lo, scale)
                      + 3 * (h * bits / 8 + 8 * heads)  # q, k, v rows per head
@@ -213,7 +215,8 @@ def main(argv=None) -> list[dict]:
         row = dict(model=args.model, head=args.head, layers=args.layers, variant=variant,
                    backend=backend,
                    policy=args.policy, batch_sizes=[small, large],
-                   codes_mib_per_sample=codes_bytes_per_sample(args.layers, variant) / 2**20)
+                   codes_mib_per_sample=codes_bytes_per_sample(args.layers, variant,
+                                                               args.policy) / 2**20)
         try:
             if backend == "jax":
                 task = build(args.model, args.layers, variant, args.policy, args.head)
