@@ -30,14 +30,29 @@ for path in sys.argv[1:]:
 
 
 def test_help():
-    """Each example's `--help`, run as a script (one process for all four)."""
-    names = ["quickstart", "train_cifar", "train_imagenet", "convert_applications"]
+    """Each example's `--help`, run as a script (one process for all five)."""
+    names = ["quickstart", "train_cifar", "train_imagenet", "convert_applications",
+             "train_transformer"]
     out = subprocess.run([sys.executable, "-c", _HELP, *(str(EXAMPLES / f"{n}.py")
                                                            for n in names)],
                          capture_output=True, text=True, check=True).stdout
     parts = out.split("== end of")
     assert len(parts) == len(names) + 1
     assert all("--bits" in part for part in parts[:-1]), out
+
+
+def test_train_transformer_tiny(load_example):
+    """A byte-level GPT-2, stock and BLPA, on the shipped text: both learn, and
+    BLPA keeps less memory per sample."""
+    pytest.importorskip("keras_hub")
+    module = load_example("train_transformer")
+    result = module.main(["--steps", "12", "--layers", "1", "--hidden-dim", "32",
+                          "--heads", "2", "--sequence-length", "32", "--batch-size", "8",
+                          "--data", "subset"])
+    losses = result["test_bits_per_byte"]
+    assert all(8 * 0.5 < v[0] < 8 for v in losses.values())  # below 8 bits: it learned
+    memory = result["memory_mib_per_sample"]
+    assert memory["blpa"] < memory["stock"]
 
 
 def test_convert_applications_tiny(load_example):
