@@ -290,7 +290,6 @@ def peak_step_memory(
     """
     _tensorflow_backend("peak_step_memory")
     import numpy as np
-    import tensorflow as tf
 
     _check_positive_int("batch_size", batch_size)
     _check_positive_int("steps", steps)
@@ -298,27 +297,12 @@ def peak_step_memory(
     model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy",
                   jit_compile=jit_compile)
     shape = (batch_size, *model.input_shape[1:])
-    # Tensors made before the measured steps and held throughout: the input
-    # batch then counts exactly once in every peak (`input_bytes_per_sample`),
-    # whereas a NumPy batch is converted per step and its copy may or may not
-    # outlive the forward pass.
-    with tf.device(device):
-        x = tf.constant(np.random.default_rng(0).normal(size=shape).astype("float32"))
-        y = tf.zeros((batch_size,), tf.int32)
-    model.train_on_batch(x, y)
-    model.train_on_batch(x, y)
-    if device.startswith("CPU") and not cpu_allocator_keeps_stats():
-        raise RuntimeError(
-            "TensorFlow's default CPU allocator keeps no memory statistics on this "
-            "machine (oneDNN is off, as on AMD CPUs). Set TF_CPU_ALLOCATOR_USE_BFC=true "
-            "before TensorFlow starts, or use measure_in_subprocess, which does."
-        )
-    peaks = []
-    for _ in range(steps):
-        tf.config.experimental.reset_memory_stats(device)
-        model.train_on_batch(x, y)
-        peaks.append(tf.config.experimental.get_memory_info(device)["peak"])
-    return min(peaks)
+    # `batch_peak_bytes` makes the batch tensors before the measured steps and
+    # holds them: the input then counts exactly once in every peak
+    # (`input_bytes_per_sample`), whereas a NumPy batch is converted per step
+    # and its copy may or may not outlive the forward pass.
+    x = np.random.default_rng(0).normal(size=shape).astype("float32")
+    return batch_peak_bytes(model, x, np.zeros((batch_size,), "int32"), steps, device)
 
 
 def per_sample_slope(
@@ -440,8 +424,10 @@ def batch_temp_bytes(model, x, y) -> int:
 def batch_peak_bytes(model, x, y, steps: int = 3, device: str | None = None) -> int:
     """Peak memory (bytes) of `device` over a `train_on_batch(x, y)` of a
     compiled model, after two warm-up steps; the lowest of `steps` steps
-    (see `peak_step_memory`). TensorFlow; count every allocation on CPU with
-    `TF_CPU_ALLOCATOR_USE_BFC=true` set before TensorFlow starts."""
+    (see `peak_step_memory`). The batch is made into tensors on `device` first
+    and held throughout, so it counts once in every peak. TensorFlow; count
+    every allocation on CPU with `TF_CPU_ALLOCATOR_USE_BFC=true` set before
+    TensorFlow starts."""
     _tensorflow_backend("batch_peak_bytes")
     import tensorflow as tf
 
@@ -450,6 +436,12 @@ def batch_peak_bytes(model, x, y, steps: int = 3, device: str | None = None) -> 
         x, y = tf.nest.map_structure(tf.constant, (x, y))
     for _ in range(2):
         model.train_on_batch(x, y)
+    if device.startswith("CPU") and not cpu_allocator_keeps_stats():
+        raise RuntimeError(
+            "TensorFlow's default CPU allocator keeps no memory statistics on this "
+            "machine (oneDNN is off, as on AMD CPUs). Set TF_CPU_ALLOCATOR_USE_BFC=true "
+            "before TensorFlow starts, or use measure_in_subprocess, which does."
+        )
     peaks = []
     for _ in range(steps):
         tf.config.experimental.reset_memory_stats(device)
