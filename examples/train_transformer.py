@@ -158,8 +158,10 @@ def main(argv=None) -> dict:
     else:
         print(f"  BLPA - stock: {difference[0]:+.4f} (one seed; --seeds 3 for an interval)")
     if memory:
+        ratio = (f" ({memory['stock'] / memory['blpa']:.1f}x less)" if memory["blpa"] > 0
+                 else " (too small for the allocator to count: use a larger model)")
         print(f"Activation memory, MiB per sample: stock {memory['stock']:.2f}, BLPA "
-              f"{memory['blpa']:.2f} ({memory['stock'] / memory['blpa']:.1f}x less)")
+              f"{memory['blpa']:.2f}{ratio}")
     return {"test_bits_per_byte": results, "memory_mib_per_sample": memory}
 
 

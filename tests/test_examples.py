@@ -42,17 +42,17 @@ def test_help():
 
 
 def test_train_transformer_tiny(load_example):
-    """A byte-level GPT-2, stock and BLPA, on the shipped text: both learn, and
-    BLPA keeps less memory per sample."""
+    """A byte-level GPT-2, stock and BLPA, on the shipped text: both learn.
+    (Its memory figure needs the BFC allocator, which a process that imported
+    TensorFlow already cannot switch to; the transformer memory is measured in
+    `tests/jax_backend/test_jax_transformers.py`.)"""
     pytest.importorskip("keras_hub")
     module = load_example("train_transformer")
     result = module.main(["--steps", "12", "--layers", "1", "--hidden-dim", "32",
                           "--heads", "2", "--sequence-length", "32", "--batch-size", "8",
-                          "--data", "subset"])
+                          "--data", "subset", "--no-memory"])
     losses = result["test_bits_per_byte"]
     assert all(8 * 0.5 < v[0] < 8 for v in losses.values())  # below 8 bits: it learned
-    memory = result["memory_mib_per_sample"]
-    assert memory["blpa"] < memory["stock"]
 
 
 def test_convert_applications_tiny(load_example):
