@@ -38,8 +38,21 @@ def _pairs() -> list:
             (hub.layers.TransformerDecoder, TransformerDecoder)]
 
 
+def _sublayers(layer, recursive: bool = True) -> list:
+    """Every layer tracked inside `layer` (not itself). Keras exports no walk
+    over a layer's sublayers; `_flatten_layers` is internal, so it is used
+    here only, with `layers` (direct children of a model) as the fallback."""
+    walk = getattr(layer, "_flatten_layers", None)
+    if walk is not None:
+        return list(walk(include_self=False, recursive=recursive))
+    children = list(getattr(layer, "layers", []))
+    if not recursive:
+        return children
+    return [sub for child in children for sub in (child, *_sublayers(child))]
+
+
 def _all_layers(model) -> list:
-    return [layer for layer in model._flatten_layers(include_self=False, recursive=True)]
+    return _sublayers(model)
 
 
 def _attention_block(layer) -> bool:
@@ -49,7 +62,7 @@ def _attention_block(layer) -> bool:
     if isinstance(layer, keras.layers.MultiHeadAttention):
         return True
     return any(isinstance(sub, keras.layers.MultiHeadAttention) or "Attention" in type(sub).__name__
-               for sub in layer._flatten_layers(include_self=False, recursive=False))
+               for sub in _sublayers(layer, recursive=False))
 
 
 def has_blocks(model) -> bool:
@@ -73,7 +86,7 @@ def _owner_names(model) -> dict:
     owners = {}
     for layer in _all_layers(model):
         if _attention_block(layer):
-            for sub in layer._flatten_layers(include_self=False, recursive=True):
+            for sub in _sublayers(layer):
                 owners[id(sub)] = layer.name
     return owners
 

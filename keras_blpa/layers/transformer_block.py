@@ -25,6 +25,8 @@ cross-attention run the stock code path.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import keras
 from keras import ops
 
@@ -45,7 +47,7 @@ def activation_name(fn) -> str:
     return derivative.check_activation(name)
 
 
-def heads(layers: list) -> tuple[list, callable]:
+def heads(layers: list) -> tuple[list, Callable]:
     """`(weights, linear)` of Dense / EinsumDense layers reading one input:
     `linear(a, *weights)` is their outputs, without activation."""
     spec, weights = [], []
