@@ -97,6 +97,36 @@ def activation_dense(h, kernel, bias, g, name: str, bits, derivative_bits, saved
     return grads
 
 
+def gated_dense(gate, up, kernel, g, name: str, bits, derivative_bits, saved) -> list:
+    """`[g_gate, g_up, d_kernel]` of `dense(f(gate) * up)` (no bias) for upstream
+    `g`, from `saved`: the derivative code of `gate` and row codes of `f(gate)`
+    and `up` (or, with `bits=None`, `gate` and `up` themselves)."""
+    gate = np.asarray(gate, np.float32)
+    features = gate.shape[-1]
+    rows = gate.size // features
+    gate2 = gate.reshape(rows, features).astype(np.float64)
+    up2 = np.asarray(up, np.float64).reshape(rows, features)
+    if bits is None:
+        np.testing.assert_array_equal(np.asarray(saved[0], np.float64), gate2)
+        np.testing.assert_array_equal(np.asarray(saved[1], np.float64), up2)
+        f_gate, d = activation(name, gate2), slope(name, gate2)
+    else:
+        fit = derivative.fit(name, derivative_bits if name != "relu" else 1)
+        code = unpack(saved[0], rows, max(1, (len(fit.levels) - 1).bit_length()))
+        expected = np.sum(gate2[..., None] > fit.edges[None, None, :], axis=-1)
+        assert np.array_equal(code, expected), "derivative codes are not the bins of gate"
+        d = fit.levels.astype(np.float64)[code]
+        f_gate = decode_rows(*saved[1:4], rows, bits)
+        check_rows(f_gate, activation(name, gate2).astype(np.float32), saved[3])
+        up_exact = up2
+        up2 = decode_rows(*saved[4:7], rows, bits)
+        check_rows(up2, up_exact, saved[6])
+    g2 = np.asarray(g, np.float64).reshape(rows, -1)
+    g_a = g2 @ np.asarray(kernel, np.float64).T
+    return [(g_a * up2 * d).reshape(gate.shape), (g_a * f_gate).reshape(gate.shape),
+            (f_gate * up2).T @ g2]
+
+
 def norm_dense(x, gamma, beta, kernels, g_y, g_outs, norm: str, epsilon: float, bits,
                saved) -> list:
     """`[g_x, d_gamma, d_beta, *d_kernels]` of `dense_i(norm(x))` (no biases)."""

@@ -20,6 +20,7 @@ from keras import ops
 from keras_blpa.transformer import codes, derivative
 from keras_blpa.transformer.activation_linear import activation_linear
 from keras_blpa.transformer.attention_linear import attention_linear
+from keras_blpa.transformer.gated_linear import gated_linear
 from keras_blpa.transformer.norm_linear import norm_linear
 
 TOLERANCE = 1e-5  # relative to the largest oracle entry, as the BN oracle's
@@ -78,6 +79,48 @@ def test_activation_unit_matches_oracle(name, bits, derivative_bits):
                                    saved[0][1])
     for what, a, b in zip(["h", "kernel", "bias"], got, want):
         assert oracle.worst_error(a, b) < TOLERANCE, what
+
+
+@pytest.mark.parametrize("name", ["gelu", "gelu_tanh", "silu", "relu"])
+@pytest.mark.parametrize("bits,derivative_bits", [(None, 3), (8, 3), (8, 1), (4, 2)])
+def test_gated_unit_matches_oracle(name, bits, derivative_bits):
+    """SwiGLU / GeGLU / ReGLU: the gate's, up's and kernel's gradients from
+    the codes the unit saved (the product's two halves decoded apart)."""
+    rng = _rng(16)
+    gate = (1.5 * rng.standard_normal((3, 7, 24))).astype("float32")
+    gate[0, 0, :4] = [0.0, -0.0, 1e-8, -1e-8]  # at the ReLU kink
+    up = (rng.standard_normal((3, 7, 24)) + 0.5).astype("float32")
+    kernel = (0.2 * rng.standard_normal((24, 5))).astype("float32")
+    g = _upstream((3, 7, 5), 17)
+
+    def loss(gate, up, kernel):
+        (out,) = gated_linear(gate, up, [kernel], linear=lambda a, w: [ops.matmul(a, w)],
+                              activation=name, bits=bits, derivative_bits=derivative_bits)
+        return ops.sum(out * g)
+
+    with codes.recording() as saved:
+        got = gradients(loss, [gate, up, kernel])
+    ((unit, kept),) = saved
+    assert unit == "gated_linear"
+    want = oracle.gated_dense(gate, up, kernel, g, name, bits, derivative_bits, kept)
+    for what, a, b in zip(["gate", "up", "kernel"], got, want):
+        assert oracle.worst_error(a, b) < TOLERANCE, what
+
+
+def test_gated_unit_forward_is_exact_and_refuses_mismatched_halves():
+    rng = _rng(18)
+    gate, up = (rng.standard_normal((2, 5, 12)).astype("float32") for _ in range(2))
+    kernel = rng.standard_normal((12, 4)).astype("float32")
+    (out,) = gated_linear(gate, up, [kernel], linear=lambda a, w: [ops.matmul(a, w)],
+                          activation="silu", bits=4, derivative_bits=1)
+    want = (keras.activations.silu(gate) * up) @ kernel
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="`gate` and `up` must have the same shape"):
+        gated_linear(gate, up[..., :6], [kernel], linear=lambda a, w: [ops.matmul(a, w)],
+                     activation="silu", bits=8)
+    with pytest.raises(ValueError, match="activation.*tanh"):
+        gated_linear(gate, up, [kernel], linear=lambda a, w: [ops.matmul(a, w)],
+                     activation="tanh", bits=8)
 
 
 @pytest.mark.parametrize("norm", ["layer", "rms"])
