@@ -4,10 +4,12 @@
 KerasHub's blocks without adding weights or state, so a block converts in
 place: a copy of the model is made (its class kept: a `GPT2CausalLM` still
 generates), and each KerasHub block in it becomes the BLPA subclass with the
-same sublayers and weights. `to_standard` swaps them back.
+same sublayers and weights. `to_standard` swaps them back. A bare
+`keras.layers.MultiHeadAttention` (one in the user's own model, not inside a
+block) becomes `keras_blpa.layers.MultiHeadAttention` the same way.
 
 Blocks of other classes (Llama's, Gemma's: RMSNorm, rotary embeddings,
-SwiGLU) and a bare `MultiHeadAttention` stay stock and the report says so.
+SwiGLU) stay stock and the report says so.
 """
 
 from __future__ import annotations
@@ -27,15 +29,18 @@ def _hub():
 
 
 def _pairs() -> list:
-    """`(KerasHub class, BLPA class)` of every block kind that converts."""
+    """`(stock class, BLPA class)` of every block kind that converts."""
+    from keras_blpa.layers.multi_head_attention import MultiHeadAttention
+
+    attention = [(keras.layers.MultiHeadAttention, MultiHeadAttention)]
     hub = _hub()
     if hub is None:
-        return []
+        return attention
     from keras_blpa.layers.transformer_decoder import TransformerDecoder
     from keras_blpa.layers.transformer_encoder import TransformerEncoder
 
-    return [(hub.layers.TransformerEncoder, TransformerEncoder),
-            (hub.layers.TransformerDecoder, TransformerDecoder)]
+    return attention + [(hub.layers.TransformerEncoder, TransformerEncoder),
+                        (hub.layers.TransformerDecoder, TransformerDecoder)]
 
 
 def _sublayers(layer, recursive: bool = True) -> list:
@@ -107,9 +112,10 @@ def convert_blocks(model, bits: int | None, derivative_bits: int, keep,
         elif keep(layer):
             reason = "kept stock (`keep`)"
         elif target is None:
-            reason = (f"{type(layer).__name__} is not a block convert covers yet (KerasHub's "
-                      "TransformerEncoder / TransformerDecoder; Llama/Gemma-style blocks with "
-                      "RMSNorm, rotary embeddings and SwiGLU come next)")
+            reason = (f"{type(layer).__name__} is not a block convert covers yet (Keras's "
+                      "MultiHeadAttention, KerasHub's TransformerEncoder / TransformerDecoder; "
+                      "Llama/Gemma-style blocks with RMSNorm, rotary embeddings and SwiGLU come "
+                      "next)")
         else:
             reason = _swap(layer, target, bits, derivative_bits)
         report.blocks.append(Chain(layers=(layer.name,), model=path,
@@ -125,8 +131,11 @@ def _swap(layer, target, bits, derivative_bits) -> str | None:
     stock = type(layer)
     layer.__class__ = target
     try:
-        layer._init_blpa(bits, derivative_bits)
-        check_block(layer)
+        if isinstance(layer, keras.layers.MultiHeadAttention):  # no MLP: no derivative code
+            layer._init_blpa(bits)
+        else:
+            layer._init_blpa(bits, derivative_bits)
+            check_block(layer)
     except ValueError as err:
         layer.__class__ = stock
         return str(err)
@@ -134,11 +143,13 @@ def _swap(layer, target, bits, derivative_bits) -> str | None:
 
 
 def standard_blocks(model) -> keras.Model:
-    """A copy of `model` whose BLPA blocks are KerasHub's again."""
+    """A copy of `model` whose BLPA blocks (and attention layers) are stock again."""
     new = _copy(model)
     back = {blpa: stock for stock, blpa in _pairs()}
     for layer in _all_layers(new):
         if type(layer) in back:
             layer.__class__ = back[type(layer)]
-            del layer.bits, layer.derivative_bits
+            for attribute in ("bits", "derivative_bits"):
+                if attribute in vars(layer):
+                    delattr(layer, attribute)
     return new
