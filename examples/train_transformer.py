@@ -33,10 +33,6 @@ os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-# Student's t, two-sided 95%, by degrees of freedom (about 2 beyond the table).
-_T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
-
-
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=300, help="training steps per variant")
@@ -62,40 +58,16 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def build(args, seed: int, variant: str):
-    import keras
-    import keras_hub
-
     import keras_blpa
+    from keras_blpa import paired_runs
 
-    keras.utils.set_random_seed(seed)
-    backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=256, num_layers=args.layers, num_heads=args.heads,
-        hidden_dim=args.hidden_dim, intermediate_dim=4 * args.hidden_dim,
-        max_sequence_length=args.sequence_length)
-    model = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    model = paired_runs.byte_gpt(seed, layers=args.layers, hidden_dim=args.hidden_dim,
+                                 heads=args.heads, sequence_length=args.sequence_length)
     if variant == "blpa":
         model = keras_blpa.convert(model, transformer_bits=args.bits,
                                    derivative_bits=args.derivative_bits)
-    model.compile(optimizer=keras.optimizers.Adam(args.learning_rate),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  jit_compile="auto" if keras.backend.backend() == "jax" else False)
+    paired_runs.compile_lm(model, args.learning_rate)
     return model
-
-
-def windows(data, count: int, length: int, rng):
-    """`count` random windows of `length + 1` bytes: inputs and next-byte targets."""
-    import numpy as np
-
-    starts = rng.integers(0, len(data) - length - 1, count)
-    chunk = np.stack([data[s: s + length + 1] for s in starts]).astype("int32")
-    x = {"token_ids": chunk[:, :-1], "padding_mask": np.ones((count, length), bool)}
-    return x, chunk[:, 1:]
-
-
-def bits_per_byte(model, test) -> float:
-    x, y = test
-    loss = model.evaluate(x, y, batch_size=32, verbose=0, return_dict=True)["loss"]
-    return float(loss) / math.log(2)
 
 
 def memory_per_sample(model, args) -> float:
@@ -103,12 +75,12 @@ def memory_per_sample(model, args) -> float:
     import keras
     import numpy as np
 
-    from keras_blpa import profiling
+    from keras_blpa import paired_runs, profiling
 
     used = []
     for size in (2, 6):
-        x, y = windows(np.zeros(args.sequence_length + 2, np.uint8), size,
-                       args.sequence_length, np.random.default_rng(0))
+        x, y = paired_runs.windows(np.zeros(args.sequence_length + 2, np.uint8), size,
+                                   args.sequence_length, np.random.default_rng(0))
         if keras.backend.backend() == "jax":
             used.append(profiling.batch_temp_bytes(model, x, y))
         else:
@@ -121,13 +93,13 @@ def main(argv=None) -> dict:
     import keras
     import numpy as np
 
-    from keras_blpa import datasets
+    from keras_blpa import datasets, paired_runs
 
     train, test, description = datasets.load_python_docs(args.data)
     print(f"Data: {description}; {len(train):,} training bytes, {len(test):,} test bytes")
     print(f"Backend: {keras.backend.backend()}; GPT-2, {args.layers} layers, hidden "
           f"{args.hidden_dim}, sequence {args.sequence_length}, batch {args.batch_size}")
-    test_batch = windows(test, 64, args.sequence_length, np.random.default_rng(12345))
+    test_batch = paired_runs.windows(test, 64, args.sequence_length, np.random.default_rng(12345))
     results = {"stock": [], "blpa": []}
     memory = {}
     for seed in range(args.seeds):
@@ -136,14 +108,14 @@ def main(argv=None) -> dict:
             rng = np.random.default_rng(seed)  # the same batches for both variants
             start, recent = time.perf_counter(), []
             for step in range(1, args.steps + 1):
-                x, y = windows(train, args.batch_size, args.sequence_length, rng)
+                x, y = paired_runs.windows(train, args.batch_size, args.sequence_length, rng)
                 recent.append(float(model.train_on_batch(x, y, return_dict=True)["loss"]))
                 if step % max(1, args.steps // 6) == 0 or step == args.steps:
                     print(f"  seed {seed} {variant:>5} step {step:>5}: loss "
                           f"{np.mean(recent) / math.log(2):.3f} bits/byte", flush=True)
                     recent = []
             elapsed = time.perf_counter() - start
-            results[variant].append(bits_per_byte(model, test_batch))
+            results[variant].append(paired_runs.bits_per_byte(model, test_batch))
             print(f"seed {seed} {variant}: test {results[variant][-1]:.4f} bits/byte, "
                   f"train {elapsed:.0f} s", flush=True)
             if seed == 0 and not args.no_memory:
@@ -153,8 +125,8 @@ def main(argv=None) -> dict:
     for variant, losses in results.items():
         print(f"  {variant:>5}: " + " / ".join(f"{v:.4f}" for v in losses))
     if args.seeds > 1:
-        half = _T95.get(args.seeds - 1, 2.0) * difference.std(ddof=1) / math.sqrt(args.seeds)
-        print(f"  BLPA - stock: {difference.mean():+.4f} +- {half:.4f} over {args.seeds} seeds")
+        mean, half = paired_runs.paired_interval(difference)
+        print(f"  BLPA - stock: {mean:+.4f} +- {half:.4f} over {args.seeds} seeds")
     else:
         print(f"  BLPA - stock: {difference[0]:+.4f} (one seed; --seeds 3 for an interval)")
     if memory:

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parent.parent.parent / "benchmarks"
 
 
@@ -56,3 +58,36 @@ def test_capped_memory_rows():
                                                            (6.0, None), (6.0, 4)]
     by = {(r["max_value"], r["bits"]): r["mib_per_sample"] for r in rows}
     assert by[(6.0, 4)] < by[(6.0, None)] and by[(None, 4)] < by[(None, None)]
+
+
+TINY_TRANSFORMERS = ["--layers", "1", "--hidden-dim", "16", "--heads", "2",
+                     "--sequence-length", "16", "--batch-size", "4", "--steps", "3",
+                     "--test-windows", "8", "--data", "subset"]
+
+
+def test_transformer_fidelity_pieces(tmp_path):
+    """Every piece of the fidelity benchmark on a tiny GPT: exact against exact
+    agrees to float rounding with the same dropout masks, a 4/1 BLPA gradient
+    does not, and the runs pair up in the report."""
+    pytest.importorskip("keras_hub")
+    fidelity = _load("transformer_fidelity")
+    out = str(tmp_path / "fidelity.json")
+    common = [*TINY_TRANSFORMERS, "--out", out]
+    cos = fidelity.main(["cosine", "--settings", "exact", "4/1", "--batches", "1",
+                         "--pretrain-steps", "0", *common])["cosine"]
+    for phase in ("init", "trained"):
+        exact, lean = (cos["phases"][phase]["settings"][s] for s in ("exact", "4/1"))
+        assert exact["loss_gap"] < 1e-6 and lean["loss_gap"] < 1e-5  # the same masks
+        assert min(fidelity.unit_stats(exact, unit)[0] for unit in fidelity.UNITS) > 1 - 1e-6
+        assert max(v["rel_err"] for v in exact["variables"]) < 1e-5
+        assert {v["unit"] for v in lean["variables"]} == set(fidelity.UNITS)
+        worst = min(fidelity.unit_stats(lean, unit)[0] for unit in fidelity.UNITS)
+        assert 0.5 < worst < 0.999
+    fidelity.main(["train", "--seeds", "0", *common])
+    results = fidelity.main(["sweep", "--settings", "8/3", *common])  # exact; 8/3 is train's
+    assert sorted(results["runs"]) == ["8/3 seed 0", "exact seed 0", "stock seed 0"]
+    assert all(0 < r["test_bits_per_byte"] < 9 for r in results["runs"].values())
+    text = fidelity.main(["report", "--out", out])["markdown"]
+    assert "| 4/1 |" in text and "| test bits/byte |" in text and "Bits sweep" in text
+    with pytest.raises(SystemExit, match="another --out"):  # no mixing of configurations
+        fidelity.main(["train", "--seeds", "0", *common, "--steps", "4"])
