@@ -176,7 +176,8 @@ def attention(q, k, v, mask, kernel, g, scale: float, bits, saved) -> list:
             # Words `[tokens / k, heads * dim]`, `lo` and `scale` `[tokens, heads]`:
             # a row per token and head.
             words, lo, step = saved[3 * i: 3 * i + 3]
-            codes = unpack(words, batch * length, bits).reshape(-1, dim)
+            # k and v: their own length (cross-attention) and head size.
+            codes = unpack(words, t.shape[0] * t.shape[1], bits).reshape(-1, t.shape[-1])
             lo, step = (np.asarray(p, np.float64).reshape(-1) for p in (lo, step))
             decoded = lo[:, None] + codes * step[:, None]
             check_rows(decoded, t.astype(np.float32), step)

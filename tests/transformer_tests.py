@@ -400,12 +400,19 @@ def test_convert_reports_blocks_it_does_not_cover_and_bad_options():
     pytest.importorskip("keras_hub")
     import keras_blpa
 
+    class AttentionBlock(keras.layers.Layer):  # a block of the user's own: not covered
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.attention = keras.layers.MultiHeadAttention(num_heads=2, key_dim=8)
+
+        def call(self, x):
+            return self.attention(x, x)
+
     inputs = keras.Input((8, 16))
-    attended = keras.layers.MultiHeadAttention(num_heads=2, key_dim=8)(inputs, inputs)
-    model = keras.Model(inputs, keras.layers.Dense(3)(attended))
+    model = keras.Model(inputs, keras.layers.Dense(3)(AttentionBlock()(inputs)))
     _, report = keras_blpa.convert(model, return_report=True)
-    assert [c.fused for c in report.blocks] == [False]
-    assert "MultiHeadAttention is not a block convert covers yet" in str(report)
+    assert [c.fused for c in report.blocks] == [False]  # nor the attention inside it
+    assert "AttentionBlock is not a block convert covers yet" in str(report)
     with pytest.raises(ValueError, match="transformer_bits=3"):
         keras_blpa.convert(_gpt2(1), transformer_bits=3)
     with pytest.raises(ValueError, match="derivative_bits"):
