@@ -167,7 +167,8 @@ def norm_dense(x, gamma, beta, kernels, g_y, g_outs, norm: str, epsilon: float, 
 
 
 def attention(q, k, v, mask, kernel, g, scale: float, bits, saved) -> list:
-    """`[g_q, g_k, g_v, d_kernel]` of `einsum(softmax(scale q k^T, mask) v, kernel)`."""
+    """`[g_q, g_k, g_v, d_kernel]` of `einsum(softmax(scale q k^T, mask) v, kernel)`;
+    k and v may have fewer heads (grouped-query: each serves consecutive q heads)."""
     q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
     batch, length, heads, dim = q.shape
     if bits is not None:
@@ -183,6 +184,8 @@ def attention(q, k, v, mask, kernel, g, scale: float, bits, saved) -> list:
             check_rows(decoded, t.astype(np.float32), step)
             coded.append(decoded.reshape(t.shape))
         q, k, v = coded
+    groups = heads // k.shape[2]
+    k, v = (np.repeat(t, groups, axis=2) for t in (k, v))
     if mask is not None:
         bits_kept = unpack(saved[-1], batch * length, 1).reshape(np.shape(mask))
         assert np.array_equal(bits_kept.astype(bool), np.asarray(mask)), "mask bits differ"
@@ -204,6 +207,7 @@ def attention(q, k, v, mask, kernel, g, scale: float, bits, saved) -> list:
     g_scores = np.where(keep, g_scores, 0)
     g_q = scale * np.einsum("bhqk,bkhd->bqhd", g_scores, k)
     g_k = scale * np.einsum("bhqk,bqhd->bkhd", g_scores, q)
+    g_k, g_v = (t.reshape(batch, -1, heads // groups, groups, dim).sum(3) for t in (g_k, g_v))
     return [g_q, g_k, g_v, d_kernel]
 
 

@@ -152,13 +152,14 @@ def test_norm_unit_matches_oracle_with_three_heads(norm, bits):
         assert oracle.worst_error(a, b) < TOLERANCE, i
 
 
+@pytest.mark.parametrize("kv_heads", [3, 1], ids=["mha", "gqa"])
 @pytest.mark.parametrize("masked", [True, False])
 @pytest.mark.parametrize("bits", [None, 8, 4])
-def test_attention_unit_matches_oracle(masked, bits):
+def test_attention_unit_matches_oracle(masked, bits, kv_heads):
     rng = _rng(5)
     batch, length, heads, dim, out = 2, 6, 3, 4, 7
-    q, k, v = (rng.standard_normal((batch, length, heads, dim)).astype("float32")
-               for _ in range(3))
+    q, k, v = (rng.standard_normal((batch, length, n, dim)).astype("float32")
+               for n in (heads, kv_heads, kv_heads))
     kernel = (0.3 * rng.standard_normal((heads, dim, out))).astype("float32")
     mask = np.tril(np.ones((length, length), bool))[None].repeat(batch, 0)
     mask[1, :, 4:] = False  # padding after 4 tokens
@@ -181,6 +182,37 @@ def test_attention_unit_matches_oracle(masked, bits):
     want = oracle.attention(q, k, v, mask, kernel, g, scale, bits, saved[0][1])
     for what, a, b in zip("qkvW", got, want):
         assert oracle.worst_error(a, b) < TOLERANCE, what
+
+
+def test_attention_projection_dropout_is_redrawn_and_grouped_heads_checked():
+    """Dropout on `o` (Llama's attention dropout): with an identity projection
+    the output shows the mask, and the gradients are the oracle's for the
+    upstream gradient masked and scaled the same way, at 8 bits with two
+    query heads per key/value head."""
+    rng = _rng(19)
+    batch, length, heads, dim = 2, 5, 4, 3
+    q = rng.standard_normal((batch, length, heads, dim)).astype("float32")
+    k, v = (rng.standard_normal((batch, length, 2, dim)).astype("float32") for _ in range(2))
+    kernel = np.eye(heads * dim, dtype="float32").reshape(heads, dim, heads * dim)
+    seed = ops.convert_to_tensor(np.array([5, 7], "int32"))
+    g = _upstream((batch, length, heads * dim), 20)
+
+    def run(q, k, v, kernel):
+        return attention_linear(q, k, v, None, seed, [kernel],
+                                linear=lambda o, w: [ops.einsum("abcd,cde->abe", o, w)],
+                                scale=0.5, dot_equation="aecd,abcd->acbe",
+                                combine_equation="acbe,aecd->abcd", attention_dropout=0.0,
+                                dropout=0.0, bits=8, projection_dropout=0.5)[0]
+
+    keep = np.asarray(run(q, k, v, kernel)) != 0
+    assert 0.3 < keep.mean() < 0.7
+    with codes.recording() as saved:
+        got = gradients(lambda *args: ops.sum(run(*args) * g), [q, k, v, kernel])
+    want = oracle.attention(q, k, v, None, kernel, g * keep * 2.0, 0.5, 8, saved[0][1])
+    for what, a, b in zip("qkv", got, want):
+        assert oracle.worst_error(a, b) < TOLERANCE, what
+    with pytest.raises(ValueError, match="multiple of the key/value heads"):
+        run(q, k[:, :, :1].repeat(3, 2), v[:, :, :1].repeat(3, 2), kernel)
 
 
 def test_oracle_fails_on_a_decoder_one_step_off(monkeypatch):

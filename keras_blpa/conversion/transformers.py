@@ -8,15 +8,17 @@ same sublayers and weights. `to_standard` swaps them back. A bare
 `keras.layers.MultiHeadAttention` (one in the user's own model, not inside a
 block) becomes `keras_blpa.layers.MultiHeadAttention` the same way.
 
-Blocks of other classes (Llama's, Gemma's: RMSNorm, rotary embeddings,
-SwiGLU) stay stock and the report says so.
+KerasHub's Llama and Mistral decoder blocks become
+`keras_blpa.layers.LlamaTransformerDecoder` / `MistralTransformerDecoder`
+(RMSNorm, rotary embeddings, grouped-query attention, SwiGLU). Blocks of
+other classes (Gemma's, Qwen's, ...) stay stock and the report says so.
 """
 
 from __future__ import annotations
 
 import keras
 
-from keras_blpa.conversion import subclass
+from keras_blpa.conversion import around_blocks, subclass
 from keras_blpa.conversion.report import Chain, ConversionReport
 
 
@@ -40,7 +42,17 @@ def _pairs() -> list:
     from keras_blpa.layers.transformer_encoder import TransformerEncoder
 
     return attention + [(hub.layers.TransformerEncoder, TransformerEncoder),
-                        (hub.layers.TransformerDecoder, TransformerDecoder)]
+                        (hub.layers.TransformerDecoder, TransformerDecoder)] + _llama_pairs()
+
+
+def _llama_pairs() -> list:
+    """Llama's and Mistral's blocks, which KerasHub keeps under `keras_hub.src`:
+    none where that import fails (another KerasHub layout)."""
+    try:
+        from keras_blpa.layers import llama_decoder
+    except ImportError:
+        return []
+    return llama_decoder.pairs()
 
 
 def _sublayers(layer, recursive: bool = True) -> list:
@@ -113,14 +125,17 @@ def convert_blocks(model, bits: int | None, derivative_bits: int, keep,
             reason = "kept stock (`keep`)"
         elif target is None:
             reason = (f"{type(layer).__name__} is not a block convert covers yet (Keras's "
-                      "MultiHeadAttention, KerasHub's TransformerEncoder / TransformerDecoder; "
-                      "Llama/Gemma-style blocks with RMSNorm, rotary embeddings and SwiGLU come "
-                      "next)")
+                      "MultiHeadAttention, KerasHub's TransformerEncoder / TransformerDecoder "
+                      "and Llama's / Mistral's decoder blocks)")
         else:
             reason = _swap(layer, target, bits, derivative_bits)
         report.blocks.append(Chain(layers=(layer.name,), model=path,
                                    fused_as=None if reason else type(layer).__name__,
                                    reason=reason))
+    if any(chain.fused for chain in report.blocks):
+        outside = [layer for layer in _all_layers(new)
+                   if id(layer) not in inner and not _attention_block(layer)]
+        around_blocks.convert_around(outside, bits, keep, report, path)
     return new
 
 
@@ -135,7 +150,10 @@ def _swap(layer, target, bits, derivative_bits) -> str | None:
             layer._init_blpa(bits)
         else:
             layer._init_blpa(bits, derivative_bits)
-            check_block(layer)
+            if hasattr(layer, "_check_blpa"):  # Llama-style blocks check themselves
+                layer._check_blpa()
+            else:
+                check_block(layer)
     except ValueError as err:
         layer.__class__ = stock
         return str(err)
@@ -146,6 +164,7 @@ def standard_blocks(model) -> keras.Model:
     """A copy of `model` whose BLPA blocks (and attention layers) are stock again."""
     new = _copy(model)
     back = {blpa: stock for stock, blpa in _pairs()}
+    around_blocks.standard_around(_all_layers(new))
     for layer in _all_layers(new):
         if type(layer) in back:
             layer.__class__ = back[type(layer)]

@@ -4,7 +4,12 @@ Forward (exact, as `keras.layers.MultiHeadAttention` computes it):
 
     P   = softmax(scale * q k^T, masked)     [batch, heads, query, key]
     o   = dropout_p(P) v                     [batch, query, heads, head_dim]
-    out = dropout(linear(o, weights))
+    out = dropout(linear(dropout_o(o), weights))
+
+Grouped-query attention (Llama, Mistral): k and v may have fewer heads than
+q, each serving `q_heads / kv_heads` consecutive query heads (as
+`ops.repeat(k, groups, axis=2)`); the codes keep the fewer heads, and the
+repeat is part of the recomputation the backward differentiates.
 
 Stock autodiff keeps q, k, v, P (and, with dropout, its mask and the dropped
 P: the `s**2` terms), `o` for the projection's weight gradient, and the
@@ -49,13 +54,15 @@ def attention_linear(
     attention_dropout: float,
     dropout: float,
     bits: int | None,
+    projection_dropout: float = 0.0,
     name: str = "attention_linear",
 ) -> list:
     """Training-mode multi-head attention and its output projection.
 
     Args:
       q, k, v: projected query `[batch, query, heads, dim]`, key and value
-        `[batch, key, heads, dim]`.
+        `[batch, key, kv_heads, dim]`; `heads` a multiple of `kv_heads`
+        (grouped-query attention when fewer).
       mask: bool `[batch, query, key]` (True: attend), or None.
       seed: two integers (`keras.random.SeedGenerator.next()`); with any
         dropout.
@@ -67,11 +74,20 @@ def attention_linear(
       attention_dropout: dropout on the probabilities (`MultiHeadAttention`'s).
       dropout: dropout on the projected output (the block's residual branch).
       bits: 4 or 8 for the row codes of q, k and v; None: exact.
+      projection_dropout: dropout on `o`, the projection's input (Llama's
+        and Mistral's attention dropout).
       name: the layer's name.
     """
     shapes = [ops.shape(t) for t in (q, k, v)]
     groups = [tuple(t.shape[2:]) for t in (q, k, v)]  # (heads, dim)
     dtype = q.dtype
+    if k.shape[2] != v.shape[2] or q.shape[2] % k.shape[2]:
+        raise ValueError(
+            "The query heads must be a multiple of the key/value heads (axis 2), and key and "
+            f"value must have as many; received q.shape={tuple(q.shape)}, "
+            f"k.shape={tuple(k.shape)}, v.shape={tuple(v.shape)}. Check `num_key_value_heads`."
+        )
+    repeats = q.shape[2] // k.shape[2]
     has_mask = mask is not None
     if has_mask:
         mask_shape = ops.shape(mask)
@@ -84,6 +100,8 @@ def attention_linear(
     linear = codes.compute_linear(linear, dtype)
 
     def attend(q, k, v, mask_bool, seed, *weights):
+        if repeats > 1:  # grouped-query attention: each k/v head serves `repeats` q heads
+            k, v = (ops.repeat(t, repeats, axis=2) for t in (k, v))
         # float32 logits, scaled after (one bfloat16 rounding fewer), as
         # Keras's dot_product_attention computes them on each backend.
         scores = codes.autodiff().logits(dot_equation, k, q) * scale
@@ -95,7 +113,7 @@ def attention_linear(
             probs = ops.where(keep, probs, ops.zeros_like(probs))
         probs = ops.cast(probs, v.dtype)
         probs = codes.dropout(probs, seed, attention_dropout)
-        o = ops.einsum(combine_equation, probs, v)
+        o = codes.dropout(ops.einsum(combine_equation, probs, v), seed + 2, projection_dropout)
         return [codes.dropout(out, seed + 1, dropout) for out in linear(o, *weights)]
 
     def unpack_mask(words):
