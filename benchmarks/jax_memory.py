@@ -8,6 +8,9 @@ per sample, XLA's own account. Nothing runs, so one process serves every
 variant, side by side. The fused variants use the XLA custom calls where
 they run by default (CPU; `KERAS_BLPA_JAX_CUSTOM_CALLS=1` also on a GPU), the
 jnp quantizer with `--jnp` (TPU's path). The
+suffix `-whole` (`4-whole`) compiles a variant with the weight gradient over the
+whole batch at once (`KERAS_BLPA_JAX_WEIGHT_GRADIENT_CHUNKS=1`) instead of
+four batch slices. The
 table sets the slope against the saved bytes in theory (4 bytes per element
 for bits=None, bits/8 for BLPA); the rest is the backward pass's transient
 working memory.
@@ -32,6 +35,7 @@ measure without them, as older jaxlibs compile.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -80,8 +84,11 @@ def main(argv=None) -> list[dict]:
     elements = saved_elements(build_model(variant="4", **spec))
     rows = []
     for variant in args.variants:
-        r = jax_temp_slope(batch_sizes=tuple(args.batch_sizes), variant=variant, **spec)
-        saved = elements * BYTES_PER_ELEMENT.get(variant, float("nan")) / 2**20
+        name, _, whole = variant.partition("-")
+        with _whole_batch_weight_gradient(whole == "whole"):
+            r = jax_temp_slope(batch_sizes=tuple(args.batch_sizes), variant=name, **spec)
+        r["variant"] = variant
+        saved = elements * BYTES_PER_ELEMENT.get(name, float("nan")) / 2**20
         if args.peak:
             peaks = [_peak_in_subprocess(args, variant, b) for b in args.batch_sizes]
             r["peak_source"] = peaks[0][1]
@@ -120,6 +127,22 @@ def main(argv=None) -> list[dict]:
     return rows
 
 
+@contextlib.contextmanager
+def _whole_batch_weight_gradient(on: bool):
+    """Traces within with the weight gradient over the whole batch at once."""
+    key = "KERAS_BLPA_JAX_WEIGHT_GRADIENT_CHUNKS"
+    saved = os.environ.get(key)
+    if on:
+        os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if on and saved is None:
+            os.environ.pop(key)
+        elif on:
+            os.environ[key] = saved
+
+
 def _spec_args(args) -> list[str]:
     return ["--model", args.model, "--depth", str(args.depth), "--channels",
             str(args.channels), "--size", str(args.size)]
@@ -147,7 +170,10 @@ def _peak_child(args, variant: str, batch: str) -> dict:
 
     from keras_blpa.profiling import build_model
 
-    model = build_model(args.model, variant, depth=args.depth, channels=args.channels,
+    name, _, whole = variant.partition("-")
+    if whole == "whole":
+        os.environ["KERAS_BLPA_JAX_WEIGHT_GRADIENT_CHUNKS"] = "1"
+    model = build_model(args.model, name, depth=args.depth, channels=args.channels,
                         size=args.size)
     model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     rng = np.random.default_rng(0)

@@ -15,7 +15,9 @@ compiler (stock for plain variants, stock-xla for -xla ones).
 
 With `KERAS_BACKEND=jax` the variants are stock, none, 8, 4 and 4-jnp: every
 step is jitted, stock layers on JAX alike; the fused ones run the XLA custom
-calls where they run by default (CPU), 4-jnp the jnp quantizer (TPU's path).
+calls where they run by default (CPU), 4-jnp the jnp quantizer (TPU's path),
+4-whole the custom calls with the weight gradient over the whole batch at
+once instead of four batch slices (`KERAS_BLPA_JAX_WEIGHT_GRADIENT_CHUNKS=1`).
 
     python benchmarks/step_time.py --depth 29 --batch-size 64 --rounds 5
     python benchmarks/step_time.py --depth 56 --batch-size 32 \
@@ -40,7 +42,7 @@ from keras_blpa.models import preact_resnet_cifar  # noqa: E402
 
 JAX = keras.backend.backend() == "jax"
 VARIANTS = ("stock", "none", "8", "4") + (
-    ("4-jnp",) if JAX else ("4-puretf", "stock-xla", "none-xla", "8-xla", "4-xla"))
+    ("4-jnp", "4-whole") if JAX else ("4-puretf", "stock-xla", "none-xla", "8-xla", "4-xla"))
 
 
 def implementation() -> str:
@@ -66,7 +68,8 @@ def make(variant: str, depth: int, x, y):
     # The path is fixed when the step is traced: trace the fallback variants
     # with the compiled kernels switched off.
     switch = {"puretf": ("KERAS_BLPA_DISABLE_CUSTOM_OPS", "1"),
-              "jnp": ("KERAS_BLPA_JAX_CUSTOM_CALLS", "0")}.get(variant.split("-")[-1])
+              "jnp": ("KERAS_BLPA_JAX_CUSTOM_CALLS", "0"),
+              "whole": ("KERAS_BLPA_JAX_WEIGHT_GRADIENT_CHUNKS", "1")}.get(variant.split("-")[-1])
     saved = os.environ.get(switch[0]) if switch else None
     if switch:
         os.environ[switch[0]] = switch[1]

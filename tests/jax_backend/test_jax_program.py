@@ -37,6 +37,7 @@ import pytest
 import xla_checks
 
 from keras_blpa import grid
+from keras_blpa.backend.jax.linear import weight_gradient_chunks
 
 PROGRAM = os.path.join(os.path.dirname(__file__), "jax_program.py")
 
@@ -62,6 +63,14 @@ def compiled(request, tmp_path_factory):
         calls = [i.text for i in spec["before"] if i.opcode == "custom-call"]
         assert calls and all(attr in text for text in calls), calls[:2]
     return spec
+
+
+def _linear_decodes(unit) -> int:
+    """Decodes for a coded unit's linear map on the custom calls: one per
+    batch slice of the weight gradient where it runs over slices (a 4-D
+    activation, `linear.weight_gradient_chunks`), else one."""
+    shape = unit["input_shape"]
+    return min(weight_gradient_chunks(), shape[0]) if len(shape) == 4 else 1
 
 
 def _custom_calls(instructions, target):
@@ -111,7 +120,8 @@ def test_encodes_run_in_the_forward_and_decodes_wait_for_their_gradient(compiled
     position = {i.name: p for p, i in enumerate(after)}
     units = len(compiled["units"])
     encodes, decodes = _custom_calls(after, encode), _custom_calls(after, decode)
-    assert len(encodes) == units and len(decodes) == units, (len(encodes), len(decodes))
+    expected = sum(_linear_decodes(u) for u in compiled["units"])
+    assert len(encodes) == units and len(decodes) == expected, (len(encodes), len(decodes))
     assert all(position[e.name] < start for e in encodes)
     for d in decodes:
         assert position[d.name] >= start, d.text
@@ -238,7 +248,10 @@ def test_unfused_encodes_run_in_the_forward_and_decodes_wait_for_their_gradient(
     grads = _custom_calls(after, "blpa_bn_input_grad")
     bn = kinds["ApproxBatchNormalization"]
     assert len(encodes) == len(unfused["units"])
-    assert len(decodes) == sum(kinds[k] * DECODES[k] for k in RELU_KINDS) - (first in RELU_KINDS)
+    # Each ReLU unit: its weight gradient's decodes, then the mask's.
+    relu_units = [u for u in unfused["units"] if u["kind"] in RELU_KINDS]
+    assert len(decodes) == (sum(_linear_decodes(u) + 1 for u in relu_units)
+                            - (first in RELU_KINDS)), len(decodes)
     assert (len(sums), len(grads)) == (bn, bn - (first == "ApproxBatchNormalization"))
     bn = sums + grads
     assert all(position[e.name] < start for e in encodes)

@@ -202,6 +202,12 @@ def _batch_mesh():
     ), dist.batch_dim_name
 
 
+def batch_sharded() -> bool:
+    """True under a Keras data-parallel distribution over several devices
+    (the calls then run per batch shard)."""
+    return _batch_mesh() is not None
+
+
 def _jax_device(device):
     if isinstance(device, str):  # Keras spells devices "cpu:0", "gpu:1"
         kind, _, index = device.partition(":")

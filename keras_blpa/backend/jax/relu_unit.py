@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from keras_blpa import grid
 from keras_blpa.backend.jax import kernels, quantizer, xla
+from keras_blpa.backend.jax.linear import chunked_gradients, weight_gradient_chunks
 from keras_blpa.backend.jax.unit import (
     LinearMap,
     _first_order_only,
@@ -54,6 +55,10 @@ def relu_linear(
     shape = tuple(z.shape)
     compute_dtype = z.dtype
     custom = kernels.usable(shape, bits)
+    # As in the BN unit (`unit.bn_relu_linear`): the weight gradient over batch
+    # slices on the custom calls.
+    chunks = (weight_gradient_chunks() if custom and bits is not None and len(shape) == 4
+              and not kernels.batch_sharded() else 1)
 
     def grid_of(gamma, beta):
         return quantizer.quantizer_params(gamma, beta, bits, window)
@@ -97,10 +102,19 @@ def relu_linear(
         heads = len(cotangents) - return_activation
         grads = list(cotangents[:heads])
         saved, grads = xla.optimization_barrier((saved, grads))
-        a_approx = decode(saved, gamma, beta, grads[0]).astype(compute_dtype)
-        _, linear_vjp = jax.vjp(lambda a, w: tuple(linear.forward(a, list(w))), a_approx,
-                                weights)
-        g_a, d_weights = linear_vjp(tuple(grads))
+        if chunks > 1:
+            def decode_rows(start, stop, gate):
+                rows = xla.after(saved[start:stop], gate)
+                return kernels.decode_relu(rows, grid_of(gamma, beta), gamma, beta,
+                                           (stop - start, *shape[1:]), bits, window, 0.0, gate)
+
+            g_a, d_weights = chunked_gradients(linear.forward, weights, tuple(grads),
+                                               decode_rows, shape, compute_dtype, chunks)
+        else:
+            a_approx = decode(saved, gamma, beta, grads[0]).astype(compute_dtype)
+            _, linear_vjp = jax.vjp(lambda a, w: tuple(linear.forward(a, list(w))), a_approx,
+                                    weights)
+            g_a, d_weights = linear_vjp(tuple(grads))
         if return_activation:
             g_a = g_a + cotangents[heads].astype(g_a.dtype)
         # A second decode, once g_a exists: the first on-bin decodes half a

@@ -5,7 +5,9 @@ forward runs at full precision; the residuals that `jax.jit` keeps from the
 forward for the backward are the unit's packed codes (uint32 words, see
 `quantizer.pack_words`), or `xhat` itself with `bits=None`, plus per-channel
 vectors and the weights. The backward rebuilds the ReLU output and the mask
-from the codes and differentiates the linear map with `jax.vjp`.
+from the codes and differentiates the linear map with `jax.vjp`; on the
+custom calls a conv's weight gradient runs over batch slices
+(`linear.chunked_gradients`), so that only a slice's rows are decoded at once.
 
 On CPU and CUDA the kernels are XLA custom calls (`kernels`): the TensorFlow op's
 own kernels, opaque to fusion, so only the codes live from the forward into
@@ -34,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from keras_blpa.backend.jax import kernels, quantizer, xla
+from keras_blpa.backend.jax.linear import chunked_gradients, weight_gradient_chunks
 from keras_blpa.grid import resolve_max_value
 
 
@@ -79,6 +82,13 @@ def bn_relu_linear(
     # calls take the cap edge (`kernels`), as the TensorFlow op does.
     cap = resolve_max_value(max_value, slope)
     custom = kernels.usable(shape, bits)
+    # The weight gradient over batch slices on the custom calls (a 4-D
+    # activation, one device): the decoded activation and XLA:CPU's
+    # transposed copies are then a slice's size. Not on the jnp path, where
+    # XLA fuses the decode into the transposed copy (and TPU runs it), nor
+    # under a data-parallel mesh, whose batch shards a slice would cross.
+    chunks = (weight_gradient_chunks()
+              if custom and len(shape) == 4 and not kernels.batch_sharded() else 1)
 
     def grid_of(gamma, beta):
         if bits is None:
@@ -155,6 +165,15 @@ def bn_relu_linear(
         xhat, mask = quantizer.decode_words(saved, params, shape, bits)
         return quantizer.relu_from_decoded(xhat, mask, gamma, beta, slope)
 
+    def decode_rows(saved, params, caps, gamma, beta, start, stop, gate):
+        """The custom calls' `decode_for_linear` of the batch rows
+        `start:stop`, not before `gate` exists (nor the slice of the codes)."""
+        rows = xla.after(saved[start:stop], gate)
+        if bits is None:
+            return kernels.exact_relu(rows, gamma, beta, slope, gate, cap)
+        return kernels.decode_relu(rows, params, gamma, beta, (stop - start, *shape[1:]), bits,
+                                   window, slope, gate, caps)
+
     def bn_backward(g_a, saved, params, caps, gamma, beta, inv_std):
         if custom:
             if bits is None:
@@ -183,12 +202,19 @@ def bn_relu_linear(
         if not custom:
             saved = xla.after(saved, grads[0])
         saved, grads = xla.optimization_barrier((saved, grads))
-        a_approx = decode_for_linear(saved, params, caps, gamma, beta, grads[0])
-        _, linear_vjp = jax.vjp(
-            lambda a, w: tuple(linear.forward(a, list(w))),
-            a_approx.astype(compute_dtype), weights,
-        )
-        g_a, d_weights = linear_vjp(tuple(grads))
+        if chunks > 1:
+            g_a, d_weights = chunked_gradients(
+                linear.forward, weights, tuple(grads),
+                lambda start, stop, gate: decode_rows(saved, params, caps, gamma, beta,
+                                                      start, stop, gate),
+                shape, compute_dtype, chunks)
+        else:
+            a_approx = decode_for_linear(saved, params, caps, gamma, beta, grads[0])
+            _, linear_vjp = jax.vjp(
+                lambda a, w: tuple(linear.forward(a, list(w))),
+                a_approx.astype(compute_dtype), weights,
+            )
+            g_a, d_weights = linear_vjp(tuple(grads))
         g_x, d_gamma, d_beta = bn_backward(
             g_a.astype(jnp.float32), saved, params, caps, gamma, beta, inv_std
         )
