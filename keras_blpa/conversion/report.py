@@ -65,6 +65,11 @@ class ConversionReport:
         `Chain`, "fused" when it became a `keras_blpa.layers`
         TransformerEncoder / TransformerDecoder, else with its reason.
       transformer_bits, derivative_bits: `convert`'s, for the blocks.
+      around_blocks: each stock LayerNormalization and Dropout outside the
+        blocks of a model whose blocks converted (an embedding's norm and
+        dropout, a final norm): a one-layer `Chain`, "fused" when it became
+        `keras_blpa.layers`' (a code of the norm's input, the dropout's
+        seed), else with its reason.
     """
 
     chains: list = field(default_factory=list)
@@ -78,6 +83,7 @@ class ConversionReport:
     blocks: list = field(default_factory=list)
     transformer_bits: int | None = 8
     derivative_bits: int = 3
+    around_blocks: list = field(default_factory=list)
 
     @property
     def fused(self) -> list:
@@ -118,6 +124,13 @@ class ConversionReport:
             lines += [f"  {'fused' if c.fused else 'stock'}  "
                       f"{(c.model + '/') if c.model else ''}{c.layers[0]}  "
                       f"{c.fused_as if c.fused else c.reason}" for c in self.blocks]
+        if self.around_blocks:
+            done = [c for c in self.around_blocks if c.fused]
+            lines.append(f"keras_blpa.convert: around the blocks, {len(done)} of "
+                         f"{len(self.around_blocks)} norms and dropouts keep codes or seeds")
+            lines += [f"  {'fused' if c.fused else 'stock'}  "
+                      f"{(c.model + '/') if c.model else ''}{c.layers[0]}  "
+                      f"{c.fused_as if c.fused else c.reason}" for c in self.around_blocks]
         header = [] if self.blocks and not self.chains else [("", "chain", "fused layer / reason")]
         rows = header + [
             (

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import keras
 
-from keras_blpa.conversion import subclass
+from keras_blpa.conversion import around_blocks, subclass
 from keras_blpa.conversion.report import Chain, ConversionReport
 
 
@@ -132,6 +132,10 @@ def convert_blocks(model, bits: int | None, derivative_bits: int, keep,
         report.blocks.append(Chain(layers=(layer.name,), model=path,
                                    fused_as=None if reason else type(layer).__name__,
                                    reason=reason))
+    if any(chain.fused for chain in report.blocks):
+        outside = [layer for layer in _all_layers(new)
+                   if id(layer) not in inner and not _attention_block(layer)]
+        around_blocks.convert_around(outside, bits, keep, report, path)
     return new
 
 
@@ -160,6 +164,7 @@ def standard_blocks(model) -> keras.Model:
     """A copy of `model` whose BLPA blocks (and attention layers) are stock again."""
     new = _copy(model)
     back = {blpa: stock for stock, blpa in _pairs()}
+    around_blocks.standard_around(_all_layers(new))
     for layer in _all_layers(new):
         if type(layer) in back:
             layer.__class__ = back[type(layer)]

@@ -3,13 +3,16 @@
 from keras_blpa.layers.approx_batch_normalization import ApproxBatchNormalization
 from keras_blpa.layers.bn_relu_conv2d import BNReLUConv2D
 from keras_blpa.layers.bn_relu_dense import BNReLUDense
+from keras_blpa.layers.dropout import Dropout
+from keras_blpa.layers.layer_normalization import LayerNormalization
 from keras_blpa.layers.multi_head_attention import MultiHeadAttention
 from keras_blpa.layers.padded_max_pooling2d import PaddedMaxPooling2D
 from keras_blpa.layers.relu_conv2d import ReLUConv2D
 from keras_blpa.layers.relu_dense import ReLUDense
 
 __all__ = [
-    "ApproxBatchNormalization", "BNReLUConv2D", "BNReLUDense", "LlamaTransformerDecoder",
+    "ApproxBatchNormalization", "BNReLUConv2D", "BNReLUDense", "Dropout", "LayerNormalization",
+    "LlamaTransformerDecoder",
     "MistralTransformerDecoder", "MultiHeadAttention", "PaddedMaxPooling2D", "ReLUConv2D",
     "ReLUDense", "TransformerDecoder", "TransformerEncoder",
 ]

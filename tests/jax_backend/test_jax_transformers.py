@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+from around_blocks_tests import *  # noqa: F401,F403
 from jax.ad_checkpoint import print_saved_residuals
 from transformer_tests import *  # noqa: F401,F403
 from transformer_tests import _block_pair

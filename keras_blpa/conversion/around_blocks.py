@@ -1,0 +1,65 @@
+"""The layers around converted transformer blocks: how `convert` swaps them.
+
+A transformer model keeps some activations outside its blocks: KerasHub's
+BERT normalizes and drops out its embeddings (`embeddings_layer_norm`,
+`embeddings_dropout`), GPT-2 drops out its embeddings and normalizes the
+last block's output (`layer_norm`). Stock, each keeps a full-size tensor (a
+norm its float input, a dropout its mask; on JAX, XLA keeps the dropout's
+random bits, 8 bytes an element). Once a model's blocks convert, every
+stock `keras.layers.LayerNormalization` (over the last axis) and
+`keras.layers.Dropout` outside the blocks becomes `keras_blpa.layers`'
+subclass of the same weights and config: the norm keeps a row code of its
+normalized input, the dropout only its seed. `to_standard` swaps them back.
+"""
+
+from __future__ import annotations
+
+import keras
+
+from keras_blpa.conversion.report import Chain, ConversionReport
+
+
+def _pairs() -> list:
+    from keras_blpa.layers.dropout import Dropout
+    from keras_blpa.layers.layer_normalization import LayerNormalization
+
+    return [(keras.layers.LayerNormalization, LayerNormalization),
+            (keras.layers.Dropout, Dropout)]
+
+
+def convert_around(layers: list, bits: int | None, keep, report: ConversionReport,
+                   path: str = "") -> None:
+    """Swaps, in place, the stock norms and dropouts among `layers` (those of a
+    model outside its blocks) and lists each in `report.around_blocks`."""
+    from keras_blpa.layers.layer_normalization import check_norm
+
+    pairs = _pairs()
+    for layer in layers:
+        target = next((blpa for stock, blpa in pairs if type(layer) is stock), None)
+        if target is None:
+            continue
+        reason = None
+        if keep(layer):
+            reason = "kept stock (`keep`)"
+        else:
+            stock = type(layer)
+            layer.__class__ = target
+            if target is pairs[0][1]:
+                try:
+                    check_norm(layer)
+                    layer._init_blpa(bits)
+                except ValueError as err:
+                    layer.__class__ = stock
+                    reason = str(err)
+        report.around_blocks.append(Chain(layers=(layer.name,), model=path, reason=reason,
+                                          fused_as=None if reason else type(layer).__name__))
+
+
+def standard_around(layers: list) -> None:
+    """Swaps `keras_blpa.layers`' norms and dropouts among `layers` back, in place."""
+    back = {blpa: stock for stock, blpa in _pairs()}
+    for layer in layers:
+        if type(layer) in back:
+            layer.__class__ = back[type(layer)]
+            if "bits" in vars(layer):
+                delattr(layer, "bits")

@@ -1,0 +1,122 @@
+"""Bodies of the tests of the norms and dropouts around transformer blocks
+(`keras_blpa.layers.LayerNormalization` / `Dropout`, and how `convert`
+swaps them), collected on both backends by `tests/test_transformers.py` and
+`tests/jax_backend/test_jax_transformers.py`."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import transformer_oracle as oracle
+from keras import ops
+from transformer_tests import TOLERANCE, _gpt2, _rng, _tokens, _upstream, gradients
+
+from keras_blpa.transformer import codes
+
+
+def test_dropout_layer_keeps_the_seed_and_redraws_its_mask():
+    """The backward's mask is the forward's: zero gradient where the output
+    was dropped, `1 / (1 - rate)` where kept; inference is the identity."""
+    from keras_blpa.layers import Dropout
+
+    layer = Dropout(0.3, seed=5)
+    x = (_rng(20).standard_normal((4, 32, 64)) + 4).astype("float32")  # no zeros
+    out = np.asarray(layer(x, training=True))
+    kept = out != 0
+    assert abs(kept.mean() - 0.7) < 0.02
+    np.testing.assert_allclose(out[kept], (x / 0.7)[kept], rtol=1e-6)
+    w = _upstream(x.shape, 21)
+    layer = Dropout(0.3, seed=5)  # the same seed stream again
+    (g_x,) = gradients(lambda x: ops.sum(layer(x, training=True) * w), [x])
+    np.testing.assert_allclose(g_x, np.where(kept, w / 0.7, 0.0), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(layer(x, training=False)), x)
+
+
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_layer_normalization_layer_matches_the_oracle(bits):
+    """The forward is Keras's LayerNormalization's; the gradient is the norm
+    unit's oracle at the code it kept (bits=None: Keras's own gradient)."""
+    from keras_blpa.layers import LayerNormalization
+
+    rng = _rng(22)
+    x = (3.0 * rng.standard_normal((2, 9, 32)) + 1.0).astype("float32")
+    layer = LayerNormalization(bits=bits, epsilon=1e-3)
+    stock = keras.layers.LayerNormalization(epsilon=1e-3)
+    layer.build(x.shape)
+    stock.build(x.shape)
+    gamma = (1 + 0.2 * rng.standard_normal(32)).astype("float32")
+    beta = (0.2 * rng.standard_normal(32)).astype("float32")
+    for norm in (layer, stock):
+        norm.set_weights([gamma, beta])
+    np.testing.assert_array_equal(np.asarray(layer(x, training=True)), np.asarray(stock(x)))
+    g_y = _upstream(x.shape, 23)
+    with codes.recording() as saved:
+        (got,) = gradients(lambda x: ops.sum(layer(x, training=True) * g_y), [x])
+    (want,) = oracle.norm_dense(x, gamma, beta, [], g_y, [], "layer", 1e-3, bits, saved[0][1])[:1]
+    assert oracle.worst_error(got, want) < TOLERANCE
+    if bits is None:
+        (exact,) = gradients(lambda x: ops.sum(stock(x) * g_y), [x])
+        assert oracle.worst_error(got, exact) < TOLERANCE
+
+
+def test_layer_normalization_refuses_what_the_unit_does_not_cover():
+    from keras_blpa.layers import LayerNormalization
+
+    with pytest.raises(ValueError, match="last axis without rms_scaling"):
+        LayerNormalization(axis=1)
+    with pytest.raises(ValueError, match="rms_scaling"):
+        LayerNormalization(rms_scaling=True)
+    with pytest.raises(ValueError, match="bits=3"):
+        LayerNormalization(bits=3)
+
+
+def test_convert_swaps_the_norms_and_dropouts_around_the_blocks(tmp_path):
+    hub = pytest.importorskip("keras_hub")
+    import keras_blpa
+
+    keras.utils.set_random_seed(0)
+    bert = hub.models.BertBackbone(vocabulary_size=100, num_layers=1, num_heads=2,
+                                   hidden_dim=16, intermediate_dim=32, max_sequence_length=16)
+    for original, names in ((bert, {"embeddings_layer_norm", "embeddings_dropout"}),
+                            (_gpt2(1), {"embeddings_dropout", "layer_norm"})):
+        converted, report = keras_blpa.convert(original, return_report=True)
+        assert {c.layers[0] for c in report.around_blocks if c.fused} == names
+        assert "norms and dropouts keep codes or seeds" in str(report)
+        for name in names:
+            assert type(converted.get_layer(name)).__module__.startswith("keras_blpa.layers")
+        tokens = _tokens()
+        if "segment_ids" in [i.name for i in original.inputs]:
+            tokens["segment_ids"] = np.zeros_like(tokens["token_ids"])
+        want, got = original(tokens), converted(tokens)
+        if not isinstance(want, dict):
+            want, got = {"out": want}, {"out": got}
+        for key in want:
+            np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]))
+        back = keras_blpa.to_standard(converted)
+        assert all(type(back.get_layer(n)).__module__.startswith("keras.") for n in names)
+    # Kept stock when asked, and none swapped where no block converts.
+    _, report = keras_blpa.convert(_gpt2(1), keep=lambda layer: layer.name == "layer_norm",
+                                   return_report=True)
+    assert [c.reason for c in report.around_blocks if c.layers[0] == "layer_norm"] == [
+        "kept stock (`keep`)"]
+    inputs = keras.Input((4, 8))
+    x = keras.layers.LayerNormalization()(keras.layers.Dropout(0.1)(inputs))
+    plain = keras.Model(inputs, x)
+    _, report = keras_blpa.convert(plain, return_report=True)
+    assert report.around_blocks == []
+
+
+def test_norm_and_dropout_layers_save_and_load(tmp_path):
+    from keras_blpa.layers import Dropout, LayerNormalization
+
+    inputs = keras.Input((4, 8))
+    model = keras.Model(inputs, LayerNormalization(bits=4)(Dropout(0.2)(inputs)))
+    path = str(tmp_path / "around.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert [type(layer).__name__ for layer in loaded.layers[1:]] == ["Dropout",
+                                                                      "LayerNormalization"]
+    assert loaded.layers[2].bits == 4
+    x = _rng(24).standard_normal((2, 4, 8)).astype("float32")
+    np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
