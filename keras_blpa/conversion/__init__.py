@@ -85,8 +85,11 @@ def convert(
     becomes `keras_blpa.layers.TransformerEncoder` / `TransformerDecoder`, a
     subclass with the same weights whose training step keeps codes only
     (`transformer_bits`, `derivative_bits`); a task (`GPT2CausalLM`) is
-    rebuilt around it and still generates. Other blocks stay stock with
-    their reason in `report.blocks`.
+    rebuilt around it and still generates. Each bare
+    `keras.layers.MultiHeadAttention` (in your own Functional model, not
+    inside a block) becomes `keras_blpa.layers.MultiHeadAttention`, which
+    keeps codes of its inputs and of q, k, v (`transformer_bits`). Other
+    blocks stay stock with their reason in `report.blocks`.
 
     A KerasHub backbone or task (a class that subclasses Keras's
     `Functional`) converts too: a backbone becomes a plain Functional model

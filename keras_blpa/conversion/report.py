@@ -63,7 +63,9 @@ class ConversionReport:
         tasks): what the result is and what it does not keep.
       blocks: each transformer block (a layer holding attention): a one-layer
         `Chain`, "fused" when it became a `keras_blpa.layers`
-        TransformerEncoder / TransformerDecoder, else with its reason.
+        TransformerEncoder / TransformerDecoder (or a bare
+        MultiHeadAttention a `keras_blpa.layers.MultiHeadAttention`), else
+        with its reason.
       transformer_bits, derivative_bits: `convert`'s, for the blocks.
       around_blocks: each stock LayerNormalization and Dropout outside the
         blocks of a model whose blocks converted (an embedding's norm and
