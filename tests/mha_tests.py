@@ -215,16 +215,23 @@ def test_gradient_matches_the_oracle_from_the_saved_codes(case, bits):
 
 
 def test_self_attention_keeps_one_code_of_its_input():
-    """`layer(x, x)`: one row code of x serves the three projections; the same
-    values as two tensors (cross-attention) keep two."""
+    """`layer(x, x)`: one row code of x serves the three projections, also for
+    a numpy x and for a float32 x under mixed_bfloat16 (Keras converts each
+    argument on its own); the same values as two tensors keep two."""
     _, blpa, inputs, call = _pair("causal", bits=8)
     x = ops.convert_to_tensor(inputs[0])
-    with codes.recording() as saved:
-        blpa(x, x, training=True, **call)
-    assert [unit for unit, _ in saved] == ["activation_linear", "attention_linear"]
+    for query, value in ((x, x), (inputs[0], inputs[0])):
+        with codes.recording() as saved:
+            blpa(query, value, training=True, **call)
+        assert [unit for unit, _ in saved] == ["activation_linear", "attention_linear"]
     with codes.recording() as saved:
         blpa(x, ops.convert_to_tensor(inputs[0]), training=True, **call)
     assert [unit for unit, _ in saved] == ["activation_linear"] * 2 + ["attention_linear"]
+    mixed = MultiHeadAttention(num_heads=2, key_dim=8, dtype="mixed_bfloat16")
+    with codes.recording() as saved:
+        out = mixed(x, x, training=True)
+    assert [unit for unit, _ in saved] == ["activation_linear", "attention_linear"]
+    assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
 
 
 def test_cases_the_units_do_not_cover_run_keras_code():

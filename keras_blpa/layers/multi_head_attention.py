@@ -86,6 +86,17 @@ class MultiHeadAttention(keras.layers.MultiHeadAttention):
     def get_config(self):
         return {**super().get_config(), "bits": self.bits}
 
+    def __call__(self, query, value, key=None, **kwargs):
+        # Keras converts each argument on its own (numpy arrays; float32 cast
+        # to bfloat16 under a mixed policy): self-attention's one input would
+        # reach `call` as two tensors and keep two codes. Convert it once.
+        if value is query and (key is None or key is query) \
+                and not isinstance(query, keras.KerasTensor) and _keras_mask(query) is None:
+            query = value = self.dtype_policy.convert_input(query, self.autocast,
+                                                            self.input_dtype)
+            key = None if key is None else query
+        return super().__call__(query, value, key=key, **kwargs)
+
     def call(self, query, value, key=None, query_mask=None, value_mask=None, key_mask=None,
              attention_mask=None, return_attention_scores=False, training=None,
              use_causal_mask=False):
