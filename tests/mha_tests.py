@@ -311,7 +311,10 @@ def test_convert_swaps_attention_in_a_functional_model_and_to_standard_swaps_bac
     # Training: an exact forward, and the units ran (eager: recorded).
     with codes.recording() as saved:
         trained = np.asarray(converted(x, training=True))
-    assert [unit for unit, _ in saved] == [
+    # The LayerNormalization in front converts too (`around_blocks`), and
+    # receives `training` after its class changed.
+    assert [unit for unit, _ in saved][0] == "norm_linear"
+    assert [unit for unit, _ in saved if unit != "norm_linear"] == [
         "activation_linear", "attention_linear",  # self: one code of the norm's output
         "activation_linear", "activation_linear", "attention_linear"]  # cross: two inputs
     np.testing.assert_allclose(trained, np.asarray(model(x, training=True)), rtol=1e-5,
@@ -355,5 +358,5 @@ def test_converted_model_at_bits_none_trains_as_stock():
 
     with codes.recording() as saved:
         got = grads(converted)
-    assert len(saved) == 5  # self: 2 units, cross: 3
+    assert len([unit for unit, _ in saved if unit != "norm_linear"]) == 5  # self 2, cross 3
     _assert_gradients_close(model, got, grads(model), 1e-5, 0)

@@ -14,9 +14,27 @@ normalized input, the dropout only its seed. `to_standard` swaps them back.
 
 from __future__ import annotations
 
+import inspect
+
 import keras
 
 from keras_blpa.conversion.report import Chain, ConversionReport
+
+
+def retype(layer, cls) -> None:
+    """Makes `layer` a `cls` in place. Keras notes at construction which
+    context arguments (`training`) the class's `call` accepts and passes only
+    those: refreshed here for the new `call` (Keras's attribute names; a
+    stock norm's `call` takes no `training`, the BLPA norm's does)."""
+    layer.__class__ = cls
+    signature = inspect.signature(layer.call)
+    names = list(signature.parameters)
+    layer._call_signature = signature
+    layer.call_signature_parameters = names
+    layer._call_has_training_arg = "training" in names
+    layer._call_has_mask_arg = "mask" in names
+    layer._call_has_context_arg = {arg: arg in names
+                                   for arg in getattr(layer, "_call_context_args", ())}
 
 
 def _pairs() -> list:
@@ -43,13 +61,13 @@ def convert_around(layers: list, bits: int | None, keep, report: ConversionRepor
             reason = "kept stock (`keep`)"
         else:
             stock = type(layer)
-            layer.__class__ = target
+            retype(layer, target)
             if target is pairs[0][1]:
                 try:
                     check_norm(layer)
                     layer._init_blpa(bits)
                 except ValueError as err:
-                    layer.__class__ = stock
+                    retype(layer, stock)
                     reason = str(err)
         report.around_blocks.append(Chain(layers=(layer.name,), model=path, reason=reason,
                                           fused_as=None if reason else type(layer).__name__))
@@ -60,6 +78,6 @@ def standard_around(layers: list) -> None:
     back = {blpa: stock for stock, blpa in _pairs()}
     for layer in layers:
         if type(layer) in back:
-            layer.__class__ = back[type(layer)]
+            retype(layer, back[type(layer)])
             if "bits" in vars(layer):
                 delattr(layer, "bits")
