@@ -37,3 +37,24 @@ def __getattr__(name: str):
             ) from err
         return getattr(module, name)
     raise AttributeError(f"module 'keras_blpa.layers' has no attribute {name!r}")
+
+
+def _register_hub_blocks() -> None:
+    """Imports the KerasHub block subclasses when keras-hub is installed, so
+    that their Keras registrations exist before a `.keras` file naming them
+    loads in a fresh process (Keras imports modules by name only for its own
+    packages). Without keras-hub, or with one that fails to import, they stay
+    lazy: `__getattr__` raises the error on first use."""
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("keras_hub") is None:
+        return
+    for module in sorted(set(_HUB_BLOCKS.values())):
+        try:
+            importlib.import_module(f"keras_blpa.layers.{module}")
+        except Exception:  # noqa: BLE001 - any failure: leave the error to first use
+            return
+
+
+_register_hub_blocks()

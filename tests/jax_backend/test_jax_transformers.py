@@ -74,3 +74,61 @@ def test_converted_gpt2_keeps_several_times_less_memory():
                                                                         "float32")))
         slopes[name] = (used[1] - used[0]) / 4
     assert slopes["stock"] > 3 * slopes["blpa"] > 0, slopes
+
+
+_CROSS = """
+import sys
+import numpy as np
+import keras
+import keras_blpa
+path, x_path, mode = sys.argv[1:]
+x = np.load(x_path)
+if mode == "load":
+    model = keras.models.load_model(path)
+    found = [(type(l).__module__, getattr(l, "bits", None), getattr(l, "derivative_bits", None))
+             for l in model.layers[1:]]
+    assert [f[0] for f in found] == [
+        "keras_blpa.layers.dropout", "keras_blpa.layers.layer_normalization",
+        "keras_blpa.layers.transformer_encoder", "keras_blpa.layers.transformer_decoder",
+        "keras_blpa.layers.multi_head_attention"], found
+    assert [f[1:] for f in found[1:4]] == [(4, None), (4, 2), (None, 3)], found
+else:
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 16))
+    h = keras_blpa.layers.Dropout(0.1)(inputs)
+    h = keras_blpa.layers.LayerNormalization(bits=4)(h)
+    h = keras_blpa.layers.TransformerEncoder(32, 2, dropout=0.1, bits=4, derivative_bits=2)(h)
+    h = keras_blpa.layers.TransformerDecoder(32, 2, bits=None)(h)
+    h = keras_blpa.layers.MultiHeadAttention(2, 8)(h, h)
+    model = keras.Model(inputs, h)
+    model.compile("sgd", "mse")
+    model.fit(x, np.ones((len(x), 8, 16), "float32"), epochs=1, verbose=0)  # weights move
+    model.save(path)
+np.save(path + "." + keras.backend.backend() + ".npy", model.predict(x, verbose=0))
+"""
+
+
+def test_transformer_layers_cross_backends(tmp_path):
+    """Blocks, attention, norm and dropout layers saved on either backend load
+    on the other with their classes, bits and predictions."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("keras_hub")
+    if importlib.util.find_spec("tensorflow") is None:
+        pytest.skip("needs TensorFlow for the other backend")
+    x = np.random.default_rng(3).normal(size=(4, 8, 16)).astype("float32")
+    x_path = str(tmp_path / "x.npy")
+    np.save(x_path, x)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    for saver, loader in (("jax", "tensorflow"), ("tensorflow", "jax")):
+        path = str(tmp_path / f"{saver}.keras")
+        for backend, mode in ((saver, "save"), (loader, "load")):
+            result = subprocess.run([sys.executable, "-c", _CROSS, path, x_path, mode],
+                                    env={**env, "KERAS_BACKEND": backend},
+                                    capture_output=True, text=True, timeout=600)
+            assert result.returncode == 0, result.stderr[-3000:]
+        np.testing.assert_allclose(np.load(f"{path}.{loader}.npy"), np.load(f"{path}.{saver}.npy"),
+                                   rtol=1e-4, atol=1e-5)
