@@ -34,12 +34,14 @@ LIB_NAME = "libblpa_ops.so"
 SOURCES = (
     "tf_op/blpa_ops.cc",
     "tf_op/blpa_kernels.cc",
+    "tf_op/row_codes.cc",
     "shared/blpa_cpu.cc",
     "shared/blpa_cpu.h",
     "shared/blpa_kernels.h",
     "cuda/blpa_kernels.cu.cc",
 )
-CPU_SOURCES = ("tf_op/blpa_ops.cc", "tf_op/blpa_kernels.cc", "shared/blpa_cpu.cc")
+CPU_SOURCES = ("tf_op/blpa_ops.cc", "tf_op/blpa_kernels.cc", "tf_op/row_codes.cc",
+               "shared/blpa_cpu.cc")
 CUDA_SOURCE = "cuda/blpa_kernels.cu.cc"
 
 # -ffp-contract=off: no FMA, so results match the pure-TF quantizer bit for bit.

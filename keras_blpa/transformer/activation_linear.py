@@ -95,8 +95,7 @@ def activation_linear(
             saved = codes.encode_rows(codes.rows(ops.cast(a, "float32"), features), bits)
             if fit is not None:
                 h32 = codes.rows(ops.cast(h, "float32"), features)
-                saved.insert(0, codes.autodiff().pack(codes.encode_derivative(h32, fit.edges),
-                                                      deriv_bits))
+                saved.insert(0, codes.pack_derivative(h32, fit.edges, deriv_bits))
         codes.record("activation_linear", saved)
         return outputs, saved, [seed, *weights]
 
@@ -117,8 +116,7 @@ def activation_linear(
             g_h = g_a
         else:
             shape = (ops.shape(coded[-2])[0], features)
-            g_h = g_a * codes.decode_derivative(
-                codes.autodiff().unpack(coded[0], shape, deriv_bits), fit.levels)
+            g_h = codes.scale_by_derivative(g_a, coded[0], shape, fit.levels, deriv_bits)
         return [ops.reshape(ops.cast(g_h, h_dtype), h_shape), None, *d_weights]
 
     return codes.autodiff().custom_vjp(forward, backward, name)(h, seed, *weights)

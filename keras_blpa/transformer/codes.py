@@ -32,6 +32,14 @@ def autodiff():
     return backend.module("autodiff")
 
 
+def compiled_codes():
+    """The backend's compiled kernels of these codes where they apply, else None:
+    `keras_blpa.backend.tensorflow.row_kernels` on a CPU outside XLA (the same
+    codes bit for bit, each in one pass instead of an op per step)."""
+    compiled = getattr(autodiff(), "compiled_codes", None)
+    return None if compiled is None else compiled()
+
+
 @contextlib.contextmanager
 def recording():
     """Collects `(unit, saved)` for every unit run inside, in order: what each
@@ -87,6 +95,9 @@ def encode_rows(v, bits: int) -> list:
     whose words hold the groups side by side, `[rows / k, groups * features]`:
     no axis is merged into the rows, so a mesh axis that splits the groups
     (the heads, under tensor parallelism) needs no gather."""
+    compiled = compiled_codes()
+    if compiled is not None and v.dtype == "float32":
+        return compiled.encode_rows(v, bits)
     top = float(2**bits - 1)
     lo = ops.min(v, axis=-1)
     span = ops.max(v, axis=-1) - lo
@@ -99,6 +110,9 @@ def encode_rows(v, bits: int) -> list:
 def decode_rows(words, lo, scale, shape, bits: int):
     """float32 `shape` (`[rows, features]` or `[rows, groups, features]`) from
     `encode_rows`'s result."""
+    compiled = compiled_codes()
+    if compiled is not None:
+        return compiled.decode_rows(words, lo, scale, shape, bits)
     columns = int(np.prod(shape[1:]))
     code = ops.cast(autodiff().unpack(words, (shape[0], columns), bits), "float32")
     if len(shape) > 2:
@@ -114,6 +128,24 @@ def encode_derivative(h, edges: np.ndarray):
 def decode_derivative(code, levels: np.ndarray):
     """float32 `f'` levels of int32 bin indices."""
     return ops.take(ops.convert_to_tensor(levels, "float32"), code)
+
+
+def pack_derivative(h, edges: np.ndarray, bits: int):
+    """`autodiff().pack(encode_derivative(h, edges), bits)` of float32 `h`
+    `[rows, features]` (`bits` < 8)."""
+    compiled = compiled_codes()
+    if compiled is not None:
+        return compiled.encode_bins(h, edges, bits)
+    return autodiff().pack(encode_derivative(h, edges), bits)
+
+
+def scale_by_derivative(g, words, shape, levels: np.ndarray, bits: int):
+    """`g * f'` with `f'` the levels of `pack_derivative`'s `words`; float32 `g`
+    of `shape` (`[rows, features]`)."""
+    compiled = compiled_codes()
+    if compiled is not None:
+        return compiled.scale_by_bins(g, words, levels, bits)
+    return g * decode_derivative(autodiff().unpack(words, shape, bits), levels)
 
 
 def dropout(x, seed, rate: float):

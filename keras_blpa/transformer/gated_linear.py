@@ -106,7 +106,7 @@ def gated_linear(
         else:
             gate32 = codes.rows(ops.cast(gate, "float32"), features)
             saved = [
-                codes.autodiff().pack(codes.encode_derivative(gate32, fit.edges), deriv_bits),
+                codes.pack_derivative(gate32, fit.edges, deriv_bits),
                 *codes.encode_rows(codes.rows(ops.cast(ops.cast(f_gate, dtype), "float32"),
                                               features), bits),
                 *codes.encode_rows(codes.rows(ops.cast(up, "float32"), features), bits),
@@ -132,9 +132,8 @@ def gated_linear(
         if bits is None:
             (g_gate,) = codes.autodiff().vjp(activate, [gate32], g_a * up)
         else:
-            level = codes.decode_derivative(codes.autodiff().unpack(coded[0], rows, deriv_bits),
-                                            fit.levels)
-            g_gate = g_a * up * level
+            g_gate = codes.scale_by_derivative(g_a * up, coded[0], rows, fit.levels,
+                                               deriv_bits)
         return [ops.reshape(ops.cast(g, dtype), shape) for g in (g_gate, g_up)] + [
             None, *d_weights]
 

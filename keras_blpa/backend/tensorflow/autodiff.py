@@ -10,6 +10,9 @@ here, with the same names in `keras_blpa.backend.jax.autodiff`:
 - `pack(codes, bits)` / `unpack(words, shape, bits)`: integer codes of a 2-D
   `[rows, features]` tensor in uint32 words along the rows.
 
+Here only: `compiled_codes()`, the one-pass CPU kernels of the row and
+derivative codes (`row_kernels`) that `codes` uses where they apply.
+
 The structure is that of the BN unit (`keras_blpa.backend.tensorflow.unit`):
 the forward's inputs are cut from the outer tape, the codes are finished
 before any output is used, and the backward reads them only once its
@@ -23,7 +26,7 @@ from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
-from keras_blpa.backend.tensorflow import quantizer, xla
+from keras_blpa.backend.tensorflow import quantizer, row_kernels, xla
 
 try:  # Internal API, used only to save memory in eager mode.
     from tensorflow.python.eager import record as _record
@@ -179,3 +182,9 @@ def unpack(words: tf.Tensor, shape: tf.Tensor | list, bits: int) -> tf.Tensor:
     if words.dtype == tf.uint8:
         return tf.cast(words, tf.int32)
     return tf.cast(quantizer.unpack_words(words, shape, bits), tf.int32)
+
+
+def compiled_codes():
+    """`row_kernels` (one-pass CPU ops of the row and derivative codes) where
+    they apply, else None: outside XLA, on a CPU, with the op library."""
+    return row_kernels if row_kernels.compiled() else None
