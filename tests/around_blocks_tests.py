@@ -120,3 +120,28 @@ def test_norm_and_dropout_layers_save_and_load(tmp_path):
     assert loaded.layers[2].bits == 4
     x = _rng(24).standard_normal((2, 4, 8)).astype("float32")
     np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_input_surfaces_as_with_keras_hub(bad):
+    """A NaN or Inf in one token's input reaches the output (the forward is
+    exact), the input gradient and every kernel's gradient of a converted
+    block as of KerasHub's: never a finite, silently wrong step. (A NaN's
+    derivative code is bin 0, so the bias before the activation, and a
+    norm's beta feeding it, can keep a finite gradient where stock's is NaN.)"""
+    from transformer_tests import BLOCKS, _block_gradients, _block_pair
+
+    for kind in sorted(BLOCKS):
+        stock, blpa, x = _block_pair(kind, 8, dropout=0.1)
+        x = x.copy()
+        x[1, 2, 3] = bad
+        mask = np.ones(x.shape[:2], bool)
+        assert not np.isfinite(np.asarray(blpa(x, training=True))).all()
+        weight = _upstream(x.shape, 26)
+        names = [v.path for v in stock.trainable_variables] + ["inputs"]
+        finite = [dict(zip(names, (bool(np.isfinite(g).all()) for g in _block_gradients(
+            block, x, BLOCKS[kind][2], mask, weight, jit=False)))) for block in (stock, blpa)]
+        for name, stock_finite in finite[0].items():
+            if name == "inputs" or name.endswith("kernel"):
+                assert finite[1][name] == stock_finite, (kind, name)
+        assert not finite[1]["inputs"]

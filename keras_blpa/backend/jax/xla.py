@@ -19,13 +19,23 @@ def optimization_barrier(tree):
 def after(tensor, gate):
     """`tensor`, made data-dependent on `gate`: a select on a predicate from
     the full sum of `gate` (a reduction gets a kernel of its own, so the
-    consumer reads one scalar). False only when the sum is NaN, and then the
-    gradient is NaN anyway."""
+    consumer reads one scalar). False only when the sum is NaN: then floats
+    become NaN (`_poison`), so the gradient is NaN too."""
     total = jnp.sum(gate)
     # lax.select, not jnp.where (a nested call before optimization): the
     # gate is one plain select on every backend's input program.
     keep = jax.lax.broadcast(total == total, tensor.shape)
-    return jax.lax.select(keep, tensor, jnp.zeros_like(tensor))
+    return jax.lax.select(keep, tensor, _poison(tensor))
+
+
+def _poison(tensor):
+    """What `after` gives for a NaN gate: NaN for floats (weights, per-row
+    scales), so the gradient stays NaN; zero for integer codes, which decode
+    through those floats. Zeros everywhere turned a NaN upstream gradient
+    into finite, wrong weight gradients."""
+    if jnp.issubdtype(tensor.dtype, jnp.inexact):
+        return jnp.full_like(tensor, jnp.nan)
+    return jnp.zeros_like(tensor)
 
 
 def tie(tensor, source):

@@ -82,13 +82,17 @@ def after(tensor: tf.Tensor, gate: tf.Tensor) -> tf.Tensor:
     consumers, so the decode reads one scalar. (A predicate read from one
     element was fused, with the whole elementwise producer of `gate`, into
     every decode, which kept the previous unit's backward buffers alive.) The
-    predicate is False only when the sum is NaN, and then the gradient is NaN
-    anyway.
+    predicate is False only when the sum is NaN; then floats (weights,
+    per-row scales) become NaN and integer codes zero, so the gradient is NaN
+    too (zeros everywhere made a NaN upstream gradient finite, wrong weight
+    gradients).
     """
     if not in_xla_context():
         return tensor
     total = tf.reduce_sum(gate)
-    return tf.where(tf.equal(total, total), tensor, tf.zeros_like(tensor))
+    poison = (tf.fill(tf.shape(tensor), tf.constant(float("nan"), tensor.dtype))
+              if tensor.dtype.is_floating else tf.zeros_like(tensor))
+    return tf.where(tf.equal(total, total), tensor, poison)
 
 
 @tf.function(autograph=False)
