@@ -5,7 +5,10 @@ or BERT, with `--layers` blocks of hidden size 256, 4 heads, MLP 1024,
 sequence 128, vocabulary 1000, dropout as KerasHub's default (0.1), trained
 with a mean-squared loss on its sequence output; with `--head`, the task
 (`GPT2CausalLM`: causal LM loss over the vocabulary; `BertTextClassifier`:
-two classes). Variants:
+two classes). `--model mha` is a user's Functional model of the same sizes
+built from stock Keras layers (`mha_model`): pre-norm blocks of
+`keras.layers.MultiHeadAttention` (causal) and a Dense GELU MLP, where
+`convert` swaps only the attention layers (no `remat` variant). Variants:
 
 - `stock`: as KerasHub builds it;
 - `remat`: built under `keras.RematScope(mode="list_of_layers")` over every
@@ -56,14 +59,52 @@ SIZES = dict(vocabulary_size=1000, num_heads=4, hidden_dim=256, intermediate_dim
              max_sequence_length=128)
 
 
+def mha_model(layers: int, dropout: float = 0.1):
+    """A Functional model of stock Keras layers: token and position embeddings,
+    `layers` pre-norm blocks (LayerNorm -> causal MultiHeadAttention ->
+    dropout -> add; LayerNorm -> Dense GELU -> Dense -> dropout -> add), a
+    final LayerNorm; `SIZES`."""
+    import keras
+
+    h, heads, seq = SIZES["hidden_dim"], SIZES["num_heads"], SIZES["max_sequence_length"]
+    tokens = keras.Input((seq,), dtype="int32", name="token_ids")
+    x = keras.layers.Embedding(SIZES["vocabulary_size"], h)(tokens)
+    positions = keras.layers.Embedding(seq, h)(keras.ops.arange(seq)[None])
+    x = keras.layers.Add()([x, positions])
+    for i in range(layers):
+        y = keras.layers.LayerNormalization(name=f"block{i}_attention_norm")(x)
+        y = keras.layers.MultiHeadAttention(heads, h // heads, dropout=dropout,
+                                            name=f"block{i}_attention")(
+            y, y, use_causal_mask=True)
+        x = keras.layers.Add()([x, keras.layers.Dropout(dropout)(y)])
+        y = keras.layers.LayerNormalization(name=f"block{i}_mlp_norm")(x)
+        y = keras.layers.Dense(SIZES["intermediate_dim"], activation="gelu")(y)
+        y = keras.layers.Dense(h)(y)
+        x = keras.layers.Add()([x, keras.layers.Dropout(dropout)(y)])
+    return keras.Model(tokens, keras.layers.LayerNormalization()(x))
+
+
 def build(model: str, layers: int, variant: str, policy: str, head: bool = False):
     """The task of `variant` (module docstring), compiled."""
     import keras
-    import keras_hub
 
     import keras_blpa
 
     keras.config.set_dtype_policy(policy)
+    options = {"exact": dict(transformer_bits=None), "default": {},
+               "lean": dict(transformer_bits=4, derivative_bits=1)}
+    jit = "auto" if keras.backend.backend() == "jax" else False
+    if model == "mha":
+        if variant == "remat" or head:
+            raise ValueError("--model mha has no remat variant and no --head.")
+        keras.utils.set_random_seed(0)
+        built = mha_model(layers)
+        if variant in options:
+            built = keras_blpa.convert(built, **options[variant])
+        built.compile(optimizer="sgd", loss="mse", jit_compile=jit)
+        return built
+    import keras_hub
+
     cls = keras_hub.models.GPT2Backbone if model == "gpt2" else keras_hub.models.BertBackbone
     names = ["query", "key", "value", "attention_output", "self_attention_layer_norm",
              "feedforward_layer_norm", "feedforward_intermediate_dense",
@@ -74,9 +115,6 @@ def build(model: str, layers: int, variant: str, policy: str, head: bool = False
     else:
         keras.utils.set_random_seed(0)
         backbone = cls(num_layers=layers, **SIZES)
-    options = {"exact": dict(transformer_bits=None), "default": {},
-               "lean": dict(transformer_bits=4, derivative_bits=1)}
-    jit = "auto" if keras.backend.backend() == "jax" else False
     if not head:  # the backbone alone, a mean-squared loss on its sequence output
         if variant in options:
             backbone = keras_blpa.convert(backbone, **options[variant])
@@ -103,8 +141,10 @@ def batch(model: str, size: int, head: bool = False):
 
     rng = np.random.default_rng(0)
     seq = SIZES["max_sequence_length"]
-    x = {"token_ids": rng.integers(0, SIZES["vocabulary_size"], (size, seq)).astype("int32"),
-         "padding_mask": np.ones((size, seq), bool)}
+    ids = rng.integers(0, SIZES["vocabulary_size"], (size, seq)).astype("int32")
+    if model == "mha":
+        return ids, np.zeros((size, seq, SIZES["hidden_dim"]), "float32")
+    x = {"token_ids": ids, "padding_mask": np.ones((size, seq), bool)}
     if model == "bert":
         x["segment_ids"] = np.zeros((size, seq), "int32")
     if not head:
@@ -114,16 +154,22 @@ def batch(model: str, size: int, head: bool = False):
     return x, x["token_ids"]
 
 
-def codes_bytes_per_sample(layers: int, variant: str, policy: str = "float32") -> float:
+def codes_bytes_per_sample(layers: int, variant: str, policy: str = "float32",
+                           model: str = "gpt2") -> float:
     """What the units keep per sample (module docstring); stock and remat: 0.
-    `exact` keeps the tensors themselves, in the compute dtype."""
+    `exact` keeps the tensors themselves, in the compute dtype. `mha`: the
+    attention layers' only (their input, q, k, v); the MLP stays stock."""
     if variant in ("stock", "remat"):
         return 0.0
     h, heads, inner, seq = (SIZES[k] for k in
                             ("hidden_dim", "num_heads", "intermediate_dim", "max_sequence_length"))
     bits = {"exact": None, "default": 8, "lean": 4}[variant]
     derivative_bits = {"default": 3, "lean": 1}.get(variant)
-    if bits is None:  # the norms' inputs, q, k, v and the MLP's pre-activation
+    if model == "mha":
+        size = 2 if policy == "mixed_bfloat16" else 4
+        per_token = (4 * h * size if bits is None
+                     else h * bits / 8 + 8 + 3 * (h * bits / 8 + 8 * heads))
+    elif bits is None:  # the norms' inputs, q, k, v and the MLP's pre-activation
         size = 2 if policy == "mixed_bfloat16" else 4
         per_token = size * (2 * h + 3 * h + inner) + 4 * 2
     else:
@@ -190,7 +236,7 @@ def step_times(args) -> dict:
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="gpt2", choices=["gpt2", "bert"])
+    p.add_argument("--model", default="gpt2", choices=["gpt2", "bert", "mha"])
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--batch-sizes", type=int, nargs=2, default=(2, 6))
@@ -216,7 +262,7 @@ def main(argv=None) -> list[dict]:
                    backend=backend,
                    policy=args.policy, batch_sizes=[small, large],
                    codes_mib_per_sample=codes_bytes_per_sample(args.layers, variant,
-                                                               args.policy) / 2**20)
+                                                               args.policy, args.model) / 2**20)
         try:
             if backend == "jax":
                 task = build(args.model, args.layers, variant, args.policy, args.head)
@@ -236,7 +282,7 @@ def main(argv=None) -> list[dict]:
         for row in rows_ok:
             row["step_s"] = times[row["variant"]]
     stock = next((r for r in rows_ok if r["variant"] == "stock"), None)
-    what = "task" if args.head else "backbone"
+    what = "task" if args.head else "Functional model" if args.model == "mha" else "backbone"
     print(f"\n{args.model} {what}, {args.layers} layers, {backend}, {args.policy}: "
           "MiB per sample")
     print("| variant | measured | codes | vs stock |" + (" step s | time vs stock |"
