@@ -8,7 +8,8 @@ with a mean-squared loss on its sequence output; with `--head`, the task
 two classes). `--model mha` is a user's Functional model of the same sizes
 built from stock Keras layers (`mha_model`): pre-norm blocks of
 `keras.layers.MultiHeadAttention` (causal) and a Dense GELU MLP, where
-`convert` swaps only the attention layers (no `remat` variant). Variants:
+`convert` swaps the attention layers and the norms and dropouts around them;
+the MLP's Dense layers stay stock (no `remat` variant). Variants:
 
 - `stock`: as KerasHub builds it;
 - `remat`: built under `keras.RematScope(mode="list_of_layers")` over every
@@ -158,7 +159,8 @@ def codes_bytes_per_sample(layers: int, variant: str, policy: str = "float32",
                            model: str = "gpt2") -> float:
     """What the units keep per sample (module docstring); stock and remat: 0.
     `exact` keeps the tensors themselves, in the compute dtype. `mha`: the
-    attention layers' only (their input, q, k, v); the MLP stays stock."""
+    attention layers' (their input, q, k, v) and the blocks' two norms; the
+    MLP stays stock."""
     if variant in ("stock", "remat"):
         return 0.0
     h, heads, inner, seq = (SIZES[k] for k in
@@ -167,8 +169,8 @@ def codes_bytes_per_sample(layers: int, variant: str, policy: str = "float32",
     derivative_bits = {"default": 3, "lean": 1}.get(variant)
     if model == "mha":
         size = 2 if policy == "mixed_bfloat16" else 4
-        per_token = (4 * h * size if bits is None
-                     else h * bits / 8 + 8 + 3 * (h * bits / 8 + 8 * heads))
+        per_token = (6 * h * size + 2 * 4 if bits is None
+                     else 3 * (h * bits / 8 + 8) + 2 * 4 + 3 * (h * bits / 8 + 8 * heads))
     elif bits is None:  # the norms' inputs, q, k, v and the MLP's pre-activation
         size = 2 if policy == "mixed_bfloat16" else 4
         per_token = size * (2 * h + 3 * h + inner) + 4 * 2
