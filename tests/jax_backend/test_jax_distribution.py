@@ -5,7 +5,10 @@
   batch statistics are the global batch's, as stock BN's are under jit.
 - The step is partitioned along the batch: its per-device temp buffer at
   global batch 2B is about one device's at B, and no collective moves an
-  activation-sized tensor (only weight-sized all-reduces).
+  activation-sized tensor (only weight-sized all-reduces). Over several
+  devices the weight gradient runs over the whole shard at once (a batch
+  slice would cross the shards), so both runs compute it that way
+  (`KERAS_BLPA_JAX_WEIGHT_GRADIENT_CHUNKS=1`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ CHILD = os.path.join(os.path.dirname(__file__), "data_parallel_child.py")
 def _run(tmp_path, devices: int, bits: str) -> tuple[dict, list]:
     out = str(tmp_path / f"dp{devices}_{bits}")
     # Two host (CPU) devices, also on a machine with a GPU.
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", KERAS_BLPA_JAX_WEIGHT_GRADIENT_CHUNKS="1")
     env.pop("XLA_FLAGS", None)
     result = subprocess.run([sys.executable, CHILD, "--devices", str(devices), "--bits", bits,
                              "--out", out], capture_output=True, text=True, env=env,
