@@ -13,14 +13,15 @@ from keras_blpa.layers.relu_dense import ReLUDense
 __all__ = [
     "ApproxBatchNormalization", "BNReLUConv2D", "BNReLUDense", "Dropout", "LayerNormalization",
     "LlamaTransformerDecoder",
-    "MistralTransformerDecoder", "MultiHeadAttention", "PaddedMaxPooling2D", "ReLUConv2D",
-    "ReLUDense", "TransformerDecoder", "TransformerEncoder",
+    "MistralTransformerDecoder", "MultiHeadAttention", "PaddedMaxPooling2D",
+    "QwenTransformerDecoder", "ReLUConv2D", "ReLUDense", "TransformerDecoder", "TransformerEncoder",
 ]
 
 _HUB_BLOCKS = {"TransformerEncoder": "transformer_encoder",
                "TransformerDecoder": "transformer_decoder",
                "LlamaTransformerDecoder": "llama_decoder",
-               "MistralTransformerDecoder": "llama_decoder"}
+               "MistralTransformerDecoder": "llama_decoder",
+               "QwenTransformerDecoder": "llama_decoder"}
 
 
 def __getattr__(name: str):

@@ -1,9 +1,10 @@
-"""Llama's and Mistral's decoder blocks, trained with BLPA.
+"""Llama's, Mistral's and Qwen's decoder blocks, trained with BLPA.
 
-KerasHub's `LlamaTransformerDecoder` and `MistralTransformerDecoder` share
-one structure (RMSNorm, rotary embeddings, grouped-query attention, a
-SwiGLU MLP, no biases). Their BLPA subclasses run the training forward
-through the transformer units, reading the block's own sublayers' weights:
+KerasHub's `LlamaTransformerDecoder`, `MistralTransformerDecoder` and
+`QwenTransformerDecoder` share one structure (RMSNorm, rotary embeddings,
+grouped-query attention, a SwiGLU MLP; Qwen: biases on q, k and v). Their
+BLPA subclasses run the training forward through the transformer units,
+reading the block's own sublayers' weights:
 
     q, k, v = norm_linear(x; RMSNorm -> query/key/value)     one code of xhat
     q, k    = rope(q), rope(k)          stock ops: linear, autodiff keeps cos/sin
@@ -30,6 +31,7 @@ from keras_hub.src.models.llama.llama_decoder import (
 from keras_hub.src.models.mistral.mistral_transformer_decoder import (
     MistralTransformerDecoder as StockMistralDecoder,
 )
+from keras_hub.src.models.qwen.qwen_decoder import QwenTransformerDecoder as StockQwenDecoder
 
 from keras_blpa.layers.transformer_block import BLPABlockMixin, activation_name, heads
 from keras_blpa.transformer.attention_linear import attention_linear
@@ -169,7 +171,27 @@ class MistralTransformerDecoder(BLPALlamaMixin, StockMistralDecoder):
     """
 
 
+@keras.saving.register_keras_serializable(package="keras_blpa")
+class QwenTransformerDecoder(BLPALlamaMixin, StockQwenDecoder):
+    """KerasHub's Qwen (1.5 / 2) decoder block whose training step keeps codes only.
+
+    As `LlamaTransformerDecoder` (the same structure, with biases on q, k
+    and v). `use_sliding_window_attention=True` is refused: Qwen applies that
+    window inside its attention layer, which the units replace. Args:
+    KerasHub's, `bits` and `derivative_bits`.
+    """
+
+    def _check_blpa(self) -> None:
+        super()._check_blpa()
+        if self.use_sliding_window_attention:
+            raise ValueError(
+                f"{self.name}: the BLPA block does not apply Qwen's sliding window (KerasHub "
+                "applies it inside QwenAttention); received use_sliding_window_attention=True. "
+                "Keep the stock block, or pass use_sliding_window_attention=False.")
+
+
 def pairs() -> list:
     """`(KerasHub class, BLPA class)` of each Llama-style block (for `convert`)."""
     return [(StockLlamaDecoder, LlamaTransformerDecoder),
-            (StockMistralDecoder, MistralTransformerDecoder)]
+            (StockMistralDecoder, MistralTransformerDecoder),
+            (StockQwenDecoder, QwenTransformerDecoder)]
