@@ -9,7 +9,11 @@ two classes). `--model mha` is a user's Functional model of the same sizes
 built from stock Keras layers (`mha_model`): pre-norm blocks of
 `keras.layers.MultiHeadAttention` (causal) and a Dense GELU MLP, where
 `convert` swaps the attention layers and the norms and dropouts around them;
-the MLP's Dense layers stay stock (no `remat` variant). Variants:
+the MLP's Dense layers stay stock (no `remat` variant). `--model llama` is
+KerasHub's `LlamaBackbone` of the same sizes with 2 key/value heads
+(grouped-query attention), a SwiGLU MLP of 1024 and no dropout (KerasHub's
+default); `convert` makes its blocks `keras_blpa.layers.LlamaTransformerDecoder`
+(`--head`: `LlamaCausalLM`). Variants:
 
 - `stock`: as KerasHub builds it;
 - `remat`: built under `keras.RematScope(mode="list_of_layers")` over every
@@ -58,6 +62,7 @@ import time
 VARIANTS = ("stock", "remat", "exact", "default", "lean")
 SIZES = dict(vocabulary_size=1000, num_heads=4, hidden_dim=256, intermediate_dim=1024,
              max_sequence_length=128)
+LLAMA_KV_HEADS = 2  # --model llama: grouped-query attention, 2 query heads per k/v head
 
 
 def mha_model(layers: int, dropout: float = 0.1):
@@ -106,16 +111,22 @@ def build(model: str, layers: int, variant: str, policy: str, head: bool = False
         return built
     import keras_hub
 
-    cls = keras_hub.models.GPT2Backbone if model == "gpt2" else keras_hub.models.BertBackbone
+    cls = {"gpt2": keras_hub.models.GPT2Backbone, "bert": keras_hub.models.BertBackbone,
+           "llama": keras_hub.models.LlamaBackbone}[model]
     names = ["query", "key", "value", "attention_output", "self_attention_layer_norm",
              "feedforward_layer_norm", "feedforward_intermediate_dense",
              "feedforward_output_dense"]
+    sizes = dict(SIZES)
+    if model == "llama":
+        names += ["self_attention_layernorm", "feedforward_layernorm", "feedforward_gate_dense"]
+        sizes.update(num_query_heads=sizes.pop("num_heads"), num_key_value_heads=LLAMA_KV_HEADS)
+        del sizes["max_sequence_length"]  # rotary embeddings: no position table
     if variant == "remat":
         with keras.RematScope(mode="list_of_layers", layer_names=names):
-            backbone = cls(num_layers=layers, **SIZES)
+            backbone = cls(num_layers=layers, **sizes)
     else:
         keras.utils.set_random_seed(0)
-        backbone = cls(num_layers=layers, **SIZES)
+        backbone = cls(num_layers=layers, **sizes)
     if not head:  # the backbone alone, a mean-squared loss on its sequence output
         if variant in options:
             backbone = keras_blpa.convert(backbone, **options[variant])
@@ -124,8 +135,9 @@ def build(model: str, layers: int, variant: str, policy: str, head: bool = False
         model = keras.Model(backbone.input, output)
         model.compile(optimizer="sgd", loss="mse", jit_compile=jit)
         return model
-    if model == "gpt2":
-        task = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    if model in ("gpt2", "llama"):
+        lm = keras_hub.models.GPT2CausalLM if model == "gpt2" else keras_hub.models.LlamaCausalLM
+        task = lm(backbone=backbone, preprocessor=None)
     else:
         task = keras_hub.models.BertTextClassifier(backbone=backbone, num_classes=2,
                                                    preprocessor=None)
@@ -171,6 +183,17 @@ def codes_bytes_per_sample(layers: int, variant: str, policy: str = "float32",
         size = 2 if policy == "mixed_bfloat16" else 4
         per_token = (6 * h * size + 2 * 4 if bits is None
                      else 3 * (h * bits / 8 + 8) + 2 * 4 + 3 * (h * bits / 8 + 8 * heads))
+    elif model == "llama":
+        kv = LLAMA_KV_HEADS * h // heads  # k's (and v's) features per token
+        if bits is None:  # the norms' inputs, q, k, v, gate and up
+            size = 2 if policy == "mixed_bfloat16" else 4
+            per_token = size * (2 * h + h + 2 * kv + 2 * inner) + 4 * 2
+        else:
+            per_token = (2 * (h * bits / 8 + 8)  # two norm codes (+ lo, scale)
+                         + h * bits / 8 + 8 * heads  # q rows per head
+                         + 2 * (kv * bits / 8 + 8 * LLAMA_KV_HEADS)  # k, v
+                         + 2 * (inner * bits / 8 + 8)  # f(gate) and up row codes
+                         + inner * 4 / (32 // derivative_bits) + 2 * 4)  # gate's f', inv
     elif bits is None:  # the norms' inputs, q, k, v and the MLP's pre-activation
         size = 2 if policy == "mixed_bfloat16" else 4
         per_token = size * (2 * h + 3 * h + inner) + 4 * 2
@@ -238,7 +261,7 @@ def step_times(args) -> dict:
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="gpt2", choices=["gpt2", "bert", "mha"])
+    p.add_argument("--model", default="gpt2", choices=["gpt2", "bert", "mha", "llama"])
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--batch-sizes", type=int, nargs=2, default=(2, 6))
