@@ -202,6 +202,7 @@ def _llama_lm():
     return hub.models.LlamaCausalLM(backbone=backbone, preprocessor=None)
 
 
+@pytest.mark.slow  # generate and fit compile several programs: 15 s a backend
 def test_convert_trains_a_llama_causal_lm_that_generates_the_same_text():
     """convert swaps both blocks (the report no longer lists them as
     uncovered), inference and cached generation are KerasHub's, a training
