@@ -400,8 +400,10 @@ def report(results: dict) -> str:
                 continue
             stock, blpa = (scale * np.array(v) for v in zip(*paired))
             mean, half = paired_runs.paired_interval(blpa - stock)
-            lines.append(f"| {label} | {' / '.join(f'{v:.3f}' for v in stock)} | "
-                         f"{' / '.join(f'{v:.3f}' for v in blpa)} | {mean:+.3f} +- {half:.3f} |")
+            digits = 2 if scale == 100 else 3
+            lines.append(f"| {label} | {' / '.join(f'{v:.{digits}f}' for v in stock)} | "
+                         f"{' / '.join(f'{v:.{digits}f}' for v in blpa)} | "
+                         f"{mean:+.{digits}f} +- {half:.{digits}f} |")
         lines.append("")
     swept = [r for r in runs.values() if r["seed"] == 0 and r["setting"] != "stock"]
     if len(swept) > 1 and any(r["setting"] == "exact" for r in swept):
@@ -417,7 +419,8 @@ def report(results: dict) -> str:
             cells = []
             for key, _, scale in keys:
                 sd = stock_spread(results, key)
-                cells += [f"{scale * run[key]:.3f}", f"{(run[key] - exact[key]) / sd:+.1f}"]
+                cells += [f"{scale * run[key]:.{2 if scale == 100 else 3}f}",
+                          f"{(run[key] - exact[key]) / sd:+.1f}"]
             lines.append(f"| {run['setting']} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
