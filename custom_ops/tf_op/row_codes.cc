@@ -16,13 +16,17 @@
 //
 // Words pack `32 / bits` consecutive rows: word [w, c] holds the code of row
 // w * k + j at bits [j * bits, (j + 1) * bits). Rounding is half to even
-// (std::nearbyint, like tf.round), and the library is built with
+// (like tf.round), and the library is built with
 // -ffp-contract=off, so no product is fused into an add.
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -51,6 +55,54 @@ int64_t WordRows(int64_t rows, int bits) {
 DimensionHandle WordRowsDim(InferenceContext* c, DimensionHandle rows, int bits) {
   if (!c->ValueKnown(rows)) return c->UnknownDim();
   return c->MakeDim(WordRows(c->Value(rows), bits));
+}
+
+// Minimum and maximum of x[0, n), n >= 1 (in SSE lanes where there are: the
+// order of a min or max does not change it).
+void RowRange(const float* x, int64_t n, float* low, float* high) {
+  float lo = x[0], hi = x[0];
+  int64_t f = 0;
+#if defined(__SSE2__)
+  if (n >= 4) {
+    __m128 lo4 = _mm_loadu_ps(x), hi4 = lo4;
+    for (f = 4; f + 4 <= n; f += 4) {
+      const __m128 v = _mm_loadu_ps(x + f);
+      lo4 = _mm_min_ps(lo4, v);
+      hi4 = _mm_max_ps(hi4, v);
+    }
+    float l[4], h[4];
+    _mm_storeu_ps(l, lo4);
+    _mm_storeu_ps(h, hi4);
+    for (int i = 0; i < 4; ++i) {
+      lo = l[i] < lo ? l[i] : lo;
+      hi = h[i] > hi ? h[i] : hi;
+    }
+  }
+#endif
+  for (; f < n; ++f) {
+    lo = x[f] < lo ? x[f] : lo;
+    hi = x[f] > hi ? x[f] : hi;
+  }
+  *low = lo;
+  *high = hi;
+}
+
+// Round half to even (tf.round) of 0 <= d < 2**23, the codes' range: adding
+// 2**23 leaves no fraction bits, so the float add rounds to nearest even; an
+// inline add that vectorizes, unlike std::nearbyint.
+inline float RoundHalfEven(float d) {
+  constexpr float kShift = 8388608.0f;
+  return (d + kShift) - kShift;
+}
+
+// The codes of one row (group): a function of its own, so that the uint8
+// stores cannot alias its bounds and the loop vectorizes.
+void EncodeRow(const float* x, int64_t n, float low, float scale, float top,
+               uint8_t* out) {
+  for (int64_t f = 0; f < n; ++f) {
+    const float q = RoundHalfEven((x[f] - low) / scale);
+    out[f] = static_cast<uint8_t>(static_cast<int32_t>(q < top ? q : top));
+  }
 }
 
 // Runs fn(first, last) over word rows [0, units) on TF's intra-op pool.
@@ -173,7 +225,7 @@ class RowEncodeOp : public OpKernel {
     const int64_t k = bits == 8 ? 1 : 32 / bits;
     uint8_t* bytes = bits == 8 ? words->flat<uint8_t>().data() : nullptr;
     uint32_t* packed = bits == 8 ? nullptr : words->flat<uint32_t>().data();
-    ForWordRows(ctx, WordRows(rows, bits), k * columns * 8, [&](int64_t first, int64_t last) {
+    ForWordRows(ctx, WordRows(rows, bits), k * columns * 8, [=](int64_t first, int64_t last) {
       std::vector<uint8_t> code(columns);
       for (int64_t w = first; w < last; ++w) {
         if (packed) std::fill(packed + w * columns, packed + (w + 1) * columns, 0u);
@@ -182,20 +234,13 @@ class RowEncodeOp : public OpKernel {
           uint8_t* out = bytes ? bytes + r * columns : code.data();
           for (int64_t gi = 0; gi < groups; ++gi) {
             const float* x = in + r * columns + gi * features;
-            float low = x[0], high = x[0];
-            for (int64_t f = 1; f < features; ++f) {
-              low = std::min(low, x[f]);
-              high = std::max(high, x[f]);
-            }
+            float low, high;
+            RowRange(x, features, &low, &high);
             const float span = high - low;
             const float s = span > 0.0f ? span * inv_top : 1.0f;
             lo_out[r * groups + gi] = low;
             scale_out[r * groups + gi] = s;
-            uint8_t* o = out + gi * features;
-            for (int64_t f = 0; f < features; ++f) {
-              const float q = std::nearbyint((x[f] - low) / s);
-              o[f] = static_cast<uint8_t>(std::min(std::max(q, 0.0f), top));
-            }
+            EncodeRow(x, features, low, s, top, out + gi * features);
           }
           if (packed) {
             uint32_t* word = packed + w * columns;
@@ -248,7 +293,7 @@ class RowDecodeOp : public OpKernel {
     const uint32_t mask = (1u << bits) - 1u;
     const uint8_t* bytes = bits == 8 ? words.flat<uint8_t>().data() : nullptr;
     const uint32_t* packed = bits == 8 ? nullptr : words.flat<uint32_t>().data();
-    ForWordRows(ctx, WordRows(rows, bits), k * columns * 3, [&](int64_t first, int64_t last) {
+    ForWordRows(ctx, WordRows(rows, bits), k * columns * 3, [=](int64_t first, int64_t last) {
       for (int64_t w = first; w < last; ++w) {
         for (int64_t j = 0; j < k && w * k + j < rows; ++j) {
           const int64_t r = w * k + j;
@@ -314,7 +359,7 @@ class BinsPackedOp : public OpKernel {
     uint32_t* packed = words->flat<uint32_t>().data();
     const std::vector<float>& edges = edges_;
     ForWordRows(ctx, (rows + k - 1) / k, k * columns * (2 + edges.size()),
-                [&](int64_t first, int64_t last) {
+                [=](int64_t first, int64_t last) {
       for (int64_t w = first; w < last; ++w) {
         uint32_t* word = packed + w * columns;
         std::fill(word, word + columns, 0u);
@@ -365,7 +410,7 @@ class BinsScaleOp : public OpKernel {
     const uint32_t* packed = words.flat<uint32_t>().data();
     const uint32_t mask = (1u << bits) - 1u;
     const float* levels = levels_.data();
-    ForWordRows(ctx, (rows + k - 1) / k, k * columns * 3, [&](int64_t first, int64_t last) {
+    ForWordRows(ctx, (rows + k - 1) / k, k * columns * 3, [=](int64_t first, int64_t last) {
       for (int64_t w = first; w < last; ++w) {
         const uint32_t* word = packed + w * columns;
         for (int64_t j = 0; j < k && w * k + j < rows; ++j) {
