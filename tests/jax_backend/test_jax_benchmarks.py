@@ -65,16 +65,15 @@ TINY_TRANSFORMERS = ["--layers", "1", "--hidden-dim", "16", "--heads", "2",
                      "--test-windows", "8", "--data", "subset"]
 
 
-def test_transformer_fidelity_pieces(tmp_path):
-    """Every piece of the fidelity benchmark on a tiny GPT: exact against exact
-    agrees to float rounding with the same dropout masks, a 4/1 BLPA gradient
-    does not, and the runs pair up in the report."""
+def test_transformer_fidelity_gradients(tmp_path):
+    """The fidelity benchmark's gradient piece on a tiny GPT: exact against
+    exact agrees to float rounding with the same dropout masks, a 4/1 BLPA
+    gradient does not."""
     pytest.importorskip("keras_hub")
     fidelity = _load("transformer_fidelity")
-    out = str(tmp_path / "fidelity.json")
-    common = [*TINY_TRANSFORMERS, "--out", out]
     cos = fidelity.main(["cosine", "--settings", "exact", "4/1", "--batches", "1",
-                         "--pretrain-steps", "0", *common])["cosine"]
+                         "--pretrain-steps", "0", *TINY_TRANSFORMERS,
+                         "--out", str(tmp_path / "fidelity.json")])["cosine"]
     for phase in ("init", "trained"):
         exact, lean = (cos["phases"][phase]["settings"][s] for s in ("exact", "4/1"))
         assert exact["loss_gap"] < 1e-6 and lean["loss_gap"] < 1e-5  # the same masks
@@ -83,11 +82,21 @@ def test_transformer_fidelity_pieces(tmp_path):
         assert {v["unit"] for v in lean["variables"]} == set(fidelity.UNITS)
         worst = min(fidelity.unit_stats(lean, unit)[0] for unit in fidelity.UNITS)
         assert 0.5 < worst < 0.999
+
+
+@pytest.mark.slow
+def test_transformer_fidelity_training_and_report(tmp_path):
+    """The training and sweep pieces pair their runs up in the report, and a
+    results file of another configuration is refused."""
+    pytest.importorskip("keras_hub")
+    fidelity = _load("transformer_fidelity")
+    out = str(tmp_path / "fidelity.json")
+    common = [*TINY_TRANSFORMERS, "--out", out]
     fidelity.main(["train", "--seeds", "0", *common])
     results = fidelity.main(["sweep", "--settings", "8/3", *common])  # exact; 8/3 is train's
     assert sorted(results["runs"]) == ["8/3 seed 0", "exact seed 0", "stock seed 0"]
     assert all(0 < r["test_bits_per_byte"] < 9 for r in results["runs"].values())
     text = fidelity.main(["report", "--out", out])["markdown"]
-    assert "| 4/1 |" in text and "| test bits/byte |" in text and "Bits sweep" in text
+    assert "| test bits/byte |" in text and "Bits sweep" in text and "| exact |" in text
     with pytest.raises(SystemExit, match="another --out"):  # no mixing of configurations
         fidelity.main(["train", "--seeds", "0", *common, "--steps", "4"])
