@@ -15,9 +15,10 @@ class Dropout(keras.layers.Dropout):
     a fresh seed of the layer's `SeedGenerator`; the backward pass draws the
     same mask again from that seed (`keras_blpa.transformer.dropout`).
     Stock dropout keeps its mask until the backward (a float on TensorFlow;
-    on JAX, XLA keeps the random bits, 8 bytes an element). An element is
-    dropped when its 16 random bits fall under `round(rate * 2**16)`, so the
-    drop probability is within 2**-17 of `rate`. Inference, `noise_shape`
+    on JAX, XLA keeps the random bits, 8 bytes an element). On JAX an
+    element is dropped when its 16 random bits fall under
+    `round(rate * 2**16)` (a drop probability within 2**-17 of `rate`), on
+    TensorFlow when a float uniform falls under `rate`. Inference, `noise_shape`
     and `rate=0` run Keras's own code. The weights, arguments and config are
     Keras's; `keras_blpa.convert` makes the dropouts around converted
     transformer blocks (an embedding's) this layer.
