@@ -16,6 +16,7 @@ module name for the same role in each (as `keras/src/backend/` does):
 | `linear`    | Conv2D / Dense maps and their gradients     | yes        | yes |
 | `xla`       | XLA structure helpers (barriers, ordering)  | yes        | yes |
 | `autodiff`  | custom gradients of the transformer units   | yes        | yes |
+| `row_kernels` | compiled codes of those units (graph mode) | yes      | -   |
 
 `module(role)` imports the current backend's module on first use, so that on
 JAX nothing imports TensorFlow (`tests/test_layout.py` checks that).
@@ -31,7 +32,7 @@ import keras
 SUPPORTED = ("tensorflow", "jax")
 ROLES = {
     "tensorflow": ("unit", "relu_unit", "bn_unit", "pooling", "quantizer", "kernels", "linear",
-                   "xla", "autodiff"),
+                   "xla", "autodiff", "row_kernels"),
     "jax": ("unit", "relu_unit", "bn_unit", "pooling", "quantizer", "kernels", "linear",
             "xla", "autodiff"),
 }
