@@ -75,8 +75,9 @@ def _distance(arrays, a: str, b: str, step: int = 2) -> float:
 def _flipped_words(arrays, a: str, b: str) -> int:
     """uint32 code words of the first step that differ between two runs."""
     codes = [k for k in arrays[a] if k.startswith("codes_")]
-    # Per block: two norm codes, q, k, v, the mask, the MLP's derivative and activation codes.
-    assert len(codes) == 2 * 8, codes
+    # Per block: two norm codes, q, k, v, the mask, the MLP's derivative and
+    # activation codes; and the final norm around the blocks.
+    assert len(codes) == 2 * 8 + 1, codes
     return sum(int(np.sum(arrays[a][k] != arrays[b][k])) for k in codes)
 
 

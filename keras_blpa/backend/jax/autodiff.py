@@ -117,7 +117,8 @@ def bins(x, edges):
 
 def pack(codes, bits: int):
     """uint32 words of `[rows, features]` codes, packed along the rows (the
-    layout of `quantizer.pack_words`) by one reduction over each word's rows.
+    layout of `quantizer.pack_words`); 4- and 8-bit row codes by one
+    reduction over each word's rows.
 
     A reduction, not `pack_words`'s reduce-window: XLA:CPU fuses the encode
     into a reduction's input (a reduce-window takes a full-size uint32
@@ -125,6 +126,11 @@ def pack(codes, bits: int):
     blocks), and fuses neither into a later consumer, so the words are a
     buffer of their own and the float32 input is not kept for the backward.
     """
+    if bits not in (4, 8):
+        # Words of 10 or 32 rows (3- and 1-bit codes) straddle the devices'
+        # row boundary under DataParallel: the grouping reshape is then
+        # all-gathered, where the reduce-window exchanges halos.
+        return quantizer.pack_words(codes, bits)
     k = quantizer.codes_per_word(bits)
     rows, features = codes.shape
     padded = jnp.pad(codes.astype(jnp.uint32), ((0, -rows % k), (0, 0)))
