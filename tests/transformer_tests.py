@@ -428,6 +428,57 @@ def test_convert_keeps_a_causal_lm_that_generates_the_same_text():
     np.testing.assert_array_equal(np.asarray(back(tokens)), np.asarray(lm(tokens)))
 
 
+def _layer_kinds(model) -> list[tuple]:
+    return [(layer.name, type(layer).__module__, getattr(layer, "bits", None),
+             getattr(layer, "derivative_bits", None)) for layer in model.layers]
+
+
+def test_a_converted_keras_hub_model_saves_and_loads_converted(tmp_path):
+    """A KerasHub backbone's config names no layers: saved as it was, it loaded
+    with stock blocks. It loads with the same BLPA layers (the kept one stock),
+    bits, weights and outputs, and trains; converting it back or again works."""
+    hub = pytest.importorskip("keras_hub")
+    import keras_blpa
+    from keras_blpa.conversion import saving
+
+    lm = hub.models.GPT2CausalLM(backbone=_gpt2(), preprocessor=None)
+    converted = keras_blpa.convert(lm, transformer_bits=4, derivative_bits=2,
+                                   keep="embeddings_dropout")
+    assert isinstance(converted.backbone, hub.models.GPT2Backbone)
+    tokens = _tokens()
+    converted.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True))
+    converted.fit(tokens, tokens["token_ids"], epochs=1, verbose=0)  # weights move
+    path = str(tmp_path / "lm.keras")
+    converted.save(path)
+    loaded = keras.saving.load_model(path)
+    kinds = _layer_kinds(loaded.backbone)
+    assert kinds == _layer_kinds(converted.backbone)
+    assert {k[0]: k[1:] for k in kinds if k[1].startswith("keras_blpa")} == {
+        "transformer_layer_0": ("keras_blpa.layers.transformer_decoder", 4, 2),
+        "transformer_layer_1": ("keras_blpa.layers.transformer_decoder", 4, 2),
+        "layer_norm": ("keras_blpa.layers.layer_normalization", 4, None)}
+    np.testing.assert_array_equal(np.asarray(loaded(tokens)), np.asarray(converted(tokens)))
+    loaded.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True))
+    loaded.fit(tokens, tokens["token_ids"], epochs=1, verbose=0)
+    back = keras_blpa.to_standard(loaded)
+    assert type(back.backbone) is hub.models.GPT2Backbone
+    assert not any(k[1].startswith("keras_blpa") for k in _layer_kinds(back.backbone))
+    again = keras_blpa.convert(back.backbone, transformer_bits=8)
+    assert [b.bits for b in again.transformer_layers] == [8, 8]
+    # Without `import keras_blpa`, Keras finds the stock class, which ignores
+    # the key: a stock model with the same weights (to serve without keras_blpa).
+    registered = keras.saving.get_custom_objects().pop(saving.REGISTERED_NAME)
+    try:
+        stock = keras.saving.load_model(path)
+    finally:
+        keras.saving.get_custom_objects()[saving.REGISTERED_NAME] = registered
+    assert type(stock.backbone) is hub.models.GPT2Backbone
+    assert not any(k[1].startswith("keras_blpa") for k in _layer_kinds(stock.backbone))
+    np.testing.assert_array_equal(np.asarray(stock(tokens)), np.asarray(converted(tokens)))
+
+
 def test_convert_reports_blocks_it_does_not_cover_and_bad_options():
     pytest.importorskip("keras_hub")
     import keras_blpa

@@ -37,7 +37,7 @@ def retype(layer, cls) -> None:
                                    for arg in getattr(layer, "_call_context_args", ())}
 
 
-def _pairs() -> list:
+def pairs() -> list:
     from keras_blpa.layers.dropout import Dropout
     from keras_blpa.layers.layer_normalization import LayerNormalization
 
@@ -51,9 +51,9 @@ def convert_around(layers: list, bits: int | None, keep, report: ConversionRepor
     model outside its blocks) and lists each in `report.around_blocks`."""
     from keras_blpa.layers.layer_normalization import check_norm
 
-    pairs = _pairs()
+    swaps = pairs()
     for layer in layers:
-        target = next((blpa for stock, blpa in pairs if type(layer) is stock), None)
+        target = next((blpa for stock, blpa in swaps if type(layer) is stock), None)
         if target is None:
             continue
         reason = None
@@ -62,7 +62,7 @@ def convert_around(layers: list, bits: int | None, keep, report: ConversionRepor
         else:
             stock = type(layer)
             retype(layer, target)
-            if target is pairs[0][1]:
+            if target is swaps[0][1]:
                 try:
                     check_norm(layer)
                     layer._init_blpa(bits)
@@ -75,7 +75,7 @@ def convert_around(layers: list, bits: int | None, keep, report: ConversionRepor
 
 def standard_around(layers: list) -> None:
     """Swaps `keras_blpa.layers`' norms and dropouts among `layers` back, in place."""
-    back = {blpa: stock for stock, blpa in _pairs()}
+    back = {blpa: stock for stock, blpa in pairs()}
     for layer in layers:
         if type(layer) in back:
             retype(layer, back[type(layer)])

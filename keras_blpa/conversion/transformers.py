@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import keras
 
-from keras_blpa.conversion import around_blocks, subclass
+from keras_blpa.conversion import around_blocks, saving, subclass
 from keras_blpa.conversion.report import Chain, ConversionReport
 
 
@@ -90,7 +90,7 @@ def has_blocks(model) -> bool:
 def _copy(model) -> keras.Model:
     """A copy of `model` with its class, weights and trainability."""
     if subclass.is_functional_subclass(model):
-        new = type(model).from_config(model.get_config())
+        new = saving.stock_class(type(model)).from_config(saving.stock_config(model))
     else:
         new = keras.models.clone_model(model)
     new.set_weights(model.get_weights())
@@ -112,9 +112,31 @@ def convert_blocks(model, bits: int | None, derivative_bits: int, keep,
                    report: ConversionReport, path: str = "") -> keras.Model:
     """A copy of `model` whose KerasHub blocks train with BLPA (module docstring)."""
     new = _copy(model)
+    converted = _convert_in_place(new, bits, derivative_bits, keep, report, path)
+    if converted and saving.needs_mark(new):
+        saving.mark(new, {"transformer_bits": bits, "derivative_bits": derivative_bits,
+                          "converted_layers": converted})
+    return new
+
+
+def reconvert(model, conversion: dict) -> None:
+    """Converts, in place, the layers of a freshly built stock `model` that a
+    saved conversion converted (`saving.ConvertedModel.from_config`)."""
+    layers = _all_layers(model)
+    chosen = {id(layers[i]) for i in conversion["converted_layers"]}
+    bits, derivative_bits = conversion["transformer_bits"], conversion["derivative_bits"]
+    _convert_in_place(model, bits, derivative_bits, lambda layer: id(layer) not in chosen,
+                      ConversionReport(transformer_bits=bits, derivative_bits=derivative_bits))
+    saving.mark(model, conversion)
+
+
+def _convert_in_place(model, bits, derivative_bits, keep, report: ConversionReport,
+                      path: str = "") -> list[int]:
+    """Swaps `model`'s blocks (and, if any did, the layers around them); the
+    positions in `_all_layers(model)` of those it converted."""
     pairs = _pairs()
-    inner = _owner_names(new)
-    for layer in _all_layers(new):
+    inner = _owner_names(model)
+    for layer in _all_layers(model):
         if not _attention_block(layer) or id(layer) in inner:
             continue
         target = next((blpa for stock, blpa in pairs if type(layer) is stock), None)
@@ -133,10 +155,11 @@ def convert_blocks(model, bits: int | None, derivative_bits: int, keep,
                                    fused_as=None if reason else type(layer).__name__,
                                    reason=reason))
     if any(chain.fused for chain in report.blocks):
-        outside = [layer for layer in _all_layers(new)
+        outside = [layer for layer in _all_layers(model)
                    if id(layer) not in inner and not _attention_block(layer)]
         around_blocks.convert_around(outside, bits, keep, report, path)
-    return new
+    blpa = {blpa for _, blpa in pairs} | {blpa for _, blpa in around_blocks.pairs()}
+    return [i for i, layer in enumerate(_all_layers(model)) if type(layer) in blpa]
 
 
 def _swap(layer, target, bits, derivative_bits) -> str | None:

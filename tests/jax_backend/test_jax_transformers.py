@@ -105,12 +105,29 @@ else:
     model.fit(x, np.ones((len(x), 8, 16), "float32"), epochs=1, verbose=0)  # weights move
     model.save(path)
 np.save(path + "." + keras.backend.backend() + ".npy", model.predict(x, verbose=0))
+# A converted KerasHub backbone, whose config names no layers (`conversion.saving`).
+tokens = {"token_ids": np.arange(16, dtype="int32").reshape(2, 8) % 50,
+          "padding_mask": np.ones((2, 8), bool)}
+hub_path = path + ".hub.keras"
+if mode == "load":
+    backbone = keras.models.load_model(hub_path)
+    assert [(type(b).__module__, b.bits, b.derivative_bits)
+            for b in backbone.transformer_layers] == [
+        ("keras_blpa.layers.transformer_decoder", 4, 2)] * 2, backbone.transformer_layers
+else:
+    import keras_hub
+    backbone = keras_blpa.convert(keras_hub.models.GPT2Backbone(
+        vocabulary_size=50, num_layers=2, num_heads=2, hidden_dim=16, intermediate_dim=32,
+        max_sequence_length=8), transformer_bits=4, derivative_bits=2)
+    backbone.save(hub_path)
+np.save(hub_path + "." + keras.backend.backend() + ".npy", np.asarray(backbone(tokens)))
 """
 
 
 def test_transformer_layers_cross_backends(tmp_path):
-    """Blocks, attention, norm and dropout layers saved on either backend load
-    on the other with their classes, bits and predictions."""
+    """Blocks, attention, norm and dropout layers, and a converted KerasHub
+    backbone, saved on either backend load on the other with their classes,
+    bits and predictions."""
     import importlib.util
     import os
     import subprocess
@@ -130,5 +147,6 @@ def test_transformer_layers_cross_backends(tmp_path):
                                     env={**env, "KERAS_BACKEND": backend},
                                     capture_output=True, text=True, timeout=600)
             assert result.returncode == 0, result.stderr[-3000:]
-        np.testing.assert_allclose(np.load(f"{path}.{loader}.npy"), np.load(f"{path}.{saver}.npy"),
-                                   rtol=1e-4, atol=1e-5)
+        for saved in (path, path + ".hub.keras"):
+            np.testing.assert_allclose(np.load(f"{saved}.{loader}.npy"),
+                                       np.load(f"{saved}.{saver}.npy"), rtol=1e-4, atol=1e-5)
