@@ -171,8 +171,8 @@ def codes_bytes_per_sample(layers: int, variant: str, policy: str = "float32",
                            model: str = "gpt2") -> float:
     """What the units keep per sample (module docstring); stock and remat: 0.
     `exact` keeps the tensors themselves, in the compute dtype. `mha`: the
-    attention layers' (their input, q, k, v) and the blocks' two norms; the
-    MLP stays stock."""
+    attention layers' (their input, q, k, v), the blocks' two norms and the
+    MLP's Dense layers (their inputs, the GELU's derivative code)."""
     if variant in ("stock", "remat"):
         return 0.0
     h, heads, inner, seq = (SIZES[k] for k in
@@ -181,8 +181,10 @@ def codes_bytes_per_sample(layers: int, variant: str, policy: str = "float32",
     derivative_bits = {"default": 3, "lean": 1}.get(variant)
     if model == "mha":
         size = 2 if policy == "mixed_bfloat16" else 4
-        per_token = (6 * h * size + 2 * 4 if bits is None
-                     else 3 * (h * bits / 8 + 8) + 2 * 4 + 3 * (h * bits / 8 + 8 * heads))
+        per_token = ((6 * h + h + inner) * size + 2 * 4 if bits is None
+                     else 3 * (h * bits / 8 + 8) + 2 * 4 + 3 * (h * bits / 8 + 8 * heads)
+                     + (h * bits / 8 + 8) + inner * 4 / (32 // derivative_bits)  # MLP in
+                     + (inner * bits / 8 + 8))  # MLP out
     elif model == "llama":
         kv = LLAMA_KV_HEADS * h // heads  # k's (and v's) features per token
         if bits is None:  # the norms' inputs, q, k, v, gate and up

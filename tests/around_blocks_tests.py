@@ -71,6 +71,63 @@ def test_layer_normalization_refuses_what_the_unit_does_not_cover():
         LayerNormalization(bits=3)
 
 
+@pytest.mark.parametrize("activation,bits,derivative_bits", [
+    (None, None, 3), ("gelu", None, 3), (None, 8, 3), ("gelu", 8, 3), ("gelu", 4, 2),
+    ("silu", 8, 1), ("relu", 8, 3), ("gelu", 8, 4)])
+def test_dense_layer_matches_the_oracle(activation, bits, derivative_bits):
+    """The forward is Keras's Dense's; every gradient is the oracle's from the
+    codes the layer kept (bits=None: also Keras's own gradient)."""
+    from keras_blpa.layers import Dense
+
+    rng = _rng(25)
+    x = rng.standard_normal((2, 9, 32)).astype("float32")
+    layer = Dense(48, activation=activation, bits=bits, derivative_bits=derivative_bits)
+    stock = keras.layers.Dense(48, activation=activation)
+    layer.build(x.shape)
+    stock.build(x.shape)
+    kernel = (rng.standard_normal((32, 48)) / 6).astype("float32")
+    bias = (0.1 * rng.standard_normal(48)).astype("float32")
+    for dense in (layer, stock):
+        dense.set_weights([kernel, bias])
+    np.testing.assert_array_equal(np.asarray(layer(x, training=True)), np.asarray(stock(x)))
+    g = _upstream((2, 9, 48), 26)
+
+    def loss(dense):
+        return lambda x, kernel, bias: ops.sum(
+            dense.stateless_call([kernel, bias], [], x, training=True)[0] * g)
+
+    with codes.recording() as saved:
+        got = gradients(loss(layer), [x, kernel, bias])
+    name = activation or "linear"
+    want = oracle.dense_activation(x, kernel, bias, g, name, bits, derivative_bits,
+                                   saved[0][1])
+    for got_one, want_one in zip(got, want):
+        assert oracle.worst_error(got_one, want_one) < TOLERANCE
+    if bits is None:
+        for got_one, exact in zip(got, gradients(loss(stock), [x, kernel, bias])):
+            assert oracle.worst_error(got_one, exact) < TOLERANCE
+
+
+def test_dense_layer_refuses_what_the_unit_does_not_cover_and_saves(tmp_path):
+    from keras_blpa.layers import Dense
+
+    with pytest.raises(ValueError, match="activation.*tanh.*keep the stock keras.layers.Dense"):
+        Dense(4, activation="tanh")
+    with pytest.raises(ValueError, match="bits=2"):
+        Dense(4, bits=2)
+    with pytest.raises(ValueError, match="derivative_bits"):
+        Dense(4, activation="gelu", derivative_bits=5)
+    inputs = keras.Input((4, 8))
+    model = keras.Model(inputs, Dense(6, "gelu", bits=4, derivative_bits=2)(inputs))
+    path = str(tmp_path / "dense.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert (type(loaded.layers[1]).__module__, loaded.layers[1].bits,
+            loaded.layers[1].derivative_bits) == ("keras_blpa.layers.dense", 4, 2)
+    x = _rng(27).standard_normal((2, 4, 8)).astype("float32")
+    np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
+
+
 def test_convert_swaps_the_norms_and_dropouts_around_the_blocks(tmp_path):
     hub = pytest.importorskip("keras_hub")
     import keras_blpa
@@ -82,7 +139,7 @@ def test_convert_swaps_the_norms_and_dropouts_around_the_blocks(tmp_path):
                             (_gpt2(1), {"embeddings_dropout", "layer_norm"})):
         converted, report = keras_blpa.convert(original, return_report=True)
         assert {c.layers[0] for c in report.around_blocks if c.fused} == names
-        assert "norms and dropouts keep codes or seeds" in str(report)
+        assert "norms, dropouts and Dense layers keep codes or seeds" in str(report)
         for name in names:
             assert type(converted.get_layer(name)).__module__.startswith("keras_blpa.layers")
         tokens = _tokens()

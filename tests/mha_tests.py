@@ -279,7 +279,7 @@ def test_refuses_bad_bits(bits):
 
 def _user_model(dropout: float = 0.0) -> keras.Model:
     """A pre-norm decoder layer with causal self-attention and cross-attention
-    over an encoder's output, then a Dense head."""
+    over an encoder's output, a GELU MLP, then a Dense head."""
     keras.utils.set_random_seed(0)
     tokens, memory = keras.Input((T, 16), name="tokens"), keras.Input((S, 12), name="memory")
     h = keras.layers.LayerNormalization()(tokens)
@@ -287,7 +287,9 @@ def _user_model(dropout: float = 0.0) -> keras.Model:
         2, 8, dropout=dropout, name="self_attention")(h, h, use_causal_mask=True)])
     h = keras.layers.Add()([h, keras.layers.MultiHeadAttention(
         2, 8, dropout=dropout, name="cross_attention")(h, memory)])
-    return keras.Model([tokens, memory], keras.layers.Dense(3)(h))
+    mlp = keras.layers.Dense(32, activation="gelu", name="mlp_in")(h)
+    h = keras.layers.Add()([h, keras.layers.Dense(16, name="mlp_out")(mlp)])
+    return keras.Model([tokens, memory], keras.layers.Dense(3, name="head")(h))
 
 
 def _model_inputs():
@@ -316,7 +318,11 @@ def test_convert_swaps_attention_in_a_functional_model_and_to_standard_swaps_bac
     assert [unit for unit, _ in saved][0] == "norm_linear"
     assert [unit for unit, _ in saved if unit != "norm_linear"] == [
         "activation_linear", "attention_linear",  # self: one code of the norm's output
-        "activation_linear", "activation_linear", "attention_linear"]  # cross: two inputs
+        "activation_linear", "activation_linear", "attention_linear",  # cross: two inputs
+        "linear_activation", "linear_activation", "linear_activation"]  # MLP and head
+    assert {c.layers[0]: c.fused_as for c in report.around_blocks if "mlp" in c.layers[0]} \
+        == {"mlp_in": "Dense", "mlp_out": "Dense"}
+    assert (layers["mlp_in"].bits, layers["mlp_in"].derivative_bits) == (8, 3)
     np.testing.assert_allclose(trained, np.asarray(model(x, training=True)), rtol=1e-5,
                                atol=1e-5)
 
@@ -358,5 +364,6 @@ def test_converted_model_at_bits_none_trains_as_stock():
 
     with codes.recording() as saved:
         got = grads(converted)
-    assert len([unit for unit, _ in saved if unit != "norm_linear"]) == 5  # self 2, cross 3
+    # self 2, cross 3, the MLP's and the head's Dense layers 3
+    assert len([unit for unit, _ in saved if unit != "norm_linear"]) == 8
     _assert_gradients_close(model, got, grads(model), 1e-5, 0)

@@ -97,6 +97,43 @@ def activation_dense(h, kernel, bias, g, name: str, bits, derivative_bits, saved
     return grads
 
 
+def dense_activation(x, kernel, bias, g, name: str, bits, derivative_bits, saved) -> list:
+    """`[g_x, d_kernel, d_bias]` of `f(x @ kernel + bias)` for upstream `g`, from
+    `saved`: a row code of `x` and the derivative code of the pre-activation
+    (with `bits=None`, `x` itself and the exact `f'`)."""
+    x = np.asarray(x, np.float32)
+    features = x.shape[-1]
+    rows = x.size // features
+    x2 = x.reshape(rows, features)
+    kernel = np.asarray(kernel, np.float64)
+    h = x2.astype(np.float64) @ kernel + (0.0 if bias is None else np.asarray(bias, np.float64))
+    if bits is None:
+        d = np.ones_like(h) if name == "linear" else slope(name, h)
+        xq = x2.astype(np.float64)
+    else:
+        words, lo, scale = saved[-3:]
+        xq = decode_rows(words, lo, scale, rows, bits)
+        check_rows(xq, x2, scale)
+        if name == "linear":
+            d = np.ones_like(h)
+        else:
+            fit = derivative.fit(name, derivative_bits if name != "relu" else 1)
+            width = max(1, (len(fit.levels) - 1).bit_length())
+            code = unpack(saved[0], rows, width)
+            # The unit bins its float32 pre-activation; float64 `h` may sit on
+            # the other side of an edge only within rounding of it.
+            expected = np.sum(h[..., None] > fit.edges[None, None, :], axis=-1)
+            near = np.min(np.abs(h[..., None] - fit.edges[None, None, :]), axis=-1) < 1e-5
+            assert np.array_equal(code[~near], expected[~near]), \
+                "derivative codes are not the bins of h"
+            d = fit.levels.astype(np.float64)[code]
+    g_h = np.asarray(g, np.float64).reshape(rows, -1) * d
+    grads = [(g_h @ kernel.T).reshape(x.shape), xq.T @ g_h]
+    if bias is not None:
+        grads.append(g_h.sum(0))
+    return grads
+
+
 def gated_dense(gate, up, kernel, g, name: str, bits, derivative_bits, saved) -> list:
     """`[g_gate, g_up, d_kernel]` of `dense(f(gate) * up)` (no bias) for upstream
     `g`, from `saved`: the derivative code of `gate` and row codes of `f(gate)`
@@ -166,9 +203,10 @@ def norm_dense(x, gamma, beta, kernels, g_y, g_outs, norm: str, epsilon: float, 
     return [g_x.reshape(x.shape), (g_y2 * xhat).sum(0), d_beta, *d_kernels]
 
 
-def attention(q, k, v, mask, kernel, g, scale: float, bits, saved) -> list:
+def attention(q, k, v, mask, kernel, g, scale: float, bits, saved, soft_cap=None) -> list:
     """`[g_q, g_k, g_v, d_kernel]` of `einsum(softmax(scale q k^T, mask) v, kernel)`;
-    k and v may have fewer heads (grouped-query: each serves consecutive q heads)."""
+    k and v may have fewer heads (grouped-query: each serves consecutive q heads);
+    with `soft_cap`, the scaled logits are capped at `cap tanh(logits / cap)`."""
     q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
     batch, length, heads, dim = q.shape
     if bits is not None:
@@ -192,7 +230,11 @@ def attention(q, k, v, mask, kernel, g, scale: float, bits, saved) -> list:
         keep = np.asarray(mask)[:, None]
     else:
         keep = np.ones((batch, 1, length, k.shape[1]), bool)
-    scores = np.where(keep, scale * np.einsum("bqhd,bkhd->bhqk", q, k), -1e9)
+    logits = scale * np.einsum("bqhd,bkhd->bhqk", q, k)
+    capped = 1.0 if soft_cap is None else 1 - np.tanh(logits / soft_cap) ** 2  # its slope
+    if soft_cap is not None:
+        logits = soft_cap * np.tanh(logits / soft_cap)
+    scores = np.where(keep, logits, -1e9)
     soft = np.exp(scores - scores.max(-1, keepdims=True))
     soft /= soft.sum(-1, keepdims=True)
     probs = np.where(keep, soft, 0)
@@ -204,7 +246,7 @@ def attention(q, k, v, mask, kernel, g, scale: float, bits, saved) -> list:
     g_v = np.einsum("bhqk,bqhd->bkhd", probs, g_o)
     g_probs = np.where(keep, np.einsum("bqhd,bkhd->bhqk", g_o, v), 0)
     g_scores = soft * (g_probs - np.sum(g_probs * soft, -1, keepdims=True))
-    g_scores = np.where(keep, g_scores, 0)
+    g_scores = np.where(keep, g_scores, 0) * capped
     g_q = scale * np.einsum("bhqk,bkhd->bqhd", g_scores, k)
     g_k = scale * np.einsum("bhqk,bqhd->bkhd", g_scores, q)
     g_k, g_v = (t.reshape(batch, -1, heads // groups, groups, dim).sum(3) for t in (g_k, g_v))

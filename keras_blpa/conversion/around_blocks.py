@@ -5,11 +5,15 @@ BERT normalizes and drops out its embeddings (`embeddings_layer_norm`,
 `embeddings_dropout`), GPT-2 drops out its embeddings and normalizes the
 last block's output (`layer_norm`). Stock, each keeps a full-size tensor (a
 norm its float input, a dropout its mask; on JAX, XLA keeps the dropout's
-random bits, 8 bytes an element). Once a model's blocks convert, every
-stock `keras.layers.LayerNormalization` (over the last axis) and
-`keras.layers.Dropout` outside the blocks becomes `keras_blpa.layers`'
-subclass of the same weights and config: the norm keeps a row code of its
-normalized input, the dropout only its seed. `to_standard` swaps them back.
+random bits, 8 bytes an element), and a user's own MLP beside a converted
+`MultiHeadAttention` (`Dense(4h, "gelu") -> Dense(h)`) keeps its inputs and
+pre-activation. Once a model's blocks convert, every stock
+`keras.layers.LayerNormalization` (over the last axis), `keras.layers.Dropout`
+and `keras.layers.Dense` (linear, GELU, SiLU or ReLU) outside the blocks
+becomes `keras_blpa.layers`' subclass of the same weights and config: the
+norm keeps a row code of its normalized input, the dropout only its seed,
+the Dense a row code of its input and a derivative code of its
+pre-activation. `to_standard` swaps them back.
 """
 
 from __future__ import annotations
@@ -38,22 +42,25 @@ def retype(layer, cls) -> None:
 
 
 def pairs() -> list:
+    from keras_blpa.layers.dense import Dense
     from keras_blpa.layers.dropout import Dropout
     from keras_blpa.layers.layer_normalization import LayerNormalization
 
     return [(keras.layers.LayerNormalization, LayerNormalization),
-            (keras.layers.Dropout, Dropout)]
+            (keras.layers.Dropout, Dropout), (keras.layers.Dense, Dense)]
 
 
-def convert_around(layers: list, bits: int | None, keep, report: ConversionReport,
-                   path: str = "") -> None:
-    """Swaps, in place, the stock norms and dropouts among `layers` (those of a
-    model outside its blocks) and lists each in `report.around_blocks`."""
-    from keras_blpa.layers.layer_normalization import check_norm
+def convert_around(layers: list, bits: int | None, derivative_bits: int, keep,
+                   report: ConversionReport, path: str = "") -> None:
+    """Swaps, in place, the stock norms, dropouts and Dense layers among
+    `layers` (those of a model outside its blocks) and lists each in
+    `report.around_blocks`."""
+    from keras_blpa.layers.dense import Dense, check_dense
+    from keras_blpa.layers.layer_normalization import LayerNormalization, check_norm
 
-    swaps = pairs()
+    checks = {LayerNormalization: check_norm, Dense: check_dense}
     for layer in layers:
-        target = next((blpa for stock, blpa in swaps if type(layer) is stock), None)
+        target = next((blpa for stock, blpa in pairs() if type(layer) is stock), None)
         if target is None:
             continue
         reason = None
@@ -62,13 +69,16 @@ def convert_around(layers: list, bits: int | None, keep, report: ConversionRepor
         else:
             stock = type(layer)
             retype(layer, target)
-            if target is swaps[0][1]:
-                try:
-                    check_norm(layer)
+            try:
+                if target in checks:
+                    checks[target](layer)
+                if target is Dense:
+                    layer._init_blpa(bits, derivative_bits)
+                elif target is LayerNormalization:
                     layer._init_blpa(bits)
-                except ValueError as err:
-                    retype(layer, stock)
-                    reason = str(err)
+            except ValueError as err:
+                retype(layer, stock)
+                reason = str(err)
         report.around_blocks.append(Chain(layers=(layer.name,), model=path, reason=reason,
                                           fused_as=None if reason else type(layer).__name__))
 
@@ -79,5 +89,6 @@ def standard_around(layers: list) -> None:
     for layer in layers:
         if type(layer) in back:
             retype(layer, back[type(layer)])
-            if "bits" in vars(layer):
-                delattr(layer, "bits")
+            for attribute in ("bits", "derivative_bits"):
+                if attribute in vars(layer):
+                    delattr(layer, attribute)

@@ -67,11 +67,12 @@ class ConversionReport:
         MultiHeadAttention a `keras_blpa.layers.MultiHeadAttention`), else
         with its reason.
       transformer_bits, derivative_bits: `convert`'s, for the blocks.
-      around_blocks: each stock LayerNormalization and Dropout outside the
-        blocks of a model whose blocks converted (an embedding's norm and
-        dropout, a final norm): a one-layer `Chain`, "fused" when it became
-        `keras_blpa.layers`' (a code of the norm's input, the dropout's
-        seed), else with its reason.
+      around_blocks: each stock LayerNormalization, Dropout and Dense outside
+        the blocks of a model whose blocks converted (an embedding's norm and
+        dropout, a final norm, a user's MLP): a one-layer `Chain`, "fused"
+        when it became `keras_blpa.layers`' (a code of the norm's input, the
+        dropout's seed, codes of the Dense's input and derivative), else with
+        its reason.
     """
 
     chains: list = field(default_factory=list)
@@ -129,7 +130,8 @@ class ConversionReport:
         if self.around_blocks:
             done = [c for c in self.around_blocks if c.fused]
             lines.append(f"keras_blpa.convert: around the blocks, {len(done)} of "
-                         f"{len(self.around_blocks)} norms and dropouts keep codes or seeds")
+                         f"{len(self.around_blocks)} norms, dropouts and Dense layers keep "
+                         "codes or seeds")
             lines += [f"  {'fused' if c.fused else 'stock'}  "
                       f"{(c.model + '/') if c.model else ''}{c.layers[0]}  "
                       f"{c.fused_as if c.fused else c.reason}" for c in self.around_blocks]

@@ -157,7 +157,7 @@ def _convert_in_place(model, bits, derivative_bits, keep, report: ConversionRepo
     if any(chain.fused for chain in report.blocks):
         outside = [layer for layer in _all_layers(model)
                    if id(layer) not in inner and not _attention_block(layer)]
-        around_blocks.convert_around(outside, bits, keep, report, path)
+        around_blocks.convert_around(outside, bits, derivative_bits, keep, report, path)
     blpa = {blpa for _, blpa in pairs} | {blpa for _, blpa in around_blocks.pairs()}
     return [i for i, layer in enumerate(_all_layers(model)) if type(layer) in blpa]
 

@@ -3,6 +3,7 @@
 from keras_blpa.layers.approx_batch_normalization import ApproxBatchNormalization
 from keras_blpa.layers.bn_relu_conv2d import BNReLUConv2D
 from keras_blpa.layers.bn_relu_dense import BNReLUDense
+from keras_blpa.layers.dense import Dense
 from keras_blpa.layers.dropout import Dropout
 from keras_blpa.layers.layer_normalization import LayerNormalization
 from keras_blpa.layers.multi_head_attention import MultiHeadAttention
@@ -11,7 +12,8 @@ from keras_blpa.layers.relu_conv2d import ReLUConv2D
 from keras_blpa.layers.relu_dense import ReLUDense
 
 __all__ = [
-    "ApproxBatchNormalization", "BNReLUConv2D", "BNReLUDense", "Dropout", "LayerNormalization",
+    "ApproxBatchNormalization", "BNReLUConv2D", "BNReLUDense", "Dense", "Dropout",
+    "LayerNormalization",
     "LlamaTransformerDecoder",
     "MistralTransformerDecoder", "MultiHeadAttention", "PaddedMaxPooling2D",
     "QwenTransformerDecoder", "ReLUConv2D", "ReLUDense", "TransformerDecoder", "TransformerEncoder",
