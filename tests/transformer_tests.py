@@ -10,6 +10,7 @@ Each unit's gradient is checked against the float64 oracle of
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import keras
 import numpy as np
@@ -314,6 +315,13 @@ def _block_pair(kind: str, bits, dropout: float = 0.0, activation: str = "gelu")
     return stock, blpa, x
 
 
+def training_kwargs(block) -> dict:
+    """`training=True` for `stateless_call`, which calls `call` itself: none
+    for a block whose `call` takes no `training` (KerasHub's Gemma block,
+    here without dropout to switch on)."""
+    return {"training": True} if "training" in inspect.signature(block.call).parameters else {}
+
+
 def _block_gradients(block, x, mask_argument, mask, weight, jit: bool) -> list[np.ndarray]:
     """Gradients of `sum(block(x) * weight)` (training) for every trainable
     variable and `x`."""
@@ -324,7 +332,8 @@ def _block_gradients(block, x, mask_argument, mask, weight, jit: bool) -> list[n
         frozen = [v.value for v in block.non_trainable_variables]
 
         def loss(trainable, x):
-            out, _ = block.stateless_call(trainable, frozen, x, training=True, **kwargs)
+            out, _ = block.stateless_call(trainable, frozen, x, **training_kwargs(block),
+                                          **kwargs)
             return ops.sum(out * weight)
 
         grad = jax.grad(loss, argnums=(0, 1))

@@ -8,13 +8,18 @@ same sublayers and weights. `to_standard` swaps them back. A bare
 `keras.layers.MultiHeadAttention` (one in the user's own model, not inside a
 block) becomes `keras_blpa.layers.MultiHeadAttention` the same way.
 
-KerasHub's Llama and Mistral decoder blocks become
-`keras_blpa.layers.LlamaTransformerDecoder` / `MistralTransformerDecoder`
-(RMSNorm, rotary embeddings, grouped-query attention, SwiGLU). Blocks of
-other classes (Gemma's, Qwen's, ...) stay stock and the report says so.
+KerasHub's Llama, Mistral and Qwen decoder blocks become
+`keras_blpa.layers.LlamaTransformerDecoder` / `MistralTransformerDecoder` /
+`QwenTransformerDecoder` (RMSNorm, rotary embeddings, grouped-query
+attention, SwiGLU), and Gemma's `keras_blpa.layers.GemmaDecoderBlock`
+(GeGLU, `1 + scale` norms; Gemma 2's soft cap, post-norms and sliding
+window). Blocks of other classes (Gemma 3's, Qwen 3's, ...) stay stock and
+the report says so.
 """
 
 from __future__ import annotations
+
+import importlib
 
 import keras
 
@@ -46,13 +51,15 @@ def _pairs() -> list:
 
 
 def _llama_pairs() -> list:
-    """Llama's and Mistral's blocks, which KerasHub keeps under `keras_hub.src`:
-    none where that import fails (another KerasHub layout)."""
-    try:
-        from keras_blpa.layers import llama_decoder
-    except ImportError:
-        return []
-    return llama_decoder.pairs()
+    """Llama's, Mistral's, Qwen's and Gemma's blocks, which KerasHub keeps under
+    `keras_hub.src`: none of a module whose import fails (another KerasHub layout)."""
+    found = []
+    for module in ("llama_decoder", "gemma_decoder"):
+        try:
+            found += importlib.import_module(f"keras_blpa.layers.{module}").pairs()
+        except ImportError:
+            pass
+    return found
 
 
 def _sublayers(layer, recursive: bool = True) -> list:
@@ -148,7 +155,7 @@ def _convert_in_place(model, bits, derivative_bits, keep, report: ConversionRepo
         elif target is None:
             reason = (f"{type(layer).__name__} is not a block convert covers yet (Keras's "
                       "MultiHeadAttention, KerasHub's TransformerEncoder / TransformerDecoder "
-                      "and Llama's / Mistral's decoder blocks)")
+                      "and Llama's / Mistral's / Qwen's / Gemma's decoder blocks)")
         else:
             reason = _swap(layer, target, bits, derivative_bits)
         report.blocks.append(Chain(layers=(layer.name,), model=path,

@@ -13,7 +13,7 @@ from keras_blpa.layers.relu_dense import ReLUDense
 
 __all__ = [
     "ApproxBatchNormalization", "BNReLUConv2D", "BNReLUDense", "Dense", "Dropout",
-    "LayerNormalization",
+    "GemmaDecoderBlock", "LayerNormalization",
     "LlamaTransformerDecoder",
     "MistralTransformerDecoder", "MultiHeadAttention", "PaddedMaxPooling2D",
     "QwenTransformerDecoder", "ReLUConv2D", "ReLUDense", "TransformerDecoder", "TransformerEncoder",
@@ -23,7 +23,8 @@ _HUB_BLOCKS = {"TransformerEncoder": "transformer_encoder",
                "TransformerDecoder": "transformer_decoder",
                "LlamaTransformerDecoder": "llama_decoder",
                "MistralTransformerDecoder": "llama_decoder",
-               "QwenTransformerDecoder": "llama_decoder"}
+               "QwenTransformerDecoder": "llama_decoder",
+               "GemmaDecoderBlock": "gemma_decoder"}
 
 
 def __getattr__(name: str):

@@ -46,8 +46,11 @@ def _key_first(equation: str) -> str:
     return f"{key},{query}->{output}"
 
 
-class BLPALlamaMixin(BLPABlockMixin):
-    """The BLPA training forward of a Llama-style block (module docstring).
+class BLPADecoderMixin(BLPABlockMixin):
+    """What the BLPA subclasses of KerasHub's RMSNorm decoder blocks share
+    (Llama's here, Gemma's in `keras_blpa.layers.gemma_decoder`): `bits` and
+    `derivative_bits`, the check once built, the config, the dropout seed
+    and the norms' weights.
 
     Args (beside the KerasHub block's own):
       bits: 4 or 8, the row codes' width; None keeps the exact tensors (the
@@ -59,9 +62,30 @@ class BLPALlamaMixin(BLPABlockMixin):
         super().__init__(*args, **kwargs)
         self._init_blpa(bits, derivative_bits)
 
-    def build(self, decoder_sequence_shape):
-        super().build(decoder_sequence_shape)
+    def build(self, input_shape):
+        super().build(input_shape)
         self._check_blpa()
+
+    def get_config(self):
+        return {**super().get_config(), **self._blpa_config()}
+
+    def _check_norms(self, norms) -> None:
+        for norm in norms:
+            if not isinstance(getattr(norm, "scale", None), keras.Variable) \
+                    or not hasattr(norm, "epsilon"):
+                raise ValueError(
+                    f"{self.name}: the BLPA block needs an RMS norm with `scale` and "
+                    f"`epsilon`; {norm.name} is a {type(norm).__name__}. Keep the stock block.")
+
+    @staticmethod
+    def _rms_weights(norm) -> tuple:
+        """`(gamma, beta)` of the norm unit for an RMS norm that scales by `scale`."""
+        scale = ops.convert_to_tensor(norm.scale)
+        return scale, ops.zeros_like(scale)
+
+
+class BLPALlamaMixin(BLPADecoderMixin):
+    """The BLPA training forward of a Llama-style block (module docstring)."""
 
     def call(self, decoder_sequence, decoder_padding_mask=None, decoder_attention_mask=None,
              self_attention_cache=None, self_attention_cache_update_index=None, training=None):
@@ -78,25 +102,13 @@ class BLPALlamaMixin(BLPABlockMixin):
             self_attention_cache_update_index=None)
         return self._blpa_forward(decoder_sequence, mask)
 
-    def get_config(self):
-        return {**super().get_config(), **self._blpa_config()}
-
     def _check_blpa(self) -> None:
         """A ValueError naming what the block uses that the units do not cover."""
         activation_name(self.activation)
-        for norm in (self._self_attention_layernorm, self._feedforward_layernorm):
-            if not hasattr(norm, "scale") or not hasattr(norm, "epsilon"):
-                raise ValueError(
-                    f"{self.name}: the BLPA block needs an RMS norm with `scale` and "
-                    f"`epsilon`; {norm.name} is a {type(norm).__name__}. Keep the stock block.")
+        self._check_norms((self._self_attention_layernorm, self._feedforward_layernorm))
 
-    def _seed(self):
-        """A fresh dropout seed, or None when the block has no dropout."""
-        for layer in (self._self_attention_layer._dropout_layer, self._self_attention_dropout):
-            generator = getattr(layer, "seed_generator", None)
-            if generator is not None:
-                return generator.next()
-        return None
+    def _dropout_layers(self) -> tuple:
+        return (self._self_attention_layer._dropout_layer, self._self_attention_dropout)
 
     def _blpa_forward(self, x, mask):
         x = ops.cast(x, self.compute_dtype)  # as `__call__` (not `stateless_call`) does
@@ -128,11 +140,6 @@ class BLPALlamaMixin(BLPABlockMixin):
                               activation=activation_name(self.activation), bits=bits,
                               derivative_bits=self.derivative_bits, name=name)
         return x + mlp
-
-    @staticmethod
-    def _rms_weights(norm) -> tuple:
-        scale = ops.convert_to_tensor(norm.scale)
-        return scale, ops.zeros_like(scale)
 
 
 @keras.saving.register_keras_serializable(package="keras_blpa")

@@ -108,10 +108,14 @@ class BLPABlockMixin:
     def _blpa_config(self) -> dict:
         return {"bits": self.bits, "derivative_bits": self.derivative_bits}
 
+    def _dropout_layers(self) -> tuple:
+        """The block's dropout layers (any of their seed generators seeds the units)."""
+        return (self._self_attention_dropout, self._self_attention_layer._dropout_layer,
+                self._feedforward_dropout)
+
     def _seed(self):
         """A fresh dropout seed, or None when the block has no dropout."""
-        for layer in (self._self_attention_dropout, self._self_attention_layer._dropout_layer,
-                      self._feedforward_dropout):
+        for layer in self._dropout_layers():
             generator = getattr(layer, "seed_generator", None)
             if generator is not None:
                 return generator.next()

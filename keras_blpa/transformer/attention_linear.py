@@ -3,6 +3,7 @@
 Forward (exact, as `keras.layers.MultiHeadAttention` computes it):
 
     P   = softmax(scale * q k^T, masked)     [batch, heads, query, key]
+          (with `soft_cap`: softmax(cap * tanh(scale * q k^T / cap)), Gemma 2's)
     o   = dropout_p(P) v                     [batch, query, heads, head_dim]
     out = dropout(linear(dropout_o(o), weights))
 
@@ -55,6 +56,7 @@ def attention_linear(
     dropout: float,
     bits: int | None,
     projection_dropout: float = 0.0,
+    soft_cap: float | None = None,
     name: str = "attention_linear",
 ) -> list:
     """Training-mode multi-head attention and its output projection.
@@ -76,6 +78,9 @@ def attention_linear(
       bits: 4 or 8 for the row codes of q, k and v; None: exact.
       projection_dropout: dropout on `o`, the projection's input (Llama's
         and Mistral's attention dropout).
+      soft_cap: caps the scaled logits at `cap * tanh(logits / cap)` (Gemma
+        2's `logit_soft_cap`), inside the recomputation the backward
+        differentiates; None: no cap.
       name: the layer's name.
     """
     shapes = [ops.shape(t) for t in (q, k, v)]
@@ -105,6 +110,8 @@ def attention_linear(
         # float32 logits, scaled after (one bfloat16 rounding fewer), as
         # Keras's dot_product_attention computes them on each backend.
         scores = codes.autodiff().logits(dot_equation, k, q) * scale
+        if soft_cap is not None:
+            scores = ops.tanh(scores / soft_cap) * soft_cap
         if has_mask:
             keep = ops.expand_dims(mask_bool, 1)  # over heads
             scores = ops.where(keep, scores, ops.cast(_LARGE_NEGATIVE, scores.dtype))

@@ -10,7 +10,7 @@ import pytest
 from around_blocks_tests import *  # noqa: F401,F403
 from jax.ad_checkpoint import print_saved_residuals
 from transformer_tests import *  # noqa: F401,F403
-from transformer_tests import _block_pair
+from transformer_tests import _block_pair, training_kwargs
 
 
 def _residuals(block, x) -> list[tuple[str, int, str]]:
@@ -19,7 +19,7 @@ def _residuals(block, x) -> list[tuple[str, int, str]]:
     frozen = [v.value for v in block.non_trainable_variables]
 
     def loss(trainable, x):
-        out, _ = block.stateless_call(trainable, frozen, x, training=True)
+        out, _ = block.stateless_call(trainable, frozen, x, **training_kwargs(block))
         return out.sum()
 
     text = io.StringIO()
