@@ -315,11 +315,25 @@ def _block_pair(kind: str, bits, dropout: float = 0.0, activation: str = "gelu")
     return stock, blpa, x
 
 
-def training_kwargs(block) -> dict:
-    """`training=True` for `stateless_call`, which calls `call` itself: none
-    for a block whose `call` takes no `training` (KerasHub's Gemma block,
-    here without dropout to switch on)."""
-    return {"training": True} if "training" in inspect.signature(block.call).parameters else {}
+def training_call(block) -> tuple:
+    """`(layer, kwargs)`: `layer.stateless_call(trainable, frozen, x, **kwargs)`
+    runs `block` in training. `stateless_call` calls `call` itself, and a
+    block whose `call` takes no `training` (KerasHub's Gemma block, and its
+    BLPA subclass, which reads the flag `__call__` sets) runs inside a layer
+    that passes it, with the block's variables."""
+    if "training" in inspect.signature(block.call).parameters:
+        return block, {"training": True}
+
+    class Training(keras.layers.Layer):
+        def __init__(self):
+            super().__init__()
+            self.block = block
+            self.built = True
+
+        def call(self, x, training=None, **kwargs):
+            return self.block(x, training=training, **kwargs)
+
+    return Training(), {"training": True}
 
 
 def _block_gradients(block, x, mask_argument, mask, weight, jit: bool) -> list[np.ndarray]:
@@ -330,10 +344,10 @@ def _block_gradients(block, x, mask_argument, mask, weight, jit: bool) -> list[n
         import jax
 
         frozen = [v.value for v in block.non_trainable_variables]
+        layer, training = training_call(block)
 
         def loss(trainable, x):
-            out, _ = block.stateless_call(trainable, frozen, x, **training_kwargs(block),
-                                          **kwargs)
+            out, _ = layer.stateless_call(trainable, frozen, x, **training, **kwargs)
             return ops.sum(out * weight)
 
         grad = jax.grad(loss, argnums=(0, 1))

@@ -48,10 +48,11 @@ _ACTIVATION = "gelu_tanh"  # KerasHub's: keras.activations.gelu(gate, approximat
 
 def _context_training():
     """The `training` flag of the enclosing Keras call. KerasHub's
-    `GemmaDecoderBlock.call` takes no `training` argument, so Keras passes
-    none to a stock block converted in place (it read the call's signature
-    when the layer was built); its sublayers, like this block, read the call
-    context that `Layer.__call__` set."""
+    `GemmaDecoderBlock.call` takes no `training` argument (nor does this
+    subclass's: a block converted in place, or converted back, keeps the
+    signature Keras read when it was built); `Layer.__call__` puts the flag
+    it was given, or its caller's, in the call context, where the block's
+    sublayers read it too."""
     context = global_state.get_global_attribute("current_call_ctx")
     return None if context is None else context.training
 
@@ -84,10 +85,8 @@ class GemmaDecoderBlock(BLPADecoderMixin, StockGemmaBlock):
       derivative_bits: 1 to 4 (default 3), the gate's derivative code.
     """
 
-    def call(self, x, padding_mask=None, cache=None, cache_update_index=0, training=None):
-        if training is None:
-            training = _context_training()
-        if not training or cache is not None:
+    def call(self, x, padding_mask=None, cache=None, cache_update_index=0):
+        if not _context_training() or cache is not None:
             return super().call(x, padding_mask=padding_mask, cache=cache,
                                 cache_update_index=cache_update_index)
         mask = ops.cast(self._compute_attention_mask(x, padding_mask, None, 0), "bool")

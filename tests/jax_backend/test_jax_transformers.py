@@ -10,16 +10,17 @@ import pytest
 from around_blocks_tests import *  # noqa: F401,F403
 from jax.ad_checkpoint import print_saved_residuals
 from transformer_tests import *  # noqa: F401,F403
-from transformer_tests import _block_pair, training_kwargs
+from transformer_tests import _block_pair, training_call
 
 
 def _residuals(block, x) -> list[tuple[str, int, str]]:
     """`(dtype, elements, source)` of what JAX keeps from the block's training
     forward for its backward pass (`print_saved_residuals`)."""
     frozen = [v.value for v in block.non_trainable_variables]
+    layer, training = training_call(block)
 
     def loss(trainable, x):
-        out, _ = block.stateless_call(trainable, frozen, x, **training_kwargs(block))
+        out, _ = layer.stateless_call(trainable, frozen, x, **training)
         return out.sum()
 
     text = io.StringIO()
