@@ -236,6 +236,37 @@ def test_gemma_block_refuses_what_it_does_not_cover():
     assert "RMS norm" in reason and "pre_ffw_norm is a LayerNormalization" in reason, reason
 
 
+def test_a_converted_gemma_backbone_saves_loads_and_converts_back(tmp_path):
+    """A converted Gemma 2 backbone loads converted from `.keras` with the
+    same outputs; a model built with the BLPA block itself converts back to a
+    stock block that runs in training (Keras read `call`'s signature when it
+    built the layer: the subclass keeps KerasHub's)."""
+    import keras_blpa
+    import keras_blpa.layers as layers
+
+    keras.utils.set_random_seed(0)
+    backbone = hub.models.GemmaBackbone(
+        vocabulary_size=100, num_layers=2, num_query_heads=4, num_key_value_heads=1,
+        hidden_dim=32, intermediate_dim=96, head_dim=8, attention_logit_soft_cap=2.0,
+        use_post_attention_norm=True, use_post_ffw_norm=True,
+        use_sliding_window_attention=True, sliding_window_size=5)
+    converted = keras_blpa.convert(backbone)
+    converted.save(tmp_path / "gemma.keras")
+    loaded = keras.models.load_model(tmp_path / "gemma.keras")
+    assert [type(b).__module__ for b in loaded.transformer_layers] == [
+        "keras_blpa.layers.gemma_decoder"] * 2
+    tokens = {"token_ids": _rng(37).integers(1, 100, (2, 8)).astype("int32"),
+              "padding_mask": np.ones((2, 8), bool)}
+    np.testing.assert_array_equal(np.asarray(loaded(tokens)), np.asarray(converted(tokens)))
+
+    model = keras.Sequential([keras.Input((8, 32)), layers.GemmaDecoderBlock(**ARGS)])
+    back = keras_blpa.to_standard(model)
+    assert type(back.layers[0]) is _stock_class()
+    x = _rng(38).standard_normal((2, 8, 32)).astype("float32")
+    np.testing.assert_allclose(np.asarray(back(x, training=True)),
+                               np.asarray(model(x, training=True)), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.slow  # generate and fit compile several programs
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 def test_convert_trains_a_gemma_causal_lm_that_generates_the_same_text(config):
