@@ -25,6 +25,8 @@ cross-attention run the stock code path.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable
 
 import keras
@@ -47,6 +49,44 @@ def activation_name(fn) -> str:
     return derivative.check_activation(name)
 
 
+@functools.cache
+def _trailing_contraction(equation: str) -> int | None:
+    """How many trailing axes of `a` an EinsumDense `equation` contracts with
+    the kernel's leading axes (`"abc,cde->abde"`: 1, `"abcd,cde->abe"`: 2),
+    the output being `a`'s other axes then the kernel's; None for any other
+    equation (ellipses, transposed kernels, axes that are not contracted)."""
+    inputs, _, out = equation.replace(" ", "").partition("->")
+    lhs, _, rhs = inputs.partition(",")
+    if not all(t.isalpha() and len(set(t)) == len(t) for t in (lhs, rhs, out)):
+        return None
+    contracted = len(set(lhs) & set(rhs))
+    if contracted == 0 or lhs[len(lhs) - contracted:] != rhs[:contracted] \
+            or out != lhs[:len(lhs) - contracted] + rhs[contracted:]:
+        return None
+    return contracted
+
+
+def dense_product(equation: str | None, a, kernel):
+    """`a @ kernel` (a Dense's product, `equation` None) or
+    `einsum(equation, a, kernel)` (an EinsumDense's), as one 2-D matmul
+    where the equation contracts `a`'s trailing axes with the kernel's
+    leading ones: `a` as `[rows, contracted]`, the kernel as `[contracted,
+    rest]`, the product reshaped back. Its gradients are then two 2-D
+    matmuls, where TensorFlow differentiates an einsum through einsums
+    (`_MklEinsum`) or a batched matmul and a sum."""
+    if equation is None:
+        return ops.matmul(a, kernel)
+    contracted = _trailing_contraction(equation)
+    sizes = tuple(a.shape[len(a.shape) - contracted:]) if contracted else ()
+    if not contracted or None in sizes or tuple(kernel.shape[:contracted]) != sizes \
+            or None in kernel.shape:
+        return ops.einsum(equation, a, kernel)
+    inner = math.prod(sizes)
+    rest = tuple(kernel.shape[contracted:])
+    product = ops.matmul(ops.reshape(a, (-1, inner)), ops.reshape(kernel, (inner, -1)))
+    return ops.reshape(product, (*ops.shape(a)[:len(a.shape) - contracted], *rest))
+
+
 def heads(layers: list) -> tuple[list, Callable]:
     """`(weights, linear)` of Dense / EinsumDense layers reading one input:
     `linear(a, *weights)` is their outputs, without activation."""
@@ -61,7 +101,7 @@ def heads(layers: list) -> tuple[list, Callable]:
         outputs, i = [], 0
         for equation, has_bias in spec:
             kernel = weights[i]
-            out = ops.matmul(a, kernel) if equation is None else ops.einsum(equation, a, kernel)
+            out = dense_product(equation, a, kernel)
             if has_bias:
                 out = out + weights[i + 1]
             outputs.append(out)

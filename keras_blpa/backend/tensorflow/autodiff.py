@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import tensorflow as tf
+from keras import ops
 
 from keras_blpa.backend.tensorflow import quantizer, row_kernels, xla
 
@@ -119,8 +120,11 @@ def vjp(
 def logits(equation: str, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
     """float32 `einsum(equation, a, b)`, from the product in the inputs'
     dtype, as Keras's TensorFlow `dot_product_attention` computes its logits
-    (TensorFlow's einsum has no wider accumulator type)."""
-    return tf.cast(tf.einsum(equation, a, b), tf.float32)
+    (TensorFlow's einsum has no wider accumulator type). Through
+    `keras.ops.einsum`, as `MultiHeadAttention` forms its scores: Keras runs
+    the attention's equations as batched matmuls, whose gradients are
+    batched matmuls too (`tf.einsum`'s are `_MklEinsum` ops, slower on CPU)."""
+    return tf.cast(ops.einsum(equation, a, b), tf.float32)
 
 
 def dropout_keep(seed: tf.Tensor, shape, rate: float, gate: tf.Tensor) -> tf.Tensor:
@@ -130,14 +134,36 @@ def dropout_keep(seed: tf.Tensor, shape, rate: float, gate: tf.Tensor) -> tf.Ten
     `gate` (the tensor being dropped): seeds are known when the step starts,
     and executors would otherwise draw every layer's bits up front.
 
-    A float uniform, not JAX's 16-bit halves of each word
-    (`keras_blpa.backend.jax.autodiff.dropout_keep`): TensorFlow's executor
-    runs each op as a pass with a buffer of its own, so the split's five ops
-    hold more at once than the uniform's one (a 12-block GPT-2 measured 8.0
-    against 7.9 MiB per sample, within the executor's run-to-run spread)."""
+    As on JAX (`keras_blpa.backend.jax.autodiff.dropout_keep`), an element
+    keeps when its 16 random bits are at least `round(rate * 2**16)`
+    (`dropout_threshold`), two elements to a 32-bit word of Philox bits,
+    read as two uint16 by a bitcast (no pass of its own): half the random
+    words of a float `uniform`, whose generation was the most expensive op
+    of the units' backward on a CPU (a 4-block GPT-2 step drew 26 masks,
+    15 of its 246 ms of op time on one thread; the 16-bit halves take 45%
+    less per mask). The words' buffer is half the float uniform's."""
+    threshold = dropout_threshold(rate)
     with tf.control_dependencies([gate]):
         seed = xla.after(tf.reshape(tf.cast(seed, tf.int64), [2]), gate)
-    return tf.random.stateless_uniform(shape, seed, dtype=tf.float32) >= rate
+    shape = list(shape)
+    if threshold >= 1 << 16:
+        return tf.zeros(shape, tf.bool)
+    if isinstance(shape[-1], int) and shape[-1] % 2 == 0:  # a word per pair along the last axis
+        words = tf.random.stateless_uniform([*shape[:-1], shape[-1] // 2], seed, minval=None,
+                                            maxval=None, dtype=tf.uint32)
+        halves = tf.bitcast(words, tf.uint16)
+    else:
+        size = tf.reduce_prod(tf.convert_to_tensor(shape, tf.int64))
+        words = tf.random.stateless_uniform(tf.reshape((size + 1) // 2, [1]), seed, minval=None,
+                                            maxval=None, dtype=tf.uint32)
+        halves = tf.reshape(tf.bitcast(words, tf.uint16), [-1])[:size]
+    return tf.reshape(halves >= tf.constant(threshold, tf.uint16), shape)
+
+
+def dropout_threshold(rate: float) -> int:
+    """The 16-bit threshold of `dropout_keep`: the drop probability is
+    `round(rate * 2**16) / 2**16`, within 2**-17 of `rate`."""
+    return int(round(rate * 65536))
 
 
 def bins(x: tf.Tensor, edges) -> tf.Tensor:
