@@ -13,7 +13,11 @@ the MLP's Dense layers stay stock (no `remat` variant). `--model llama` is
 KerasHub's `LlamaBackbone` of the same sizes with 2 key/value heads
 (grouped-query attention), a SwiGLU MLP of 1024 and no dropout (KerasHub's
 default); `convert` makes its blocks `keras_blpa.layers.LlamaTransformerDecoder`
-(`--head`: `LlamaCausalLM`). Variants:
+(`--head`: `LlamaCausalLM`). `--model gemma` is KerasHub's `GemmaBackbone`
+(a Gemma 1 configuration) of the same sizes with 1 key/value head, head size
+64, a GeGLU MLP of 1024 (KerasHub's `intermediate_dim` 2048: gate and up
+take half each) and no dropout; its blocks become
+`keras_blpa.layers.GemmaDecoderBlock` (`--head`: `GemmaCausalLM`). Variants:
 
 - `stock`: as KerasHub builds it;
 - `remat`: built under `keras.RematScope(mode="list_of_layers")` over every
@@ -63,6 +67,8 @@ VARIANTS = ("stock", "remat", "exact", "default", "lean")
 SIZES = dict(vocabulary_size=1000, num_heads=4, hidden_dim=256, intermediate_dim=1024,
              max_sequence_length=128)
 LLAMA_KV_HEADS = 2  # --model llama: grouped-query attention, 2 query heads per k/v head
+GEMMA_KV_HEADS = 1  # --model gemma: multi-query attention, as Gemma 2B
+KV_HEADS = {"llama": LLAMA_KV_HEADS, "gemma": GEMMA_KV_HEADS}
 
 
 def mha_model(layers: int, dropout: float = 0.1):
@@ -112,7 +118,7 @@ def build(model: str, layers: int, variant: str, policy: str, head: bool = False
     import keras_hub
 
     cls = {"gpt2": keras_hub.models.GPT2Backbone, "bert": keras_hub.models.BertBackbone,
-           "llama": keras_hub.models.LlamaBackbone}[model]
+           "llama": keras_hub.models.LlamaBackbone, "gemma": keras_hub.models.GemmaBackbone}[model]
     names = ["query", "key", "value", "attention_output", "self_attention_layer_norm",
              "feedforward_layer_norm", "feedforward_intermediate_dense",
              "feedforward_output_dense"]
@@ -121,6 +127,13 @@ def build(model: str, layers: int, variant: str, policy: str, head: bool = False
         names += ["self_attention_layernorm", "feedforward_layernorm", "feedforward_gate_dense"]
         sizes.update(num_query_heads=sizes.pop("num_heads"), num_key_value_heads=LLAMA_KV_HEADS)
         del sizes["max_sequence_length"]  # rotary embeddings: no position table
+    if model == "gemma":
+        names = ["query", "key", "value", "attention_output", "pre_attention_norm",
+                 "pre_ffw_norm", "ffw_gating", "ffw_gating_2", "ffw_linear"]
+        sizes.update(num_query_heads=sizes.pop("num_heads"), num_key_value_heads=GEMMA_KV_HEADS,
+                     head_dim=sizes["hidden_dim"] // SIZES["num_heads"],
+                     intermediate_dim=2 * sizes["intermediate_dim"])  # gate and up: half each
+        del sizes["max_sequence_length"]
     if variant == "remat":
         with keras.RematScope(mode="list_of_layers", layer_names=names):
             backbone = cls(num_layers=layers, **sizes)
@@ -135,8 +148,9 @@ def build(model: str, layers: int, variant: str, policy: str, head: bool = False
         model = keras.Model(backbone.input, output)
         model.compile(optimizer="sgd", loss="mse", jit_compile=jit)
         return model
-    if model in ("gpt2", "llama"):
-        lm = keras_hub.models.GPT2CausalLM if model == "gpt2" else keras_hub.models.LlamaCausalLM
+    if model in ("gpt2", "llama", "gemma"):
+        lm = {"gpt2": keras_hub.models.GPT2CausalLM, "llama": keras_hub.models.LlamaCausalLM,
+              "gemma": keras_hub.models.GemmaCausalLM}[model]
         task = lm(backbone=backbone, preprocessor=None)
     else:
         task = keras_hub.models.BertTextClassifier(backbone=backbone, num_classes=2,
@@ -185,15 +199,15 @@ def codes_bytes_per_sample(layers: int, variant: str, policy: str = "float32",
                      else 3 * (h * bits / 8 + 8) + 2 * 4 + 3 * (h * bits / 8 + 8 * heads)
                      + (h * bits / 8 + 8) + inner * 4 / (32 // derivative_bits)  # MLP in
                      + (inner * bits / 8 + 8))  # MLP out
-    elif model == "llama":
-        kv = LLAMA_KV_HEADS * h // heads  # k's (and v's) features per token
+    elif model in KV_HEADS:  # Llama's and Gemma's blocks (gated MLP of width `inner`)
+        kv = KV_HEADS[model] * h // heads  # k's (and v's) features per token
         if bits is None:  # the norms' inputs, q, k, v, gate and up
             size = 2 if policy == "mixed_bfloat16" else 4
             per_token = size * (2 * h + h + 2 * kv + 2 * inner) + 4 * 2
         else:
             per_token = (2 * (h * bits / 8 + 8)  # two norm codes (+ lo, scale)
                          + h * bits / 8 + 8 * heads  # q rows per head
-                         + 2 * (kv * bits / 8 + 8 * LLAMA_KV_HEADS)  # k, v
+                         + 2 * (kv * bits / 8 + 8 * KV_HEADS[model])  # k, v
                          + 2 * (inner * bits / 8 + 8)  # f(gate) and up row codes
                          + inner * 4 / (32 // derivative_bits) + 2 * 4)  # gate's f', inv
     elif bits is None:  # the norms' inputs, q, k, v and the MLP's pre-activation
@@ -263,7 +277,7 @@ def step_times(args) -> dict:
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="gpt2", choices=["gpt2", "bert", "mha", "llama"])
+    p.add_argument("--model", default="gpt2", choices=["gpt2", "bert", "mha", "llama", "gemma"])
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--batch-sizes", type=int, nargs=2, default=(2, 6))
