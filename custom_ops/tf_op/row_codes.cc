@@ -337,6 +337,26 @@ absl::Status ReadBins(OpKernelConstruction* ctx, const char* list, int* bits,
   return ctx->GetAttr(list, values);
 }
 
+// `sum(x[c] > edge)` of one row, shifted into its words: a block of columns
+// at a time, an edge at a time, so that each pass over the block vectorizes
+// (a loop over the edges inside the column loop did not: 2 ms for 768 x 1024
+// floats at 7 edges on one thread). The same counts.
+void BinRow(const float* x, int64_t n, const float* edges, int num_edges, int shift,
+            uint32_t* word) {
+  constexpr int64_t kBlock = 256;
+  uint32_t count[kBlock];
+  for (int64_t first = 0; first < n; first += kBlock) {
+    const int64_t m = std::min(kBlock, n - first);
+    const float* v = x + first;
+    for (int64_t c = 0; c < m; ++c) count[c] = 0u;
+    for (int e = 0; e < num_edges; ++e) {
+      const float edge = edges[e];
+      for (int64_t c = 0; c < m; ++c) count[c] += v[c] > edge ? 1u : 0u;
+    }
+    for (int64_t c = 0; c < m; ++c) word[first + c] |= count[c] << shift;
+  }
+}
+
 class BinsPackedOp : public OpKernel {
  public:
   explicit BinsPackedOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -364,13 +384,8 @@ class BinsPackedOp : public OpKernel {
         uint32_t* word = packed + w * columns;
         std::fill(word, word + columns, 0u);
         for (int64_t j = 0; j < k && w * k + j < rows; ++j) {
-          const float* row = in + (w * k + j) * columns;
-          const int shift = static_cast<int>(j) * bits;
-          for (int64_t c = 0; c < columns; ++c) {
-            uint32_t count = 0;
-            for (const float e : edges) count += row[c] > e ? 1u : 0u;
-            word[c] |= count << shift;
-          }
+          BinRow(in + (w * k + j) * columns, columns, edges.data(),
+                 static_cast<int>(edges.size()), static_cast<int>(j) * bits, word);
         }
       }
     });
