@@ -502,6 +502,27 @@ def test_a_converted_keras_hub_model_saves_and_loads_converted(tmp_path):
     np.testing.assert_array_equal(np.asarray(stock(tokens)), np.asarray(converted(tokens)))
 
 
+def test_a_quantized_converted_block_runs_keras_hubs_code():
+    """After `model.quantize("int8")` the units would read int8 kernels: the
+    blocks train with KerasHub's code, and give its outputs."""
+    hub = pytest.importorskip("keras_hub")
+    import keras_blpa
+
+    keras.utils.set_random_seed(0)
+    stock = hub.models.GPT2Backbone(vocabulary_size=100, num_layers=1, num_heads=2,
+                                    hidden_dim=16, intermediate_dim=32, max_sequence_length=16,
+                                    dropout=0.0)
+    converted = keras_blpa.convert(stock)
+    for model in (stock, converted):
+        model.quantize("int8")
+    tokens = _tokens()
+    want = np.asarray(stock(tokens, training=True))
+    with codes.recording() as saved:
+        got = np.asarray(converted(tokens, training=True))
+    assert [unit for unit, _ in saved] == ["norm_linear"]  # the final norm only
+    np.testing.assert_array_equal(got, want)
+
+
 def test_convert_reports_blocks_it_does_not_cover_and_bad_options():
     pytest.importorskip("keras_hub")
     import keras_blpa

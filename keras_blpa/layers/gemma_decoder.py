@@ -33,11 +33,10 @@ from __future__ import annotations
 
 import keras
 from keras import ops
-from keras.src.backend.common import global_state
 from keras_hub.src.models.gemma.gemma_decoder_block import GemmaDecoderBlock as StockGemmaBlock
 
 from keras_blpa.layers.llama_decoder import BLPADecoderMixin
-from keras_blpa.layers.transformer_block import heads
+from keras_blpa.layers.transformer_block import heads, quantized
 from keras_blpa.transformer.attention_linear import attention_linear
 from keras_blpa.transformer.dropout import dropout
 from keras_blpa.transformer.gated_linear import gated_linear
@@ -52,9 +51,14 @@ def _context_training():
     subclass's: a block converted in place, or converted back, keeps the
     signature Keras read when it was built); `Layer.__call__` puts the flag
     it was given, or its caller's, in the call context, where the block's
-    sublayers read it too."""
+    sublayers read it too. Where Keras keeps it elsewhere, None: the block
+    runs KerasHub's code (stock memory, the same numbers)."""
+    try:  # Internal: Keras exports no reader of the call context.
+        from keras.src.backend.common import global_state
+    except ImportError:  # pragma: no cover - another Keras layout: KerasHub's code runs
+        return None
     context = global_state.get_global_attribute("current_call_ctx")
-    return None if context is None else context.training
+    return None if context is None else getattr(context, "training", None)
 
 
 @keras.saving.register_keras_serializable(package="keras_blpa")
@@ -86,7 +90,7 @@ class GemmaDecoderBlock(BLPADecoderMixin, StockGemmaBlock):
     """
 
     def call(self, x, padding_mask=None, cache=None, cache_update_index=0):
-        if not _context_training() or cache is not None:
+        if not _context_training() or cache is not None or quantized(self):
             return super().call(x, padding_mask=padding_mask, cache=cache,
                                 cache_update_index=cache_update_index)
         mask = ops.cast(self._compute_attention_mask(x, padding_mask, None, 0), "bool")

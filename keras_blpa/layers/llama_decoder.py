@@ -33,7 +33,12 @@ from keras_hub.src.models.mistral.mistral_transformer_decoder import (
 )
 from keras_hub.src.models.qwen.qwen_decoder import QwenTransformerDecoder as StockQwenDecoder
 
-from keras_blpa.layers.transformer_block import BLPABlockMixin, activation_name, heads
+from keras_blpa.layers.transformer_block import (
+    BLPABlockMixin,
+    activation_name,
+    heads,
+    quantized,
+)
 from keras_blpa.transformer.attention_linear import attention_linear
 from keras_blpa.transformer.gated_linear import gated_linear
 from keras_blpa.transformer.norm_linear import norm_linear
@@ -89,7 +94,7 @@ class BLPALlamaMixin(BLPADecoderMixin):
 
     def call(self, decoder_sequence, decoder_padding_mask=None, decoder_attention_mask=None,
              self_attention_cache=None, self_attention_cache_update_index=None, training=None):
-        if not training or self_attention_cache is not None:
+        if not training or self_attention_cache is not None or quantized(self):
             return super().call(
                 decoder_sequence, decoder_padding_mask=decoder_padding_mask,
                 decoder_attention_mask=decoder_attention_mask,

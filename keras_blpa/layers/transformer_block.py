@@ -111,6 +111,17 @@ def heads(layers: list) -> tuple[list, Callable]:
     return [ops.convert_to_tensor(w) for w in weights], linear
 
 
+def quantized(block) -> bool:
+    """Whether a layer inside `block` computes with a quantized kernel
+    (`model.quantize("int8")`, ...): the units read float kernels, so such a
+    block runs KerasHub's code. Keras exports no walk over a layer's
+    sublayers; `_flatten_layers` is internal, and without it none is found
+    quantized but the block itself."""
+    walk = getattr(block, "_flatten_layers", None)
+    layers = list(walk(include_self=True)) if walk is not None else [block]
+    return any(getattr(layer, "quantization_mode", None) for layer in layers)
+
+
 def _norm_weights(layer) -> tuple:
     features = layer.gamma.shape[-1] if layer.gamma is not None else layer.beta.shape[-1]
     gamma = layer.gamma if layer.gamma is not None else ops.ones((features,))

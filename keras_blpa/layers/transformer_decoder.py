@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 import keras_hub
 
-from keras_blpa.layers.transformer_block import BLPABlockMixin, check_block
+from keras_blpa.layers.transformer_block import BLPABlockMixin, check_block, quantized
 
 
 @keras.saving.register_keras_serializable(package="keras_blpa")
@@ -45,7 +45,8 @@ class TransformerDecoder(BLPABlockMixin, keras_hub.layers.TransformerDecoder):
              self_attention_cache_update_index=None, cross_attention_cache=None,
              cross_attention_cache_update_index=None, use_causal_mask=True, training=None):
         stock = (not training or encoder_sequence is not None
-                 or self._cross_attention_layer is not None or self_attention_cache is not None)
+                 or self._cross_attention_layer is not None or self_attention_cache is not None
+                 or quantized(self))
         if stock:
             return super().call(
                 decoder_sequence, encoder_sequence=encoder_sequence,

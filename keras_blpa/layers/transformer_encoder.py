@@ -8,7 +8,7 @@ from keras_hub.src.layers.modeling.transformer_layer_utils import (
     merge_padding_and_attention_mask,
 )
 
-from keras_blpa.layers.transformer_block import BLPABlockMixin, check_block
+from keras_blpa.layers.transformer_block import BLPABlockMixin, check_block, quantized
 
 
 @keras.saving.register_keras_serializable(package="keras_blpa")
@@ -47,7 +47,7 @@ class TransformerEncoder(BLPABlockMixin, keras_hub.layers.TransformerEncoder):
 
     def call(self, inputs, padding_mask=None, attention_mask=None, training=None,
              return_attention_scores=False):
-        if not training or return_attention_scores:
+        if not training or return_attention_scores or quantized(self):
             return super().call(inputs, padding_mask=padding_mask,
                                 attention_mask=attention_mask, training=training,
                                 return_attention_scores=return_attention_scores)
