@@ -523,6 +523,46 @@ def test_a_quantized_converted_block_runs_keras_hubs_code():
     np.testing.assert_array_equal(got, want)
 
 
+def test_lora_on_a_converted_backbone_trains_through_the_units():
+    """`enable_lora` (KerasHub's fine-tuning): the units read each kernel as
+    Keras's Dense does (base + scaled low-rank product), so the LoRA weights'
+    gradients at bits=None equal stock's."""
+    hub = pytest.importorskip("keras_hub")
+    import keras_blpa
+
+    keras.utils.set_random_seed(0)
+    stock = hub.models.GPT2Backbone(vocabulary_size=100, num_layers=1, num_heads=2,
+                                    hidden_dim=16, intermediate_dim=32, max_sequence_length=16,
+                                    dropout=0.0)
+    converted = keras_blpa.convert(stock, transformer_bits=None)
+    for model in (stock, converted):
+        model.enable_lora(4)
+    rng = _rng(31)
+    for variable in stock.trainable_variables:  # LoRA's B starts at zero: move it
+        variable.assign(0.1 * rng.standard_normal(variable.shape).astype("float32"))
+    for mine, theirs in zip(converted.trainable_variables, stock.trainable_variables,
+                            strict=True):
+        mine.assign(theirs)
+    assert any("lora_kernel_b" in v.path for v in converted.trainable_variables)
+    tokens = _tokens()
+    weight = _upstream((2, 16, 16), 32)
+
+    def grads(model):
+        def loss(*trainable):
+            out, _ = model.stateless_call(list(trainable),
+                                          [v.value for v in model.non_trainable_variables],
+                                          tokens, training=True)
+            return ops.sum(out * weight)
+
+        return gradients(loss, [np.asarray(v.value) for v in model.trainable_variables])
+
+    with codes.recording() as saved:
+        got = grads(converted)
+    assert "attention_linear" in [unit for unit, _ in saved]
+    for mine, theirs in zip(got, grads(stock), strict=True):
+        assert oracle.worst_error(mine, theirs) < TOLERANCE
+
+
 def test_convert_reports_blocks_it_does_not_cover_and_bad_options():
     pytest.importorskip("keras_hub")
     import keras_blpa
