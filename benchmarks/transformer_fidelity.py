@@ -27,7 +27,8 @@ as built. Pieces, each resumable (results accumulate in `--out`):
   same initial weights on the same batches; the final test loss (GPT: bits
   per byte on `--test-windows` windows of held-out text; ViT: the 10,000
   test images, also accuracy), and the paired difference BLPA - stock
-  with its 95% t interval.
+  with its 95% t interval. With `--exact`, also exact per seed, which draws
+  BLPA's dropout masks: BLPA - exact is the gradients' effect alone.
 - `sweep`: seed 0, exact and every setting, trained as in `train` (the 8 / 3
   run is `train`'s BLPA run of seed 0); each setting's difference from exact
   in units of the seed spread of stock in `train` (the noise scale).
@@ -76,6 +77,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--settings", nargs="+", default=list(SETTINGS),
                    help="settings bits/derivative_bits, or exact (cosine, sweep)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="train: seeds")
+    p.add_argument("--exact", action="store_true",
+                   help="train: also exact per seed (stock gradients, BLPA's dropout masks)")
     p.add_argument("--batches", type=int, default=3, help="cosine: batches averaged")
     p.add_argument("--pretrain-steps", type=int, default=None,
                    help="cosine: stock training steps before the second measurement "
@@ -359,8 +362,26 @@ def stock_spread(results: dict, key: str) -> float:
     return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
 
 
-def report(results: dict) -> str:
+def _paired_rows(runs: dict, seeds: list, base: str, model: str) -> list[str]:
+    """Table rows `| metric | base | BLPA | BLPA - base (mean +- 95% t) |` over `seeds`."""
     from keras_blpa import paired_runs
+
+    lines = []
+    for key, label, scale in metrics(model):
+        paired = [(runs[f"{base} seed {s}"][key], runs[f"{DEFAULT} seed {s}"][key])
+                  for s in seeds if f"{DEFAULT} seed {s}" in runs]
+        if not paired:
+            continue
+        reference, blpa = (scale * np.array(v) for v in zip(*paired))
+        mean, half = paired_runs.paired_interval(blpa - reference)
+        digits = 2 if scale == 100 else 3
+        lines.append(f"| {label} | {' / '.join(f'{v:.{digits}f}' for v in reference)} | "
+                     f"{' / '.join(f'{v:.{digits}f}' for v in blpa)} | "
+                     f"{mean:+.{digits}f} +- {half:.{digits}f} |")
+    return lines
+
+
+def report(results: dict) -> str:
 
     cfg, lines = results["config"], []
     name = {"gpt": "Byte-level GPT-2", "vit": "ViT on Fashion-MNIST"}[cfg["model"]]
@@ -393,18 +414,13 @@ def report(results: dict) -> str:
                   "weights on the same batches; difference BLPA - stock, mean +- 95% t "
                   "interval over the seeds.", "",
                   "| metric | stock | BLPA 8/3 | BLPA - stock |", "|---|---|---|---|"]
-        for key, label, scale in metrics(cfg["model"]):
-            paired = [(runs[f"stock seed {s}"][key], runs[f"{DEFAULT} seed {s}"][key])
-                      for s in seeds if f"{DEFAULT} seed {s}" in runs]
-            if not paired:
-                continue
-            stock, blpa = (scale * np.array(v) for v in zip(*paired))
-            mean, half = paired_runs.paired_interval(blpa - stock)
-            digits = 2 if scale == 100 else 3
-            lines.append(f"| {label} | {' / '.join(f'{v:.{digits}f}' for v in stock)} | "
-                         f"{' / '.join(f'{v:.{digits}f}' for v in blpa)} | "
-                         f"{mean:+.{digits}f} +- {half:.{digits}f} |")
-        lines.append("")
+        lines += _paired_rows(runs, seeds, "stock", cfg["model"]) + [""]
+        if all(f"exact seed {s}" in runs for s in seeds):
+            lines += ["The same against exact (`transformer_bits=None`: stock gradients, "
+                      "and the dropout masks BLPA draws, so the difference is the "
+                      "gradients' alone):", "",
+                      "| metric | exact | BLPA 8/3 | BLPA - exact |", "|---|---|---|---|"]
+            lines += _paired_rows(runs, seeds, "exact", cfg["model"]) + [""]
     swept = [r for r in runs.values() if r["seed"] == 0 and r["setting"] != "stock"]
     if len(swept) > 1 and any(r["setting"] == "exact" for r in swept):
         order = ["exact", *SETTINGS]
@@ -456,8 +472,9 @@ def main(argv=None) -> dict:
         results["cosine"] = cosine(args, data)
         save()
     elif args.piece == "train":
+        settings = ("stock", DEFAULT, "exact") if args.exact else ("stock", DEFAULT)
         ensure_runs(args, data, results, [(s, seed) for seed in args.seeds
-                                          for s in ("stock", DEFAULT)], save)
+                                          for s in settings], save)
     else:
         ensure_runs(args, data, results, [(s, 0) for s in ["exact", *args.settings]], save)
     print(report(results))
