@@ -262,10 +262,11 @@ def test_dropout_mask_is_redrawn_exactly_in_the_backward():
 
 
 def test_derivative_levels_are_the_bins_conditional_means():
-    """Each level is its bin's mean of f' under N(0, 1) (computed here on a
-    finer grid), and more bits never fit worse."""
+    """Each level is its bin's mean of f' under the prior, an equal mixture of
+    N(0, s**2) for s in 1, 1.5, 2, 3 (computed here on a finer grid), and
+    more bits never fit worse."""
     x = np.linspace(-10, 10, 200001)
-    weight = np.exp(-0.5 * x * x)
+    weight = sum(np.exp(-0.5 * (x / s) ** 2) / s for s in (1.0, 1.5, 2.0, 3.0))
     for name in ("gelu", "silu"):
         errors = []
         for bits in (1, 2, 3, 4):
@@ -279,6 +280,29 @@ def test_derivative_levels_are_the_bins_conditional_means():
                 assert abs(mean - level) < 2e-3, (name, bits, i)
             errors.append(derivative.expected_error(name, bits))
         assert errors == sorted(errors, reverse=True) and errors[-1] < errors[0] / 4
+
+
+def test_derivative_codes_hold_in_the_tails_training_reaches():
+    """Trained MLPs' pre-activations spread well past N(0, 1): the outer bins'
+    levels must be f' there (0 far below, 1 far above), and 3 or 4 bits fit
+    a wider or shifted distribution no worse than 2. Fitted to N(0, 1) alone
+    the bottom level was GELU's dip (-0.09 at 3 bits, -0.10 at 4), applied to
+    the whole negative tail, and 4 bits fit N(-3, 2**2) worse than 2."""
+    rng = _rng(33)
+    for name in ("gelu", "gelu_tanh", "silu"):
+        errors = {}
+        for bits in (2, 3, 4):
+            fit = derivative.fit(name, bits)
+            if bits >= 3 and name != "silu":  # 2 bits cannot spare a bin for each
+                # tail; SiLU's dip (-0.1 at -2.4) reaches far into its tail
+                assert abs(fit.levels[0]) < 0.03 and abs(fit.levels[-1] - 1.0) < 0.08, \
+                    (name, bits, fit.levels)
+            for mean, sd in ((0.0, 1.0), (0.0, 3.0), (-3.0, 2.0)):
+                h = rng.normal(mean, sd, 20000)
+                q = fit.levels[np.searchsorted(fit.edges, h, side="left")]
+                errors[bits, mean, sd] = np.sqrt(np.mean((q - oracle.slope(name, h)) ** 2))
+        for mean, sd in ((0.0, 3.0), (-3.0, 2.0)):
+            assert errors[4, mean, sd] <= errors[3, mean, sd] <= errors[2, mean, sd], errors
 
 
 def test_units_refuse_what_they_do_not_cover():
@@ -814,5 +838,11 @@ def test_block_under_mixed_bfloat16_is_keras_hub_within_its_own_rounding(kind, j
     spread = max(error("stock16", "stock32"))
     for name, e in zip(names, error("exact16", "stock16")):
         assert e <= 2 * spread, (name, e, spread)
+    # BLPA at bfloat16 has one error stock's has not: rounding h to bfloat16
+    # moves the entries next to a bin edge of the derivative code into the
+    # neighbouring bin, a level step (about 0.17 at 3 bits), where stock's
+    # f' moves by a rounding. With the derivative fit's wider prior (more
+    # edges where h lies) the worst entry measured 2.4 S above the float32
+    # error, and 1.1 S with the N(0, 1) fit.
     for name, e16, e32 in zip(names, error("eight16", "stock32"), error("eight32", "stock32")):
-        assert e16 <= e32 + 2 * spread, (name, e16, e32, spread)
+        assert e16 <= e32 + 3 * spread, (name, e16, e32, spread)
