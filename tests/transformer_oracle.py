@@ -66,6 +66,18 @@ def slope(name: str, x: np.ndarray) -> np.ndarray:
     return (activation(name, x + eps) - activation(name, x - eps)) / (2 * eps)
 
 
+def derivative_levels(h, words, name: str, derivative_bits, near: float = 0.0) -> np.ndarray:
+    """float64 `f'` levels of the derivative code `words` of `[rows, features]`
+    `h`, checked to be the bins of `h` (except within `near` of an edge)."""
+    fit = derivative.fit(name, derivative_bits if name != "relu" else 1)
+    width = max(1, (len(fit.levels) - 1).bit_length())
+    code = unpack(words, h.shape[0], width)
+    expected = np.sum(h[..., None] > fit.edges[None, None, :], axis=-1)
+    far = np.min(np.abs(h[..., None] - fit.edges[None, None, :]), axis=-1) >= near
+    assert np.array_equal(code[far], expected[far]), "derivative codes are not the bins of h"
+    return fit.levels.astype(np.float64)[code]
+
+
 def activation_dense(h, kernel, bias, g, name: str, bits, derivative_bits, saved) -> list:
     """`[g_h, d_kernel, d_bias]` of `dense(f(h))` for upstream `g`, from `saved`."""
     h = np.asarray(h, np.float32)
@@ -79,15 +91,8 @@ def activation_dense(h, kernel, bias, g, name: str, bits, derivative_bits, saved
         words, lo, scale = saved[-3:]
         a = decode_rows(words, lo, scale, rows, bits)
         check_rows(a, activation(name, h2), scale)
-        if name == "linear":
-            d = np.ones_like(a)
-        else:
-            fit = derivative.fit(name, derivative_bits if name != "relu" else 1)
-            width = max(1, (len(fit.levels) - 1).bit_length())
-            code = unpack(saved[0], rows, width)
-            expected = np.sum(h2[..., None] > fit.edges[None, None, :], axis=-1)
-            assert np.array_equal(code, expected), "derivative codes are not the bins of h"
-            d = fit.levels.astype(np.float64)[code]
+        d = np.ones_like(a) if name == "linear" else \
+            derivative_levels(h2, saved[0], name, derivative_bits)
     g2 = np.asarray(g, np.float64).reshape(rows, -1)
     kernel = np.asarray(kernel, np.float64)
     g_a = g2 @ kernel.T
@@ -114,19 +119,10 @@ def dense_activation(x, kernel, bias, g, name: str, bits, derivative_bits, saved
         words, lo, scale = saved[-3:]
         xq = decode_rows(words, lo, scale, rows, bits)
         check_rows(xq, x2, scale)
-        if name == "linear":
-            d = np.ones_like(h)
-        else:
-            fit = derivative.fit(name, derivative_bits if name != "relu" else 1)
-            width = max(1, (len(fit.levels) - 1).bit_length())
-            code = unpack(saved[0], rows, width)
-            # The unit bins its float32 pre-activation; float64 `h` may sit on
-            # the other side of an edge only within rounding of it.
-            expected = np.sum(h[..., None] > fit.edges[None, None, :], axis=-1)
-            near = np.min(np.abs(h[..., None] - fit.edges[None, None, :]), axis=-1) < 1e-5
-            assert np.array_equal(code[~near], expected[~near]), \
-                "derivative codes are not the bins of h"
-            d = fit.levels.astype(np.float64)[code]
+        # The unit bins its float32 pre-activation; this float64 `h` may sit
+        # on the other side of an edge only within rounding of it.
+        d = np.ones_like(h) if name == "linear" else \
+            derivative_levels(h, saved[0], name, derivative_bits, near=1e-5)
     g_h = np.asarray(g, np.float64).reshape(rows, -1) * d
     grads = [(g_h @ kernel.T).reshape(x.shape), xq.T @ g_h]
     if bias is not None:
