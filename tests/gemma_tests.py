@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import pytest
 import transformer_oracle as oracle
-from llama_tests import _rope, _rope_tables, _rope_transpose
+from llama_tests import _rope, _rope_tables, _rope_transpose, check_forward_exact_with_dropout
 from transformer_tests import _block_gradients, _rng, _upstream
 
 from keras_blpa.transformer import codes
@@ -196,17 +196,8 @@ def test_gemma_block_gradient_is_the_oracle_chained_through_its_units(config, bi
 def test_gemma_block_forward_is_exact_at_8_bits_with_dropout_redrawn(config):
     """At 8 bits the training forward is KerasHub's (no dropout); with
     dropout the step is finite and the inference output is KerasHub's."""
-    stock, blpa, x = _pair(config, bits=8)
-    np.testing.assert_allclose(np.asarray(blpa(x, training=True)),
-                               np.asarray(stock(x, training=True)), rtol=1e-5, atol=1e-5)
-    stock, blpa, x = _pair(config, bits=8, dropout=0.2)
-    out = np.asarray(blpa(x, training=True))
-    assert not np.allclose(out, np.asarray(blpa(x, training=False)), atol=1e-3)
-    grads = _block_gradients(blpa, x, "padding_mask", _mask(), _upstream(x.shape, 35),
-                             jit=False)
-    assert all(np.isfinite(g).all() and np.abs(g).max() > 0 for g in grads)
-    np.testing.assert_array_equal(np.asarray(blpa(x, training=False)),
-                                  np.asarray(stock(x, training=False)))
+    check_forward_exact_with_dropout(lambda **options: _pair(config, bits=8, **options),
+                                     "padding_mask", _mask(), 35)
 
 
 def _gemma_lm(**options):

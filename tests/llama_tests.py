@@ -169,14 +169,22 @@ def test_llama_block_gradient_is_the_oracle_chained_through_its_units(bits):
 def test_llama_block_forward_is_exact_at_8_bits_with_dropout_redrawn(kind):
     """At 8 bits the training forward is KerasHub's (no dropout); with
     dropout the step is finite and the inference output is KerasHub's."""
-    stock, blpa, x = _pair(kind, bits=8)
+    check_forward_exact_with_dropout(lambda **options: _pair(kind, bits=8, **options),
+                                     "decoder_padding_mask", _mask(), 24)
+
+
+def check_forward_exact_with_dropout(pair, mask_argument: str, mask, seed: int) -> None:
+    """`pair(dropout=...) -> (stock, blpa, x)` at 8 bits: the training forward
+    without dropout is KerasHub's; with dropout the step differs from
+    inference, its gradients are finite and nonzero, and inference is
+    KerasHub's (shared by the Llama-style and Gemma tests)."""
+    stock, blpa, x = pair()
     np.testing.assert_allclose(np.asarray(blpa(x, training=True)),
                                np.asarray(stock(x, training=True)), rtol=1e-5, atol=1e-5)
-    stock, blpa, x = _pair(kind, bits=8, dropout=0.2)
+    stock, blpa, x = pair(dropout=0.2)
     out = np.asarray(blpa(x, training=True))
     assert not np.allclose(out, np.asarray(blpa(x, training=False)), atol=1e-3)
-    grads = _block_gradients(blpa, x, "decoder_padding_mask", _mask(), _upstream(x.shape, 24),
-                             jit=False)
+    grads = _block_gradients(blpa, x, mask_argument, mask, _upstream(x.shape, seed), jit=False)
     assert all(np.isfinite(g).all() and np.abs(g).max() > 0 for g in grads)
     np.testing.assert_array_equal(np.asarray(blpa(x, training=False)),
                                   np.asarray(stock(x, training=False)))
