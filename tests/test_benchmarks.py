@@ -45,7 +45,11 @@ def test_max_batch_search_finds_the_boundary_to_3_percent(search):
         find(lambda b: True, 4, "linear")
 
 
-def test_accuracy_table_resume_and_report(tmp_path, accuracy):
+def test_accuracy_table_resume_and_report(tmp_path, accuracy, monkeypatch):
+    # The shipped subset (1,000 test images), as elsewhere in the tests: with
+    # the Debian package installed each run would evaluate 10,000.
+    load = accuracy.datasets.load_fashion_mnist
+    monkeypatch.setattr(accuracy.datasets, "load_fashion_mnist", lambda: load("subset"))
     args = ["--depths", "11", "--epochs", "1", "--train-size", "256", "--batch-size", "64",
             "--val-size", "0", "--out", str(tmp_path)]
     accuracy.main(args + ["--seeds", "1", "--variants", "exact"])

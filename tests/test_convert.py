@@ -566,7 +566,11 @@ def _application(name, size=SIZE, **kwargs):
     )
 
 
-@pytest.mark.parametrize("name", list(APPLICATIONS))
+# ResNet101 is ResNet50's code (keras.applications' ResNet builder and blocks,
+# 23 blocks in its third stage instead of 6): the slow suite runs it.
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=pytest.mark.slow) if name == "ResNet101" else name
+    for name in APPLICATIONS])
 def test_applications_exact_conversion(name):
     model = _randomize(_application(name, classifier_activation=None,
                                     **APPLICATIONS[name].get("kwargs", {})))

@@ -4,12 +4,14 @@ that exists, with flags its parser accepts."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shlex
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -163,20 +165,43 @@ def test_every_command_names_what_exists_with_flags_its_parser_accepts():
     assert not failures, "\n".join(failures)
 
 
+def _backend(code: list[str]) -> str:
+    return "jax" if any(b.lstrip().startswith(JAX_MARK) for b in code) else "tensorflow"
+
+
+def _run_blocks(code: list[str], directory: Path) -> subprocess.CompletedProcess:
+    """One process per page, blocks in order (later blocks may use earlier names)."""
+    script = directory / "blocks.py"
+    script.write_text("\n\n".join(code))
+    env = {**os.environ, "KERAS_BACKEND": _backend(code), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, cwd=directory, env=env,
+        timeout=900,
+    )
+
+
+@pytest.fixture(scope="module")
+def page_runs(request, tmp_path_factory):
+    """The selected pages' processes, started together and run side by side,
+    one per core (each spends seconds importing its backend on one core): a
+    page's result, by page, when its test asks for it."""
+    selected = {item.callspec.params["page"] for item in request.session.items
+                if getattr(item, "originalname", None) == "test_every_python_block_runs"}
+    runnable = [page for page in PAGES if page in selected and blocks(page, "python")
+                and (_backend(blocks(page, "python")) != "jax"
+                     or importlib.util.find_spec("jax") is not None)]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        yield {page: pool.submit(_run_blocks, blocks(page, "python"),
+                                 tmp_path_factory.mktemp(page.stem))
+               for page in runnable}
+
+
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
-def test_every_python_block_runs(page, tmp_path):
+def test_every_python_block_runs(page, page_runs):
     code = blocks(page, "python")
     if not code:
         pytest.skip(f"{page.name} has no Python block")
-    backend = "jax" if any(b.lstrip().startswith(JAX_MARK) for b in code) else "tensorflow"
-    if backend == "jax":
+    if _backend(code) == "jax":
         pytest.importorskip("jax")
-    script = tmp_path / "blocks.py"
-    # One process per page, blocks in order (later blocks may use earlier names).
-    script.write_text("\n\n".join(code))
-    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    result = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, env=env,
-        timeout=900,
-    )
+    result = page_runs[page].result()
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]

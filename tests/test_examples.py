@@ -65,10 +65,11 @@ def test_convert_applications_tiny(load_example):
     assert len(summary["train_losses"]) == 2
     assert all(math.isfinite(loss) for loss in summary["train_losses"])
     assert summary["to_standard_max_difference"] < 1e-4
-    # The memory figures' measuring process (tiny batches: the harness, not a figure).
+    # The memory figures' measuring process, on the model above (tiny batches:
+    # the harness, not a figure).
     args = module.parse_args(["--size", "32", "--memory-batch-sizes", "2", "4",
                               "--memory-steps", "1"])
-    result = module.measure_in_subprocess(args, "ResNet50", "4")
+    result = module.measure_in_subprocess(args, "MobileNet", "4")
     assert result["variant"] == "4" and min(result["peak_bytes"]) > 0
     assert 0 < result["saved_mib_per_sample"] < 1
 

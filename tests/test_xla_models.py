@@ -1,7 +1,10 @@
 """Whole models under XLA (`jit_compile=True`, Keras's default on GPUs) on
-TensorFlow: a builder ResNet and a converted ResNet50V2 against the same
-weights in stock layers under XLA, and against the gradient oracle
-(`tests/gradient_oracle.py`).
+TensorFlow: a builder ResNet and a converted keras.applications ResNetV2
+against the same weights in stock layers under XLA, and against the gradient
+oracle (`tests/gradient_oracle.py`). The ResNetV2 is Keras's own builder and
+blocks with two stages of two blocks (every block kind of ResNet50V2: a
+projection shortcut, a strided max-pool shortcut, an identity shortcut);
+ResNet50V2 itself runs in the slow suite.
 
 - The forward (training mode) equals stock's, at bits=None and 4 bits.
 - bits=None gradients equal stock's, variable by variable.
@@ -28,6 +31,22 @@ import unit_taps
 
 import keras_blpa
 from keras_blpa.models import preact_resnet_cifar
+
+
+def _resnet_v2_mini():
+    """`keras.applications.ResNet50V2` with two stages of two blocks instead of
+    four of 3, 4, 6, 3: Keras's builder and blocks, as ResNet50V2 calls them.
+    Each stage's first block has the projection shortcut, its last the stride:
+    a max-pool shortcut in the first stage, the identity in the last (at
+    stride 1, as in ResNet50V2's last stage)."""
+    from keras.src.applications import resnet
+
+    def stack_fn(x):
+        x = resnet.stack_residual_blocks_v2(x, 64, 2, name="conv2")
+        return resnet.stack_residual_blocks_v2(x, 128, 2, stride1=1, name="conv3")
+
+    return resnet.ResNet(stack_fn, True, True, weights=None, input_shape=(32, 32, 3),
+                         classes=10, classifier_activation=None, name="resnet_v2_mini")
 
 
 def _step(model, x, y, jit: bool, taps=None):
@@ -61,8 +80,9 @@ def _model(kind, rng):
         fused_exact = preact_resnet_cifar(11, classes=10, input_shape=(16, 16, 3), bits=None)
         x = rng.normal(size=(8, 16, 16, 3)).astype("float32")
     else:
-        base = keras.applications.ResNet50V2(weights=None, input_shape=(32, 32, 3),
-                                             classes=10, classifier_activation=None)
+        base = (_resnet_v2_mini() if kind == "resnetv2_mini" else
+                keras.applications.ResNet50V2(weights=None, input_shape=(32, 32, 3),
+                                              classes=10, classifier_activation=None))
         fused_exact = keras_blpa.convert(base, bits=None)
         x = rng.normal(size=(4, 32, 32, 3)).astype("float32")
     # Distinct values everywhere (BN's ones and zeros too), so that each
@@ -72,7 +92,8 @@ def _model(kind, rng):
     return fused_exact, x
 
 
-@pytest.mark.parametrize("kind", ["resnet11", "resnet50v2"])
+@pytest.mark.parametrize("kind", [
+    "resnet11", "resnetv2_mini", pytest.param("resnet50v2", marks=pytest.mark.slow)])
 def test_whole_models_under_xla(kind, monkeypatch):
     rng = np.random.default_rng(0)
     fused_exact, x = _model(kind, rng)
