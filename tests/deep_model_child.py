@@ -50,11 +50,16 @@ def main() -> None:
     parser.add_argument("--width", type=float, default=1.0)
     parser.add_argument("--stock", action="store_true")
     parser.add_argument("--load", action="store_true", help="load --path instead of building")
+    parser.add_argument("--after-stdin-line", action="store_true",
+                        help="after the imports, wait for a line on stdin (the caller "
+                             "writes it once --path is saved) before building or loading")
     parser.add_argument("--path", required=True)
     parser.add_argument("actions", nargs="*",
                         choices=["summary", "save", "check", "fit", "to_standard", "convert"])
     args = parser.parse_args()
     sys.setrecursionlimit(DEFAULT_RECURSION_LIMIT)
+    if args.after_stdin_line and not sys.stdin.readline():
+        raise SystemExit("stdin closed before the go-ahead line")
 
     if args.load:
         model = keras.models.load_model(args.path)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -677,41 +678,79 @@ def _run_fallback(library: Path | None, **extra_env: str) -> str:
     return proc.stdout
 
 
-def test_garbage_library_warns_once(tmp_path):
-    lib = tmp_path / "garbage.so"
+def _garbage_library(tmp: Path) -> tuple[Path, dict]:
+    lib = tmp / "garbage.so"
     lib.write_bytes(b"this is not an ELF file\n" * 10)
-    out = _run_fallback(lib)
+    return lib, {}
+
+
+def _abi_broken_library(tmp: Path) -> tuple[Path, dict] | None:
+    """A library with an unresolved symbol, as a mismatched TF ABI gives."""
+    gxx = shutil.which(os.environ.get("CXX", "g++"))
+    if gxx is None:
+        return None
+    src = tmp / "broken.cc"
+    src.write_text("extern void blpa_missing_symbol();\nvoid f() { blpa_missing_symbol(); }\n")
+    lib = tmp / "broken.so"
+    subprocess.run([gxx, "-shared", "-fPIC", str(src), "-o", str(lib)], check=True)
+    return lib, {}
+
+
+def _missing_library(tmp: Path) -> tuple[Path, dict]:
+    return tmp / "does_not_exist.so", {}
+
+
+def _failed_build(tmp: Path) -> tuple[None, dict]:
+    """A compiler that fails."""
+    return None, dict(KERAS_BLPA_CACHE_DIR=str(tmp / "cache"), KERAS_BLPA_BUILD_CUDA="0",
+                      CXX=shutil.which("false") or "/bin/false")
+
+
+FALLBACKS = {
+    "test_garbage_library_warns_once": _garbage_library,
+    "test_abi_broken_library_warns_once": _abi_broken_library,
+    "test_missing_library_warns_once": _missing_library,
+    "test_failed_build_warns_once": _failed_build,
+}
+
+
+@pytest.fixture(scope="module")
+def fallback_runs(request, tmp_path_factory):
+    """`_run_fallback` for each selected test's case (None: no C++ compiler),
+    in fresh processes run side by side, one per core (each spends seconds
+    importing TensorFlow on one core)."""
+    selected = [item.originalname for item in request.session.items
+                if getattr(item, "originalname", None) in FALLBACKS]
+    cases = {name: FALLBACKS[name](tmp_path_factory.mktemp(name)) for name in selected}
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        yield {name: case and pool.submit(_run_fallback, case[0], **case[1])
+               for name, case in cases.items()}
+
+
+def test_garbage_library_warns_once(fallback_runs):
+    out = fallback_runs["test_garbage_library_warns_once"].result()
     assert "WARNINGS 1" in out, out
     assert "RuntimeWarning" in out and "garbage.so" in out, out
 
 
-def test_abi_broken_library_warns_once(tmp_path):
+def test_abi_broken_library_warns_once(fallback_runs):
     """A library with an unresolved symbol, as a mismatched TF ABI gives."""
-    gxx = shutil.which(os.environ.get("CXX", "g++"))
-    if gxx is None:
+    run = fallback_runs["test_abi_broken_library_warns_once"]
+    if run is None:
         pytest.skip("no C++ compiler")
-    src = tmp_path / "broken.cc"
-    src.write_text("extern void blpa_missing_symbol();\nvoid f() { blpa_missing_symbol(); }\n")
-    lib = tmp_path / "broken.so"
-    subprocess.run([gxx, "-shared", "-fPIC", str(src), "-o", str(lib)], check=True)
-    out = _run_fallback(lib)
+    out = run.result()
     assert "WARNINGS 1" in out, out
     assert "undefined symbol" in out, out
 
 
-def test_missing_library_warns_once(tmp_path):
-    out = _run_fallback(tmp_path / "does_not_exist.so")
+def test_missing_library_warns_once(fallback_runs):
+    out = fallback_runs["test_missing_library_warns_once"].result()
     assert "WARNINGS 1" in out and "does_not_exist.so" in out, out
 
 
-def test_failed_build_warns_once(tmp_path):
+def test_failed_build_warns_once(fallback_runs):
     """A compiler that fails: one warning naming the failed command, then pure TF."""
-    out = _run_fallback(
-        None,
-        KERAS_BLPA_CACHE_DIR=str(tmp_path / "cache"),
-        KERAS_BLPA_BUILD_CUDA="0",
-        CXX=shutil.which("false") or "/bin/false",
-    )
+    out = fallback_runs["test_failed_build_warns_once"].result()
     assert "WARNINGS 1" in out and "command failed" in out, out
 
 

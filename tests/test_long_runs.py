@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -244,10 +245,12 @@ def test_resume_with_keras_shuffle_is_bit_identical(tmp_path):
 def test_op_determinism_same_seed_same_weights(tmp_path):
     """With `enable_op_determinism()`, two processes with the same seed end
     with bit-identical weights, on the compiled op and on the pure-TF path
-    (each process trains both, one after the other)."""
+    (each process trains both, one after the other). The two run side by
+    side: determinism must not depend on what else the machine runs."""
     outs = [tmp_path / f"run{i}.npz" for i in range(2)]
-    for out in outs:
-        _train(out, "--epochs", "1", "--determinism", "--pure-tf-too")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(lambda out: _train(out, "--epochs", "1", "--determinism",
+                                         "--pure-tf-too"), outs))
     op_runs = [_load(out) for out in outs]
     tf_runs = [_load(out.with_name(f"{out.stem}_pure_tf.npz")) for out in outs]
     assert {info["implementation"] for _, info in tf_runs} == {"pure_tf"}

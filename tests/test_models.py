@@ -203,10 +203,23 @@ def _deep(*args: str, timeout: int = 900) -> None:
 def test_resnet1001_builds_saves_loads_and_converts_at_the_default_recursion_limit(tmp_path):
     """The paper's headline network, as a new user meets it: built, summarized
     and saved in one fresh process, loaded (same outputs) and given its stock
-    twin in another, both at Python's default recursion limit."""
+    twin in another, both at Python's default recursion limit. The second
+    process imports while the first works, and loads once the first is done."""
     path = str(tmp_path / "resnet1001.keras")
-    _deep("--depth", "1001", "--path", path, "summary", "save")
-    _deep("--load", "--path", path, "check", "to_standard")
+    cmd = [sys.executable, str(DEEP_CHILD), "--after-stdin-line", "--load", "--path", path,
+           "check", "to_standard"]
+    loader = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    try:
+        _deep("--depth", "1001", "--path", path, "summary", "save")
+        stdout, stderr = loader.communicate("go\n", timeout=900)
+    finally:
+        if loader.poll() is None:
+            loader.kill()
+            loader.communicate()
+    assert loader.returncode == 0 and "DONE" in stdout, (
+        f"{' '.join(cmd)} failed:\n{stderr[-4000:]}")
 
 
 @pytest.mark.slow
