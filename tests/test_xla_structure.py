@@ -16,6 +16,7 @@ GPU and TPU cannot run here, so these tests inspect what XLA compiles:
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import xla_checks
@@ -26,13 +27,32 @@ SEED, INPUTS = "1", "0"
 
 
 # (bits, negative_slope): the leaky ReLU must keep the same structure.
-@pytest.fixture(scope="module", params=[(4, 0.0), (8, 0.0), (4, 0.1)],
-                ids=["bits4", "bits8", "bits4-leaky"])
-def compiled(request, tmp_path_factory):
-    bits, slope = request.param
-    out = str(tmp_path_factory.mktemp(f"xla_bits{bits}"))
-    return xla_checks.compile_program(PROGRAM, out, "--bits", str(bits), "--negative-slope",
-                                      str(slope), env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+SETTINGS = [(4, 0.0), (8, 0.0), (4, 0.1)]
+
+
+@pytest.fixture(scope="module")
+def programs(request, tmp_path_factory):
+    """The selected tests' settings' programs, compiled in fresh processes run
+    side by side, one per core (each spends seconds importing TensorFlow on
+    one core)."""
+    selected = {item.callspec.params["compiled"] for item in request.session.items
+                if item.module is request.module and hasattr(item, "callspec")
+                and "compiled" in item.callspec.params}
+
+    def compile_one(bits, slope):
+        out = str(tmp_path_factory.mktemp(f"xla_bits{bits}"))
+        return xla_checks.compile_program(PROGRAM, out, "--bits", str(bits), "--negative-slope",
+                                          str(slope),
+                                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        yield {setting: pool.submit(compile_one, *setting) for setting in SETTINGS
+               if setting in selected}
+
+
+@pytest.fixture(scope="module", params=SETTINGS, ids=["bits4", "bits8", "bits4-leaky"])
+def compiled(request, programs):
+    return programs[request.param].result()
 
 
 def test_codes_bundled_with_forward_output_and_upstream_gradient(compiled):
