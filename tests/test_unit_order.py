@@ -1,0 +1,70 @@
+"""The order the transformer units' custom gradient imposes on TensorFlow's
+graph executor (`keras_blpa.backend.tensorflow.autodiff.custom_vjp`).
+
+An executor runs what it is given in any order the data allows: with one
+inter-op thread it follows the outputs' chain and queues the rest behind it.
+A code the outputs did not wait for was taken in the backward pass (its float
+input held until then), and a weight gradient the input gradient did not wait
+for ran at the end of the backward pass (its decoded activation held until
+then): a 4-block GPT-2 kept 8.7 MiB per sample instead of 3.2.
+"""
+
+import tensorflow as tf
+
+from keras_blpa.backend.tensorflow import autodiff
+
+
+def _step_graph():
+    def forward(x, w):
+        saved = [tf.identity(x * 2.0, name="first_code"), tf.identity(x * 3.0, name="other_code")]
+        return [tf.matmul(x, w, name="product")], saved, [w]
+
+    def backward(saved, kept, grads):
+        first, other = saved
+        (w,) = kept
+        (g,) = grads
+        d_x = tf.identity(tf.matmul(g, w, transpose_b=True) * first, name="input_gradient")
+        d_w = tf.matmul(other, g, transpose_a=True, name="weight_gradient")
+        return [d_x, d_w]
+
+    unit = autodiff.custom_vjp(forward, backward, "unit")
+
+    @tf.function
+    def step(x, w):
+        with tf.GradientTape() as tape:
+            tape.watch([x, w])
+            (y,) = unit(x, w)
+            loss = tf.reduce_sum(tf.square(y, name="loss_square"))
+        return tape.gradient(loss, [x, w])
+
+    function = step.get_concrete_function(tf.TensorSpec([4, 3]), tf.TensorSpec([3, 2]))
+    return function.graph, function.outputs
+
+
+def _ancestors(op) -> set[str]:
+    """Names of every op `op` waits for, through data and control edges."""
+    seen, stack = set(), [op]
+    while stack:
+        current = stack.pop()
+        for parent in [t.op for t in current.inputs] + list(current.control_inputs):
+            if parent.name not in seen:
+                seen.add(parent.name)
+                stack.append(parent)
+    return seen
+
+
+def _named(names: set[str], part: str) -> list[str]:
+    return [name for name in names if name.split("/")[-1].startswith(part)]
+
+
+def test_the_outputs_wait_for_every_code():
+    graph, _ = _step_graph()
+    (square,) = [op for op in graph.get_operations() if op.name.endswith("loss_square")]
+    before = _ancestors(square)
+    assert _named(before, "first_code") and _named(before, "other_code")
+
+
+def test_no_gradient_leaves_a_unit_before_all_of_them_exist():
+    _, (d_x, d_w) = _step_graph()
+    assert _named(_ancestors(d_x.op), "weight_gradient")
+    assert _named(_ancestors(d_w.op), "input_gradient")
