@@ -238,7 +238,8 @@ def tf_peak_child(model: str, layers: int, variant: str, policy: str, size: int,
 def tf_peak(args, variant: str, size: int) -> int:
     env = {**os.environ, "TF_CPU_ALLOCATOR_USE_BFC": "true", "KERAS_BACKEND": "tensorflow"}
     cmd = [sys.executable, __file__, "--child", variant, str(size), "--model", args.model,
-           "--layers", str(args.layers), "--policy", args.policy]
+           "--layers", str(args.layers), "--policy", args.policy,
+           "--sequence-length", str(args.sequence_length)]
     cmd += ["--head"] if args.head else []
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode:
@@ -282,6 +283,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--batch-sizes", type=int, nargs=2, default=(2, 6))
     p.add_argument("--policy", default="float32", choices=["float32", "mixed_bfloat16"])
+    p.add_argument("--sequence-length", type=int, default=SIZES["max_sequence_length"],
+                   help="tokens per sample (the position table's size too)")
     p.add_argument("--head", action="store_true",
                    help="train the task (GPT2CausalLM, BertTextClassifier), not the backbone")
     p.add_argument("--time", action="store_true", help="also time the steps, interleaved")
@@ -289,6 +292,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     p.add_argument("--child", nargs=2, metavar=("VARIANT", "BATCH"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    SIZES["max_sequence_length"] = args.sequence_length
     if args.child:
         print(tf_peak_child(args.model, args.layers, args.child[0], args.policy,
                             int(args.child[1]), args.head))
@@ -302,6 +306,8 @@ def main(argv=None) -> list[dict]:
         row = dict(model=args.model, head=args.head, layers=args.layers, variant=variant,
                    backend=backend,
                    policy=args.policy, batch_sizes=[small, large],
+                   sequence_length=args.sequence_length,
+                   attention_slices=os.environ.get("KERAS_BLPA_ATTENTION_SLICES", "default"),
                    codes_mib_per_sample=codes_bytes_per_sample(args.layers, variant,
                                                                args.policy, args.model) / 2**20)
         try:

@@ -68,3 +68,42 @@ def test_no_gradient_leaves_a_unit_before_all_of_them_exist():
     _, (d_x, d_w) = _step_graph()
     assert _named(_ancestors(d_x.op), "weight_gradient")
     assert _named(_ancestors(d_w.op), "input_gradient")
+
+
+def _sliced_attention_inputs(monkeypatch, slices: int) -> list:
+    """The projection's input in each backward slice of an attention unit
+    (`KERAS_BLPA_ATTENTION_SLICES`), traced in a step's graph."""
+    from keras_blpa.transformer.attention_linear import attention_linear
+
+    monkeypatch.setenv("KERAS_BLPA_ATTENTION_SLICES", str(slices))
+
+    def project(o, w):
+        return [tf.einsum("abcd,cde->abe", tf.identity(o, name="projection_input"), w)]
+
+    @tf.function
+    def step(q, k, v, w, g):
+        with tf.GradientTape() as tape:
+            tape.watch([q, k, v, w])
+            (out,) = attention_linear(q, k, v, None, tf.constant([1, 2]), [w], linear=project,
+                                      scale=0.5, dot_equation="aecd,abcd->acbe",
+                                      combine_equation="acbe,aecd->abcd", attention_dropout=0.1,
+                                      dropout=0.0, bits=8)
+            loss = tf.reduce_sum(out * tf.identity(g, name="upstream"))
+        return tape.gradient(loss, [q, k, v, w])
+
+    qkv = tf.TensorSpec([4, 8, 2, 4])
+    graph = step.get_concrete_function(qkv, qkv, qkv, tf.TensorSpec([2, 4, 3]),
+                                       tf.TensorSpec([4, 8, 3])).graph
+    inputs = [op for op in graph.get_operations()
+              if op.name.split("/")[-1].startswith("projection_input")]
+    return [op for op in inputs if _named(_ancestors(op), "upstream")]
+
+
+def test_attention_backward_slices_run_one_after_another(monkeypatch):
+    """Each slice starts once the one before has its gradients: the executor
+    would otherwise run the slices side by side, every slice's `s**2`
+    tensors alive at once (what slicing is for)."""
+    assert len(_sliced_attention_inputs(monkeypatch, 1)) == 1
+    first, second = sorted(_sliced_attention_inputs(monkeypatch, 2),
+                           key=lambda op: len(_ancestors(op)))
+    assert first.name in _ancestors(second)

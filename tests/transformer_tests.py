@@ -47,6 +47,14 @@ def gradients(loss, args, jit: bool = False) -> list[np.ndarray]:
     return [g.numpy() for g in step(*[tf.constant(a) for a in args])]
 
 
+@pytest.fixture(params=[1, 3], ids=["whole", "sliced"])
+def slices(request, monkeypatch):
+    """The attention unit's backward over the whole batch, or over three
+    batch slices (`codes.slice_bounds`; fewer where the batch is smaller)."""
+    monkeypatch.setenv("KERAS_BLPA_ATTENTION_SLICES", str(request.param))
+    return request.param
+
+
 def _rng(seed=0):
     return np.random.default_rng(seed)
 
@@ -156,7 +164,7 @@ def test_norm_unit_matches_oracle_with_three_heads(norm, bits):
 @pytest.mark.parametrize("kv_heads", [3, 1], ids=["mha", "gqa"])
 @pytest.mark.parametrize("masked", [True, False])
 @pytest.mark.parametrize("bits", [None, 8, 4])
-def test_attention_unit_matches_oracle(masked, bits, kv_heads):
+def test_attention_unit_matches_oracle(masked, bits, kv_heads, slices):
     rng = _rng(5)
     batch, length, heads, dim, out = 2, 6, 3, 4, 7
     q, k, v = (rng.standard_normal((batch, length, n, dim)).astype("float32")
@@ -185,7 +193,7 @@ def test_attention_unit_matches_oracle(masked, bits, kv_heads):
         assert oracle.worst_error(a, b) < TOLERANCE, what
 
 
-def test_attention_projection_dropout_is_redrawn_and_grouped_heads_checked():
+def test_attention_projection_dropout_is_redrawn_and_grouped_heads_checked(slices):
     """Dropout on `o` (Llama's attention dropout): with an identity projection
     the output shows the mask, and the gradients are the oracle's for the
     upstream gradient masked and scaled the same way, at 8 bits with two
@@ -214,6 +222,48 @@ def test_attention_projection_dropout_is_redrawn_and_grouped_heads_checked():
         assert oracle.worst_error(a, b) < TOLERANCE, what
     with pytest.raises(ValueError, match="multiple of the key/value heads"):
         run(q, k[:, :, :1].repeat(3, 2), v[:, :, :1].repeat(3, 2), kernel)
+
+
+@pytest.mark.parametrize("length", [16, 6], ids=["whole_words", "split_words"])
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_sliced_attention_backward_is_the_whole_batch_backward_with_every_dropout(
+        bits, length, monkeypatch):
+    """Over batch slices (`KERAS_BLPA_ATTENTION_SLICES`) the attention unit
+    gives the whole-batch gradients: every dropout mask (the probabilities',
+    `o`'s, the outputs') sliced as the forward drew it, each slice's q, k and
+    v decoded from its own words (or, where a sample's rows split a word,
+    from the whole decode). The weight gradient is a sum over slices: float32
+    rounding."""
+    rng = _rng(23)
+    batch, heads, dim = 5, 4, 8
+    q = rng.standard_normal((batch, length, heads, dim)).astype("float32")
+    k, v = (rng.standard_normal((batch, length, 2, dim)).astype("float32") for _ in range(2))
+    kernel = (0.3 * rng.standard_normal((heads, dim, 7))).astype("float32")
+    mask = np.tril(np.ones((length, length), bool))[None].repeat(batch, 0)
+    mask[1, :, length - 2:] = False
+    seed = ops.convert_to_tensor(np.array([3, 9], "int32"))
+    g = _upstream((batch, length, 7), 24)
+
+    def loss(q, k, v, kernel):
+        (o,) = attention_linear(
+            q, k, v, mask, seed, [kernel], linear=lambda o, w: [ops.einsum("abcd,cde->abe", o, w)],
+            scale=0.3, dot_equation="aecd,abcd->acbe", combine_equation="acbe,aecd->abcd",
+            attention_dropout=0.3, dropout=0.2, bits=bits, projection_dropout=0.25)
+        return ops.sum(o * g)
+
+    monkeypatch.setenv("KERAS_BLPA_ATTENTION_SLICES", "1")
+    whole = gradients(loss, [q, k, v, kernel])
+    monkeypatch.setenv("KERAS_BLPA_ATTENTION_SLICES", "3")
+    sliced = gradients(loss, [q, k, v, kernel])
+    for what, a, b in zip("qkvW", sliced, whole):
+        assert np.abs(b).max() > 0, what
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * np.abs(b).max(), err_msg=what)
+
+
+def test_attention_slices_refuse_a_bad_count(monkeypatch):
+    monkeypatch.setenv("KERAS_BLPA_ATTENTION_SLICES", "0")
+    with pytest.raises(ValueError, match="KERAS_BLPA_ATTENTION_SLICES='0': use a positive"):
+        codes.slice_bounds(4, 1024)
 
 
 def test_oracle_fails_on_a_decoder_one_step_off(monkeypatch):

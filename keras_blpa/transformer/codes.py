@@ -17,6 +17,7 @@ being fused into the backward pass).
 from __future__ import annotations
 
 import contextlib
+import os
 
 import numpy as np
 from keras import ops
@@ -120,6 +121,52 @@ def decode_rows(words, lo, scale, shape, bits: int):
     return lo[..., None] + code * scale[..., None]
 
 
+def slice_bounds(batch, sample_bytes: int | None) -> list[tuple]:
+    """`(first, last)` of each batch slice the attention unit's backward runs
+    on, one after another: `KERAS_BLPA_ATTENTION_SLICES` slices (read at trace
+    time), else as many as keep one slice's `s**2` float tensor within the
+    backend's `autodiff.ATTENTION_SLICE_BYTES` (`sample_bytes` a sample's), and
+    one where that is None or the batch is unknown when traced.
+
+    Args:
+      batch: the batch size, an int or a scalar tensor (TensorFlow, traced
+        without a static batch).
+      sample_bytes: one sample's float32 `s**2` tensor, in bytes; None if
+        unknown (one slice unless the variable says otherwise).
+    """
+    value = os.environ.get("KERAS_BLPA_ATTENTION_SLICES", "").strip()
+    budget = getattr(autodiff(), "ATTENTION_SLICE_BYTES", None)
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(
+                f"KERAS_BLPA_ATTENTION_SLICES={value!r}: use a positive integer (1: the "
+                "whole batch at once; unset: the backend's default)."
+            )
+        count = int(value)
+    elif budget is None or sample_bytes is None or not isinstance(batch, int):
+        count = 1
+    else:
+        count = -(-batch * sample_bytes // budget)
+    if isinstance(batch, int):
+        count = max(1, min(count, batch))
+    bounds = [batch * i // count for i in range(count + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def rows_per_word(words, bits: int | None) -> int:
+    """Rows of `encode_rows`'s codes in one row of `words` (uint8: one)."""
+    return 1 if bits is None or words.dtype == "uint8" else 32 // bits
+
+
+def decode_row_slice(words, lo, scale, group: tuple, bits: int, first, last):
+    """float32 rows `first:last` (`[rows, *group]`) of `encode_rows`'s codes;
+    `first` on a word's first row (a multiple of `rows_per_word`)."""
+    per_word = rows_per_word(words, bits)
+    words = words[first // per_word: -(-last // per_word)]
+    lo, scale = lo[first:last], scale[first:last]
+    return decode_rows(words, lo, scale, (ops.shape(lo)[0], *group), bits)
+
+
 def encode_derivative(h, edges: np.ndarray):
     """int32 bin indices `sum(h > edge)` of float32 `h` (any shape)."""
     return autodiff().bins(h, edges)
@@ -153,5 +200,9 @@ def dropout(x, seed, rate: float):
     (`autodiff.dropout_keep`); also the backward's gradient map. `rate` 0: `x`."""
     if not rate:
         return x
-    keep = autodiff().dropout_keep(seed, ops.shape(x), rate, x)
+    return apply_keep(x, autodiff().dropout_keep(seed, ops.shape(x), rate, x), rate)
+
+
+def apply_keep(x, keep, rate: float):
+    """`x` with dropout at `rate` of keep mask `keep` (bool, `x`'s shape)."""
     return ops.where(keep, x / ops.cast(1.0 - rate, x.dtype), ops.zeros_like(x))

@@ -71,6 +71,13 @@ def vjp(fn: Callable, primals: Sequence, cotangent) -> list:
     return list(pull(jax.tree.map(lambda c, o: jnp.asarray(c, o.dtype), cotangent, out)))
 
 
+def after_all(tensors: Sequence, gates: Sequence) -> list:
+    """`tensors` (None stays None), made data-dependent on the first of
+    `gates` (`xla.after`)."""
+    gate = next(g for g in gates if g is not None)
+    return [None if t is None else xla.after(t, gate) for t in tensors]
+
+
 def logits(equation: str, a, b):
     """float32 `einsum(equation, a, b)`: bfloat16 products accumulated in
     float32, as Keras's JAX `dot_product_attention` computes its logits."""
