@@ -46,6 +46,10 @@ per-row floats, derivative codes, 1-bit masks), the floor the measured
 slope approaches; the rest is one block's transient working set and what
 stays stock (embeddings, the head, the loss).
 
+`--sequence-length` changes the tokens per sample (and the position table);
+the JSON rows record it and `KERAS_BLPA_ATTENTION_SLICES` (the attention
+backward's batch slices: `docs/transformers.md`).
+
 `--time` also times `train_on_batch` at the larger batch size, all variants
 interleaved in one process (rounds of one step each, after warm-up), and
 reports the median per variant and its ratio to stock.
