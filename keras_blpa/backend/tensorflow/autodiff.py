@@ -37,10 +37,10 @@ except ImportError:  # pragma: no cover - other TF versions
 
 # The attention unit's backward runs over batch slices that keep each
 # slice's `s**2` float tensor within this (`codes.slice_bounds`): the
-# executor holds some six of them at once in a whole-batch backward. A
-# 4-block GPT-2 at sequence 512, batch 4 (16 MiB each): 39.0 -> 26.3 MiB per
-# sample at 4 slices, and 5-7% faster; at sequence 128 and batch 6 (1.5 MiB)
-# slicing cost 10% more time for no measurable saving.
+# executor holds several of them at once in a whole-batch backward. A
+# 4-block GPT-2 at sequence 512, batches 4 and 8: 32.9 -> 22.1 MiB per
+# sample, step time 1.09x -> 1.10x stock's; at sequence 128 and batch 6
+# (1.5 MiB) forced slicing cost 10% more time for no measurable saving.
 ATTENTION_SLICE_BYTES = 8 * 2**20
 
 Forward = Callable[..., tuple[list[tf.Tensor], list[tf.Tensor], list[tf.Tensor]]]
