@@ -20,7 +20,7 @@ from keras import ops
 
 from keras_blpa.transformer import codes, derivative
 from keras_blpa.transformer.activation_linear import activation_linear
-from keras_blpa.transformer.attention_linear import attention_linear
+from keras_blpa.transformer.attention_linear import attention_linear, slice_bounds
 from keras_blpa.transformer.gated_linear import gated_linear
 from keras_blpa.transformer.norm_linear import norm_linear
 
@@ -50,7 +50,8 @@ def gradients(loss, args, jit: bool = False) -> list[np.ndarray]:
 @pytest.fixture(params=[1, 3], ids=["whole", "sliced"])
 def slices(request, monkeypatch):
     """The attention unit's backward over the whole batch, or over three
-    batch slices (`codes.slice_bounds`; fewer where the batch is smaller)."""
+    batch slices (`attention_linear.slice_bounds`; fewer where the batch is
+    smaller)."""
     monkeypatch.setenv("KERAS_BLPA_ATTENTION_SLICES", str(request.param))
     return request.param
 
@@ -265,7 +266,7 @@ def test_sliced_attention_backward_is_the_whole_batch_backward_with_every_dropou
 def test_attention_slices_refuse_a_bad_count(monkeypatch):
     monkeypatch.setenv("KERAS_BLPA_ATTENTION_SLICES", "0")
     with pytest.raises(ValueError, match="KERAS_BLPA_ATTENTION_SLICES='0': use a positive"):
-        codes.slice_bounds(4, 1024)
+        slice_bounds(4, 1024)
 
 
 def test_oracle_fails_on_a_decoder_one_step_off(monkeypatch):

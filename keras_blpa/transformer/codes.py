@@ -17,7 +17,6 @@ being fused into the backward pass).
 from __future__ import annotations
 
 import contextlib
-import os
 
 import numpy as np
 from keras import ops
@@ -119,38 +118,6 @@ def decode_rows(words, lo, scale, shape, bits: int):
     if len(shape) > 2:
         code = ops.reshape(code, (-1, *shape[1:]))
     return lo[..., None] + code * scale[..., None]
-
-
-def slice_bounds(batch, sample_bytes: int | None) -> list[tuple]:
-    """`(first, last)` of each batch slice the attention unit's backward runs
-    on, one after another: `KERAS_BLPA_ATTENTION_SLICES` slices (read at trace
-    time), else as many as keep one slice's `s**2` float tensor within the
-    backend's `autodiff.ATTENTION_SLICE_BYTES` (`sample_bytes` a sample's), and
-    one where that is None or the batch is unknown when traced.
-
-    Args:
-      batch: the batch size, an int or a scalar tensor (TensorFlow, traced
-        without a static batch).
-      sample_bytes: one sample's float32 `s**2` tensor, in bytes; None if
-        unknown (one slice unless the variable says otherwise).
-    """
-    value = os.environ.get("KERAS_BLPA_ATTENTION_SLICES", "").strip()
-    budget = getattr(autodiff(), "ATTENTION_SLICE_BYTES", None)
-    if value:
-        if not value.isdigit() or int(value) < 1:
-            raise ValueError(
-                f"KERAS_BLPA_ATTENTION_SLICES={value!r}: use a positive integer (1: the "
-                "whole batch at once; unset: the backend's default)."
-            )
-        count = int(value)
-    elif budget is None or sample_bytes is None or not isinstance(batch, int):
-        count = 1
-    else:
-        count = -(-batch * sample_bytes // budget)
-    if isinstance(batch, int):
-        count = max(1, min(count, batch))
-    bounds = [batch * i // count for i in range(count + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def rows_per_word(words, bits: int | None) -> int:
