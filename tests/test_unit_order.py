@@ -107,3 +107,44 @@ def test_attention_backward_slices_run_one_after_another(monkeypatch):
     first, second = sorted(_sliced_attention_inputs(monkeypatch, 2),
                            key=lambda op: len(_ancestors(op)))
     assert first.name in _ancestors(second)
+
+
+def _mlp_outer_inputs(monkeypatch, slices: int) -> tuple[list, list]:
+    """The outer Dense's input `f(h)` in each slice of an MLP unit
+    (`KERAS_BLPA_MLP_SLICES`), traced in a step's graph: the forward's and
+    the backward's (the one whose ancestors include the upstream gradient)."""
+    from keras_blpa.transformer.norm_mlp import norm_mlp
+
+    monkeypatch.setenv("KERAS_BLPA_MLP_SLICES", str(slices))
+
+    def outer(a, w):
+        return [tf.matmul(tf.identity(a, name="outer_input"), w)]
+
+    @tf.function
+    def step(x, gamma, w1, w2, g):
+        with tf.GradientTape() as tape:
+            tape.watch([x, gamma, w1, w2])
+            _, out = norm_mlp(x, gamma, tf.zeros_like(gamma), [w1], [w2], tf.constant([1, 2]),
+                              inner=lambda y, w: [tf.matmul(y, w)], outer=outer, width=8,
+                              epsilon=1e-5, activation="gelu", bits=8, dropout=0.1)
+            loss = tf.reduce_sum(out * tf.identity(g, name="upstream"))
+        return tape.gradient(loss, [x, gamma, w1, w2])
+
+    graph = step.get_concrete_function(
+        tf.TensorSpec([4, 8, 3]), tf.TensorSpec([3]), tf.TensorSpec([3, 8]),
+        tf.TensorSpec([8, 3]), tf.TensorSpec([4, 8, 3])).graph
+    inputs = [op for op in graph.get_operations()
+              if op.name.split("/")[-1].startswith("outer_input")]
+    backward = [op for op in inputs if _named(_ancestors(op), "upstream")]
+    return [op for op in inputs if op not in backward], backward
+
+
+def test_mlp_slices_run_one_after_another_in_both_passes(monkeypatch):
+    """The MLP unit's slices run one after another in the forward and the
+    backward pass: otherwise the executor would hold every slice's 4x-wide
+    `h` and `f(h)` (or their gradients) at once."""
+    forward, backward = _mlp_outer_inputs(monkeypatch, 1)
+    assert len(forward) == len(backward) == 1
+    for ops in _mlp_outer_inputs(monkeypatch, 2):
+        first, second = sorted(ops, key=lambda op: len(_ancestors(op)))
+        assert first.name in _ancestors(second)

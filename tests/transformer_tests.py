@@ -20,9 +20,11 @@ from keras import ops
 
 from keras_blpa.transformer import codes, derivative
 from keras_blpa.transformer.activation_linear import activation_linear
-from keras_blpa.transformer.attention_linear import attention_linear, slice_bounds
+from keras_blpa.transformer.attention_linear import attention_linear
 from keras_blpa.transformer.gated_linear import gated_linear
 from keras_blpa.transformer.norm_linear import norm_linear
+from keras_blpa.transformer.norm_mlp import norm_mlp
+from keras_blpa.transformer.slicing import slice_bounds
 
 TOLERANCE = 1e-5  # relative to the largest oracle entry, as the BN oracle's
 
@@ -50,7 +52,7 @@ def gradients(loss, args, jit: bool = False) -> list[np.ndarray]:
 @pytest.fixture(params=[1, 3], ids=["whole", "sliced"])
 def slices(request, monkeypatch):
     """The attention unit's backward over the whole batch, or over three
-    batch slices (`attention_linear.slice_bounds`; fewer where the batch is
+    batch slices (`slicing.slice_bounds`; fewer where the batch is
     smaller)."""
     monkeypatch.setenv("KERAS_BLPA_ATTENTION_SLICES", str(request.param))
     return request.param
@@ -263,10 +265,62 @@ def test_sliced_attention_backward_is_the_whole_batch_backward_with_every_dropou
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * np.abs(b).max(), err_msg=what)
 
 
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_mlp_unit_is_its_two_units_and_its_slices_the_whole_batch(bits, norm, monkeypatch):
+    """`norm_mlp` runs `norm_linear` then `activation_linear` in one unit: in
+    one slice its outputs and gradients are theirs (whose oracles are above),
+    output dropout included; over slices (`KERAS_BLPA_MLP_SLICES`, 5 samples
+    in 3 slices, each slice's codes packed on their own) the whole batch's.
+    The weight gradients are sums over slices: float32 rounding."""
+    rng = _rng(31)
+    x = rng.standard_normal((5, 6, 4)).astype("float32")
+    gamma, beta = (1 + 0.2 * rng.standard_normal(4)).astype("float32"), \
+        (0.1 * rng.standard_normal(4)).astype("float32")
+    k1, b1 = (0.5 * rng.standard_normal((4, 12))).astype("float32"), \
+        (0.1 * rng.standard_normal(12)).astype("float32")
+    k2, b2 = (0.3 * rng.standard_normal((12, 4))).astype("float32"), \
+        (0.1 * rng.standard_normal(4)).astype("float32")
+    g_y, g_out = _upstream(x.shape, 32), _upstream(x.shape, 33)
+    seed = ops.convert_to_tensor(np.array([5, 8], "int32"))
+    options = dict(epsilon=1e-5, norm=norm, bits=bits)
+    act = dict(activation="gelu", derivative_bits=3)
+
+    def fused(*args):
+        x, gamma, beta, k1, b1, k2, b2 = args
+        return norm_mlp(x, gamma, beta, [k1, b1], [k2, b2], seed, inner=_dense, outer=_dense,
+                        width=12, dropout=0.2, **options, **act)
+
+    def separate(*args):
+        x, gamma, beta, k1, b1, k2, b2 = args
+        y, h = norm_linear(x, gamma, beta, [k1, b1], linear=_dense, **options)
+        (out,) = activation_linear(h, [k2, b2], linear=_dense, dropout=0.2, seed=seed,
+                                   bits=bits, **act)
+        return [y, out]
+
+    def loss(unit):
+        return lambda *args: ops.sum(unit(*args)[0] * g_y) + ops.sum(unit(*args)[1] * g_out)
+
+    args = [x, gamma, beta, k1, b1, k2, b2]
+    jit = keras.backend.backend() == "jax"
+    reference = gradients(loss(separate), args, jit=jit)
+    outputs = [ops.convert_to_numpy(t) for t in separate(*args)]
+    assert 0 < (outputs[1] == 0).mean() < 0.5  # the dropout is on
+    for slices in (1, 3):
+        monkeypatch.setenv("KERAS_BLPA_MLP_SLICES", str(slices))
+        for a, b in zip(fused(*args), outputs):
+            np.testing.assert_allclose(ops.convert_to_numpy(a), b, rtol=0, atol=1e-6)
+        got = gradients(loss(fused), args, jit=jit)
+        for what, a, b in zip(["x", "gamma", "beta", "k1", "b1", "k2", "b2"], got, reference):
+            assert (np.abs(b).max() > 0) != (norm == "rms" and what == "beta"), what
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * np.abs(b).max(),
+                                       err_msg=f"{what}, {slices} slice(s)")
+
+
 def test_attention_slices_refuse_a_bad_count(monkeypatch):
     monkeypatch.setenv("KERAS_BLPA_ATTENTION_SLICES", "0")
     with pytest.raises(ValueError, match="KERAS_BLPA_ATTENTION_SLICES='0': use a positive"):
-        slice_bounds(4, 1024)
+        slice_bounds(4, 1024, "attention")
 
 
 def test_oracle_fails_on_a_decoder_one_step_off(monkeypatch):

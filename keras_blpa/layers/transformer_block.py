@@ -9,14 +9,14 @@ pre-norm (`normalize_first=True`, GPT-2):
 
     q, k, v = norm_linear(x; LN1 -> query/key/value)      one code of LN1's xhat
     x      += attention_linear(q, k, v -> output)          codes of q, k, v
-    h       = norm_linear(x; LN2 -> intermediate Dense)    one code of LN2's xhat
-    x      += activation_linear(h; f -> output Dense)      f' code + code of f(h)
+    x      += norm_mlp(x; LN2 -> intermediate Dense -> f -> output Dense)
+              one code of LN2's xhat, f' code + code of f(h)
 
 post-norm (`normalize_first=False`, BERT):
 
     q, k, v = activation_linear(x; identity -> query/key/value)   a code of x
-    y, h    = norm_linear(x + attention_linear(q, k, v); LN1 -> intermediate)
-    x       = norm_linear(y + activation_linear(h; f -> output); LN2)
+    y, out  = norm_mlp(x + attention_linear(q, k, v); LN1 -> intermediate -> f -> output)
+    x       = norm_linear(y + out; LN2)
 
 Dropout masks are redrawn from the block's dropout seeds in the backward
 pass. Inference, cached decoding, returned attention scores and
@@ -36,6 +36,7 @@ from keras_blpa.transformer import codes, derivative
 from keras_blpa.transformer.activation_linear import activation_linear
 from keras_blpa.transformer.attention_linear import attention_linear
 from keras_blpa.transformer.norm_linear import norm_linear
+from keras_blpa.transformer.norm_mlp import norm_mlp
 
 _HUB_ACTIVATIONS = {"keras_hub>gelu_approximate": "gelu_tanh"}
 
@@ -202,16 +203,15 @@ class BLPABlockMixin:
             attention_dropout=attention._dropout,
             dropout=self._self_attention_dropout.rate, bits=bits, name=name)
         x = x + attended
-        residual, h = norm_linear(
-            x, *_norm_weights(ln2 if self.normalize_first else ln1), inner_weights,
-            linear=inner, epsilon=(ln2 if self.normalize_first else ln1).epsilon, bits=bits,
+        mlp_norm = ln2 if self.normalize_first else ln1
+        residual, ffn_out = norm_mlp(
+            x, *_norm_weights(mlp_norm), inner_weights, ffn_weights, ffn_seed, inner=inner,
+            outer=ffn, width=self._feedforward_intermediate_dense.units,
+            epsilon=mlp_norm.epsilon, activation=activation, bits=bits,
+            derivative_bits=self.derivative_bits, dropout=self._feedforward_dropout.rate,
             name=name)
         if self.normalize_first:
             residual = x
-        (ffn_out,) = activation_linear(
-            h, ffn_weights, linear=ffn, activation=activation, bits=bits,
-            derivative_bits=self.derivative_bits, dropout=self._feedforward_dropout.rate,
-            seed=ffn_seed, name=name)
         x = residual + ffn_out
         if not self.normalize_first:
             (x,) = norm_linear(x, *_norm_weights(ln2), [], linear=lambda y: [],

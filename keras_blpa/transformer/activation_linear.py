@@ -74,17 +74,26 @@ def activation_linear(
     Returns:
       the linear map's outputs.
     """
+    forward, backward = activation_linear_steps(
+        ops.shape(h), h.dtype, linear=linear, activation=activation, bits=bits,
+        derivative_bits=derivative_bits, dropout=dropout)
+    seed = ops.zeros((2,), "int32") if seed is None else seed
+    return codes.autodiff().custom_vjp(forward, backward, name)(h, seed, *weights)
+
+
+def activation_linear_steps(h_shape, h_dtype, *, linear: Linear, activation: str,
+                            bits: int | None, derivative_bits: int = 3,
+                            dropout: float = 0.0) -> tuple[Callable, Callable]:
+    """`(forward, backward)` of `activation_linear` on a pre-activation of
+    `h_shape` and `h_dtype`, in `autodiff.custom_vjp`'s form (inputs `h,
+    seed, *weights`): the steps `norm_mlp` runs slice by slice."""
     f = activation_function(activation)
-    features = h.shape[-1]
+    features = h_shape[-1]
     smooth = activation not in ("relu", "linear")
     fit = derivative.fit(activation, derivative_bits if smooth else 1) if activation != "linear" \
         else None
     deriv_bits = None if fit is None else max(1, (len(fit.levels) - 1).bit_length())
-    h_dtype = h.dtype
-    h_shape = ops.shape(h)
-    weights = list(weights)
     linear = codes.compute_linear(linear, h_dtype)
-    seed = ops.zeros((2,), "int32") if seed is None else seed
 
     def forward(h, seed, *weights):
         a = f(h)
@@ -119,4 +128,4 @@ def activation_linear(
             g_h = codes.scale_by_derivative(g_a, coded[0], shape, fit.levels, deriv_bits)
         return [ops.reshape(ops.cast(g_h, h_dtype), h_shape), None, *d_weights]
 
-    return codes.autodiff().custom_vjp(forward, backward, name)(h, seed, *weights)
+    return forward, backward

@@ -37,46 +37,14 @@ q, k and v cast to float32.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 
 from keras import ops
 
 from keras_blpa.transformer import codes
+from keras_blpa.transformer.slicing import slice_bounds
 
 _LARGE_NEGATIVE = -1e9  # keras.layers.Softmax's masked logit (float32)
-
-
-def slice_bounds(batch, sample_bytes: int | None) -> list[tuple]:
-    """`(first, last)` of each batch slice the attention unit's backward runs
-    on, one after another: `KERAS_BLPA_ATTENTION_SLICES` slices (read at trace
-    time), else as many as keep one slice's `s**2` float tensor within the
-    backend's `autodiff.ATTENTION_SLICE_BYTES` (`sample_bytes` a sample's), and
-    one where that is None or the batch is unknown when traced.
-
-    Args:
-      batch: the batch size, an int or a scalar tensor (TensorFlow, traced
-        without a static batch).
-      sample_bytes: one sample's float32 `s**2` tensor, in bytes; None if
-        unknown (one slice unless the variable says otherwise).
-    """
-    value = os.environ.get("KERAS_BLPA_ATTENTION_SLICES", "").strip()
-    budget = getattr(codes.autodiff(), "ATTENTION_SLICE_BYTES", None)
-    if value:
-        if not value.isdigit() or int(value) < 1:
-            raise ValueError(
-                f"KERAS_BLPA_ATTENTION_SLICES={value!r}: use a positive integer (1: the "
-                "whole batch at once; unset: the backend's default)."
-            )
-        count = int(value)
-    elif budget is None or sample_bytes is None or not isinstance(batch, int):
-        count = 1
-    else:
-        count = -(-batch * sample_bytes // budget)
-    if isinstance(batch, int):
-        count = max(1, min(count, batch))
-    bounds = [batch * i // count for i in range(count + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def _einsum_shape(equation: str, *shapes) -> tuple:
@@ -170,7 +138,7 @@ def attention_linear(
             scores = ops.where(keep, scores, ops.cast(_LARGE_NEGATIVE, scores.dtype))
         probs = ops.softmax(scores, axis=-1)
         if has_mask:
-            probs = ops.where(keep, probs, ops.zeros_like(probs))
+            probs = ops.where(keep, probs, codes.zero(probs))
         probs = drop_probs(ops.cast(probs, v.dtype))
         return linear(drop_o(ops.einsum(combine_equation, probs, v)), *weights)
 
@@ -224,7 +192,7 @@ def attention_linear(
         # The output dropout's vjp is that dropout of the upstream gradient.
         grads = [codes.dropout(g, seed + 1, dropout) for g in grads]
         batch = ops.shape(grads[-1])[0]
-        bounds = slice_bounds(batch, probs_bytes)
+        bounds = slice_bounds(batch, probs_bytes, "attention")
         if len(bounds) == 1:
             grads_in = codes.autodiff().vjp(
                 lambda q, k, v, *w: attend(q, k, v, mask_bool, drawn(seed, attention_dropout),

@@ -172,4 +172,12 @@ def dropout(x, seed, rate: float):
 
 def apply_keep(x, keep, rate: float):
     """`x` with dropout at `rate` of keep mask `keep` (bool, `x`'s shape)."""
-    return ops.where(keep, x / ops.cast(1.0 - rate, x.dtype), ops.zeros_like(x))
+    return ops.where(keep, x / ops.cast(1.0 - rate, x.dtype), zero(x))
+
+
+def zero(x):
+    """A scalar zero of `x`'s dtype, for `ops.where` to broadcast. Not
+    `zeros_like(x)`: of a static shape, TensorFlow's graph optimizer folds
+    that into a constant the function holds from step to step (an `s**2`
+    tensor per batch for the attention's mask)."""
+    return ops.zeros((), x.dtype)

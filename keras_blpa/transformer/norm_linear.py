@@ -63,9 +63,17 @@ def norm_linear(
       `[y, *outputs]`: the norm's output (for a residual branch; its gradient
       is accepted) and the linear map's outputs.
     """
-    features = x.shape[-1]
-    x_dtype = x.dtype
-    x_shape = ops.shape(x)
+    forward, backward = norm_linear_steps(ops.shape(x), x.dtype, linear=linear,
+                                          epsilon=epsilon, norm=norm, bits=bits)
+    return codes.autodiff().custom_vjp(forward, backward, name)(x, gamma, beta, *weights)
+
+
+def norm_linear_steps(x_shape, x_dtype, *, linear: Callable[..., list], epsilon: float,
+                      norm: str, bits: int | None) -> tuple[Callable, Callable]:
+    """`(forward, backward)` of `norm_linear` on an input of `x_shape` and
+    `x_dtype`, in `autodiff.custom_vjp`'s form: the steps `norm_mlp` runs
+    slice by slice."""
+    features = x_shape[-1]
     rms = norm == "rms"
     linear = codes.compute_linear(linear, x_dtype)
 
@@ -113,4 +121,4 @@ def norm_linear(
         g_x = inv[:, None] * (centred - xhat * proj)
         return [ops.reshape(ops.cast(g_x, x_dtype), x_shape), d_gamma, d_beta, *d_weights]
 
-    return codes.autodiff().custom_vjp(forward, backward, name)(x, gamma, beta, *weights)
+    return forward, backward

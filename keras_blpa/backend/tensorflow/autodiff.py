@@ -36,12 +36,16 @@ except ImportError:  # pragma: no cover - other TF versions
     _record = None
 
 # The attention unit's backward runs over batch slices that keep each
-# slice's `s**2` float tensor within this (`attention_linear.slice_bounds`):
+# slice's `s**2` float tensor within this (`slicing.slice_bounds`):
 # the executor holds several of them at once in a whole-batch backward. A
 # 4-block GPT-2 at sequence 512, batches 4 and 8: 32.9 -> 22.1 MiB per
 # sample, step time 1.09x -> 1.10x stock's; at sequence 128 and batch 6
 # (1.5 MiB) forced slicing cost 10% more time for no measurable saving.
-ATTENTION_SLICE_BYTES = 8 * 2**20
+ATTENTION_SLICE_BYTES = 1 * 2**20
+# The MLP unit's passes run over batch slices that keep each slice's 4x-wide
+# float tensor (`h`, `f(h)`, their gradients) within this
+# (`norm_mlp`): figures in docs/transformers.md.
+MLP_SLICE_BYTES = 2 * 2**20
 
 Forward = Callable[..., tuple[list[tf.Tensor], list[tf.Tensor], list[tf.Tensor]]]
 Backward = Callable[[list[tf.Tensor], list[tf.Tensor], list[tf.Tensor]], list[tf.Tensor]]
