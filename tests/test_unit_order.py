@@ -148,3 +148,33 @@ def test_mlp_slices_run_one_after_another_in_both_passes(monkeypatch):
     for ops in _mlp_outer_inputs(monkeypatch, 2):
         first, second = sorted(ops, key=lambda op: len(_ancestors(op)))
         assert first.name in _ancestors(second)
+
+
+def test_no_batch_sized_zeros_in_a_units_graph():
+    """No unit builds a zero tensor the size of its activations (`zeros_like`
+    of a static shape, or the gradient of a `where` against one): TensorFlow's
+    graph optimizer folds those into constants that the step function holds
+    from one step to the next (0.5 MiB per sample on a 12-block GPT-2)."""
+    from keras_blpa.transformer.attention_linear import attention_linear
+
+    @tf.function
+    def step(q, w, g):
+        with tf.GradientTape() as tape:
+            tape.watch([q, w])
+            mask = tf.linalg.band_part(tf.ones([4, 8, 8], tf.bool, name="ones"), -1, 0)
+            (out,) = attention_linear(
+                q, q, q, mask, tf.constant([1, 2]), [w],
+                linear=lambda o, w: [tf.einsum("abcd,cde->abe", o, w)], scale=0.5,
+                dot_equation="aecd,abcd->acbe", combine_equation="acbe,aecd->abcd",
+                attention_dropout=0.1, dropout=0.1, bits=8)
+            loss = tf.reduce_sum(out * g)
+        return tape.gradient(loss, [q, w])
+
+    graph = step.get_concrete_function(tf.TensorSpec([4, 8, 2, 4]), tf.TensorSpec([2, 4, 3]),
+                                       tf.TensorSpec([4, 8, 3])).graph
+    outputs = 4 * 8 * 3  # the unit's output elements: fewer than its probabilities
+    zeros = [op.name for op in graph.get_operations()
+             if op.type in ("Const", "Fill", "ZerosLike", "BroadcastTo") and op.name != "ones"
+             and op.outputs[0].shape.is_fully_defined() and op.outputs[0].consumers()
+             and op.outputs[0].shape.num_elements() >= outputs]
+    assert not zeros, zeros

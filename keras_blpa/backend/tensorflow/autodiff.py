@@ -35,17 +35,17 @@ try:  # Internal API, used only to save memory in eager mode.
 except ImportError:  # pragma: no cover - other TF versions
     _record = None
 
-# The attention unit's backward runs over batch slices that keep each
-# slice's `s**2` float tensor within this (`slicing.slice_bounds`):
-# the executor holds several of them at once in a whole-batch backward. A
-# 4-block GPT-2 at sequence 512, batches 4 and 8: 32.9 -> 22.1 MiB per
-# sample, step time 1.09x -> 1.10x stock's; at sequence 128 and batch 6
-# (1.5 MiB) forced slicing cost 10% more time for no measurable saving.
-ATTENTION_SLICE_BYTES = 1 * 2**20
-# The MLP unit's passes run over batch slices that keep each slice's 4x-wide
-# float tensor (`h`, `f(h)`, their gradients) within this
-# (`norm_mlp`): figures in docs/transformers.md.
-MLP_SLICE_BYTES = 2 * 2**20
+# Batch slices (`slicing.slice_bounds`): the attention unit's backward keeps
+# each slice's `s**2` float tensor within ATTENTION_SLICE_BYTES, the MLP
+# unit (`norm_mlp`) each slice's 4x-wide float tensor within
+# MLP_SLICE_BYTES; the executor would hold several of them at once over the
+# whole batch. A 12-block GPT-2 at sequence 128 (both are 6 samples), batches
+# 4 to 16: 6.6-7.2 -> 5.7 MiB per sample; step time at batch 12 and 16 1.05x
+# and 1.04x stock's whole, 1.08x and 1.07x sliced (slices of 4 samples cost
+# 1.18x). A 4-block GPT-2 at sequence 512 (the attention's slices of 1.5
+# samples), batches 4 and 8: 32.9 -> 22.1 MiB per sample.
+ATTENTION_SLICE_BYTES = 3 * 2**19
+MLP_SLICE_BYTES = 3 * 2**20
 
 Forward = Callable[..., tuple[list[tf.Tensor], list[tf.Tensor], list[tf.Tensor]]]
 Backward = Callable[[list[tf.Tensor], list[tf.Tensor], list[tf.Tensor]], list[tf.Tensor]]
