@@ -47,8 +47,9 @@ slope approaches; the rest is one block's transient working set and what
 stays stock (embeddings, the head, the loss).
 
 `--sequence-length` changes the tokens per sample (and the position table);
-the JSON rows record it and `KERAS_BLPA_ATTENTION_SLICES` (the attention
-backward's batch slices: `docs/transformers.md`).
+the JSON rows record it, `KERAS_BLPA_ATTENTION_SLICES` and
+`KERAS_BLPA_MLP_SLICES` (the attention backward's and the MLP unit's batch
+slices: `docs/transformers.md`).
 
 `--time` also times `train_on_batch` at the larger batch size, all variants
 interleaved in one process (rounds of one step each, after warm-up), and
@@ -312,6 +313,7 @@ def main(argv=None) -> list[dict]:
                    policy=args.policy, batch_sizes=[small, large],
                    sequence_length=args.sequence_length,
                    attention_slices=os.environ.get("KERAS_BLPA_ATTENTION_SLICES", "default"),
+                   mlp_slices=os.environ.get("KERAS_BLPA_MLP_SLICES", "default"),
                    codes_mib_per_sample=codes_bytes_per_sample(args.layers, variant,
                                                                args.policy, args.model) / 2**20)
         try:

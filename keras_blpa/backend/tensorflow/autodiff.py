@@ -42,8 +42,9 @@ except ImportError:  # pragma: no cover - other TF versions
 # whole batch. A 12-block GPT-2 at sequence 128 (both are 6 samples), batches
 # 4 to 16: 6.6-7.2 -> 5.7 MiB per sample; step time at batch 12 and 16 1.05x
 # and 1.04x stock's whole, 1.08x and 1.07x sliced (slices of 4 samples cost
-# 1.18x). A 4-block GPT-2 at sequence 512 (the attention's slices of 1.5
-# samples), batches 4 and 8: 32.9 -> 22.1 MiB per sample.
+# 1.18x). A 4-block GPT-2 at sequence 512, batches 4 and 8: 32.9 -> 22.1 MiB
+# per sample (measured with two samples a slice; a sample's `s**2` tensor is
+# 4 MiB there, so one a slice now).
 ATTENTION_SLICE_BYTES = 3 * 2**19
 MLP_SLICE_BYTES = 3 * 2**20
 
