@@ -101,7 +101,7 @@ def encode_rows(v, bits: int) -> list:
     top = float(2**bits - 1)
     lo = ops.min(v, axis=-1)
     span = ops.max(v, axis=-1) - lo
-    scale = ops.where(span > 0, span / top, ops.ones_like(span))
+    scale = ops.where(span > 0, span / top, ops.ones((), span.dtype))  # not ones_like: `zero`
     code = ops.clip(ops.round((v - lo[..., None]) / scale[..., None]), 0.0, top)
     columns = int(np.prod(v.shape[1:]))
     return [autodiff().pack(ops.reshape(ops.cast(code, "int32"), (-1, columns)), bits), lo, scale]
